@@ -1,0 +1,5 @@
+import sys
+
+from mobillama.cli import main
+
+sys.exit(main())

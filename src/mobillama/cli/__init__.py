@@ -1,0 +1,53 @@
+"""The ``mobillama`` command: one entry point, one subcommand per pipeline stage.
+
+Each module in this package registers the subcommands of one stage (``register(subparsers)``) and keeps
+them thin: parse, call one library function, print. User mistakes surface as
+:class:`~mobillama.errors.MobiLlamaError` and are printed as a single ``error:`` line (exit status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from mobillama.errors import MobiLlamaError
+
+# Stage modules, in pipeline order; each defines register(subparsers).
+STAGES = [
+    "mobillama.cli.core",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mobillama",
+        description="MobiLlama: small Llama-style language models with one FFN shared by every layer. "
+        "Run 'mobillama COMMAND --help' for the options of a command.",
+    )
+    from mobillama import __version__
+
+    parser.add_argument("--version", action="version", version=f"mobillama {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in STAGES:
+        importlib.import_module(module).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except MobiLlamaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

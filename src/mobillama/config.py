@@ -1,0 +1,279 @@
+"""Model configuration: one dataclass, the paper's presets, and strict loading from YAML/JSON.
+
+Field names follow Hugging Face Llama's ``config.json`` so a checkpoint's config is readable by both
+this package and transformers. The one MobiLlama-specific field is ``ffn_sharing``:
+
+- ``"none"``     one FFN per layer (a plain Llama; the paper's baselines and the 1.2B "large base"),
+- ``"all"``      one FFN object used by every layer (MobiLlama),
+- ``"group:K"``  consecutive groups of K layers share one FFN (for ablations on the degree of sharing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mobillama.errors import MobiLlamaError
+
+# Keys Hugging Face writes into config.json that describe the file, not the model; ignored on load.
+HF_BOOKKEEPING_KEYS = frozenset(
+    {
+        "architectures",
+        "auto_map",
+        "model_type",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "_name_or_path",
+        "use_cache",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "pretraining_tp",
+        "attention_bias",
+        "attention_dropout",
+        "mlp_bias",
+        "hidden_act",
+        "head_dim",
+        "rope_scaling",
+        "rope_parameters",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "tokenizer_class",
+        "task_specific_params",
+        "bad_words_ids",
+        "pad_token_id",
+        "sep_token_id",
+        "decoder_start_token_id",
+        "max_length",
+        "tf_legacy_loss",
+        "torchscript",
+        "use_bfloat16",
+        "add_cross_attention",
+        "cross_attention_hidden_size",
+        "finetuning_task",
+        "prefix",
+        "tie_encoder_decoder",
+        "is_decoder",
+        "pruned_heads",
+        "num_beams",
+        "layer_types",
+    }
+)
+
+
+@dataclass
+class ModelConfig:
+    """Everything that determines the model's shape. Defaults are the mobillama-0.5b preset."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    ffn_sharing: str = "all"
+    initializer_range: float = 0.02
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- derived shape -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_group_size(self) -> int:
+        """How many consecutive layers share one FFN."""
+        if self.ffn_sharing == "all":
+            return self.num_hidden_layers
+        if self.ffn_sharing == "none":
+            return 1
+        return int(self.ffn_sharing.split(":", 1)[1])
+
+    @property
+    def num_ffns(self) -> int:
+        return math.ceil(self.num_hidden_layers / self.ffn_group_size)
+
+    def ffn_index(self, layer: int) -> int:
+        """The FFN that layer ``layer`` uses."""
+        return layer // self.ffn_group_size
+
+    # --- checks ----------------------------------------------------------------------------------
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[str(f.type)]
+            if isinstance(value, bool) and expected is not bool:
+                raise MobiLlamaError(f"config field {f.name!r} must be a number, got {value!r}")
+            if not isinstance(value, expected):
+                raise MobiLlamaError(
+                    f"config field {f.name!r} must be {str(f.type)}, got {type(value).__name__} {value!r}"
+                )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) <= 0:
+                raise MobiLlamaError(f"config field {name!r} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise MobiLlamaError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.head_dim % 2:
+            raise MobiLlamaError(f"head size {self.head_dim} must be even for rotary embeddings")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise MobiLlamaError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise MobiLlamaError("config fields 'rms_norm_eps' and 'rope_theta' must be positive")
+        sharing = self.ffn_sharing
+        if sharing not in ("none", "all"):
+            head, _, k = sharing.partition(":")
+            if head != "group" or not k.isdigit() or int(k) < 1:
+                raise MobiLlamaError(
+                    f"config field 'ffn_sharing' must be 'none', 'all' or 'group:K' (K >= 1), got {sharing!r}"
+                )
+
+    # --- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config", strict: bool = True) -> ModelConfig:
+        """Build a config from a mapping.
+
+        ``strict`` rejects unknown keys (recipes and user YAML: a typo must not pass silently); with
+        ``strict=False`` the keys Hugging Face adds to every config.json are ignored, others still fail.
+        """
+        if not isinstance(data, dict):
+            raise MobiLlamaError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in data if k not in known and (strict or k not in HF_BOOKKEEPING_KEYS))
+        if unknown:
+            raise MobiLlamaError(f"{source}: unknown config field {unknown[0]!r}")
+        values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("eos_token_id"), list):  # HF allows several EOS ids; keep the first
+            values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else 2
+        for k in ("bos_token_id", "eos_token_id"):
+            if k in values and values[k] is None:
+                del values[k]
+        try:
+            return cls(**values)
+        except MobiLlamaError as e:
+            raise MobiLlamaError(f"{source}: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        """Read a YAML or JSON file (a checkpoint's config.json included)."""
+        path = Path(path)
+        if not path.is_file():
+            raise MobiLlamaError(f"config file not found: {path}")
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+            raise MobiLlamaError(
+                f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}"
+            ) from None
+        is_hf = isinstance(data, dict) and "model_type" in data
+        return cls.from_dict(data, source=str(path), strict=not is_hf)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        else:
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The paper's models (REFERENCE.md section 1) plus tiny shapes for CPU tests and demos.
+PRESETS: dict[str, ModelConfig] = {
+    "mobillama-0.5b": ModelConfig(),
+    "mobillama-0.8b": ModelConfig(hidden_size=2560, intermediate_size=10240, max_position_embeddings=2560),
+    "large-base-1.2b": ModelConfig(ffn_sharing="none"),
+    # The paper's matched-size dedicated-FFN controls; reconstructed (REFERENCE.md section 1).
+    "baseline1-0.5b": ModelConfig(
+        hidden_size=1024, num_attention_heads=16, num_key_value_heads=16, ffn_sharing="none"
+    ),
+    "baseline2-0.5b": ModelConfig(num_hidden_layers=8, ffn_sharing="none"),
+    # CPU-sized shapes: the same architecture, small enough to train in minutes.
+    "tiny": ModelConfig(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    ),
+    "tiny-large-base": ModelConfig(
+        vocab_size=2048,
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        ffn_sharing="none",
+    ),
+    "micro": ModelConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A copy of a named preset; the error lists the valid names."""
+    if name not in PRESETS:
+        raise MobiLlamaError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def resolve_config(spec: str | Path) -> ModelConfig:
+    """A preset name, a YAML/JSON config file, or a checkpoint directory holding config.json."""
+    spec_str = str(spec)
+    if spec_str in PRESETS:
+        return get_preset(spec_str)
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MobiLlamaError(f"{path} is not a checkpoint directory (no config.json)")
+        return ModelConfig.load(path / "config.json")
+    if path.is_file():
+        return ModelConfig.load(path)
+    raise MobiLlamaError(
+        f"{spec_str!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file or checkpoint directory"
+    )
