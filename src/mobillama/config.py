@@ -21,53 +21,13 @@ import yaml
 
 from mobillama.errors import MobiLlamaError
 
-# Keys Hugging Face writes into config.json that describe the file, not the model; ignored on load.
-HF_BOOKKEEPING_KEYS = frozenset(
-    {
-        "architectures",
-        "auto_map",
-        "model_type",
-        "transformers_version",
-        "torch_dtype",
-        "dtype",
-        "_name_or_path",
-        "use_cache",
-        "return_dict",
-        "output_hidden_states",
-        "output_attentions",
-        "pretraining_tp",
-        "attention_bias",
-        "attention_dropout",
-        "mlp_bias",
-        "hidden_act",
-        "head_dim",
-        "rope_scaling",
-        "rope_parameters",
-        "chunk_size_feed_forward",
-        "is_encoder_decoder",
-        "id2label",
-        "label2id",
-        "problem_type",
-        "tokenizer_class",
-        "task_specific_params",
-        "bad_words_ids",
-        "pad_token_id",
-        "sep_token_id",
-        "decoder_start_token_id",
-        "max_length",
-        "tf_legacy_loss",
-        "torchscript",
-        "use_bfloat16",
-        "add_cross_attention",
-        "cross_attention_hidden_size",
-        "finetuning_task",
-        "prefix",
-        "tie_encoder_decoder",
-        "is_decoder",
-        "pruned_heads",
-        "num_beams",
-        "layer_types",
-    }
+# Fields a config.json must state explicitly: a default would silently build the wrong shape.
+REQUIRED_IN_CHECKPOINT = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
 )
 
 
@@ -166,15 +126,20 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str = "config", strict: bool = True) -> ModelConfig:
         """Build a config from a mapping.
 
-        ``strict`` rejects unknown keys (recipes and user YAML: a typo must not pass silently); with
-        ``strict=False`` the keys Hugging Face adds to every config.json are ignored, others still fail.
+        ``strict`` (recipes and user YAML) rejects unknown keys: a typo must not pass silently. Without it
+        (a checkpoint's config.json, which transformers fills with bookkeeping keys) unknown keys are
+        ignored, but the shape fields must all be present.
         """
         if not isinstance(data, dict):
             raise MobiLlamaError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in data if k not in known and (strict or k not in HF_BOOKKEEPING_KEYS))
-        if unknown:
+        unknown = sorted(k for k in data if k not in known)
+        if strict and unknown:
             raise MobiLlamaError(f"{source}: unknown config field {unknown[0]!r}")
+        if not strict:
+            missing = [k for k in REQUIRED_IN_CHECKPOINT if k not in data]
+            if missing:
+                raise MobiLlamaError(f"{source}: missing config field {missing[0]!r}")
         values = {k: v for k, v in data.items() if k in known}
         if isinstance(values.get("eos_token_id"), list):  # HF allows several EOS ids; keep the first
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else 2
