@@ -1,0 +1,106 @@
+import json
+
+import pytest
+
+from mobillama.config import PRESETS, ModelConfig, get_preset, resolve_config
+from mobillama.errors import MobiLlamaError
+
+
+def test_sharing_modes_map_layers_to_ffns():
+    cfg = get_preset("micro")  # 4 layers
+    assert [cfg.replace(ffn_sharing="all").ffn_index(i) for i in range(4)] == [0, 0, 0, 0]
+    assert [cfg.replace(ffn_sharing="none").ffn_index(i) for i in range(4)] == [0, 1, 2, 3]
+    assert [cfg.replace(ffn_sharing="group:2").ffn_index(i) for i in range(4)] == [0, 0, 1, 1]
+    assert cfg.replace(ffn_sharing="group:3").num_ffns == 2  # groups of 3, 1
+
+
+@pytest.mark.parametrize("bad", ["some", "group:", "group:0", "group:x", "groups:2", ""])
+def test_bad_sharing_value(bad):
+    with pytest.raises(MobiLlamaError, match="ffn_sharing"):
+        get_preset("micro").replace(ffn_sharing=bad)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(MobiLlamaError, match="unknown preset 'nope'.*mobillama-0.5b"):
+        get_preset("nope")
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = get_preset("tiny").replace(ffn_sharing="group:3")
+    for name in ("c.yaml", "c.json"):
+        cfg.save(tmp_path / name)
+        assert ModelConfig.load(tmp_path / name) == cfg
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"hidden_size": "big"}, "'hidden_size' must be int"),
+        ({"hidden_sise": 64}, "unknown config field 'hidden_sise'"),
+        ({"rms_norm_eps": True}, "'rms_norm_eps' must be a number"),
+        ({"num_attention_heads": 3, "hidden_size": 64}, "not divisible"),
+        ({"num_key_value_heads": 3}, "not a multiple"),
+        ({"vocab_size": 0}, "'vocab_size' must be positive"),
+    ],
+)
+def test_malformed_config_names_the_field(tmp_path, data, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(data))
+    with pytest.raises(MobiLlamaError, match=message):
+        ModelConfig.load(path)
+
+
+def test_checkpoint_config_requires_shape_fields(tmp_path):
+    data = get_preset("micro").to_dict()
+    del data["hidden_size"]
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mobillama", **data}))
+    with pytest.raises(MobiLlamaError, match="missing config field 'hidden_size'"):
+        resolve_config(tmp_path)
+
+
+def test_checkpoint_config_ignores_hf_bookkeeping(tmp_path):
+    data = {
+        "model_type": "mobillama",
+        "transformers_version": "5.0",
+        "dtype": "float32",
+        **get_preset("micro").to_dict(),
+    }
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert resolve_config(tmp_path) == get_preset("micro")
+
+
+def test_not_json_and_not_a_mapping(tmp_path):
+    (tmp_path / "a.json").write_text("{not json")
+    with pytest.raises(MobiLlamaError, match="not valid JSON"):
+        ModelConfig.load(tmp_path / "a.json")
+    (tmp_path / "b.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(MobiLlamaError, match="expected a mapping"):
+        ModelConfig.load(tmp_path / "b.yaml")
+    with pytest.raises(MobiLlamaError, match="config file not found"):
+        ModelConfig.load(tmp_path / "missing.yaml")
+
+
+def test_resolve_config_errors(tmp_path):
+    with pytest.raises(MobiLlamaError, match="no config.json"):
+        resolve_config(tmp_path)
+    with pytest.raises(MobiLlamaError, match="neither a preset"):
+        resolve_config(tmp_path / "nothing")
+
+
+def test_presets_match_reference_shapes():
+    p = PRESETS
+    assert (
+        p["mobillama-0.5b"].hidden_size,
+        p["mobillama-0.5b"].intermediate_size,
+        p["mobillama-0.5b"].ffn_sharing,
+    ) == (2048, 5632, "all")
+    assert (
+        p["mobillama-0.8b"].hidden_size,
+        p["mobillama-0.8b"].intermediate_size,
+        p["mobillama-0.8b"].max_position_embeddings,
+    ) == (2560, 10240, 2560)
+    assert p["large-base-1.2b"].ffn_sharing == "none"
+    assert p["baseline2-0.5b"].num_hidden_layers == 8
+    assert all(
+        c.rms_norm_eps == 1e-5 and c.vocab_size == 32000 for n, c in p.items() if "0." in n or "1.2b" in n
+    )

@@ -1,0 +1,197 @@
+"""The core model against stock transformers Llama, the KV cache against the full forward, and sharing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mobillama.config import ModelConfig, get_preset
+from mobillama.model import KVCache, MobiLlama, causal_lm_loss
+
+TOL = 1e-4
+
+
+def stock_llama_like(model: MobiLlama) -> LlamaForCausalLM:
+    """A transformers LlamaForCausalLM carrying the same weights; shared FFNs stay shared objects."""
+    c = model.config
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=c.num_key_value_heads,
+            max_position_embeddings=c.max_position_embeddings,
+            rms_norm_eps=c.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
+            tie_word_embeddings=False,
+            attn_implementation="eager",
+        )
+    ).eval()
+    layers = llama.model.layers
+    for i in range(c.num_hidden_layers):
+        first = c.ffn_index(i) * c.ffn_group_size
+        layers[i].mlp = layers[first].mlp  # one LlamaMLP object per FFN group, as in MobiLlama
+    state = {}
+    for k, v in model.state_dict().items():
+        if ".ffns." in k:
+            g, rest = k.split(".ffns.")[1].split(".", 1)
+            state[f"model.layers.{int(g) * c.ffn_group_size}.mlp.{rest}"] = v
+        else:
+            state[k] = v
+    missing, unexpected = llama.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert all(".mlp." in k for k in missing)  # aliases of the shared MLP, already filled
+    return llama
+
+
+@pytest.mark.parametrize("sharing", ["none", "all", "group:2"])
+def test_logits_match_stock_llama(sharing, seeded_model):
+    cfg = get_preset("micro").replace(ffn_sharing=sharing)
+    model = seeded_model(cfg)
+    llama = stock_llama_like(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        diff = (model(ids) - llama(ids).logits).abs().max().item()
+    assert diff <= TOL
+
+
+def test_logits_match_stock_llama_with_left_padding(seeded_model):
+    cfg = get_preset("micro").replace(num_key_value_heads=4)
+    model = seeded_model(cfg)
+    llama = stock_llama_like(model)
+    ids = torch.randint(3, cfg.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+        theirs = llama(ids, attention_mask=mask).logits
+    assert (ours - theirs)[mask.bool()].abs().max().item() <= TOL
+
+
+def test_shared_ffn_is_one_object_and_stored_once():
+    cfg = get_preset("micro")
+    model = MobiLlama(cfg)
+    ffn_keys = [k for k in model.state_dict() if ".ffns." in k]
+    assert ffn_keys == [
+        "model.ffns.0.gate_proj.weight",
+        "model.ffns.0.up_proj.weight",
+        "model.ffns.0.down_proj.weight",
+    ]
+    assert not any(".mlp." in k for k in model.state_dict())
+    assert len(MobiLlama(cfg.replace(ffn_sharing="none")).model.ffns) == cfg.num_hidden_layers
+
+
+def test_shared_ffn_gradient_is_the_sum_of_per_layer_gradients(seeded_model):
+    cfg = get_preset("micro").replace(ffn_sharing="all")
+    shared = seeded_model(cfg).train()
+    unshared = MobiLlama(cfg.replace(ffn_sharing="none")).train()
+    state = shared.state_dict()
+    for i in range(cfg.num_hidden_layers):  # copy the one FFN into every layer of the unshared model
+        for part in ("gate_proj", "up_proj", "down_proj"):
+            state[f"model.ffns.{i}.{part}.weight"] = state[f"model.ffns.0.{part}.weight"]
+    unshared.load_state_dict(state)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    causal_lm_loss(shared(ids), ids).backward()
+    causal_lm_loss(unshared(ids), ids).backward()
+    for part in ("gate_proj", "up_proj", "down_proj"):
+        summed = sum(getattr(unshared.model.ffns[i], part).weight.grad for i in range(cfg.num_hidden_layers))
+        torch.testing.assert_close(
+            getattr(shared.model.ffns[0], part).weight.grad, summed, rtol=1e-5, atol=1e-7
+        )
+
+
+@pytest.mark.parametrize("sharing", ["all", "none"])
+def test_kv_cache_decode_equals_full_forward(sharing, seeded_model):
+    cfg = get_preset("micro").replace(ffn_sharing=sharing)
+    model = seeded_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache()
+        steps = [model(ids[:, :5], cache=cache)]
+        steps += [model(ids[:, t : t + 1], cache=cache) for t in range(5, 12)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= TOL
+
+
+def test_kv_cache_chunked_prefill_equals_full_forward(seeded_model):
+    cfg = get_preset("micro")
+    model = seeded_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache()
+        parts = [
+            model(ids[:, :4], cache=cache),
+            model(ids[:, 4:9], cache=cache),
+            model(ids[:, 9:], cache=cache),
+        ]
+    assert (torch.cat(parts, dim=1) - full).abs().max().item() <= TOL
+
+
+def test_batched_left_padded_decode_equals_each_prompt_alone(seeded_model):
+    cfg = get_preset("micro")
+    model = seeded_model(cfg)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,)) for n in (7, 3)]
+    continuation = torch.randint(3, cfg.vocab_size, (2, 4))
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = p
+        mask[b, width - len(p) :] = 1
+    with torch.no_grad():
+        cache = KVCache()
+        out = [model(ids, attention_mask=mask, cache=cache)[:, -1:]]
+        for t in range(continuation.shape[1]):
+            mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            out.append(model(continuation[:, t : t + 1], attention_mask=mask, cache=cache))
+        batched = torch.cat(out, dim=1)
+        for b, p in enumerate(prompts):
+            alone = model(torch.cat([p, continuation[b]])[None])[:, len(p) - 1 :]
+            assert (batched[b] - alone[0]).abs().max().item() <= TOL
+
+
+def test_bf16_forward_runs_and_stays_close(seeded_model):
+    cfg = get_preset("micro")
+    model = seeded_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        ref = model(ids)
+        low = model.to(torch.bfloat16)(ids).float()
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert (low - ref).abs().max().item() < 0.1
+
+
+def test_tied_embeddings_share_the_tensor():
+    model = MobiLlama(get_preset("micro").replace(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_init_std_is_point_zero_two():
+    model = MobiLlama(
+        ModelConfig(
+            vocab_size=512,
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+        )
+    )
+    std = model.model.layers[0].self_attn.q_proj.weight.std().item()
+    assert abs(std - 0.02) < 0.002
+    assert torch.all(model.model.norm.weight == 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_bf16_forward_matches_cpu(seeded_model):
+    cfg = get_preset("micro")
+    model = seeded_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    with torch.no_grad():
+        ref = model(ids)
+        gpu = model.cuda().to(torch.bfloat16)(ids.cuda()).float().cpu()
+    assert (gpu - ref).abs().max().item() < 0.1
