@@ -19,7 +19,7 @@ demo: install
 	$(BIN)/mobillama demo
 
 test: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks scripts)
 	$(BIN)/python -m pytest -q
 
 clean:
