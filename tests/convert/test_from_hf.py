@@ -17,7 +17,11 @@ from mobillama.errors import MobiLlamaError
 def test_release_layout_imports_as_shared(tmp_path, rel, ids, fmt, shards):
     original = rel.stock_llama(shared=True)
     src = rel.write_release(
-        tmp_path / "release", rel.release_state(original), rel.release_config(original), fmt=fmt, shards=shards
+        tmp_path / "release",
+        rel.release_state(original),
+        rel.release_config(original),
+        fmt=fmt,
+        shards=shards,
     )
     report = import_hf(src, tmp_path / "out")
     config, state = load_checkpoint(tmp_path / "out")
@@ -25,12 +29,16 @@ def test_release_layout_imports_as_shared(tmp_path, rel, ids, fmt, shards):
     assert config.num_key_value_heads == 4  # from the k_proj shape, not the wrong field (2)
     assert any("num_key_value_heads 2" in n and "using 4" in n for n in report.notices)
     assert any("inv_freq" in n for n in report.notices)
-    assert sorted(k for k in state if ".ffns." in k) == [f"model.ffns.0.{p}_proj.weight" for p in ("down", "gate", "up")]
+    assert sorted(k for k in state if ".ffns." in k) == [
+        f"model.ffns.0.{p}_proj.weight" for p in ("down", "gate", "up")
+    ]
     assert not any("inv_freq" in k or ".mlp." in k for k in state)
     diff = (load_model(tmp_path / "out")(ids) - rel.reference_logits(original, ids)).abs().max().item()
     assert diff <= rel.TOL
     lineage = json.loads((tmp_path / "out" / "conversion.json").read_text())
-    assert lineage["ffn_sharing"] == "all" and lineage["source_format"].startswith("safetensors" if fmt == "safetensors" else "pytorch-bin")
+    assert lineage["ffn_sharing"] == "all" and lineage["source_format"].startswith(
+        "safetensors" if fmt == "safetensors" else "pytorch-bin"
+    )
     assert len(lineage["weight_files"]) == shards
 
 
@@ -105,7 +113,9 @@ def test_tied_embeddings_and_dtype_cast(tmp_path, rel, ids):
     original = rel.stock_llama(shared=True)
     state = rel.release_state(original, inv_freq=False)
     state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
-    src = rel.write_release(tmp_path / "release", state, rel.release_config(original, tie_word_embeddings=True))
+    src = rel.write_release(
+        tmp_path / "release", state, rel.release_config(original, tie_word_embeddings=True)
+    )
     import_hf(src, tmp_path / "out", dtype="bfloat16")
     config, saved = load_checkpoint(tmp_path / "out")
     assert config.tie_word_embeddings and "lm_head.weight" not in saved
@@ -188,14 +198,42 @@ def test_malformed_config(tmp_path, rel, edit, match):
 
 STATE_CASES = [
     ("missing norm", _drop("model.norm.weight"), "missing tensor 'model.norm.weight'"),
-    ("missing mlp", _drop("model.layers.2.mlp.up_proj.weight"), "missing tensor 'model.layers.2.mlp.up_proj.weight'"),
-    ("missing k_proj", _drop("model.layers.0.self_attn.k_proj.weight"), "missing tensor 'model.layers.0.self_attn.k_proj"),
+    (
+        "missing mlp",
+        _drop("model.layers.2.mlp.up_proj.weight"),
+        "missing tensor 'model.layers.2.mlp.up_proj.weight'",
+    ),
+    (
+        "missing k_proj",
+        _drop("model.layers.0.self_attn.k_proj.weight"),
+        "missing tensor 'model.layers.0.self_attn.k_proj",
+    ),
     ("extra tensor", _set("model.extra.weight", torch.zeros(2)), "unexpected tensor 'model.extra.weight'"),
-    ("extra mlp part", _set("model.layers.0.mlp.bias", torch.zeros(2)), "unexpected tensor 'model.layers.0.mlp.bias'"),
-    ("misshaped embed", _set("model.embed_tokens.weight", torch.zeros(384, 32)), "'model.embed_tokens.weight' has shape"),
-    ("misshaped mlp", _set("model.layers.1.mlp.down_proj.weight", torch.zeros(64, 64)), "'model.layers.1.mlp.down_proj.weight' has shape"),
-    ("misshaped k", _set("model.layers.0.self_attn.k_proj.weight", torch.zeros(24, 64)), "fits no number of key/value heads"),
-    ("misshaped norm", _set("model.layers.3.input_layernorm.weight", torch.zeros(65)), "'model.layers.3.input_layernorm.weight' has shape"),
+    (
+        "extra mlp part",
+        _set("model.layers.0.mlp.bias", torch.zeros(2)),
+        "unexpected tensor 'model.layers.0.mlp.bias'",
+    ),
+    (
+        "misshaped embed",
+        _set("model.embed_tokens.weight", torch.zeros(384, 32)),
+        "'model.embed_tokens.weight' has shape",
+    ),
+    (
+        "misshaped mlp",
+        _set("model.layers.1.mlp.down_proj.weight", torch.zeros(64, 64)),
+        "'model.layers.1.mlp.down_proj.weight' has shape",
+    ),
+    (
+        "misshaped k",
+        _set("model.layers.0.self_attn.k_proj.weight", torch.zeros(24, 64)),
+        "fits no number of key/value heads",
+    ),
+    (
+        "misshaped norm",
+        _set("model.layers.3.input_layernorm.weight", torch.zeros(65)),
+        "'model.layers.3.input_layernorm.weight' has shape",
+    ),
 ]
 
 
@@ -293,7 +331,9 @@ def test_sharded_index_problems(tmp_path, rel):
     listed = dict(index["weight_map"])
     listed["model.ghost.weight"] = "model-00001-of-00002.safetensors"
     index_path.write_text(json.dumps({"weight_map": listed}))
-    _expect_error(tmp_path, rel, src, "tensor 'model.ghost.weight' listed in model.safetensors.index.json is missing")
+    _expect_error(
+        tmp_path, rel, src, "tensor 'model.ghost.weight' listed in model.safetensors.index.json is missing"
+    )
 
     unlisted = dict(index["weight_map"])
     unlisted.pop("model.norm.weight")
@@ -335,4 +375,6 @@ def test_overwrite_replaces_output(tmp_path, rel):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "stale.txt").write_text("old")
     import_hf(src, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    assert (
+        not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+    )

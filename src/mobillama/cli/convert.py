@@ -29,7 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "torch.load(weights_only=True) only. Tokenizer files are copied. Output is written atomically.",
     )
     f.add_argument("src", metavar="SRC", help="source checkpoint directory (Hugging Face Llama format)")
-    f.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist unless --overwrite)")
+    f.add_argument(
+        "out", metavar="OUT", help="output checkpoint directory (must not exist unless --overwrite)"
+    )
     f.add_argument(
         "--collapse",
         metavar="layer:K|mean",

@@ -48,14 +48,6 @@ UNSUPPORTED_WEIGHT_PATTERNS = ("*.gguf", "*.h5", "*.msgpack", "*.ckpt", "*.pt", 
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _INV_FREQ = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-_LAYER_OWN = (
-    "input_layernorm.weight",
-    "post_attention_layernorm.weight",
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -203,7 +195,9 @@ def _read_weights(src: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
                     raise MobiLlamaError(f"{src / shard}: tensor {key!r} listed in {index_name} is missing")
             unlisted = sorted(k for k in state if k not in weight_map)
             if unlisted:
-                raise MobiLlamaError(f"{index_path}: tensor {unlisted[0]!r} is in a shard but not in the index")
+                raise MobiLlamaError(
+                    f"{index_path}: tensor {unlisted[0]!r} is in a shard but not in the index"
+                )
             return state, f"{fmt} (sharded)", files
         files = sorted(p.name for p in src.glob(pattern))
         if files:
@@ -248,7 +242,9 @@ def _rope_theta(raw: dict[str, Any], source: str) -> float:
     params = raw.get("rope_parameters") or raw.get("rope_scaling")
     if params is not None:
         if not isinstance(params, dict):
-            raise MobiLlamaError(f"{source}: config field 'rope_parameters' must be a mapping, got {params!r}")
+            raise MobiLlamaError(
+                f"{source}: config field 'rope_parameters' must be a mapping, got {params!r}"
+            )
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type != "default":
             raise MobiLlamaError(f"{source}: RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
@@ -341,7 +337,9 @@ def _to_project(
             if part not in ffn:
                 raise MobiLlamaError(f"{src}: missing tensor {key!r}")
             if tuple(ffn[part].shape) != shape:
-                raise MobiLlamaError(f"{src}: tensor {key!r} has shape {tuple(ffn[part].shape)}, expected {shape}")
+                raise MobiLlamaError(
+                    f"{src}: tensor {key!r} has shape {tuple(ffn[part].shape)}, expected {shape}"
+                )
 
     identical, first_diff = _ffn_copies_identical(ffns)
     if identical:
@@ -402,7 +400,10 @@ def _ffn_copies_identical(ffns: list[dict[str, torch.Tensor]]) -> tuple[bool, st
     for i in range(1, len(ffns)):
         for part in FFN_PARTS:
             if not _bitwise_equal(ffns[i][part], ffns[0][part]):
-                return False, f"model.layers.{i}.mlp.{part}.weight differs from model.layers.0.mlp.{part}.weight"
+                return (
+                    False,
+                    f"model.layers.{i}.mlp.{part}.weight differs from model.layers.0.mlp.{part}.weight",
+                )
     return True, None
 
 
@@ -423,5 +424,6 @@ def _collapse(
         "the shared model is a new model and will not reproduce the source's outputs"
     )
     return {
-        part: torch.stack([f[part].float() for f in ffns]).mean(0).to(ffns[0][part].dtype) for part in FFN_PARTS
+        part: torch.stack([f[part].float() for f in ffns]).mean(0).to(ffns[0][part].dtype)
+        for part in FFN_PARTS
     }

@@ -74,7 +74,9 @@ def unpermute_from_gguf(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     )
 
 
-def export_gguf(ckpt: str | Path, out: str | Path, *, gguf_type: str = "f16", overwrite: bool = False) -> GGUFReport:
+def export_gguf(
+    ckpt: str | Path, out: str | Path, *, gguf_type: str = "f16", overwrite: bool = False
+) -> GGUFReport:
     """Write the checkpoint ``ckpt`` as the GGUF file ``out`` (atomically: a temp file renamed at the end)."""
     import gguf
 
@@ -143,7 +145,9 @@ def _write_metadata(writer, config: ModelConfig, name: str, gguf_type: str) -> N
     writer.add_string("mobillama.ffn_sharing", config.ffn_sharing)
 
 
-def _write_tensors(writer, config: ModelConfig, state: dict[str, torch.Tensor], qtype, report: GGUFReport) -> None:
+def _write_tensors(
+    writer, config: ModelConfig, state: dict[str, torch.Tensor], qtype, report: GGUFReport
+) -> None:
     import gguf
     from gguf.quants import quantize
 
@@ -169,14 +173,14 @@ def _write_tensors(writer, config: ModelConfig, state: dict[str, torch.Tensor], 
             elif qtype != gguf.GGMLQuantizationType.F16 and array.shape[-1] % 32 == 0:
                 data, raw_type = quantize(array, qtype), qtype
             else:
-                if qtype != gguf.GGMLQuantizationType.F16:
-                    fallback.append(gguf_name)
                 data, raw_type = array.astype(np.float16), gguf.GGMLQuantizationType.F16
             done[id(tensor)] = (data, raw_type)
         if raw_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
-            writer.add_tensor(gguf_name + ".weight", data)
+            if raw_type != qtype and data.ndim == 2:
+                fallback.append(gguf_name)
+            writer.add_tensor(gguf_name, data)
         else:
-            writer.add_tensor(gguf_name + ".weight", data, raw_dtype=raw_type)
+            writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
         report.tensor_types[raw_type.name] = report.tensor_types.get(raw_type.name, 0) + 1
         report.num_tensors += 1
     if fallback:
@@ -202,12 +206,16 @@ def read_vocab(ckpt: Path, config: ModelConfig, notices: list[str]) -> dict[str,
     """
     import gguf
 
-    tok_config = _read_json(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
+    tok_config = (
+        _read_json(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
+    )
     if (ckpt / "tokenizer.model").is_file():
         try:
             spm = gguf.SentencePieceVocab(ckpt)
         except Exception as e:  # sentencepiece raises RuntimeError/OSError for corrupt models
-            raise MobiLlamaError(f"{ckpt / 'tokenizer.model'}: not a readable SentencePiece model ({e})") from None
+            raise MobiLlamaError(
+                f"{ckpt / 'tokenizer.model'}: not a readable SentencePiece model ({e})"
+            ) from None
         tokens, scores, types = [], [], []
         for text, score, tok_type in spm.all_tokens():
             tokens.append(text.decode("utf-8"))
@@ -275,7 +283,9 @@ def _vocab_from_tokenizer_json(path: Path) -> dict[str, Any]:
         kind = model.get("type") if isinstance(model, dict) else None
         raise MobiLlamaError(f"{path}: tokenizer model {kind!r} is not supported for GGUF export (BPE only)")
     base: dict[str, int] = model["vocab"]
-    added = {t["content"]: t for t in data.get("added_tokens") or [] if isinstance(t, dict) and "content" in t}
+    added = {
+        t["content"]: t for t in data.get("added_tokens") or [] if isinstance(t, dict) and "content" in t
+    }
     by_id: dict[int, str] = {i: t for t, i in base.items()}
     for content, t in added.items():
         by_id.setdefault(int(t["id"]), content)
@@ -288,14 +298,14 @@ def _vocab_from_tokenizer_json(path: Path) -> dict[str, Any]:
     types = []
     unk = model.get("unk_token")
     for tok in tokens:
-        if tok in added and added[tok].get("special"):
-            types.append(gguf.TokenType.UNKNOWN if tok == unk else gguf.TokenType.CONTROL)
-        elif tok in added:
-            types.append(gguf.TokenType.USER_DEFINED)
-        elif _BYTE_TOKEN.fullmatch(tok):
+        if model.get("byte_fallback") and _BYTE_TOKEN.fullmatch(tok):
             types.append(gguf.TokenType.BYTE)
         elif tok == unk:
             types.append(gguf.TokenType.UNKNOWN)
+        elif tok in added and added[tok].get("special"):
+            types.append(gguf.TokenType.CONTROL)
+        elif tok in added:
+            types.append(gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
     if model.get("byte_fallback"):
@@ -305,10 +315,20 @@ def _vocab_from_tokenizer_json(path: Path) -> dict[str, Any]:
         # Higher score = merged first in llama.cpp's SentencePiece-style tokenizer; tokens no merge forms
         # (characters, bytes, specials) are never merge candidates, so their score does not matter.
         scores = [-float(rank.get(tok, len(merges))) for tok in tokens]
-        return {"model": "llama", "tokens": tokens, "scores": scores, "types": [int(t) for t in types],
-                "merges": None}  # fmt: skip
-    return {"model": "gpt2", "tokens": tokens, "scores": [0.0] * size, "types": [int(t) for t in types],
-            "merges": merges}  # fmt: skip
+        return {
+            "model": "llama",
+            "tokens": tokens,
+            "scores": scores,
+            "types": [int(t) for t in types],
+            "merges": None,
+        }
+    return {
+        "model": "gpt2",
+        "tokens": tokens,
+        "scores": [0.0] * size,
+        "types": [int(t) for t in types],
+        "merges": merges,
+    }
 
 
 def _write_vocab(writer, vocab: dict[str, Any]) -> None:
@@ -319,8 +339,12 @@ def _write_vocab(writer, vocab: dict[str, Any]) -> None:
     writer.add_token_list(vocab["tokens"])
     writer.add_token_scores(vocab["scores"])
     writer.add_token_types(vocab["types"])
-    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):  # fmt: skip
+    for key, add in (
+        ("bos", writer.add_bos_token_id),
+        ("eos", writer.add_eos_token_id),
+        ("unk", writer.add_unk_token_id),
+        ("pad", writer.add_pad_token_id),
+    ):
         if vocab[key] is not None:
             add(vocab[key])
     writer.add_add_bos_token(vocab["add_bos"])

@@ -35,14 +35,28 @@ def llama_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dic
     The per-layer FFN entries are the *same* tensor objects (no copy); writers that cannot store aliases
     (safetensors) must clone them. A tied LM head is left out, as in Llama checkpoints.
     """
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        if not key.startswith("model.ffns."):
-            out[key] = tensor
-    for i in range(config.num_hidden_layers):
-        g = config.ffn_index(i)
-        for part in ("gate_proj", "up_proj", "down_proj"):
-            out[f"model.layers.{i}.mlp.{part}.weight"] = state[f"model.ffns.{g}.{part}.weight"]
+    ffn_of = {
+        f"model.layers.{i}.mlp.{p}.weight": f"model.ffns.{config.ffn_index(i)}.{p}.weight"
+        for i in range(config.num_hidden_layers)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
+    layer_parts = (
+        "input_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "post_attention_layernorm.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+    )
+    # Canonical order (embeddings, layer by layer, final norm, head), as Llama exporters write it.
+    names = ["model.embed_tokens.weight"]
+    names += [f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers) for part in layer_parts]
+    names += ["model.norm.weight", "lm_head.weight"]
+    out = {name: state[ffn_of.get(name, name)] for name in names if ffn_of.get(name, name) in state}
+    out.update({k: v for k, v in state.items() if k not in out and not k.startswith("model.ffns.")})
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
@@ -98,7 +112,9 @@ def export_llama(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         llama_config(config, weights_dtype).save_pretrained(tmp)
-        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(tmp)
+        GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id).save_pretrained(
+            tmp
+        )
         copy_tokenizer_files(ckpt, tmp)
         if not (tmp / CONFIG_NAME).is_file():  # save_pretrained's contract; guard the output anyway
             raise MobiLlamaError(f"{out}: transformers did not write {CONFIG_NAME}")
