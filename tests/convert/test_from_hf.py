@@ -378,3 +378,12 @@ def test_overwrite_replaces_output(tmp_path, rel):
     assert (
         not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
     )
+
+
+def test_adapter_file_beside_the_model_is_not_read(tmp_path, rel, ids):
+    original = rel.stock_llama(shared=True)
+    src = rel.write_release(tmp_path / "release", rel.release_state(original), rel.release_config(original))
+    save_file({"base_model.lora_A.weight": torch.zeros(2, 2)}, str(src / "adapter_model.safetensors"))
+    import_hf(src, tmp_path / "out")
+    diff = (load_model(tmp_path / "out")(ids) - rel.reference_logits(original, ids)).abs().max().item()
+    assert diff <= rel.TOL

@@ -211,3 +211,52 @@ def test_overwrite_is_atomic(tmp_path, ckpt, rel):
     export_gguf(ckpt, tmp_path / "m.gguf", overwrite=True)
     assert gguf.GGUFReader(tmp_path / "m.gguf").fields["general.architecture"].contents() == "llama"
     assert not rel.leftovers(tmp_path, "m.gguf")
+
+
+def test_sentencepiece_tokenizer_model(tmp_path):
+    """A SentencePiece tokenizer.model (the original Llama-2 tokenizer's format) is read with gguf's vocab."""
+    import sentencepiece as spm
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the shared feed forward network is used by every layer\n" * 50)
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=280,
+        model_type="bpe",
+        byte_fallback=True,
+        minloglevel=2,
+        hard_vocab_limit=False,
+    )
+    torch.manual_seed(0)
+    config = get_preset("micro").replace(vocab_size=384)
+    save_checkpoint(MobiLlama(config), config, tmp_path / "ckpt")
+    (tmp_path / "tokenizer.model").rename(tmp_path / "ckpt" / "tokenizer.model")
+    export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    meta = _fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / "ckpt" / "tokenizer.model"))
+    n = processor.vocab_size()
+    assert meta["tokenizer.ggml.model"] == "llama"
+    assert meta["tokenizer.ggml.tokens"][:n] == [processor.id_to_piece(i) for i in range(n)]
+    assert meta["tokenizer.ggml.scores"][n - 1] == pytest.approx(processor.get_score(n - 1))
+    assert meta["tokenizer.ggml.token_type"][processor.piece_to_id("<0x41>")] == gguf.TokenType.BYTE
+    assert meta["tokenizer.ggml.token_type"][1] == gguf.TokenType.CONTROL  # <s>
+
+
+def test_tied_embeddings_have_no_output_tensor(tmp_path):
+    torch.manual_seed(0)
+    config = get_preset("micro").replace(tie_word_embeddings=True)
+    save_checkpoint(MobiLlama(config), config, tmp_path / "ckpt")
+    export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names  # llama.cpp then reuses token_embd
+
+
+def test_failure_mid_write_leaves_nothing(tmp_path, ckpt, rel, monkeypatch):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf.quants, "quantize", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_gguf(ckpt, tmp_path / "m.gguf", gguf_type="q8_0")
+    assert not (tmp_path / "m.gguf").exists() and not rel.leftovers(tmp_path, "m.gguf")

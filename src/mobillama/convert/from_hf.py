@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from mobillama.checkpoint import (
     CONFIG_NAME,
@@ -178,9 +179,9 @@ def _read_index(path: Path) -> dict[str, str]:
 
 def _read_weights(src: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
     """All tensors of the checkpoint, whichever of the supported layouts it uses (safetensors first)."""
-    for index_name, pattern, fmt, reader in (
-        (SAFETENSORS_INDEX, "*.safetensors", "safetensors", read_safetensors),
-        (PICKLE_INDEX, "pytorch_model*.bin", "pytorch-bin", read_pickle_weights),
+    for index_name, single, pattern, fmt, reader in (
+        (SAFETENSORS_INDEX, "model.safetensors", "model*.safetensors", "safetensors", read_safetensors),
+        (PICKLE_INDEX, "pytorch_model.bin", "pytorch_model*.bin", "pytorch-bin", read_pickle_weights),
     ):
         index_path = src / index_name
         if index_path.is_file():
@@ -199,12 +200,14 @@ def _read_weights(src: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
                     f"{index_path}: tensor {unlisted[0]!r} is in a shard but not in the index"
                 )
             return state, f"{fmt} (sharded)", files
-        files = sorted(p.name for p in src.glob(pattern))
+        # Without an index: the single file if present (an adapter_model.safetensors beside it is not the
+        # model), else every file of the usual shard name pattern.
+        files = [single] if (src / single).is_file() else sorted(p.name for p in src.glob(pattern))
         if files:
             return _merge_shards(src, files, reader), fmt, files
     others = sorted(p.name for pat in UNSUPPORTED_WEIGHT_PATTERNS for p in src.glob(pat))
     raise MobiLlamaError(
-        f"{src}: no weights found (expected *.safetensors or pytorch_model*.bin"
+        f"{src}: no weights found (expected model*.safetensors or pytorch_model*.bin"
         + (f"; found unsupported {', '.join(others)})" if others else ")")
     )
 
@@ -212,7 +215,7 @@ def _read_weights(src: Path) -> tuple[dict[str, torch.Tensor], str, list[str]]:
 def _merge_shards(src: Path, files: list[str], reader) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
-    for name in files:
+    for name in tqdm(files, desc="reading shards", unit="file", disable=len(files) < 2 or None):
         part = reader(src / name)
         for key, tensor in part.items():
             if key in state:

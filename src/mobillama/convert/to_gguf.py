@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from mobillama.checkpoint import load_checkpoint
 from mobillama.config import ModelConfig
@@ -155,7 +156,7 @@ def _write_tensors(
     tensors = llama_state_dict(config, state)
     done: dict[int, tuple[np.ndarray, Any]] = {}  # id(source tensor) -> encoded data: one per shared FFN
     fallback: list[str] = []
-    for key, tensor in tensors.items():
+    for key, tensor in tqdm(tensors.items(), desc=f"encoding {qtype.name}", unit="tensor", disable=None):
         gguf_name = name_map.get_name(key, try_suffixes=(".weight",))
         if gguf_name is None:
             raise MobiLlamaError(f"tensor {key!r} has no llama.cpp name")
