@@ -40,13 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "from the mean of all layers' FFNs ('mean'); the result is a new model that no longer reproduces "
         "the source's outputs (default: keep one FFN per layer)",
     )
-    f.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default=None,
-        help="cast the weights to this dtype (default: keep the source's dtype)",
-    )
-    f.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    _add_dtype_and_overwrite(f, "source")
     f.set_defaults(func=run_from_hf)
 
     t = sub.add_parser(
@@ -59,13 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("ckpt", metavar="CKPT", help="a mobillama checkpoint directory")
     t.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
-    t.add_argument(
-        "--dtype",
-        choices=DTYPE_CHOICES,
-        default=None,
-        help="cast the weights to this dtype (default: keep the checkpoint's dtype)",
-    )
-    t.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+    _add_dtype_and_overwrite(t, "checkpoint")
     t.set_defaults(func=run_to_llama)
 
     g = sub.add_parser(
@@ -90,6 +78,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it already exists")
     g.set_defaults(func=run_to_gguf)
+
+
+def _add_dtype_and_overwrite(parser: argparse.ArgumentParser, source: str) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help=f"cast the weights to this dtype (default: keep the {source}'s dtype)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
 
 
 def _print_notices(notices: list[str]) -> None:

@@ -139,6 +139,17 @@ def _parse_collapse(collapse: str | None) -> tuple[str, int] | None:
     raise MobiLlamaError(f"--collapse must be 'layer:K' (K a layer index) or 'mean', got {collapse!r}")
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config, index, tokenizer files): one clear error otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MobiLlamaError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise MobiLlamaError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _read_config(src: Path) -> dict[str, Any]:
     if not src.exists():
         raise MobiLlamaError(f"source not found: {src}")
@@ -147,12 +158,7 @@ def _read_config(src: Path) -> dict[str, Any]:
     path = src / CONFIG_NAME
     if not path.is_file():
         raise MobiLlamaError(f"{src} is not a checkpoint directory (no {CONFIG_NAME})")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise MobiLlamaError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path)
     model_type = raw.get("model_type")
     if model_type not in ("llama", "mobillama"):
         raise MobiLlamaError(
@@ -164,11 +170,7 @@ def _read_config(src: Path) -> dict[str, Any]:
 
 def _read_index(path: Path) -> dict[str, str]:
     """The ``weight_map`` of an index file: tensor name -> shard file name (in the same directory)."""
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{path}: not valid JSON: {e}") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    weight_map = read_json_object(path).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise MobiLlamaError(f"{path}: missing or empty 'weight_map'")
     for key, shard in weight_map.items():

@@ -14,7 +14,6 @@ does, and a matrix whose rows are not a multiple of the 32-value block falls bac
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import tempfile
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from mobillama.checkpoint import load_checkpoint
 from mobillama.config import ModelConfig
+from mobillama.convert.from_hf import read_json_object
 from mobillama.convert.to_llama import llama_state_dict
 from mobillama.errors import MobiLlamaError
 
@@ -208,7 +208,7 @@ def read_vocab(ckpt: Path, config: ModelConfig, notices: list[str]) -> dict[str,
     import gguf
 
     tok_config = (
-        _read_json(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
+        read_json_object(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
     )
     if (ckpt / "tokenizer.model").is_file():
         try:
@@ -265,20 +265,10 @@ def read_vocab(ckpt: Path, config: ModelConfig, notices: list[str]) -> dict[str,
     return vocab
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise MobiLlamaError(f"{path}: expected a JSON object")
-    return data
-
-
 def _vocab_from_tokenizer_json(path: Path) -> dict[str, Any]:
     import gguf
 
-    data = _read_json(path)
+    data = read_json_object(path)
     model = data.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         kind = model.get("type") if isinstance(model, dict) else None

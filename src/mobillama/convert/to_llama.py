@@ -24,9 +24,8 @@ from mobillama.checkpoint import (
     load_checkpoint,
 )
 from mobillama.config import ModelConfig
+from mobillama.convert.from_hf import DTYPES
 from mobillama.errors import MobiLlamaError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def llama_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
