@@ -188,6 +188,13 @@ CONFIG_CASES = [
     ("fewer layers than weights", _set("num_hidden_layers", 3), "unexpected tensor 'model.layers.3"),
     ("more layers than weights", _set("num_hidden_layers", 5), "missing tensor 'model.layers.4"),
     ("vocab mismatch", _set("vocab_size", 100), "model.embed_tokens.weight' has shape"),
+    ("huge vocab", _set("vocab_size", 2**40), "model.embed_tokens.weight' has shape"),
+    ("huge hidden", _set("hidden_size", 2**40), "fits no number of key/value heads"),
+    (
+        "empty config",
+        lambda d: d.clear() or d.update(model_type="llama"),
+        "missing config field 'vocab_size'",
+    ),
 ]
 
 
