@@ -8,11 +8,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf.quants import dequantize
 
 from mobillama.checkpoint import load_checkpoint, save_checkpoint
 from mobillama.config import get_preset
-from mobillama.convert import export_gguf
+from mobillama.convert import export_gguf, read_gguf_weights
 from mobillama.convert.to_gguf import permute_for_gguf, unpermute_from_gguf
 from mobillama.convert.to_llama import llama_state_dict
 from mobillama.errors import MobiLlamaError
@@ -129,19 +128,26 @@ def test_quantized_types(tmp_path, ckpt, gguf_type, qtype, rel_tol):
         {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type]
     )
     assert report.tensor_types == {qtype.name: 4 * 7 + 2, "F32": 4 * 2 + 1}
-    for t in reader.tensors:
-        weight = expected[_llama_name(t.name)].float()
-        if weight.dim() == 1:
-            assert t.tensor_type == GG.F32
-            continue
-        assert t.tensor_type == qtype
-        data = torch.from_numpy(dequantize(t.data, qtype)).reshape(weight.shape)
-        if t.name.endswith("attn_q.weight"):
-            data = unpermute_from_gguf(data, config.num_attention_heads)
-        elif t.name.endswith("attn_k.weight"):
-            data = unpermute_from_gguf(data, config.num_key_value_heads)
+    types = {t.name: t.tensor_type for t in reader.tensors}
+    assert all(v == (GG.F32 if "norm" in k else qtype) for k, v in types.items())
+    for key, data in read_gguf_weights(tmp_path / "m.gguf").items():  # dequantized, q/k un-permuted
+        weight = expected[key].float()
         err = (data - weight).norm() / weight.norm()
-        assert err < rel_tol, (t.name, err.item())
+        assert err < (1e-7 if weight.dim() == 1 else rel_tol), (key, err.item())
+
+
+def test_read_gguf_weights_inverts_the_export(tmp_path, ckpt):
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    config, state = load_checkpoint(ckpt)
+    expected = llama_state_dict(config, state)
+    back = read_gguf_weights(tmp_path / "m.gguf")
+    assert list(back) == list(expected)
+    assert all(
+        torch.equal(back[k], expected[k].half().float() if v.dim() == 2 else v) for k, v in expected.items()
+    )
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\x00" * 10)
+    with pytest.raises(MobiLlamaError, match="not a readable GGUF file"):
+        read_gguf_weights(tmp_path / "bad.gguf")
 
 
 def test_rows_not_divisible_by_block_fall_back_to_f16(tmp_path):

@@ -10,7 +10,7 @@ Project tensor names map to Llama names only here (:func:`llama_state_dict`).
 """
 
 from mobillama.convert.from_hf import ImportReport, import_hf
-from mobillama.convert.to_gguf import GGUF_TYPES, GGUFReport, export_gguf
+from mobillama.convert.to_gguf import GGUF_TYPES, GGUFReport, export_gguf, read_gguf_weights
 from mobillama.convert.to_llama import export_llama, llama_config, llama_state_dict
 
 __all__ = [
@@ -22,4 +22,5 @@ __all__ = [
     "import_hf",
     "llama_config",
     "llama_state_dict",
+    "read_gguf_weights",
 ]

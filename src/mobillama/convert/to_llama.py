@@ -27,6 +27,25 @@ from mobillama.config import ModelConfig
 from mobillama.convert.from_hf import DTYPES
 from mobillama.errors import MobiLlamaError
 
+LAYER_PARTS = (
+    "input_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+
+
+def llama_tensor_names(num_layers: int) -> list[str]:
+    """Every Llama tensor name in canonical order (embeddings, layer by layer, final norm, head)."""
+    names = ["model.embed_tokens.weight"]
+    names += [f"model.layers.{i}.{part}" for i in range(num_layers) for part in LAYER_PARTS]
+    return [*names, "model.norm.weight", "lm_head.weight"]
+
 
 def llama_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Project tensors under Llama names, each layer's FFN as its own entry.
@@ -39,21 +58,7 @@ def llama_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dic
         for i in range(config.num_hidden_layers)
         for p in ("gate_proj", "up_proj", "down_proj")
     }
-    layer_parts = (
-        "input_layernorm.weight",
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight",
-        "post_attention_layernorm.weight",
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-        "mlp.down_proj.weight",
-    )
-    # Canonical order (embeddings, layer by layer, final norm, head), as Llama exporters write it.
-    names = ["model.embed_tokens.weight"]
-    names += [f"model.layers.{i}.{part}" for i in range(config.num_hidden_layers) for part in layer_parts]
-    names += ["model.norm.weight", "lm_head.weight"]
+    names = llama_tensor_names(config.num_hidden_layers)
     out = {name: state[ffn_of.get(name, name)] for name in names if ffn_of.get(name, name) in state}
     out.update({k: v for k, v in state.items() if k not in out and not k.startswith("model.ffns.")})
     if config.tie_word_embeddings:
