@@ -73,3 +73,14 @@ def test_llama_cpp_tokenizes_like_the_checkpoint_tokenizer(tmp_path, ckpt):
     hf = AutoTokenizer.from_pretrained(str(ckpt))
     for text in ["the shared feed forward network", "every layer of the model", "zebra ümlaut"]:
         assert llm.tokenize(text.encode(), add_bos=False) == hf.encode(text, add_special_tokens=False), text
+
+
+def test_llama_cpp_runs_a_file_without_vocabulary(tmp_path):
+    """No tokenizer in the checkpoint: the file still loads in llama.cpp and runs token ids."""
+    torch.manual_seed(0)
+    config = get_preset("micro")
+    save_checkpoint(MobiLlama(config), config, tmp_path / "ckpt")
+    export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf", gguf_type="q8_0")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=32, n_threads=1, verbose=False)
+    llm.eval([1, 5, 9])
+    assert np.isfinite(np.array(llm.scores[2])).all()

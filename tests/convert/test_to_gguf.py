@@ -159,7 +159,8 @@ def test_rows_not_divisible_by_block_fall_back_to_f16(tmp_path):
     assert types["blk.2.ffn_down.weight"] == GG.F16 and types["blk.2.ffn_up.weight"] == GG.Q4_0
     assert any("4 tensors" in n and "F16" in n for n in report.notices)
     assert any("no tokenizer" in n for n in report.notices)  # and no vocabulary was invented
-    assert "tokenizer.ggml.tokens" not in gguf.GGUFReader(tmp_path / "m.gguf").fields
+    fields = gguf.GGUFReader(tmp_path / "m.gguf").fields
+    assert fields["tokenizer.ggml.model"].contents() == "no_vocab" and "tokenizer.ggml.tokens" not in fields
 
 
 def test_permutation_turns_rotate_half_rope_into_interleaved_rope():

@@ -135,7 +135,7 @@ def export_gguf(
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
         "q4_0": gguf.GGMLQuantizationType.Q4_0,
     }[gguf_type]
-    report = GGUFReport(path=str(out), type=gguf_type, num_tensors=0, tensor_types={}, vocab="none")
+    report = GGUFReport(path=str(out), type=gguf_type, num_tensors=0, tensor_types={}, vocab="")
     vocab = read_vocab(Path(ckpt), config, report.notices)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +148,9 @@ def export_gguf(
         if vocab is not None:
             _write_vocab(writer, vocab)
             report.vocab = vocab["model"]
+        else:  # llama.cpp's "no vocabulary" type: the file loads and runs token ids, but has no text I/O
+            writer.add_tokenizer_model("no_vocab")
+            report.vocab = "no_vocab"
         _write_tensors(writer, config, state, qtype, report)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -268,8 +271,9 @@ def read_vocab(ckpt: Path, config: ModelConfig, notices: list[str]) -> dict[str,
         vocab = _vocab_from_tokenizer_json(ckpt / "tokenizer.json")
     else:
         notices.append(
-            f"no tokenizer in {ckpt}: the GGUF has no vocabulary (tokenizer.ggml.*), so llama.cpp cannot "
-            "run it as is; export a checkpoint that carries its tokenizer files"
+            f"no tokenizer in {ckpt}: the GGUF has no vocabulary (tokenizer.ggml.model 'no_vocab'); "
+            "llama.cpp loads it and runs token ids but cannot encode or decode text: export a checkpoint "
+            "that carries its tokenizer files for that"
         )
         return None
     n = len(vocab["tokens"])
