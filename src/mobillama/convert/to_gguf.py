@@ -142,6 +142,7 @@ def export_gguf(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    writer = None
     try:
         writer = gguf.GGUFWriter(tmp, arch="llama")
         _write_metadata(writer, config, Path(ckpt).name, gguf_type)
@@ -158,6 +159,9 @@ def export_gguf(
         writer.close()
         os.replace(tmp, out)
     except BaseException:
+        if writer is not None:
+            with contextlib.suppress(Exception):
+                writer.close()
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
