@@ -18,6 +18,7 @@ from mobillama.errors import MobiLlamaError
 STAGES = [
     "mobillama.cli.core",
     "mobillama.cli.infer",
+    "mobillama.cli.serve",
 ]
 
 
