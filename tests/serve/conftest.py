@@ -13,7 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
-from mobillama.generate import Completion, SamplingParams, render_mobillama_chat
+from mobillama.generate import Completion, SamplingParams
 from mobillama.serve.app import ServeSettings, create_app
 
 
@@ -21,6 +21,7 @@ class ByteTokenizer:
     """One token per UTF-8 byte (id = byte + 3)."""
 
     bos_id, eos_id, pad_id = 1, 2, 0
+    vocab_size = 259
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         return ([1] if add_bos else []) + [b + 3 for b in text.encode("utf-8")] + ([2] if add_eos else [])
@@ -29,7 +30,8 @@ class ByteTokenizer:
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        return render_mobillama_chat(messages, add_generation_prompt)
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + "assistant:" if add_generation_prompt else text
 
 
 class FakeGenerator:

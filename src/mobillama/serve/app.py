@@ -18,6 +18,7 @@ Layers, outside in:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -210,10 +211,18 @@ def _parse(body: bytes, model: type[BaseModel]) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
+        param = ".".join(str(p) for p in first["loc"] if _is_field(p)) or None
         extra = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
         message = first["msg"] if first["type"] != "extra_forbidden" else "unknown or unsupported parameter"
         raise APIError(400, f"{param}: {message}{extra}", param=param, code=first["type"]) from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_field(part: str | int) -> bool:
+    """Whether a pydantic error-location part names a field or index (not a union member's type tag)."""
+    return isinstance(part, int) or (part.isidentifier() and part not in _TYPE_TAGS)
 
 
 class _API:
@@ -275,12 +284,15 @@ class _API:
     async def _next_event(self, request: Request, job: Job) -> Event:
         """The job's next event; cancels the job and raises :class:`_ClientGone` if the client left."""
         while True:
-            try:
-                return await asyncio.wait_for(job.events.get(), POLL_S)
-            except asyncio.TimeoutError:
+            # Checked by time, not only when idle: a fast stream of events must not hide a disconnect.
+            now = time.monotonic()
+            if now - job.polled_at >= POLL_S:
+                job.polled_at = now
                 if await request.is_disconnected():
                     job.cancel("disconnect")
-                    raise _ClientGone() from None
+                    raise _ClientGone()
+            with contextlib.suppress(asyncio.TimeoutError):
+                return await asyncio.wait_for(job.events.get(), POLL_S)
 
     @staticmethod
     def _raise_for(event: Event) -> None:
@@ -352,7 +364,8 @@ class _API:
             ids = await asyncio.to_thread(generator.tokenizer.encode, req.prompt, add_bos=True)
         else:
             ids = list(req.prompt)
-            vocab = getattr(getattr(getattr(generator, "model", None), "config", None), "vocab_size", None)
+            config = getattr(getattr(generator, "model", None), "config", None)
+            vocab = getattr(config, "vocab_size", None) or getattr(generator.tokenizer, "vocab_size", None)
             bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
             if bad is not None:
                 raise APIError(400, f"prompt token id {bad} is outside the vocabulary", param="prompt")

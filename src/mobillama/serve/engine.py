@@ -57,6 +57,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel_reason: str | None = None  # set from any thread; read by the worker between tokens
+    polled_at: float = 0.0  # when the HTTP layer last checked that the client is still connected
     started: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
 
