@@ -110,7 +110,7 @@ def run_server(
                 return
             self.should_exit = True
             engine.begin_drain()
-            log.info("shutting down: %d request(s) in flight, %.0fs to finish", engine.in_flight, shutdown_timeout)
+            log.info("shutting down: %d request(s) in flight, %.1fs to finish", engine.in_flight, shutdown_timeout)
             timer = threading.Timer(shutdown_timeout, engine.abort_all)
             timer.daemon = True
             timer.start()
