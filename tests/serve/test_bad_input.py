@@ -26,11 +26,15 @@ def server():
 def post(server, path: str, body=None, *, raw: bytes | None = None, headers=None) -> httpx.Response:
     content = raw if raw is not None else json.dumps(body).encode()
     return httpx.post(
-        server.url + path, content=content, headers={"Content-Type": "application/json", **AUTH, **(headers or {})}
+        server.url + path,
+        content=content,
+        headers={"Content-Type": "application/json", **AUTH, **(headers or {})},
     )
 
 
-def assert_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+def assert_error(
+    response: httpx.Response, status: int, param: str | None = None, code: str | None = None
+) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -87,7 +91,9 @@ def test_bad_request(server, path, body, status, param):
 
 
 def test_context_errors_say_why(server):
-    error = assert_error(post(server, COMP, {"prompt": "abc", "max_tokens": 62}), 400, code="context_length_exceeded")
+    error = assert_error(
+        post(server, COMP, {"prompt": "abc", "max_tokens": 62}), 400, code="context_length_exceeded"
+    )
     assert "at most 60 new tokens fit" in error["message"]  # 4 prompt tokens (BOS + 3) in a 64-token context
 
 
@@ -109,7 +115,9 @@ def test_body_limit_without_content_length(server):
             yield b"a" * 100_000
         yield b'"}]}'
 
-    response = httpx.post(server.url + CHAT, content=chunks(), headers={**AUTH, "Content-Type": "application/json"})
+    response = httpx.post(
+        server.url + CHAT, content=chunks(), headers={**AUTH, "Content-Type": "application/json"}
+    )
     assert_error(response, 413, code="request_too_large")
 
 

@@ -107,7 +107,11 @@ def test_disconnect_mid_stream_stops_generation():
     fake = FakeGenerator(delay=0.01)
     with live(fake, max_concurrency=1) as s:
         fake.context = 100_000
-        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 20_000, "stream": True}  # minutes
+        body = {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 20_000,
+            "stream": True,
+        }  # minutes
         sock = _open_stream(s.port, body)
         assert sock.recv(4096).startswith(b"HTTP/1.1 200")
         assert wait_until(lambda: fake.tokens_emitted >= 5)

@@ -42,9 +42,13 @@ def test_completion_matches_the_generator(client, real_generator):
 
 def test_seeded_sampling_is_reproducible(client):
     def run(seed: int) -> str:
-        return client.completions.create(
-            model="micro", prompt="import os", max_tokens=16, temperature=1.0, top_p=0.9, seed=seed
-        ).choices[0].text
+        return (
+            client.completions.create(
+                model="micro", prompt="import os", max_tokens=16, temperature=1.0, top_p=0.9, seed=seed
+            )
+            .choices[0]
+            .text
+        )
 
     assert run(3) == run(3)
 
@@ -55,7 +59,9 @@ def test_chat_uses_the_template_and_counts_tokens(client, real_generator):
     tok = real_generator.tokenizer
     prompt_ids = tok.encode(tok.apply_chat_template(messages), add_bos=True)
     assert result.usage.prompt_tokens == len(prompt_ids)
-    expected = real_generator.generate_ids([prompt_ids], SamplingParams(max_new_tokens=10, stop=("### Human:",)))[0]
+    expected = real_generator.generate_ids(
+        [prompt_ids], SamplingParams(max_new_tokens=10, stop=("### Human:",))
+    )[0]
     assert result.choices[0].message.role == "assistant"
     assert result.choices[0].message.content == expected.text
     assert result.choices[0].finish_reason in ("stop", "length")
@@ -63,9 +69,13 @@ def test_chat_uses_the_template_and_counts_tokens(client, real_generator):
 
 
 def test_streaming_chat_equals_the_plain_reply(client):
-    kwargs = dict(model="micro", messages=[{"role": "user", "content": "count"}], max_tokens=20, temperature=0)
+    kwargs = dict(
+        model="micro", messages=[{"role": "user", "content": "count"}], max_tokens=20, temperature=0
+    )
     plain = client.chat.completions.create(**kwargs)
-    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    chunks = list(
+        client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == plain.choices[0].message.content
@@ -75,7 +85,9 @@ def test_streaming_chat_equals_the_plain_reply(client):
 
 
 def test_streaming_completion_ends_with_done(server, client):
-    stream = client.completions.create(model="micro", prompt="class A:", max_tokens=8, temperature=0, stream=True)
+    stream = client.completions.create(
+        model="micro", prompt="class A:", max_tokens=8, temperature=0, stream=True
+    )
     pieces = list(stream)
     assert pieces[-1].choices[0].finish_reason in ("stop", "length")
     # The raw stream ends with the [DONE] sentinel.
@@ -91,10 +103,16 @@ def test_streaming_completion_ends_with_done(server, client):
 
 
 def test_stop_string_ends_the_reply(client, real_generator):
-    free = client.completions.create(model="micro", prompt="def f(x):", max_tokens=30, temperature=0).choices[0].text
+    free = (
+        client.completions.create(model="micro", prompt="def f(x):", max_tokens=30, temperature=0)
+        .choices[0]
+        .text
+    )
     stop = free[5:8]  # a piece of what the model will say anyway
     assert stop
-    result = client.completions.create(model="micro", prompt="def f(x):", max_tokens=30, temperature=0, stop=[stop])
+    result = client.completions.create(
+        model="micro", prompt="def f(x):", max_tokens=30, temperature=0, stop=[stop]
+    )
     assert result.choices[0].finish_reason == "stop"
     assert result.choices[0].text == free[: free.index(stop)]
 

@@ -101,8 +101,21 @@ def long_context_checkpoint(tmp_path_factory) -> Path:
 def test_sigterm_drains_then_cuts_streams_cleanly(long_context_checkpoint):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(SRC), "MOBILLAMA_API_KEY": "k"}
-    cmd = [sys.executable, "-m", "mobillama", "serve", str(long_context_checkpoint), "--port", str(port),
-           "--shutdown-timeout", "0.5", "--dtype", "fp32", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mobillama",
+        "serve",
+        str(long_context_checkpoint),
+        "--port",
+        str(port),
+        "--shutdown-timeout",
+        "0.5",
+        "--dtype",
+        "fp32",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -116,17 +129,24 @@ def test_sigterm_drains_then_cuts_streams_cleanly(long_context_checkpoint):
                 pass
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.2)
-        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 4000, "stream": True,
-                "temperature": 1.0, "seed": 0}
+        body = {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 4000,
+            "stream": True,
+            "temperature": 1.0,
+            "seed": 0,
+        }
         lines = []
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"},
-                          timeout=60) as r:
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"}, timeout=60
+        ) as r:
             assert r.status_code == 200
             for line in r.iter_lines():
                 if not line:
                     continue
                 lines.append(line)
-                if len(lines) == 3:  # the stream is flowing: now stop the server (once: a second signal forces)
+                # The stream is flowing: now stop the server (once: a second signal forces the exit).
+                if len(lines) == 3:
                     proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
     finally:

@@ -16,8 +16,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "stdout. SIGTERM drains: running requests get --shutdown-timeout seconds, then end with "
         "finish_reason 'abort'.",
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument(
         "--api-key",
@@ -28,10 +32,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     p.add_argument("--max-concurrency", type=int, default=1, help="generations running at once (default 1)")
     p.add_argument(
-        "--queue-size", type=int, default=16, help="requests that may wait for a slot; beyond it: 429 (default 16)"
+        "--queue-size",
+        type=int,
+        default=16,
+        help="requests that may wait for a slot; beyond it: 429 (default 16)",
     )
     p.add_argument(
-        "--max-body-bytes", type=int, default=1_000_000, help="largest request body accepted (default 1000000)"
+        "--max-body-bytes",
+        type=int,
+        default=1_000_000,
+        help="largest request body accepted (default 1000000)",
     )
     p.add_argument(
         "--default-max-tokens",
@@ -39,8 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=256,
         help="max_tokens when a request gives none, capped to the room left in the context (default 256)",
     )
-    p.add_argument("--model-name", help="model id reported by /v1/models (default: the checkpoint folder name)")
-    p.add_argument("--log-prompts", action="store_true", help="include prompt text in the access log (off: privacy)")
+    p.add_argument(
+        "--model-name", help="model id reported by /v1/models (default: the checkpoint folder name)"
+    )
+    p.add_argument(
+        "--log-prompts", action="store_true", help="include prompt text in the access log (off: privacy)"
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -49,7 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (default bf16)")
     p.add_argument(
-        "--bits", type=int, choices=[8, 4], help="quantize the weights on the fly to int8 or int4 (less memory)"
+        "--bits",
+        type=int,
+        choices=[8, 4],
+        help="quantize the weights on the fly to int8 or int4 (less memory)",
     )
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.set_defaults(func=run_serve)

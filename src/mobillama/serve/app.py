@@ -137,12 +137,16 @@ class Gate:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         if not hmac.compare_digest(token.strip(), self.key):
-            return APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return APIError(
+                401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+            )
         return None
 
     async def _read_body(self, scope, receive) -> tuple[bytes, APIError | None]:
         limit = self.settings.max_body_bytes
-        too_large = APIError(413, f"request body is larger than the limit of {limit} bytes", code="request_too_large")
+        too_large = APIError(
+            413, f"request body is larger than the limit of {limit} bytes", code="request_too_large"
+        )
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:
@@ -199,14 +203,21 @@ def _parse(body: bytes, model: type[BaseModel]) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise APIError(400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding") from None
+        raise APIError(
+            400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise APIError(400, f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
-                       code="invalid_json") from None
+        raise APIError(
+            400,
+            f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+            code="invalid_json",
+        ) from None
     if not isinstance(data, dict):
-        raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+        raise APIError(
+            400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json"
+        )
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -235,29 +246,46 @@ class _API:
     # ---- shared steps ------------------------------------------------------------------------------
     def _generator(self) -> Any:
         if self.engine.draining:
-            raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down",
-                           headers={"Retry-After": str(self.settings.retry_after_s)})
+            raise APIError(
+                503,
+                "the server is shutting down",
+                type="server_error",
+                code="shutting_down",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
         if not self.engine.ready.is_set():
             failed = self.engine.load_error is not None
-            raise APIError(503, "the model failed to load" if failed else "the model is still loading",
-                           type="server_error", code="model_not_ready",
-                           headers={"Retry-After": str(self.settings.retry_after_s)})
+            raise APIError(
+                503,
+                "the model failed to load" if failed else "the model is still loading",
+                type="server_error",
+                code="model_not_ready",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            )
         return self.engine.generator
 
     def _params(self, req, prompt_ids: list[int], extra_stop: tuple[str, ...] = ()) -> SamplingParams:
         context = self.engine.generator.context
         room = context - len(prompt_ids)
         if room < 1:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} "
-                           "tokens (leave room for at least one new token)", param="messages" if extra_stop
-                           else "prompt", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} "
+                "tokens (leave room for at least one new token)",
+                param="messages" if extra_stop else "prompt",
+                code="context_length_exceeded",
+            )
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if max_tokens is None:
             max_tokens = min(self.settings.default_max_tokens, room)
         elif max_tokens > room:
-            raise APIError(400, f"max_tokens is {max_tokens} but the prompt has {len(prompt_ids)} tokens and the "
-                           f"model's context is {context}: at most {room} new tokens fit",
-                           param="max_tokens", code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"max_tokens is {max_tokens} but the prompt has {len(prompt_ids)} tokens and the "
+                f"model's context is {context}: at most {room} new tokens fit",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         try:
             return SamplingParams(
                 max_new_tokens=max_tokens,
@@ -275,11 +303,21 @@ class _API:
         try:
             return self.engine.submit(prompt_ids, params)
         except QueueFull as e:
-            raise APIError(429, f"server busy: {e}; retry later", type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+            raise APIError(
+                429,
+                f"server busy: {e}; retry later",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
         except NotReady as e:
-            raise APIError(503, str(e), type="server_error", code="model_not_ready",
-                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+            raise APIError(
+                503,
+                str(e),
+                type="server_error",
+                code="model_not_ready",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
 
     async def _next_event(self, request: Request, job: Job) -> Event:
         """The job's next event; cancels the job and raises :class:`_ClientGone` if the client left."""
@@ -301,7 +339,9 @@ class _API:
                 raise APIError(400, str(event.error))
             raise APIError(500, "generation failed (see the server log)", type="server_error")
 
-    async def _run(self, request: Request, req, prompt_ids: list[int], params: SamplingParams, shape) -> Response:
+    async def _run(
+        self, request: Request, req, prompt_ids: list[int], params: SamplingParams, shape
+    ) -> Response:
         state = request.state
         state.log = {**getattr(state, "log", {}), "prompt_tokens": len(prompt_ids), "stream": req.stream}
         job = self._submit(prompt_ids, params)
@@ -328,7 +368,9 @@ class _API:
         self._note(state, completion)
         return JSONResponse(shape.full(completion.text, completion))
 
-    async def _sse(self, request: Request, job: Job, event: Event, shape, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(
+        self, request: Request, job: Job, event: Event, shape, include_usage: bool
+    ) -> AsyncIterator[str]:
         try:
             for chunk in shape.opening():
                 yield _sse(chunk)
@@ -337,8 +379,16 @@ class _API:
                     yield _sse(shape.delta(event.text))
                 event = await self._next_event(request, job)
             if event.kind == "error":  # headers are sent: report in-band, then end the stream
-                yield _sse({"error": {"message": "generation failed (see the server log)", "type": "server_error",
-                                      "param": None, "code": None}})
+                yield _sse(
+                    {
+                        "error": {
+                            "message": "generation failed (see the server log)",
+                            "type": "server_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                )
             else:
                 self._note(request.state, event.completion)
                 yield _sse(shape.final(event.completion))
@@ -353,7 +403,9 @@ class _API:
 
     @staticmethod
     def _note(state, completion) -> None:
-        state.log.update(completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason)
+        state.log.update(
+            completion_tokens=completion.completion_tokens, finish_reason=completion.finish_reason
+        )
 
     # ---- routes --------------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -389,9 +441,19 @@ class _API:
         return await self._run(request, req, ids, params, _ChatShape(self.settings.model_name, len(ids)))
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.settings.model_name, "object": "model", "created": _STARTED, "owned_by": "mobillama"}
-        ]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.settings.model_name,
+                        "object": "model",
+                        "created": _STARTED,
+                        "owned_by": "mobillama",
+                    }
+                ],
+            }
+        )
 
 
 _STARTED = int(time.time())
@@ -419,14 +481,23 @@ class _TextShape:
         self.created = int(time.time())
 
     def _base(self, choices: list, **more) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "system_fingerprint": None, "choices": choices, **more}
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+            "choices": choices,
+            **more,
+        }
 
     def _choice(self, text: str, finish_reason: str | None) -> dict:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
     def full(self, text: str, completion) -> dict:
-        return self._base([self._choice(text, completion.finish_reason)], usage=_usage(self.prompt_tokens, completion))
+        return self._base(
+            [self._choice(text, completion.finish_reason)], usage=_usage(self.prompt_tokens, completion)
+        )
 
     def opening(self) -> list[dict]:
         return []
@@ -455,8 +526,12 @@ class _ChatShape(_TextShape):
         return body | {"object": "chat.completion.chunk"}
 
     def full(self, text: str, completion) -> dict:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": completion.finish_reason}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": completion.finish_reason,
+        }
         return self._base([choice], usage=_usage(self.prompt_tokens, completion))
 
     def opening(self) -> list[dict]:
@@ -469,7 +544,9 @@ class _ChatShape(_TextShape):
         return self._chunk({}, completion.finish_reason)
 
     def usage_chunk(self, completion) -> dict:
-        return self._base([], usage=_usage(self.prompt_tokens, completion)) | {"object": "chat.completion.chunk"}
+        return self._base([], usage=_usage(self.prompt_tokens, completion)) | {
+            "object": "chat.completion.chunk"
+        }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -531,15 +608,18 @@ def create_app(
     @app.get("/ready")
     async def ready() -> Response:
         if engine.ready.is_set() and not engine.draining:
-            return JSONResponse({"status": "ready", "model": settings.model_name, "in_flight": engine.in_flight})
+            return JSONResponse(
+                {"status": "ready", "model": settings.model_name, "in_flight": engine.in_flight}
+            )
         if engine.draining:
             message, code = "the server is shutting down", "shutting_down"
         elif engine.load_error is not None:
             message, code = f"the model failed to load: {engine.load_error}", "model_load_failed"
         else:
             message, code = "the model is still loading", "model_not_ready"
-        return APIError(503, message, type="server_error", code=code,
-                        headers={"Retry-After": str(settings.retry_after_s)}).response()
+        return APIError(
+            503, message, type="server_error", code=code, headers={"Retry-After": str(settings.retry_after_s)}
+        ).response()
 
     page = resources.files("mobillama.serve").joinpath("static/index.html")
 

@@ -66,10 +66,8 @@ class Job:
             self.cancel_reason = reason
 
     def _emit(self, event: Event) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
 
 
 def slot_generators(generator: Any, count: int) -> list[Any]:

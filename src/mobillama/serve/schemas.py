@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
 
 Number = StrictFloat | StrictInt
 MAX_STOP_STRINGS = 4  # as OpenAI
@@ -123,5 +132,6 @@ class ChatCompletionRequest(_Request):
     def rendered_messages(self) -> list[dict[str, str]]:
         """Plain ``{"role", "content"}`` dicts; OpenAI's newer "developer" role is the system role."""
         return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
         ]

@@ -110,14 +110,18 @@ def run_server(
                 return
             self.should_exit = True
             engine.begin_drain()
-            log.info("shutting down: %d request(s) in flight, %.1fs to finish", engine.in_flight, shutdown_timeout)
+            log.info(
+                "shutting down: %d request(s) in flight, %.1fs to finish", engine.in_flight, shutdown_timeout
+            )
             timer = threading.Timer(shutdown_timeout, engine.abort_all)
             timer.daemon = True
             timer.start()
 
     server = Server(config)
     scheme_host = f"[{host}]" if ":" in host else host
-    log.info("listening on http://%s:%d (model loading; GET /ready answers 200 once loaded)", scheme_host, port)
+    log.info(
+        "listening on http://%s:%d (model loading; GET /ready answers 200 once loaded)", scheme_host, port
+    )
     server.run()
     if failure:
         raise MobiLlamaError(f"cannot load the model: {failure[0]}")
