@@ -240,7 +240,7 @@ def main() -> int:
     print("|" + "---|" * (header.count("|") - 1))
     for i, r in enumerate(rounds, 1):
         print(
-            f"| {i} | {r['ok']} | {r['429']} | {r['5xx']} | {r['4xx']} | {r['lost']} | {r['p50_s']:.3f} | "
+            f"| {i} | {r['ok']} | {r['429']} | {r['retried_429']} | {r['5xx']} | {r['4xx']} | {r['lost']} | {r['p50_s']:.3f} | "
             f"{r['p95_s']:.3f} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / peer:.2f}x | {r['rss_mb']:.0f} |"
         )
     print(f"| direct (no HTTP, sequential) | | | | | | | | | {peer:.0f} | 1.00x | |")

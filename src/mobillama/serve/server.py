@@ -47,19 +47,18 @@ def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
 
 def configure_logging() -> None:
     """Access log lines (already JSON) to stdout as they are; other server messages to stderr."""
-    access = logging.getLogger("mobillama.serve.access")
-    if not access.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(handler)
-        access.setLevel(logging.INFO)
-        access.propagate = False
-    server = logging.getLogger("mobillama.serve")
-    if not server.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        server.addHandler(handler)
-        server.setLevel(logging.INFO)
+    _log_to("mobillama.serve.access", sys.stdout, "%(message)s")
+    _log_to("mobillama.serve", sys.stderr, "%(levelname)s %(name)s: %(message)s")
+
+
+def _log_to(name: str, stream, fmt: str) -> None:
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the access log is not repeated by the server logger
 
 
 def load_generator(checkpoint: str | Path, **load_options: Any):
