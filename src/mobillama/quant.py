@@ -335,8 +335,15 @@ def quantize_checkpoint(
     before = weight_bytes(model)
     quantize_model(model, bits, group_size, pack=False)
     info = {"format": "mobillama-weight-only", "method": "weight-only", **model.quantization}  # type: ignore[attr-defined]
+    # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
+    # stored in bf16, the compute dtype the quantized kernels use.
+    qparams = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
+    state = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() and k not in qparams else v
+        for k, v in model.state_dict().items()
+    }
     save_checkpoint(
-        model.state_dict(),
+        state,
         model.config,
         out_dir,
         tokenizer_dir=checkpoint,
@@ -349,7 +356,7 @@ def quantize_checkpoint(
         "group_size": info["group_size"],
         "quantized_layers": quantized_module_count(model),
         "bytes_before": before,
-        "bytes_after": weight_bytes(model),
+        "bytes_after": sum(v.numel() * v.element_size() for v in state.values()),
     }
 
 
