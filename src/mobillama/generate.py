@@ -558,6 +558,8 @@ def load_for_inference(
             model = MobiLlama(get_preset(str(spec))).eval()
         finally:
             torch.set_default_dtype(previous)
+    elif not path.exists():
+        raise MobiLlamaError(f"{str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
     else:
         model = load_model(spec, dtype=torch_dtype)
     if bits is not None:
