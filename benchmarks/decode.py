@@ -96,10 +96,19 @@ def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> di
 
 
 def subprocess_json(args: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in [os.path.abspath("src"), os.environ.get("PYTHONPATH", "")] if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in [os.path.abspath("src"), os.environ.get("PYTHONPATH", "")] if p
+        ),
+    }
     proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+        return {
+            "error": proc.stderr.strip().splitlines()[-1]
+            if proc.stderr.strip()
+            else f"exit {proc.returncode}"
+        }
     return json.loads(proc.stdout)
 
 
@@ -114,10 +123,20 @@ def main() -> int:
     if args.peer:
         print(json.dumps(run_peer(args.peer == "default", args.threads, args.prompt_len, args.new_tokens)))
         return 0
-    common = ["--threads", str(args.threads), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    common = [
+        "--threads",
+        str(args.threads),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+    ]
     load_before = os.getloadavg()
     results: dict[str, dict] = {}
-    for label, mkldnn in (("transformers bf16 (defaults)", "default"), ("transformers bf16 (mkldnn off)", "tuned")):
+    for label, mkldnn in (
+        ("transformers bf16 (defaults)", "default"),
+        ("transformers bf16 (mkldnn off)", "tuned"),
+    ):
         results[label] = subprocess_json([__file__, "--peer", mkldnn, *common])
         print(f"done: {label}", file=sys.stderr)
     for label, extra in VARIANTS:
@@ -128,7 +147,9 @@ def main() -> int:
     base = results["transformers bf16 (defaults)"].get("decode_tok_s")
     tuned = results["transformers bf16 (mkldnn off)"].get("decode_tok_s")
     header = f"{'variant':<34} {'decode tok/s':>12} {'x HF':>6} {'x HF tuned':>10} {'% roofline':>10} {'prefill tok/s':>13} {'TTFT ms':>8} {'RSS/weights':>11}"
-    print(f"{PRESET}, batch 1, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+    print(
+        f"{PRESET}, batch 1, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy"
+    )
     print(header)
     print("-" * len(header))
     for label, r in results.items():

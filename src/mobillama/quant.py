@@ -46,7 +46,9 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, kernel: str = "auto", device=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
         self.kernel = kernel
         self.packed = False
@@ -73,7 +75,9 @@ class Int8Linear(nn.Module):
         zero = torch.zeros(self.out_features, dtype=torch.int64)
         import warnings
 
-        with warnings.catch_warnings():  # quantized tensor creation is deprecated in 2.13; still the fbgemm API
+        with (
+            warnings.catch_warnings()
+        ):  # quantized tensor creation is deprecated in 2.13; still the fbgemm API
             warnings.simplefilter("ignore")
             qweight = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zero, 0)
             self._dynamic = torch.ops.quantized.linear_prepack(qweight, None)
@@ -89,7 +93,11 @@ class Int8Linear(nn.Module):
         if self._dynamic is not None:
             # reduce_range: 7-bit activations, as fbgemm's own dynamic quantization uses (no overflow).
             return torch.ops.quantized.linear_dynamic(x.float(), self._dynamic, True).to(x.dtype)
-        if x.device.type == "cpu" and self.kernel != "reference" and x.dtype in (torch.bfloat16, torch.float32):
+        if (
+            x.device.type == "cpu"
+            and self.kernel != "reference"
+            and x.dtype in (torch.bfloat16, torch.float32)
+        ):
             shape = x.shape
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(-1, self.in_features).contiguous(), self.weight, self._kernel_scales(x.dtype)
@@ -99,7 +107,9 @@ class Int8Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         if self.packed:
-            raise MobiLlamaError("a quantized model packed for inference cannot be saved; save it before packing")
+            raise MobiLlamaError(
+                "a quantized model packed for inference cannot be saved; save it before packing"
+            )
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
@@ -115,7 +125,9 @@ class Int4Linear(nn.Module):
             raise MobiLlamaError(f"int4 group size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float32, device=device))
         self.packed = False
@@ -153,7 +165,9 @@ class Int4Linear(nn.Module):
         """Convert to the CPU int4 kernel's layout and free the portable nibbles."""
         if self.packed or self.weight.device.type != "cpu" or not self.kernel_applies():
             return
-        self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked().to(torch.int32), 1)
+        self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            self.unpacked().to(torch.int32), 1
+        )
         self._scales_and_zeros[torch.bfloat16] = self._kernel_qparams(torch.bfloat16)
         self.weight = torch.empty(0, dtype=torch.uint8)
         self.packed = True
@@ -179,7 +193,9 @@ class Int4Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         if self.packed:
-            raise MobiLlamaError("a quantized model packed for inference cannot be saved; save it before packing")
+            raise MobiLlamaError(
+                "a quantized model packed for inference cannot be saved; save it before packing"
+            )
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
@@ -320,7 +336,11 @@ def read_quantization(path: str | Path) -> dict[str, Any]:
 
 
 def quantize_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None, overwrite: bool = False
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    bits: int,
+    group_size: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
 
@@ -398,8 +418,12 @@ def load_quantized(
             raise MobiLlamaError(f"{source}: missing tensor {key!r}")
         got = state[key]
         if tuple(got.shape) != tuple(shape):
-            raise MobiLlamaError(f"{source}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(shape)}")
-        if (want.is_floating_point != got.dtype.is_floating_point) or (not want.is_floating_point and want != got.dtype):
+            raise MobiLlamaError(
+                f"{source}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(shape)}"
+            )
+        if (want.is_floating_point != got.dtype.is_floating_point) or (
+            not want.is_floating_point and want != got.dtype
+        ):
             raise MobiLlamaError(f"{source}: tensor {key!r} has dtype {got.dtype}, expected {want}")
     extra = [k for k in state if k not in expected]
     if extra:

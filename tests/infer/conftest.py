@@ -89,9 +89,9 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     )
     tok.train_from_iterator([stdlib_text(TRAIN_FILES)], trainer)
     out = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
-        out
-    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(out)
     return out
 
 

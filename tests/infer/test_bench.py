@@ -11,8 +11,23 @@ from mobillama.errors import MobiLlamaError
 
 @pytest.mark.parametrize("bits", [None, 8, 4])
 def test_run_bench_reports_every_figure(bits):
-    r = run_bench("tiny", bits=bits, group_size=32 if bits == 4 else None, prompt_len=8, new_tokens=4, threads=1, measure_bandwidth=False)
-    for key in ("prefill_tok_s", "decode_tok_s", "ttft_s", "model_bytes", "peak_rss_bytes", "bytes_per_token"):
+    r = run_bench(
+        "tiny",
+        bits=bits,
+        group_size=32 if bits == 4 else None,
+        prompt_len=8,
+        new_tokens=4,
+        threads=1,
+        measure_bandwidth=False,
+    )
+    for key in (
+        "prefill_tok_s",
+        "decode_tok_s",
+        "ttft_s",
+        "model_bytes",
+        "peak_rss_bytes",
+        "bytes_per_token",
+    ):
         assert r[key] > 0, key
     assert r["bits"] == bits
     assert r["unique_bytes_per_token"] < r["bytes_per_token"]  # the shared FFN read by 4 layers

@@ -11,7 +11,16 @@ from mobillama.cli import main
 
 
 def test_generate_greedy_json_and_batch(tiny_checkpoint, capsys):
-    args = ["generate", str(tiny_checkpoint), "--prompt", "def f(x):", "--prompt", "import", "--max-new-tokens", "5"]
+    args = [
+        "generate",
+        str(tiny_checkpoint),
+        "--prompt",
+        "def f(x):",
+        "--prompt",
+        "import",
+        "--max-new-tokens",
+        "5",
+    ]
     assert main([*args, "--json", "--dtype", "fp32"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [c["finish_reason"] in ("stop", "length") for c in out] == [True, True]
@@ -21,7 +30,16 @@ def test_generate_greedy_json_and_batch(tiny_checkpoint, capsys):
 
 
 def test_generate_stream_matches_plain_output(tiny_checkpoint, capsys):
-    args = ["generate", str(tiny_checkpoint), "--prompt", "class A:", "--max-new-tokens", "6", "--dtype", "fp32"]
+    args = [
+        "generate",
+        str(tiny_checkpoint),
+        "--prompt",
+        "class A:",
+        "--max-new-tokens",
+        "6",
+        "--dtype",
+        "fp32",
+    ]
     main(args)
     plain = capsys.readouterr().out
     main([*args, "--stream"])
@@ -29,7 +47,16 @@ def test_generate_stream_matches_plain_output(tiny_checkpoint, capsys):
 
 
 def test_generate_sampling_with_seed_is_reproducible_and_bits_work(tiny_checkpoint, capsys):
-    args = ["generate", str(tiny_checkpoint), "--prompt", "x =", "--max-new-tokens", "8", "--temperature", "1.0"]
+    args = [
+        "generate",
+        str(tiny_checkpoint),
+        "--prompt",
+        "x =",
+        "--max-new-tokens",
+        "8",
+        "--temperature",
+        "1.0",
+    ]
     args += ["--top-k", "40", "--top-p", "0.9", "--repetition-penalty", "1.1", "--seed", "7", "--json"]
     main(args)
     first = json.loads(capsys.readouterr().out)
@@ -74,7 +101,9 @@ def test_unknown_checkpoint_path(tmp_path, capsys):
 
 def test_quantize_then_generate_and_bench_from_the_quantized_checkpoint(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "q4"
-    assert main(["quantize", str(tiny_checkpoint), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    assert (
+        main(["quantize", str(tiny_checkpoint), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    )
     assert "int4 group 32" in capsys.readouterr().out
     assert main(["generate", str(out), "--prompt", "def", "--max-new-tokens", "3", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["completion_tokens"] >= 1

@@ -50,7 +50,7 @@ def test_int4_kernel_matches_the_dequantized_reference_and_quantization_error_is
     q = Int4Linear.from_linear(linear, group_size=64)
     deq = q.dequantize()
     # 4-bit asymmetric: error per weight at most half a step of its group
-    step = ((q.scales).repeat_interleave(64, dim=1))
+    step = (q.scales).repeat_interleave(64, dim=1)
     assert ((deq - linear.weight).abs() <= step / 2 + 1e-6).all()
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     expected = x.float() @ deq.T
@@ -69,7 +69,9 @@ def test_quantized_logits_stay_close_to_bf16(byte_model, bits, kernel):
         out = q(ids).float()
     err = (out - ref).abs()
     scale = ref.abs().mean().item()
-    print(f"int{bits} {kernel}: max err {err.max().item():.4f}, mean err {err.mean().item():.5f}, mean |logit| {scale:.4f}")
+    print(
+        f"int{bits} {kernel}: max err {err.max().item():.4f}, mean err {err.mean().item():.5f}, mean |logit| {scale:.4f}"
+    )
     assert err.mean().item() < (0.05 if bits == 8 else 0.25) * scale
     assert err.max().item() < (0.3 if bits == 8 else 1.0) * ref.abs().max().item()
 
@@ -80,7 +82,9 @@ def test_shared_ffn_is_quantized_once_and_stored_once(byte_model):
     layers = q.config.num_hidden_layers
     assert quantized_module_count(q) == 4 * layers + 3 + 1  # q/k/v/o per layer, one FFN (3), the head
     keys = [k for k in q.state_dict() if ".ffns." in k]
-    assert keys == [f"model.ffns.0.{p}_proj.{b}" for p in ("gate", "up", "down") for b in ("weight", "scales", "zeros")]
+    assert keys == [
+        f"model.ffns.0.{p}_proj.{b}" for p in ("gate", "up", "down") for b in ("weight", "scales", "zeros")
+    ]
     decoder = FastDecoder(q)
     assert len({id(f) for f in decoder.ffn_for_layer}) == 1
     assert isinstance(decoder.ffn_for_layer[0].gate_proj, Int4Linear)
@@ -97,7 +101,9 @@ def test_a_linear_reached_under_two_names_is_quantized_into_one_object(byte_mode
 
 def test_generation_runs_on_a_quantized_model(byte_model):
     model = byte_model()
-    ref = Generator(_copy(model)).generate_ids([[5, 6, 7, 8]], SamplingParams(max_new_tokens=8, stop_at_eos=False))
+    ref = Generator(_copy(model)).generate_ids(
+        [[5, 6, 7, 8]], SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    )
     for bits in (8, 4):
         q = quantize_model(_copy(model), bits, 32 if bits == 4 else None)
         out = Generator(q).generate_ids([[5, 6, 7, 8]], SamplingParams(max_new_tokens=8, stop_at_eos=False))
@@ -117,7 +123,9 @@ def test_quantized_checkpoint_round_trip(tiny_checkpoint, tmp_path):
             keys = list(f.keys())  # noqa: SIM118
         assert sum(k.startswith("model.ffns.0.gate_proj.") for k in keys) == (2 if bits == 8 else 3)
         loaded = load_quantized(out, dtype=torch.bfloat16, int8_kernel="reference", pack=False)
-        fresh = quantize_model(load_model(tiny_checkpoint, dtype=torch.float32), bits, None, int8_kernel="reference", pack=False)
+        fresh = quantize_model(
+            load_model(tiny_checkpoint, dtype=torch.float32), bits, None, int8_kernel="reference", pack=False
+        )
         for p in fresh.parameters():  # embeddings and norms: stored in bf16; scales stay fp32
             p.data = p.data.to(torch.bfloat16)
         ids = torch.randint(3, 500, (1, 20))
@@ -199,10 +207,19 @@ def test_perplexity_rise_on_a_trained_model(trained_checkpoint, held_out_blocks,
     base = load_model(trained_checkpoint, dtype=torch.bfloat16)
     ref = ppl(base, held_out_blocks)
     results = {}
-    for name, bits, kernel in (("int8-dynamic", 8, "dynamic"), ("int8-weight-only", 8, "weight_only"), ("int4", 4, "auto")):
-        q = quantize_model(load_model(trained_checkpoint, dtype=torch.bfloat16), bits, None, int8_kernel=kernel)
+    for name, bits, kernel in (
+        ("int8-dynamic", 8, "dynamic"),
+        ("int8-weight-only", 8, "weight_only"),
+        ("int4", 4, "auto"),
+    ):
+        q = quantize_model(
+            load_model(trained_checkpoint, dtype=torch.bfloat16), bits, None, int8_kernel=kernel
+        )
         results[name] = ppl(q, held_out_blocks) / ref - 1
-    print(f"bf16 perplexity {ref:.3f}; relative rise: " + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in results.items()))
+    print(
+        f"bf16 perplexity {ref:.3f}; relative rise: "
+        + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in results.items())
+    )
     assert ref < 256  # it learned something: a uniform guess over 512 tokens scores 512
     assert results["int8-dynamic"] <= 0.01
     assert results["int8-weight-only"] <= 0.01
