@@ -40,7 +40,29 @@ def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What both quantized layers share: the dequantizing fallback and the no-save-once-packed rule."""
+
+    in_features: int
+    out_features: int
+    packed: bool
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize and call F.linear: any device and dtype, slower, the numbers the kernels must match."""
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self.packed:
+            raise MobiLlamaError(
+                "a quantized model packed for inference cannot be saved; save it before packing"
+            )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+
+class Int8Linear(QuantizedLinear):
     """y = x @ (q * s)^T with q int8 per output channel."""
 
     def __init__(self, in_features: int, out_features: int, kernel: str = "auto", device=None) -> None:
@@ -103,20 +125,13 @@ class Int8Linear(nn.Module):
                 x.reshape(-1, self.in_features).contiguous(), self.weight, self._kernel_scales(x.dtype)
             )
             return y.reshape(*shape[:-1], self.out_features)
-        return F.linear(x, self.dequantize().to(x.dtype))
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if self.packed:
-            raise MobiLlamaError(
-                "a quantized model packed for inference cannot be saved; save it before packing"
-            )
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        return self.reference_forward(x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=8, kernel={self.kernel}"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """y = x @ W^T with W ≈ (q - 8) * scale + zero per group of ``group_size`` input columns."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, device=None) -> None:
@@ -189,14 +204,7 @@ class Int4Linear(nn.Module):
                 self._kernel_qparams(torch.bfloat16),
             )
             return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype))
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if self.packed:
-            raise MobiLlamaError(
-                "a quantized model packed for inference cannot be saved; save it before packing"
-            )
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        return self.reference_forward(x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=4, group_size={self.group_size}"
@@ -279,14 +287,14 @@ def quantize_model(
 def pack_for_inference(model: nn.Module) -> nn.Module:
     """Convert every quantized layer to its CPU kernel layout (once per object: a shared FFN once)."""
     for m in model.modules():
-        if isinstance(m, (Int8Linear, Int4Linear)):
+        if isinstance(m, QuantizedLinear):
             m.pack()
     return model
 
 
 def quantized_module_count(model: nn.Module) -> int:
     """Distinct quantized layer objects (a shared FFN's three projections count three times, not 3 x L)."""
-    return len({id(m) for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))})
+    return len({id(m) for m in model.modules() if isinstance(m, QuantizedLinear)})
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -448,6 +456,7 @@ __all__ = [
     "QUANT_FILE",
     "Int4Linear",
     "Int8Linear",
+    "QuantizedLinear",
     "default_group_size",
     "is_quantized_checkpoint",
     "load_quantized",
