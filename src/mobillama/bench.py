@@ -61,7 +61,9 @@ def bytes_per_decode_token(model: nn.Module, context_len: int) -> tuple[int, int
 def duplicate_ffn(model: nn.Module) -> nn.Module:
     """Give every layer its own copy of its FFN (same values): the "FFN stored 22 times" control."""
     c = model.config
-    copies = nn.ModuleList(copy.deepcopy(model.model.ffns[c.ffn_index(i)]) for i in range(c.num_hidden_layers))
+    copies = nn.ModuleList(
+        copy.deepcopy(model.model.ffns[c.ffn_index(i)]) for i in range(c.num_hidden_layers)
+    )
     model.model.ffns = copies
     model.config = model.model.config = c.replace(ffn_sharing="none")
     return model
@@ -105,7 +107,11 @@ def run_bench(
     from mobillama import quant
     from mobillama.generate import Generator, load_for_inference, parse_dtype
 
-    for name, value, low in (("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 2), ("batch", batch, 1)):
+    for name, value, low in (
+        ("prompt_len", prompt_len, 1),
+        ("new_tokens", new_tokens, 2),
+        ("batch", batch, 1),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise MobiLlamaError(f"{name} must be an integer >= {low}, got {value!r}")
     if threads is not None:
@@ -194,8 +200,14 @@ def format_bench(r: dict[str, Any]) -> str:
         ("time to first token", f"{r['ttft_s'] * 1000:.0f} ms"),
         ("decode", f"{r['decode_tok_s']:.2f} tok/s"),
         ("model bytes", f"{r['model_bytes'] / gb:.3f} GB"),
-        ("peak RSS (run)", f"{r['peak_rss_bytes'] / gb:.3f} GB ({r['peak_rss_bytes'] / r['model_bytes']:.2f}x model)"),
-        ("bytes read / token", f"{r['bytes_per_token'] / gb:.3f} GB (FFN once: {r['unique_bytes_per_token'] / gb:.3f})"),
+        (
+            "peak RSS (run)",
+            f"{r['peak_rss_bytes'] / gb:.3f} GB ({r['peak_rss_bytes'] / r['model_bytes']:.2f}x model)",
+        ),
+        (
+            "bytes read / token",
+            f"{r['bytes_per_token'] / gb:.3f} GB (FFN once: {r['unique_bytes_per_token'] / gb:.3f})",
+        ),
         ("achieved bandwidth", f"{r['achieved_gb_s']:.1f} GB/s"),
     ]
     if "roofline_gb_s" in r:

@@ -76,7 +76,9 @@ class TokenizerLike(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,9 @@ class SamplingParams:
     def validate(self) -> None:
         def number(name: str, value: Any, kind: type) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-                raise MobiLlamaError(f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}")
+                raise MobiLlamaError(
+                    f"{name} must be {'a number' if kind is float else 'an integer'}, got {value!r}"
+                )
 
         number("max_new_tokens", self.max_new_tokens, int)
         number("temperature", self.temperature, float)
@@ -231,7 +235,9 @@ class FastDecoder:
         self.cache: StaticKVCache | None = None
         self.compiled = compile
         self._decode_fn = torch.compile(self._decode_static, dynamic=False) if compile else None
-        self.ffn_for_layer = [model.model.ffns[self.config.ffn_index(i)] for i in range(self.config.num_hidden_layers)]
+        self.ffn_for_layer = [
+            model.model.ffns[self.config.ffn_index(i)] for i in range(self.config.num_hidden_layers)
+        ]
 
     # ---- request setup -------------------------------------------------------------------------
     def start(self, pad_lens: Sequence[int], total_len: int) -> None:
@@ -243,13 +249,21 @@ class FastDecoder:
         if self.cache is None or not self.cache.fits(batch, max_len):
             self.cache = None  # free the old one first
             self.cache = StaticKVCache(
-                c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, self.cache_dtype, self.device
+                c.num_hidden_layers,
+                batch,
+                c.num_key_value_heads,
+                max_len,
+                c.head_dim,
+                self.cache_dtype,
+                self.device,
             )
         max_len = self.cache.max_len
         pad = torch.tensor(list(pad_lens), device=self.device)
         slots = torch.arange(max_len, device=self.device)
         self.positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # [B, S]
-        cos, sin = rope_cos_sin(torch.arange(max_len, device=self.device)[None], c.head_dim, c.rope_theta, torch.float32)
+        cos, sin = rope_cos_sin(
+            torch.arange(max_len, device=self.device)[None], c.head_dim, c.rope_theta, torch.float32
+        )
         self.cos_table, self.sin_table = cos[0], sin[0]  # [S, head_dim]
         self.key_valid = slots[None, :] >= pad[:, None]  # [B, S]
         self.padded = bool(any(pad_lens))
@@ -388,7 +402,9 @@ class Generator:
                     f"prompt {i} has {len(ids)} tokens; the model's context is {self.context} "
                     "(leave room for at least one new token)"
                 )
-            bad = next((t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None)
+            bad = next(
+                (t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab), None
+            )
             if bad is not None:
                 raise MobiLlamaError(f"prompt {i} has token id {bad!r} outside the vocabulary [0, {vocab})")
 
@@ -415,7 +431,9 @@ class Generator:
         new_tokens = min(params.max_new_tokens, self.context - T)
         B = len(prompt_ids)
         pads = [T - n for n in lengths]
-        ids = torch.tensor([[pad_id] * pad + list(p) for pad, p in zip(pads, prompt_ids)], device=self.decoder.device)
+        ids = torch.tensor(
+            [[pad_id] * pad + list(p) for pad, p in zip(pads, prompt_ids)], device=self.decoder.device
+        )
         rows = [_Row(prompt_tokens=n) for n in lengths]
         generator = torch.Generator(device=self.decoder.device)
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
@@ -495,7 +513,9 @@ class Generator:
         """Generate for one or several text prompts (several are batched with left padding)."""
         return self.generate_ids(self.encode_prompts(prompts, add_bos), params or SamplingParams(), on_text)
 
-    def stream(self, prompt: str, params: SamplingParams | None = None, add_bos: bool = True) -> Iterator[str]:
+    def stream(
+        self, prompt: str, params: SamplingParams | None = None, add_bos: bool = True
+    ) -> Iterator[str]:
         """Yield the text of one prompt's completion as it is produced."""
         for _, delta in self.iter_ids(self.encode_prompts(prompt, add_bos), params or SamplingParams()):
             yield delta
@@ -547,7 +567,9 @@ def load_for_inference(
     path = Path(spec)
     if path.is_dir() and quant.is_quantized_checkpoint(path):
         if bits is not None and bits != quant.read_quantization(path)["bits"]:
-            raise MobiLlamaError(f"{path} is already quantized to {quant.read_quantization(path)['bits']} bits")
+            raise MobiLlamaError(
+                f"{path} is already quantized to {quant.read_quantization(path)['bits']} bits"
+            )
         return quant.load_quantized(path, dtype=torch_dtype, int8_kernel=int8_kernel)
     if str(spec) in PRESETS and not path.exists():
         # Build in the target dtype directly: no fp32 copy of the whole model (peak memory).
@@ -558,6 +580,10 @@ def load_for_inference(
             model = MobiLlama(get_preset(str(spec))).eval()
         finally:
             torch.set_default_dtype(previous)
+    elif not path.exists():
+        raise MobiLlamaError(
+            f"{str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
+        )
     else:
         model = load_model(spec, dtype=torch_dtype)
     if bits is not None:
@@ -598,7 +624,9 @@ class HFTokenizerAdapter:
         try:
             return cls(AutoTokenizer.from_pretrained(str(path)))
         except (OSError, ValueError) as e:
-            raise MobiLlamaError(f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
+            raise MobiLlamaError(
+                f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})"
+            ) from None
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=False)
@@ -609,7 +637,9 @@ class HFTokenizerAdapter:
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         if getattr(self.hf, "chat_template", None):
-            return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            return self.hf.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
         return render_mobillama_chat(messages, add_generation_prompt)
 
 

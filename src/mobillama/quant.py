@@ -40,13 +40,37 @@ def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What both quantized layers share: the dequantizing fallback and the no-save-once-packed rule."""
+
+    in_features: int
+    out_features: int
+    packed: bool
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize and call F.linear: any device and dtype, slower, the numbers the kernels must match."""
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self.packed:
+            raise MobiLlamaError(
+                "a quantized model packed for inference cannot be saved; save it before packing"
+            )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+
+class Int8Linear(QuantizedLinear):
     """y = x @ (q * s)^T with q int8 per output channel."""
 
     def __init__(self, in_features: int, out_features: int, kernel: str = "auto", device=None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
         self.kernel = kernel
         self.packed = False
@@ -73,7 +97,9 @@ class Int8Linear(nn.Module):
         zero = torch.zeros(self.out_features, dtype=torch.int64)
         import warnings
 
-        with warnings.catch_warnings():  # quantized tensor creation is deprecated in 2.13; still the fbgemm API
+        with (
+            warnings.catch_warnings()
+        ):  # quantized tensor creation is deprecated in 2.13; still the fbgemm API
             warnings.simplefilter("ignore")
             qweight = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zero, 0)
             self._dynamic = torch.ops.quantized.linear_prepack(qweight, None)
@@ -89,24 +115,23 @@ class Int8Linear(nn.Module):
         if self._dynamic is not None:
             # reduce_range: 7-bit activations, as fbgemm's own dynamic quantization uses (no overflow).
             return torch.ops.quantized.linear_dynamic(x.float(), self._dynamic, True).to(x.dtype)
-        if x.device.type == "cpu" and self.kernel != "reference" and x.dtype in (torch.bfloat16, torch.float32):
+        if (
+            x.device.type == "cpu"
+            and self.kernel != "reference"
+            and x.dtype in (torch.bfloat16, torch.float32)
+        ):
             shape = x.shape
             y = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(-1, self.in_features).contiguous(), self.weight, self._kernel_scales(x.dtype)
             )
             return y.reshape(*shape[:-1], self.out_features)
-        return F.linear(x, self.dequantize().to(x.dtype))
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if self.packed:
-            raise MobiLlamaError("a quantized model packed for inference cannot be saved; save it before packing")
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        return self.reference_forward(x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=8, kernel={self.kernel}"
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """y = x @ W^T with W ≈ (q - 8) * scale + zero per group of ``group_size`` input columns."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, device=None) -> None:
@@ -115,7 +140,9 @@ class Int4Linear(nn.Module):
             raise MobiLlamaError(f"int4 group size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         groups = in_features // group_size
-        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float32, device=device))
         self.packed = False
@@ -153,7 +180,9 @@ class Int4Linear(nn.Module):
         """Convert to the CPU int4 kernel's layout and free the portable nibbles."""
         if self.packed or self.weight.device.type != "cpu" or not self.kernel_applies():
             return
-        self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked().to(torch.int32), 1)
+        self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            self.unpacked().to(torch.int32), 1
+        )
         self._scales_and_zeros[torch.bfloat16] = self._kernel_qparams(torch.bfloat16)
         self.weight = torch.empty(0, dtype=torch.uint8)
         self.packed = True
@@ -175,12 +204,7 @@ class Int4Linear(nn.Module):
                 self._kernel_qparams(torch.bfloat16),
             )
             return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x, self.dequantize().to(x.dtype))
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        if self.packed:
-            raise MobiLlamaError("a quantized model packed for inference cannot be saved; save it before packing")
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        return self.reference_forward(x)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=4, group_size={self.group_size}"
@@ -263,14 +287,14 @@ def quantize_model(
 def pack_for_inference(model: nn.Module) -> nn.Module:
     """Convert every quantized layer to its CPU kernel layout (once per object: a shared FFN once)."""
     for m in model.modules():
-        if isinstance(m, (Int8Linear, Int4Linear)):
+        if isinstance(m, QuantizedLinear):
             m.pack()
     return model
 
 
 def quantized_module_count(model: nn.Module) -> int:
     """Distinct quantized layer objects (a shared FFN's three projections count three times, not 3 x L)."""
-    return len({id(m) for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))})
+    return len({id(m) for m in model.modules() if isinstance(m, QuantizedLinear)})
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -320,7 +344,11 @@ def read_quantization(path: str | Path) -> dict[str, Any]:
 
 
 def quantize_checkpoint(
-    checkpoint: str | Path, out_dir: str | Path, bits: int, group_size: int | None = None, overwrite: bool = False
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    bits: int,
+    group_size: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
 
@@ -335,8 +363,15 @@ def quantize_checkpoint(
     before = weight_bytes(model)
     quantize_model(model, bits, group_size, pack=False)
     info = {"format": "mobillama-weight-only", "method": "weight-only", **model.quantization}  # type: ignore[attr-defined]
+    # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
+    # stored in bf16, the compute dtype the quantized kernels use.
+    qparams = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
+    state = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() and k not in qparams else v
+        for k, v in model.state_dict().items()
+    }
     save_checkpoint(
-        model.state_dict(),
+        state,
         model.config,
         out_dir,
         tokenizer_dir=checkpoint,
@@ -349,7 +384,7 @@ def quantize_checkpoint(
         "group_size": info["group_size"],
         "quantized_layers": quantized_module_count(model),
         "bytes_before": before,
-        "bytes_after": weight_bytes(model),
+        "bytes_after": sum(v.numel() * v.element_size() for v in state.values()),
     }
 
 
@@ -391,8 +426,12 @@ def load_quantized(
             raise MobiLlamaError(f"{source}: missing tensor {key!r}")
         got = state[key]
         if tuple(got.shape) != tuple(shape):
-            raise MobiLlamaError(f"{source}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(shape)}")
-        if (want.is_floating_point != got.dtype.is_floating_point) or (not want.is_floating_point and want != got.dtype):
+            raise MobiLlamaError(
+                f"{source}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(shape)}"
+            )
+        if (want.is_floating_point != got.dtype.is_floating_point) or (
+            not want.is_floating_point and want != got.dtype
+        ):
             raise MobiLlamaError(f"{source}: tensor {key!r} has dtype {got.dtype}, expected {want}")
     extra = [k for k in state if k not in expected]
     if extra:
@@ -417,6 +456,7 @@ __all__ = [
     "QUANT_FILE",
     "Int4Linear",
     "Int8Linear",
+    "QuantizedLinear",
     "default_group_size",
     "is_quantized_checkpoint",
     "load_quantized",

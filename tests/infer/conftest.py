@@ -42,8 +42,10 @@ def byte_tokenizer() -> ByteTokenizer:
 
 
 def byte_config(**changes):
-    """The micro shape (GQA, 4 layers, one shared FFN) with the byte tokenizer's vocabulary."""
-    return get_preset("micro").replace(vocab_size=ByteTokenizer.vocab_size, **changes)
+    """The micro shape (GQA, 4 layers, one shared FFN) with the byte tokenizer's vocabulary and an FFN
+    width that int4 groups of 32/64 divide."""
+    changes = {"vocab_size": ByteTokenizer.vocab_size, "intermediate_size": 192, **changes}
+    return get_preset("micro").replace(**changes)
 
 
 @pytest.fixture
@@ -87,9 +89,9 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     )
     tok.train_from_iterator([stdlib_text(TRAIN_FILES)], trainer)
     out = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
-        out
-    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(out)
     return out
 
 
@@ -117,22 +119,27 @@ def token_blocks(tokenizer_dir: Path, files: list[str], length: int) -> torch.Te
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
-    """The tiny shape trained for 150 AdamW steps on stdlib source (a few seconds on 2 cores)."""
+    """A small model (4 layers, hidden 64, one shared FFN) trained for 120 AdamW steps on stdlib source:
+    cheap enough for the suite, trained enough that quantization error shows in perplexity.
+    ``benchmarks/quant_quality.py`` runs the same check on a larger model for longer."""
     from mobillama.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    config = get_preset("tiny").replace(num_hidden_layers=4, **BPE_CONFIG)
+    config = get_preset("micro").replace(intermediate_size=192, **BPE_CONFIG)
     model = MobiLlama(config)
     data = token_blocks(tokenizer_dir, TRAIN_FILES, 65)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(150):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: one thread avoids barrier stalls on a busy machine
+    for _ in range(120):
         batch = data[torch.randint(0, len(data), (16,), generator=gen)]
         loss = causal_lm_loss(model(batch), batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    out = tmp_path_factory.mktemp("trained") / "tiny-trained"
+    torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("trained") / "micro-trained"
     return save_checkpoint(model.eval(), config, out, tokenizer_dir=tokenizer_dir)
 
 

@@ -66,7 +66,9 @@ def test_cache_is_reused_across_requests_and_results_do_not_leak(byte_model):
 
 def test_seeded_sampling_is_reproducible(byte_model):
     gen = Generator(byte_model())
-    params = SamplingParams(max_new_tokens=30, temperature=1.5, top_k=50, top_p=0.95, seed=123, stop_at_eos=False)
+    params = SamplingParams(
+        max_new_tokens=30, temperature=1.5, top_k=50, top_p=0.95, seed=123, stop_at_eos=False
+    )
     a = gen.generate_ids([[9, 10, 11]], params)[0].token_ids
     b = gen.generate_ids([[9, 10, 11]], params)[0].token_ids
     c = gen.generate_ids([[9, 10, 11]], SamplingParams(**{**params.__dict__, "seed": 124}))[0].token_ids
@@ -116,7 +118,11 @@ def test_stop_string_spanning_tokens_truncates_and_streams_nothing_past_it(byte_
     # A three-character window of the greedy text (three bytes: three tokens), not at the start.
     stop = full.text[5:8]
     deltas: list[str] = []
-    out = gen.generate(["hello"], SamplingParams(max_new_tokens=30, stop=(stop,), stop_at_eos=False), on_text=lambda r, d: deltas.append(d))[0]
+    out = gen.generate(
+        ["hello"],
+        SamplingParams(max_new_tokens=30, stop=(stop,), stop_at_eos=False),
+        on_text=lambda r, d: deltas.append(d),
+    )[0]
     assert out.finish_reason == "stop"
     assert out.text == full.text[: full.text.find(stop)]
     assert "".join(deltas) == out.text
@@ -202,7 +208,9 @@ def test_chat_template_renders_the_reference_string_exactly():
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions.\n### Human: {message}\n### Assistant:"
     )
-    assert render_mobillama_chat([{"role": "user", "content": "Hi there"}]) == reference.format(message="Hi there")
+    assert render_mobillama_chat([{"role": "user", "content": "Hi there"}]) == reference.format(
+        message="Hi there"
+    )
     multi = render_mobillama_chat(
         [
             {"role": "user", "content": "a"},
@@ -224,7 +232,9 @@ def test_checkpoint_tokenizer_round_trip_and_chat_default(tokenizer_dir, tmp_pat
     ids = tok.encode(text, add_bos=True, add_eos=True)
     assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2
     assert tok.decode(ids) == text
-    assert tok.apply_chat_template([{"role": "user", "content": "q"}]).endswith("### Human: q\n### Assistant:")
+    assert tok.apply_chat_template([{"role": "user", "content": "q"}]).endswith(
+        "### Human: q\n### Assistant:"
+    )
     with pytest.raises(MobiLlamaError, match="no tokenizer files"):
         load_checkpoint_tokenizer(tmp_path)
     assert isinstance(HFTokenizerAdapter.from_dir(tokenizer_dir).hf.vocab_size, int)

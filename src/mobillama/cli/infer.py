@@ -17,7 +17,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         help="quantize the weights on the fly to int8 (per channel) or int4 (per group); "
         "a quantized checkpoint is used as stored",
     )
-    p.add_argument("--group-size", type=int, help="int4 group size (32, 64, 128 or 256; default: largest that fits)")
+    p.add_argument(
+        "--group-size", type=int, help="int4 group size (32, 64, 128 or 256; default: largest that fits)"
+    )
     p.add_argument(
         "--int8-kernel",
         default="auto",
@@ -32,11 +34,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_sampling_options(p: argparse.ArgumentParser, temperature: float) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
     p.add_argument(
-        "--temperature", type=float, default=temperature, help=f"sampling temperature; 0 = greedy (default {temperature})"
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"sampling temperature; 0 = greedy (default {temperature})",
     )
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="penalty > 1 discourages repeats (1 = off)")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="penalty > 1 discourages repeats (1 = off)"
+    )
     p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
     p.add_argument("--seed", type=int, help="random seed for sampling (reproducible output)")
 
@@ -48,10 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Complete one or more prompts (several are batched with left padding) with the fast "
         "static-cache decoder. Greedy by default; sampling with --temperature/--top-k/--top-p.",
     )
-    g.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files")
+    g.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
+    )
     g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
     g.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt only)")
-    g.add_argument("--json", action="store_true", help="print completions as JSON (text, finish reason, token counts)")
+    g.add_argument(
+        "--json", action="store_true", help="print completions as JSON (text, finish reason, token counts)"
+    )
     _add_sampling_options(g, temperature=0.0)
     _add_model_options(g)
     g.set_defaults(func=run_generate)
@@ -63,7 +74,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "by default MobiLlama-Chat's '### Human: / ### Assistant:' format. Commands: /reset, /exit. "
         "When the conversation outgrows the context the oldest turns are dropped (with a notice).",
     )
-    c.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files")
+    c.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
+    )
     c.add_argument("--system", help="system message (default: the MobiLlama-Chat system line)")
     _add_sampling_options(c, temperature=0.7)
     _add_model_options(c)
@@ -76,12 +89,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "on them) or a checkpoint. Reports prefill and decode tokens/s, time to first token, peak RSS, "
         "model bytes, and the achieved memory bandwidth against a measured read-bandwidth roofline.",
     )
-    b.add_argument("model", metavar="CKPT_OR_PRESET", help="a checkpoint directory or a preset name (e.g. mobillama-0.5b)")
+    b.add_argument(
+        "model",
+        metavar="CKPT_OR_PRESET",
+        help="a checkpoint directory or a preset name (e.g. mobillama-0.5b)",
+    )
     b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
     b.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
     b.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
     b.add_argument(
-        "--duplicate-ffn", action="store_true", help="give every layer its own FFN copy (the unshared control)"
+        "--duplicate-ffn",
+        action="store_true",
+        help="give every layer its own FFN copy (the unshared control)",
     )
     b.add_argument("--no-roofline", action="store_true", help="skip the memory-bandwidth measurement")
     b.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -98,7 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     q.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory to quantize")
     q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 (per channel) or 4 (per group)")
-    q.add_argument("--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 (default: largest that fits)")
+    q.add_argument(
+        "--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 (default: largest that fits)"
+    )
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=run_quantize)
@@ -127,7 +148,11 @@ def _setup(args: argparse.Namespace):
         raise MobiLlamaError(f"checkpoint not found: {args.checkpoint}")
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
     model = load_for_inference(
-        args.checkpoint, dtype=args.dtype, bits=args.bits, group_size=args.group_size, int8_kernel=args.int8_kernel
+        args.checkpoint,
+        dtype=args.dtype,
+        bits=args.bits,
+        group_size=args.group_size,
+        int8_kernel=args.int8_kernel,
     )
     return Generator(model, tokenizer, compile=args.compile), params
 
@@ -188,7 +213,9 @@ def run_bench(args: argparse.Namespace) -> int:
 def run_quantize(args: argparse.Namespace) -> int:
     from mobillama.quant import quantize_checkpoint
 
-    summary = quantize_checkpoint(args.checkpoint, args.out, args.bits, args.group_size, overwrite=args.overwrite)
+    summary = quantize_checkpoint(
+        args.checkpoint, args.out, args.bits, args.group_size, overwrite=args.overwrite
+    )
     print(
         f"wrote {summary['out']}: int{summary['bits']}"
         + (f" group {summary['group_size']}" if summary["bits"] == 4 else "")
