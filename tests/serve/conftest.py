@@ -103,7 +103,10 @@ class LiveServer:
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
+        engine = self.app.state.engine
         while httpx.get(self.url + "/ready").status_code != 200:
+            if engine.load_error is not None:
+                raise RuntimeError(f"the model failed to load: {engine.load_error}")
             if time.monotonic() > deadline:
                 raise RuntimeError("server did not become ready")
             time.sleep(0.05)

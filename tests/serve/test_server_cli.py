@@ -61,6 +61,24 @@ def test_missing_checkpoint(capsys, tmp_path):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
+@pytest.fixture
+def restore_logging():
+    """run_server configures the server loggers for a process; undo that for the next tests."""
+    names = ("mobillama.serve", "mobillama.serve.access")
+    saved = {n: (list(logging.getLogger(n).handlers), logging.getLogger(n).propagate) for n in names}
+    yield
+    for n, (handlers, propagate) in saved.items():
+        logging.getLogger(n).handlers[:] = handlers
+        logging.getLogger(n).propagate = propagate
+
+
+def test_model_that_fails_to_load_exits_with_a_clear_error(micro_checkpoint, capsys, restore_logging):
+    # int4 needs a group size dividing every layer input; micro's FFN width 176 has none of 128/64/32.
+    code = main(["serve", str(micro_checkpoint), "--port", str(_free_port()), "--bits", "4"])
+    assert code == 2
+    assert "error: cannot load the model: no int4 group size" in capsys.readouterr().err
+
+
 def _access_records(caplog) -> list[dict]:
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == "mobillama.serve.access"]
 
