@@ -142,3 +142,21 @@ def test_quantized_model_serves(micro_checkpoint):
         )
     assert result.usage.completion_tokens >= 1
     assert result.choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_requests_on_separate_slots_match_sequential_results(client, real_generator):
+    """Two slots decode at once over the same weights, each with its own KV cache: no cross-talk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["def a():", "import sys", "class B(object):", "for i in range(3):"]
+    expected = [real_generator.generate(p, SamplingParams(max_new_tokens=24))[0].text for p in prompts]
+
+    def ask(prompt: str) -> str:
+        return (
+            client.completions.create(model="micro", prompt=prompt, max_tokens=24, temperature=0)
+            .choices[0]
+            .text
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, prompts)) == expected
