@@ -18,6 +18,8 @@ from mobillama.errors import MobiLlamaError
 STAGES = [
     "mobillama.cli.core",
     "mobillama.cli.convert",
+    "mobillama.cli.infer",
+    "mobillama.cli.serve",
 ]
 
 

@@ -1,0 +1,225 @@
+"""Inference speed: prefill and decode tokens/s, time to first token, memory, and bandwidth vs a roofline.
+
+At batch 1 a decode step reads every weight once per use, so the ceiling is memory bandwidth divided by
+the bytes a token reads. That ceiling is measured here (a big ``sum``), not assumed, and the achieved
+bandwidth is reported against it. Two byte counts are given: ``bytes_per_token`` counts the shared FFN
+once per layer that uses it (what the hardware must stream if nothing stays in cache) and
+``unique_bytes_per_token`` counts it once (the floor if the FFN stayed cache-resident).
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobillama.errors import MobiLlamaError
+
+
+def measure_read_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
+    """Best-of-``repeats`` read bandwidth in GB/s of a ``sum`` over a buffer far larger than the cache."""
+    buf = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+    buf.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best / 1e9
+
+
+def _module_bytes(module: nn.Module) -> int:
+    from mobillama.quant import weight_bytes
+
+    return weight_bytes(module)
+
+
+def bytes_per_decode_token(model: nn.Module, context_len: int) -> tuple[int, int]:
+    """(bytes read per decoded token with each layer re-reading its FFN, the same with each FFN once).
+
+    Weights of every layer, the final norm, the LM head and one embedding row, plus the fp32 KV cache
+    read at ``context_len`` tokens.
+    """
+    c = model.config
+    layers = model.model.layers
+    attn = sum(_module_bytes(layer) for layer in layers)
+    ffn_per_use = sum(_module_bytes(model.model.ffns[c.ffn_index(i)]) for i in range(len(layers)))
+    ffn_unique = sum(_module_bytes(f) for f in model.model.ffns)
+    head = _module_bytes(model.lm_head) + _module_bytes(model.model.norm)
+    emb = model.model.embed_tokens.weight
+    row = emb.shape[1] * emb.element_size()
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * context_len
+    common = attn + head + row + kv
+    return common + ffn_per_use, common + ffn_unique
+
+
+def duplicate_ffn(model: nn.Module) -> nn.Module:
+    """Give every layer its own copy of its FFN (same values): the "FFN stored 22 times" control."""
+    c = model.config
+    copies = nn.ModuleList(
+        copy.deepcopy(model.model.ffns[c.ffn_index(i)]) for i in range(c.num_hidden_layers)
+    )
+    model.model.ffns = copies
+    model.config = model.model.config = c.replace(ffn_sharing="none")
+    return model
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0) so the run's peak excludes loading."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_bench(
+    spec: str | Path,
+    *,
+    dtype: str = "bf16",
+    bits: int | None = None,
+    group_size: int | None = None,
+    int8_kernel: str = "auto",
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    threads: int | None = None,
+    batch: int = 1,
+    compile: bool = False,
+    duplicate: bool = False,
+    measure_bandwidth: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time one prefill and ``new_tokens`` greedy decode steps on a preset (random weights) or checkpoint."""
+    from mobillama import quant
+    from mobillama.generate import Generator, load_for_inference, parse_dtype
+
+    for name, value, low in (
+        ("prompt_len", prompt_len, 1),
+        ("new_tokens", new_tokens, 2),
+        ("batch", batch, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise MobiLlamaError(f"{name} must be an integer >= {low}, got {value!r}")
+    if threads is not None:
+        if threads < 1:
+            raise MobiLlamaError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    torch_dtype = parse_dtype(dtype)
+    if quant.is_quantized_checkpoint(spec) if Path(spec).is_dir() else False:
+        model = quant.load_quantized(spec, dtype=torch_dtype, int8_kernel=int8_kernel, pack=False)
+        if duplicate:
+            duplicate_ffn(model)
+        quant.pack_for_inference(model)
+    else:
+        model = load_for_inference(spec, dtype=torch_dtype, seed=seed)
+        if duplicate:
+            duplicate_ffn(model)
+        if bits is not None:
+            quant.quantize_model(model, bits, group_size, int8_kernel=int8_kernel)
+    c = model.config
+    if prompt_len + new_tokens > c.max_position_embeddings:
+        raise MobiLlamaError(
+            f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the context {c.max_position_embeddings}"
+        )
+    load_peak_kb = _status_kb("VmHWM")
+    gen = Generator(model, compile=compile)
+    rng = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(3, c.vocab_size, (batch, prompt_len), generator=rng)
+    dec = gen.decoder
+
+    def one_run(length: int, steps: int) -> tuple[float, float]:
+        dec.start([0] * batch, length + steps)
+        t0 = time.perf_counter()
+        tok = dec.prefill(prompts[:, :length]).argmax(-1)
+        t1 = time.perf_counter()
+        for i in range(steps - 1):
+            tok = dec.decode(tok, length + i).argmax(-1)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+    one_run(min(prompt_len, 16), 4)  # warm-up (and compilation when asked)
+    one_run(prompt_len, 2)
+    rss_reset = _reset_peak_rss()
+    prefill_s, decode_s = one_run(prompt_len, new_tokens)
+    peak_kb = _status_kb("VmHWM") if rss_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    per_token, unique_per_token = bytes_per_decode_token(model, prompt_len + new_tokens // 2)
+    decode_tps = (new_tokens - 1) * batch / decode_s
+    result: dict[str, Any] = {
+        "model": str(spec),
+        "dtype": dtype,
+        "bits": bits if bits is not None else getattr(model, "quantization", {}).get("bits"),
+        "int8_kernel": int8_kernel if (bits == 8) else None,
+        "ffn": "duplicated" if duplicate else c.ffn_sharing,
+        "threads": torch.get_num_threads(),
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "compile": compile,
+        "prefill_tok_s": prompt_len * batch / prefill_s,
+        "ttft_s": prefill_s,
+        "decode_tok_s": decode_tps,
+        "model_bytes": quant.weight_bytes(model),
+        "bytes_per_token": per_token,
+        "unique_bytes_per_token": unique_per_token,
+        "achieved_gb_s": per_token * decode_tps / batch / 1e9,
+        "peak_rss_bytes": peak_kb * 1024,
+        "load_peak_rss_bytes": load_peak_kb * 1024,
+        "peak_rss_excludes_load": rss_reset,
+    }
+    if measure_bandwidth:
+        bw = measure_read_bandwidth()
+        result["roofline_gb_s"] = bw
+        result["roofline_tok_s"] = bw * 1e9 / per_token
+        result["fraction_of_roofline"] = result["achieved_gb_s"] / bw
+    return result
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    """A small human-readable table of one :func:`run_bench` result."""
+    gb = 1e9
+    variant = f"{r['dtype']}" + (f" int{r['bits']}" if r.get("bits") else "") + f", FFN {r['ffn']}"
+    rows = [
+        ("model", f"{r['model']} ({variant})"),
+        ("threads / batch", f"{r['threads']} / {r['batch']}"),
+        ("prompt / new tokens", f"{r['prompt_len']} / {r['new_tokens']}"),
+        ("prefill", f"{r['prefill_tok_s']:.1f} tok/s"),
+        ("time to first token", f"{r['ttft_s'] * 1000:.0f} ms"),
+        ("decode", f"{r['decode_tok_s']:.2f} tok/s"),
+        ("model bytes", f"{r['model_bytes'] / gb:.3f} GB"),
+        (
+            "peak RSS (run)",
+            f"{r['peak_rss_bytes'] / gb:.3f} GB ({r['peak_rss_bytes'] / r['model_bytes']:.2f}x model)",
+        ),
+        (
+            "bytes read / token",
+            f"{r['bytes_per_token'] / gb:.3f} GB (FFN once: {r['unique_bytes_per_token'] / gb:.3f})",
+        ),
+        ("achieved bandwidth", f"{r['achieved_gb_s']:.1f} GB/s"),
+    ]
+    if "roofline_gb_s" in r:
+        rows.append(
+            (
+                "roofline (measured)",
+                f"{r['roofline_gb_s']:.1f} GB/s -> {r['roofline_tok_s']:.1f} tok/s; "
+                f"achieved {100 * r['fraction_of_roofline']:.0f}%",
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+__all__ = ["bytes_per_decode_token", "duplicate_ffn", "format_bench", "measure_read_bandwidth", "run_bench"]

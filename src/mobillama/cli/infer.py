@@ -1,0 +1,225 @@
+"""Inference commands: ``generate``, ``chat``, ``bench`` and ``quantize``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (default bf16)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=[8, 4],
+        help="quantize the weights on the fly to int8 (per channel) or int4 (per group); "
+        "a quantized checkpoint is used as stored",
+    )
+    p.add_argument(
+        "--group-size", type=int, help="int4 group size (32, 64, 128 or 256; default: largest that fits)"
+    )
+    p.add_argument(
+        "--int8-kernel",
+        default="auto",
+        choices=["auto", "dynamic", "weight_only", "reference"],
+        help="int8 matmul kernel on CPU: fbgemm dynamic int8 (auto, fastest), weight-only int8 with bf16 "
+        "activations, or the dequantizing reference",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start)")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"sampling temperature; 0 = greedy (default {temperature})",
+    )
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="penalty > 1 discourages repeats (1 = off)"
+    )
+    p.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    p.add_argument("--seed", type=int, help="random seed for sampling (reproducible output)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    g = subparsers.add_parser(
+        "generate",
+        help="generate text from a checkpoint",
+        description="Complete one or more prompts (several are batched with left padding) with the fast "
+        "static-cache decoder. Greedy by default; sampling with --temperature/--top-k/--top-p.",
+    )
+    g.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
+    )
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt only)")
+    g.add_argument(
+        "--json", action="store_true", help="print completions as JSON (text, finish reason, token counts)"
+    )
+    _add_sampling_options(g, temperature=0.0)
+    _add_model_options(g)
+    g.set_defaults(func=run_generate)
+
+    c = subparsers.add_parser(
+        "chat",
+        help="interactive chat with a checkpoint",
+        description="Chat in the terminal with history. The prompt uses the tokenizer's chat template, "
+        "by default MobiLlama-Chat's '### Human: / ### Assistant:' format. Commands: /reset, /exit. "
+        "When the conversation outgrows the context the oldest turns are dropped (with a notice).",
+    )
+    c.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
+    )
+    c.add_argument("--system", help="system message (default: the MobiLlama-Chat system line)")
+    _add_sampling_options(c, temperature=0.7)
+    _add_model_options(c)
+    c.set_defaults(func=run_chat)
+
+    b = subparsers.add_parser(
+        "bench",
+        help="measure prefill/decode speed, memory and bandwidth",
+        description="Time a prefill and greedy decode on a preset (random weights: speed does not depend "
+        "on them) or a checkpoint. Reports prefill and decode tokens/s, time to first token, peak RSS, "
+        "model bytes, and the achieved memory bandwidth against a measured read-bandwidth roofline.",
+    )
+    b.add_argument(
+        "model",
+        metavar="CKPT_OR_PRESET",
+        help="a checkpoint directory or a preset name (e.g. mobillama-0.5b)",
+    )
+    b.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (default 128)")
+    b.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    b.add_argument("--batch", type=int, default=1, help="prompts decoded together (default 1)")
+    b.add_argument(
+        "--duplicate-ffn",
+        action="store_true",
+        help="give every layer its own FFN copy (the unshared control)",
+    )
+    b.add_argument("--no-roofline", action="store_true", help="skip the memory-bandwidth measurement")
+    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_model_options(b)
+    b.set_defaults(func=run_bench)
+
+    q = subparsers.add_parser(
+        "quantize",
+        help="write a weight-only int8/int4 quantized checkpoint",
+        description="Quantize a checkpoint's Linear layers (attention, the FFN(s), LM head) to int8 per "
+        "output channel or int4 per group and write a checkpoint directory: safetensors with packed "
+        "weights and scales (a shared FFN stored once) plus quantization.json. 'mobillama generate', "
+        "'chat' and 'bench' load it directly.",
+    )
+    q.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory to quantize")
+    q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 (per channel) or 4 (per group)")
+    q.add_argument(
+        "--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 (default: largest that fits)"
+    )
+    q.add_argument("--out", required=True, help="output checkpoint directory")
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=run_quantize)
+
+
+def _setup(args: argparse.Namespace):
+    import torch
+
+    from mobillama.errors import MobiLlamaError
+    from mobillama.generate import Generator, SamplingParams, load_checkpoint_tokenizer, load_for_inference
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MobiLlamaError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop),
+        seed=args.seed,
+    )
+    if not Path(args.checkpoint).is_dir():
+        raise MobiLlamaError(f"checkpoint not found: {args.checkpoint}")
+    tokenizer = load_checkpoint_tokenizer(args.checkpoint)
+    model = load_for_inference(
+        args.checkpoint,
+        dtype=args.dtype,
+        bits=args.bits,
+        group_size=args.group_size,
+        int8_kernel=args.int8_kernel,
+    )
+    return Generator(model, tokenizer, compile=args.compile), params
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from mobillama.errors import MobiLlamaError
+
+    if args.stream and len(args.prompt) > 1:
+        raise MobiLlamaError("--stream takes one --prompt")
+    generator, params = _setup(args)
+
+    def stream(_row: int, delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    completions = generator.generate(args.prompt, params, on_text=stream if args.stream else None)
+    if args.json:
+        print(json.dumps([c.__dict__ for c in completions], indent=2))
+    elif args.stream:
+        print()
+    else:
+        for i, c in enumerate(completions):
+            if len(completions) > 1:
+                print(f"--- [{i}] finish={c.finish_reason} tokens={c.completion_tokens}")
+            print(c.text)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from mobillama.chat import chat_loop
+
+    generator, params = _setup(args)
+    chat_loop(generator, params, sys.stdin, sys.stdout, system=args.system)
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from mobillama.bench import format_bench, run_bench
+
+    result = run_bench(
+        args.model,
+        dtype=args.dtype,
+        bits=args.bits,
+        group_size=args.group_size,
+        int8_kernel=args.int8_kernel,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        threads=args.threads,
+        batch=args.batch,
+        compile=args.compile,
+        duplicate=args.duplicate_ffn,
+        measure_bandwidth=not args.no_roofline,
+    )
+    print(json.dumps(result, indent=2) if args.json else format_bench(result))
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from mobillama.quant import quantize_checkpoint
+
+    summary = quantize_checkpoint(
+        args.checkpoint, args.out, args.bits, args.group_size, overwrite=args.overwrite
+    )
+    print(
+        f"wrote {summary['out']}: int{summary['bits']}"
+        + (f" group {summary['group_size']}" if summary["bits"] == 4 else "")
+        + f", {summary['quantized_layers']} quantized layers, "
+        f"{summary['bytes_before'] / 1e6:.1f} MB -> {summary['bytes_after'] / 1e6:.1f} MB"
+    )
+    return 0

@@ -1,0 +1,469 @@
+"""Weight-only quantization: int8 per output channel and int4 per group, with the shared FFN quantized once.
+
+Two ``nn.Linear`` replacements, :class:`Int8Linear` and :class:`Int4Linear`, hold a *portable* form (the
+one saved to safetensors) and run through PyTorch's CPU kernels when they apply:
+
+- int8: ``weight`` int8 [N, K] and ``scales`` [N] (symmetric, w ≈ q * s). Kernels on CPU:
+  ``aten._weight_int8pack_mm`` (weight-only, bf16 activations) or fbgemm's dynamic int8
+  ``quantized::linear_dynamic`` (activations quantized per call too), which REFERENCE.md section 6
+  measured ~2x faster at decode and the only stock kernel where a shared FFN read from cache showed a gain.
+- int4: ``weight`` uint8 [N, K/2] (two 4-bit values per byte, even column in the low nibble), ``scales``
+  and ``zeros`` [N, K/G] (asymmetric, w ≈ (q - 8) * scale + zero, the tinygemm convention). Kernel on CPU:
+  ``aten._weight_int4pack_mm_for_cpu`` after ``aten._convert_weight_to_int4pack_for_cpu``.
+
+Anything else (another device, a shape the kernel rejects, ``kernel="reference"``) dequantizes and calls
+``F.linear``: slower, same numbers. :func:`pack_for_inference` converts to the kernel layouts and frees the
+portable tensors, so memory holds each weight once; a packed module can no longer be saved.
+
+The model's FFNs live in ``model.model.ffns``; with ``ffn_sharing: all`` that is one module used by every
+layer, so :func:`quantize_model` quantizes it once and the quantized state holds it once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mobillama.errors import MobiLlamaError
+
+QUANT_FILE = "quantization.json"
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+INT8_KERNELS = ("auto", "dynamic", "weight_only", "reference")
+
+
+def _fbgemm_available() -> bool:
+    return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
+
+
+class QuantizedLinear(nn.Module):
+    """What both quantized layers share: the dequantizing fallback and the no-save-once-packed rule."""
+
+    in_features: int
+    out_features: int
+    packed: bool
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize and call F.linear: any device and dtype, slower, the numbers the kernels must match."""
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self.packed:
+            raise MobiLlamaError(
+                "a quantized model packed for inference cannot be saved; save it before packing"
+            )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+
+class Int8Linear(QuantizedLinear):
+    """y = x @ (q * s)^T with q int8 per output channel."""
+
+    def __init__(self, in_features: int, out_features: int, kernel: str = "auto", device=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.kernel = kernel
+        self.packed = False
+        self._dynamic = None  # fbgemm packed params (weight repacked once, portable weight freed)
+        self._scales_cache: dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> Int8Linear:
+        w = linear.weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+        q = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+        module = cls(linear.in_features, linear.out_features, kernel, device=w.device)
+        module.weight, module.scales = q, scales
+        return module
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales[:, None]
+
+    def pack(self) -> None:
+        """Prepack for fbgemm's dynamic kernel when chosen; the weight-only kernel needs no repacking."""
+        use_dynamic = self.kernel == "dynamic" or (self.kernel == "auto" and _fbgemm_available())
+        if self.weight.device.type != "cpu" or not use_dynamic or self.packed:
+            return
+        zero = torch.zeros(self.out_features, dtype=torch.int64)
+        import warnings
+
+        with (
+            warnings.catch_warnings()
+        ):  # quantized tensor creation is deprecated in 2.13; still the fbgemm API
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(self.weight, self.scales.double(), zero, 0)
+            self._dynamic = torch.ops.quantized.linear_prepack(qweight, None)
+        self.weight = torch.empty(0, dtype=torch.int8)
+        self.packed = True
+
+    def _kernel_scales(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._scales_cache:
+            self._scales_cache[dtype] = self.scales.to(dtype)
+        return self._scales_cache[dtype]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dynamic is not None:
+            # reduce_range: 7-bit activations, as fbgemm's own dynamic quantization uses (no overflow).
+            return torch.ops.quantized.linear_dynamic(x.float(), self._dynamic, True).to(x.dtype)
+        if (
+            x.device.type == "cpu"
+            and self.kernel != "reference"
+            and x.dtype in (torch.bfloat16, torch.float32)
+        ):
+            shape = x.shape
+            y = torch.ops.aten._weight_int8pack_mm(
+                x.reshape(-1, self.in_features).contiguous(), self.weight, self._kernel_scales(x.dtype)
+            )
+            return y.reshape(*shape[:-1], self.out_features)
+        return self.reference_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits=8, kernel={self.kernel}"
+
+
+class Int4Linear(QuantizedLinear):
+    """y = x @ W^T with W ≈ (q - 8) * scale + zero per group of ``group_size`` input columns."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, device=None) -> None:
+        super().__init__()
+        if in_features % group_size or in_features % 2:
+            raise MobiLlamaError(f"int4 group size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float32, device=device))
+        self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float32, device=device))
+        self.packed = False
+        self._kernel_weight: torch.Tensor | None = None
+        self._scales_and_zeros: dict[torch.dtype, torch.Tensor] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        w = linear.weight.detach().float()
+        N, K = w.shape
+        module = cls(K, N, group_size, device=w.device)
+        wg = w.reshape(N, K // group_size, group_size)
+        hi, lo = wg.amax(dim=-1), wg.amin(dim=-1)
+        scales = ((hi - lo) / 15).clamp(min=1e-8)
+        zeros = lo + scales * 8
+        q = ((wg - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
+        module.weight = q[:, 0::2] | (q[:, 1::2] << 4)
+        module.scales, module.zeros = scales, zeros
+        return module
+
+    def unpacked(self) -> torch.Tensor:
+        """The 4-bit values as uint8 [N, K] in 0..15."""
+        w = self.weight
+        return torch.stack([w & 0x0F, w >> 4], dim=-1).reshape(self.out_features, self.in_features)
+
+    def dequantize(self) -> torch.Tensor:
+        q = self.unpacked().float().reshape(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.scales[..., None] + self.zeros[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+    def kernel_applies(self) -> bool:
+        return self.out_features % 16 == 0 and self.group_size in INT4_GROUP_SIZES
+
+    def pack(self) -> None:
+        """Convert to the CPU int4 kernel's layout and free the portable nibbles."""
+        if self.packed or self.weight.device.type != "cpu" or not self.kernel_applies():
+            return
+        self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            self.unpacked().to(torch.int32), 1
+        )
+        self._scales_and_zeros[torch.bfloat16] = self._kernel_qparams(torch.bfloat16)
+        self.weight = torch.empty(0, dtype=torch.uint8)
+        self.packed = True
+
+    def _kernel_qparams(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._scales_and_zeros:
+            sz = torch.stack([self.scales, self.zeros], dim=-1)  # [N, K/G, 2]
+            self._scales_and_zeros[dtype] = sz.transpose(0, 1).contiguous().to(dtype)  # [K/G, N, 2]
+        return self._scales_and_zeros[dtype]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_weight is not None:
+            shape = x.shape
+            # The kernel wants bf16 activations (fp32 runs 10-30x slower); compute in bf16, return x's dtype.
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous(),
+                self._kernel_weight,
+                self.group_size,
+                self._kernel_qparams(torch.bfloat16),
+            )
+            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return self.reference_forward(x)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits=4, group_size={self.group_size}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole models
+# --------------------------------------------------------------------------------------------------
+def quantizable_linears(model: nn.Module) -> list[str]:
+    """Names of the Linear layers that get quantized: attention, FFNs and the LM head (not embeddings)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def default_group_size(model: nn.Module) -> int:
+    """The largest of 128/64/32 that divides every quantized layer's input size."""
+    sizes = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
+    for g in (128, 64, 32):
+        if all(k % g == 0 for k in sizes):
+            return g
+    raise MobiLlamaError(f"no int4 group size of 128/64/32 divides the layer input sizes {sorted(sizes)}")
+
+
+def _check_bits(bits: Any, group_size: Any) -> None:
+    if bits not in (4, 8) or isinstance(bits, bool):
+        raise MobiLlamaError(f"bits must be 8 or 4, got {bits!r}")
+    if group_size is not None:
+        if bits == 8:
+            raise MobiLlamaError("group size applies to int4 only (int8 is per output channel)")
+        if group_size not in INT4_GROUP_SIZES:
+            raise MobiLlamaError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: int,
+    group_size: int | None = None,
+    *,
+    int8_kernel: str = "auto",
+    pack: bool = True,
+) -> nn.Module:
+    """Replace every Linear by its quantized version, in place; returns the model.
+
+    A Linear object reached under several names (a shared FFN) is quantized once and the same quantized
+    object is put back under every name. The full-precision weights are dropped as each layer is done,
+    so peak memory stays near the original model's. ``pack`` prepares the CPU kernels (see module doc).
+    """
+    _check_bits(bits, group_size)
+    if int8_kernel not in INT8_KERNELS:
+        raise MobiLlamaError(f"int8 kernel must be one of {INT8_KERNELS}, got {int8_kernel!r}")
+    if bits == 4 and group_size is None:
+        group_size = default_group_size(model)
+    done: dict[int, nn.Module] = {}
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False):
+        names = [n for n in names if n != "lm_head"]  # the head is the embedding table: keep it whole
+    for name in names:
+        linear = model.get_submodule(name)
+        if id(linear) not in done:
+            if bits == 8:
+                done[id(linear)] = Int8Linear.from_linear(linear, int8_kernel)
+            else:
+                if linear.in_features % group_size:
+                    raise MobiLlamaError(
+                        f"int4 group size {group_size} does not divide {name}'s input size {linear.in_features}"
+                    )
+                done[id(linear)] = Int4Linear.from_linear(linear, group_size)
+        _set_submodule(model, name, done[id(linear)])
+    model.quantization = {"bits": bits, "group_size": group_size, "modules": sorted(set(names))}  # type: ignore[attr-defined]
+    if pack:
+        pack_for_inference(model)
+    return model
+
+
+def pack_for_inference(model: nn.Module) -> nn.Module:
+    """Convert every quantized layer to its CPU kernel layout (once per object: a shared FFN once)."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.pack()
+    return model
+
+
+def quantized_module_count(model: nn.Module) -> int:
+    """Distinct quantized layer objects (a shared FFN's three projections count three times, not 3 x L)."""
+    return len({id(m) for m in model.modules() if isinstance(m, QuantizedLinear)})
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the unique parameters and buffers, in the layout currently held (kernel-packed included)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, Int4Linear) and m._kernel_weight is not None and id(m) not in seen:
+            seen.add(id(m))
+            total += m._kernel_weight.numel() * m._kernel_weight.element_size()
+        if isinstance(m, Int8Linear) and m._dynamic is not None and id(m) not in seen:
+            seen.add(id(m))
+            total += m.in_features * m.out_features  # fbgemm holds the int8 weights once, repacked
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantized checkpoints
+# --------------------------------------------------------------------------------------------------
+def is_quantized_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / QUANT_FILE).is_file()
+
+
+def read_quantization(path: str | Path) -> dict[str, Any]:
+    """The ``quantization.json`` of a checkpoint, checked."""
+    file = Path(path) / QUANT_FILE
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MobiLlamaError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise MobiLlamaError(f"{file}: expected a JSON object")
+    for key in ("bits", "group_size", "modules"):
+        if key not in info:
+            raise MobiLlamaError(f"{file}: missing key {key!r}")
+    try:
+        _check_bits(info["bits"], info["group_size"] if info["bits"] == 4 else None)
+    except MobiLlamaError as e:
+        raise MobiLlamaError(f"{file}: {e}") from None
+    if not isinstance(info["modules"], list) or not all(isinstance(m, str) for m in info["modules"]):
+        raise MobiLlamaError(f"{file}: 'modules' must be a list of module names")
+    return info
+
+
+def quantize_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    bits: int,
+    group_size: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
+
+    The directory is a normal checkpoint (config.json, model.safetensors, tokenizer files) plus
+    ``quantization.json``; the safetensors file holds the packed weights and their scales, a shared
+    FFN once. Returns a summary (bytes before/after, module counts).
+    """
+    from mobillama.checkpoint import load_model, save_checkpoint
+
+    _check_bits(bits, group_size)
+    model = load_model(checkpoint, dtype=torch.float32)
+    before = weight_bytes(model)
+    quantize_model(model, bits, group_size, pack=False)
+    info = {"format": "mobillama-weight-only", "method": "weight-only", **model.quantization}  # type: ignore[attr-defined]
+    # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
+    # stored in bf16, the compute dtype the quantized kernels use.
+    qparams = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
+    state = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() and k not in qparams else v
+        for k, v in model.state_dict().items()
+    }
+    save_checkpoint(
+        state,
+        model.config,
+        out_dir,
+        tokenizer_dir=checkpoint,
+        extra_files={QUANT_FILE: info},
+        overwrite=overwrite,
+    )
+    return {
+        "out": str(out_dir),
+        "bits": bits,
+        "group_size": info["group_size"],
+        "quantized_layers": quantized_module_count(model),
+        "bytes_before": before,
+        "bytes_after": sum(v.numel() * v.element_size() for v in state.values()),
+    }
+
+
+def load_quantized(
+    path: str | Path, *, dtype: torch.dtype = torch.bfloat16, int8_kernel: str = "auto", pack: bool = True
+) -> nn.Module:
+    """Load a quantized checkpoint directly (no full-precision copy is ever built)."""
+    from mobillama.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_safetensors
+    from mobillama.config import ModelConfig
+    from mobillama.model import MobiLlama
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise MobiLlamaError(f"{path} is not a checkpoint directory (no {CONFIG_NAME})")
+    info = read_quantization(path)
+    config = ModelConfig.load(path / CONFIG_NAME)
+    with torch.device("meta"):
+        model = MobiLlama(config)
+    linears = dict.fromkeys(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    unknown = [m for m in info["modules"] if m not in linears]
+    if unknown:
+        raise MobiLlamaError(f"{path / QUANT_FILE}: {unknown[0]!r} is not a Linear layer of this model")
+    for name in info["modules"]:
+        linear = model.get_submodule(name)
+        with torch.device("meta"):
+            q = (
+                Int8Linear(linear.in_features, linear.out_features, int8_kernel)
+                if info["bits"] == 8
+                else Int4Linear(linear.in_features, linear.out_features, info["group_size"])
+            )
+        _set_submodule(model, name, q)
+    expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    state = read_safetensors(path / WEIGHTS_NAME)
+    source = str(path / WEIGHTS_NAME)
+    for key, (shape, want) in expected.items():
+        if key not in state:
+            raise MobiLlamaError(f"{source}: missing tensor {key!r}")
+        got = state[key]
+        if tuple(got.shape) != tuple(shape):
+            raise MobiLlamaError(
+                f"{source}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(shape)}"
+            )
+        if (want.is_floating_point != got.dtype.is_floating_point) or (
+            not want.is_floating_point and want != got.dtype
+        ):
+            raise MobiLlamaError(f"{source}: tensor {key!r} has dtype {got.dtype}, expected {want}")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise MobiLlamaError(f"{source}: unexpected tensor {extra[0]!r}")
+    quantized_keys = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            state[key] = tensor.to(torch.float32 if key in quantized_keys else dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.quantization = {k: info[k] for k in ("bits", "group_size", "modules")}  # type: ignore[attr-defined]
+    model.eval()
+    if pack:
+        pack_for_inference(model)
+    return model
+
+
+__all__ = [
+    "INT4_GROUP_SIZES",
+    "INT8_KERNELS",
+    "QUANT_FILE",
+    "Int4Linear",
+    "Int8Linear",
+    "QuantizedLinear",
+    "default_group_size",
+    "is_quantized_checkpoint",
+    "load_quantized",
+    "pack_for_inference",
+    "quantize_checkpoint",
+    "quantize_model",
+    "quantized_module_count",
+    "read_quantization",
+    "weight_bytes",
+]

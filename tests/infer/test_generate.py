@@ -1,0 +1,251 @@
+"""Generation: the fast path against the reference forward, sampling, stop strings, streaming, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mobillama.errors import MobiLlamaError
+from mobillama.generate import (
+    MOBILLAMA_CHAT_SYSTEM,
+    FastDecoder,
+    Generator,
+    HFTokenizerAdapter,
+    SamplingParams,
+    apply_repetition_penalty,
+    load_checkpoint_tokenizer,
+    reference_greedy,
+    render_mobillama_chat,
+    sample_next,
+)
+from mobillama.model import MobiLlama
+
+GREEDY = SamplingParams(max_new_tokens=24, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("sharing", ["all", "group:2", "none"])
+def test_fast_greedy_equals_reference_argmax(byte_model, sharing):
+    model = byte_model(ffn_sharing=sharing)
+    prompt = list(range(10, 31))
+    out = Generator(model).generate_ids([prompt], GREEDY)[0]
+    assert out.token_ids == reference_greedy(model, prompt, 24)
+    assert (out.finish_reason, out.prompt_tokens, out.completion_tokens) == ("length", 21, 24)
+
+
+def test_batched_left_padded_greedy_equals_each_prompt_alone(byte_model):
+    model = byte_model()
+    prompts = [list(range(40, 45)), list(range(60, 80)), list(range(5, 17))]
+    outs = Generator(model).generate_ids(prompts, SamplingParams(max_new_tokens=12, stop_at_eos=False))
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == reference_greedy(model, prompt, 12)
+
+
+def test_bf16_fast_path_logits_track_the_bf16_reference(byte_model):
+    model = byte_model().to(torch.bfloat16)
+    prompt = list(range(10, 30))
+    decoder = FastDecoder(model)
+    decoder.start([0], 40)
+    logits = decoder.prefill(torch.tensor([prompt]))
+    ids = torch.tensor([prompt])
+    for step in range(8):
+        with torch.inference_mode():
+            ref = model(ids)[0, -1].float()
+        assert (logits[0] - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+        nxt = int(ref.argmax())
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        logits = decoder.decode(torch.tensor([nxt]), len(prompt) + step)
+
+
+def test_cache_is_reused_across_requests_and_results_do_not_leak(byte_model):
+    model = byte_model()
+    gen = Generator(model)
+    first = gen.generate_ids([[5, 6, 7, 8]], GREEDY)[0].token_ids
+    gen.generate_ids([list(range(100, 140))], GREEDY)
+    assert gen.generate_ids([[5, 6, 7, 8]], GREEDY)[0].token_ids == first
+
+
+def test_seeded_sampling_is_reproducible(byte_model):
+    gen = Generator(byte_model())
+    params = SamplingParams(
+        max_new_tokens=30, temperature=1.5, top_k=50, top_p=0.95, seed=123, stop_at_eos=False
+    )
+    a = gen.generate_ids([[9, 10, 11]], params)[0].token_ids
+    b = gen.generate_ids([[9, 10, 11]], params)[0].token_ids
+    c = gen.generate_ids([[9, 10, 11]], SamplingParams(**{**params.__dict__, "seed": 124}))[0].token_ids
+    assert a == b
+    assert a != c
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(byte_model):
+    model = byte_model()
+    gen = Generator(model)
+    greedy = gen.generate_ids([[20, 21, 22]], GREEDY)[0].token_ids
+    for params in (
+        SamplingParams(max_new_tokens=24, temperature=1.0, top_k=1, seed=1, stop_at_eos=False),
+        SamplingParams(max_new_tokens=24, temperature=1.0, top_p=1e-6, seed=1, stop_at_eos=False),
+    ):
+        assert gen.generate_ids([[20, 21, 22]], params)[0].token_ids == greedy
+
+
+def test_top_k_and_top_p_only_draw_from_the_allowed_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(500, 1)
+    gen = torch.Generator().manual_seed(0)
+    drawn = sample_next(logits, SamplingParams(temperature=1.0, top_k=2), gen)
+    assert set(drawn.tolist()) == {0, 1}
+    # softmax mass: 0.64, 0.23, 0.09, ... -> top_p 0.8 keeps exactly the first two
+    drawn = sample_next(logits, SamplingParams(temperature=1.0, top_p=0.8), gen)
+    assert set(drawn.tolist()) == {0, 1}
+
+
+def test_repetition_penalty_matches_the_ctrl_rule():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_strong_repetition_penalty_prevents_repeats(byte_model):
+    gen = Generator(byte_model())
+    plain = gen.generate_ids([[30, 31]], SamplingParams(max_new_tokens=40, stop_at_eos=False))[0].token_ids
+    assert len(set(plain)) < len(plain)  # an untrained model loops
+    params = SamplingParams(max_new_tokens=40, repetition_penalty=1e6, stop_at_eos=False)
+    out = gen.generate_ids([[30, 31]], params)[0].token_ids
+    assert len(set(out)) == len(out) and not {30, 31} & set(out)
+
+
+def test_stop_string_spanning_tokens_truncates_and_streams_nothing_past_it(byte_model, byte_tokenizer):
+    gen = Generator(byte_model(ascii_only=True), byte_tokenizer)
+    full = gen.generate(["hello"], SamplingParams(max_new_tokens=30, stop_at_eos=False))[0]
+    # A three-character window of the greedy text (three bytes: three tokens), not at the start.
+    stop = full.text[5:8]
+    deltas: list[str] = []
+    out = gen.generate(
+        ["hello"],
+        SamplingParams(max_new_tokens=30, stop=(stop,), stop_at_eos=False),
+        on_text=lambda r, d: deltas.append(d),
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[: full.text.find(stop)]
+    assert "".join(deltas) == out.text
+    assert out.completion_tokens < 30
+
+
+def test_stream_yields_deltas_that_join_to_the_completion(byte_model, byte_tokenizer):
+    gen = Generator(byte_model(), byte_tokenizer)
+    params = SamplingParams(max_new_tokens=25, stop_at_eos=False)
+    deltas = list(gen.stream("héllo wörld", params))
+    assert len(deltas) > 1
+    assert "".join(deltas) == gen.generate("héllo wörld", params)[0].text
+
+
+def test_incomplete_utf8_is_held_back_until_complete(byte_tokenizer):
+    from mobillama.generate import _held_back
+
+    partial = byte_tokenizer.decode(byte_tokenizer.encode("aé")[:-1])
+    assert partial.endswith("\ufffd") and _held_back(partial, ()) == 1
+    assert _held_back("abc ##", ("### Human:",)) == 2
+
+
+def test_eos_stops_and_counts_as_a_generated_token(byte_model, byte_tokenizer):
+    model = byte_model()
+    greedy = Generator(model).generate_ids([[40, 41]], GREEDY)[0].token_ids
+    byte_tokenizer.eos_id = greedy[3]
+    out = Generator(model, byte_tokenizer).generate_ids([[40, 41]], SamplingParams(max_new_tokens=24))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == greedy[:3] and out.completion_tokens == 4
+
+
+def test_max_new_tokens_and_context_limit(byte_model):
+    model = byte_model(max_position_embeddings=32)
+    gen = Generator(model)
+    out = gen.generate_ids([[5] * 10], SamplingParams(max_new_tokens=7, stop_at_eos=False))[0]
+    assert (len(out.token_ids), out.finish_reason) == (7, "length")
+    out = gen.generate_ids([[5] * 28], SamplingParams(max_new_tokens=50, stop_at_eos=False))[0]
+    assert (len(out.token_ids), out.finish_reason) == (4, "length")  # clipped to the context
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"seed": "x"}, "seed"),
+        ({"stop": ("",)}, "stop"),
+        ({"temperature": True}, "temperature"),
+    ],
+)
+def test_invalid_sampling_values_are_rejected(kwargs, message):
+    with pytest.raises(MobiLlamaError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_are_rejected(byte_model, byte_tokenizer):
+    model = byte_model(max_position_embeddings=32)
+    gen = Generator(model, byte_tokenizer)
+    with pytest.raises(MobiLlamaError, match="prompt 0 is empty"):
+        gen.generate("")
+    with pytest.raises(MobiLlamaError, match="prompt 1 is empty"):
+        gen.generate_ids([[5], []], GREEDY)
+    with pytest.raises(MobiLlamaError, match="context is 32"):
+        gen.generate("x" * 40)
+    with pytest.raises(MobiLlamaError, match="no prompts"):
+        gen.generate([])
+    with pytest.raises(MobiLlamaError, match="must be a string"):
+        gen.generate([b"bytes"])
+    with pytest.raises(MobiLlamaError, match="outside the vocabulary"):
+        gen.generate_ids([[5, 9999]], GREEDY)
+    with pytest.raises(MobiLlamaError, match="no tokenizer"):
+        Generator(model).generate("hi")
+
+
+def test_chat_template_renders_the_reference_string_exactly():
+    reference = (
+        "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the human's questions.\n### Human: {message}\n### Assistant:"
+    )
+    assert render_mobillama_chat([{"role": "user", "content": "Hi there"}]) == reference.format(
+        message="Hi there"
+    )
+    multi = render_mobillama_chat(
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"},
+        ]
+    )
+    assert multi == f"{MOBILLAMA_CHAT_SYSTEM}\n### Human: a\n### Assistant: b\n### Human: c\n### Assistant:"
+    assert render_mobillama_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]) == (
+        "S\n### Human: u\n### Assistant:"
+    )
+    with pytest.raises(MobiLlamaError, match="role"):
+        render_mobillama_chat([{"role": "tool", "content": "x"}])
+
+
+def test_checkpoint_tokenizer_round_trip_and_chat_default(tokenizer_dir, tmp_path):
+    tok = load_checkpoint_tokenizer(tokenizer_dir)
+    text = "def f(x):\n    return x  # ünïcode"
+    ids = tok.encode(text, add_bos=True, add_eos=True)
+    assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2
+    assert tok.decode(ids) == text
+    assert tok.apply_chat_template([{"role": "user", "content": "q"}]).endswith(
+        "### Human: q\n### Assistant:"
+    )
+    with pytest.raises(MobiLlamaError, match="no tokenizer files"):
+        load_checkpoint_tokenizer(tmp_path)
+    assert isinstance(HFTokenizerAdapter.from_dir(tokenizer_dir).hf.vocab_size, int)
+
+
+def test_generate_text_with_a_real_tokenizer_checkpoint(tiny_checkpoint):
+    from mobillama.generate import load_for_inference
+
+    model = load_for_inference(tiny_checkpoint, dtype="fp32")
+    gen = Generator(model, load_checkpoint_tokenizer(tiny_checkpoint))
+    outs = gen.generate(["def main():", "import os"], SamplingParams(max_new_tokens=6, stop_at_eos=False))
+    assert [o.finish_reason for o in outs] == ["length", "length"]
+    assert all(o.completion_tokens == 6 and isinstance(o.text, str) for o in outs)
+    assert isinstance(model, MobiLlama)
