@@ -304,7 +304,11 @@ def sentencepiece_to_hf(model_bytes: bytes, origin: str) -> Any:
             f"{origin}: SentencePiece normalisation rules are not supported (Llama-format models use none)"
         )
     piece_type = pb.ModelProto.SentencePiece.Type
-    normal, special, user = piece_type.NORMAL, (piece_type.UNKNOWN, piece_type.CONTROL), piece_type.USER_DEFINED
+    normal, special, user = (
+        piece_type.NORMAL,
+        (piece_type.UNKNOWN, piece_type.CONTROL),
+        piece_type.USER_DEFINED,
+    )
     vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
     normal_ids = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == normal}
     # SentencePiece BPE repeatedly merges the adjacent pair whose merged piece has the highest score;
@@ -314,12 +318,20 @@ def sentencepiece_to_hf(model_bytes: bytes, origin: str) -> Any:
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in normal_ids and right in normal_ids:
-                ranked.append((-proto.pieces[pid].score, pid, normal_ids[left], normal_ids[right], left, right))
+                ranked.append(
+                    (-proto.pieces[pid].score, pid, normal_ids[left], normal_ids[right], left, right)
+                )
     ranked.sort()
     merges = [(left, right) for *_, left, right in ranked]
     unk_piece = proto.pieces[proto.trainer_spec.unk_id].piece
     backend = Backend(
-        BPE(vocab=vocab, merges=merges, unk_token=unk_piece, fuse_unk=True, byte_fallback=proto.trainer_spec.byte_fallback)
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            unk_token=unk_piece,
+            fuse_unk=True,
+            byte_fallback=proto.trainer_spec.byte_fallback,
+        )
     )
     backend.add_special_tokens(
         [AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces if p.type in special]
@@ -363,7 +375,9 @@ def _read_backend(path: Path) -> Any:
     try:
         return Backend.from_file(str(path))
     except Exception as e:  # the Rust side raises a generic Exception for malformed JSON
-        raise MobiLlamaError(f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:160]})") from None
+        raise MobiLlamaError(
+            f"{path}: not a readable tokenizer.json ({str(e).splitlines()[0][:160]})"
+        ) from None
 
 
 def _load_json_file(path: Path) -> Tokenizer:

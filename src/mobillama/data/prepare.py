@@ -299,7 +299,9 @@ def pack_split(
             f"lower --seq-len or {hint}"
         )
     if n_shards > n_samples:
-        raise MobiLlamaError(f"--chunks {n_shards} is more than the {n_samples} {name} samples; lower --chunks")
+        raise MobiLlamaError(
+            f"--chunks {n_shards} is more than the {n_samples} {name} samples; lower --chunks"
+        )
     sizes = [n_samples // n_shards + (i < n_samples % n_shards) for i in range(n_shards)]
     starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
     index = np.stack([source_ids[doc_ids], locators[doc_ids], starts, doc_lengths], axis=1).astype("<i8")
@@ -322,7 +324,11 @@ def pack_split(
         "num_documents": len(doc_ids),
         "document_tokens": total,
         "dropped_tokens": total - n_samples * sample_len,
-        "doc_index": {"path": index_name, "sha256": sha256_file(directory / index_name), "columns": list(DOC_INDEX_COLUMNS)},
+        "doc_index": {
+            "path": index_name,
+            "sha256": sha256_file(directory / index_name),
+            "columns": list(DOC_INDEX_COLUMNS),
+        },
     }
 
 
@@ -346,7 +352,14 @@ def describe_sources(sources: Sequence[Source], progress: bool) -> list[dict]:
 
     out = []
     for sid, source in enumerate(tqdm(sources, desc="hashing sources", unit="file", disable=not progress)):
-        out.append({"id": sid, **source.describe(), "size": source.path.stat().st_size, "sha256": sha256_file(source.path)})
+        out.append(
+            {
+                "id": sid,
+                **source.describe(),
+                "size": source.path.stat().st_size,
+                "sha256": sha256_file(source.path),
+            }
+        )
     return out
 
 
@@ -386,7 +399,14 @@ def prepare_corpus(
         skips = SkipLog(strict=strict)
         tokens_path = tmp / TOKENS_TMP
         table, stats = tokenize_sources(
-            sources, tok, tokens_path, dtype, workers=workers, skips=skips, max_doc_bytes=max_doc_bytes, progress=progress
+            sources,
+            tok,
+            tokens_path,
+            dtype,
+            workers=workers,
+            skips=skips,
+            max_doc_bytes=max_doc_bytes,
+            progress=progress,
         )
         arrays = table.arrays()
         n_docs = len(arrays[2])
@@ -394,7 +414,11 @@ def prepare_corpus(
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skips.by_reason.items())) or "no documents"
             raise MobiLlamaError(f"no usable documents in the input ({reasons})")
         train_docs, val_docs = split_documents(n_docs, val_fraction, seed)
-        tokens = np.memmap(tokens_path, dtype=dtype, mode="r") if tokens_path.stat().st_size else np.zeros(0, dtype)
+        tokens = (
+            np.memmap(tokens_path, dtype=dtype, mode="r")
+            if tokens_path.stat().st_size
+            else np.zeros(0, dtype)
+        )
         common = {"seq_len": seq_len, "dtype": dtype, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
         splits = {"train": pack_split("train", train_docs, arrays, tokens, tmp, n_shards=chunks, **common)}
         if len(val_docs):
@@ -469,7 +493,16 @@ def build_manifest(
 
 
 # ---- reading back ----------------------------------------------------------------------------------------------
-REQUIRED_KEYS = ("format_version", "seq_len", "sample_len", "dtype", "vocab_size", "bos_id", "eos_id", "splits")
+REQUIRED_KEYS = (
+    "format_version",
+    "seq_len",
+    "sample_len",
+    "dtype",
+    "vocab_size",
+    "bos_id",
+    "eos_id",
+    "splits",
+)
 
 
 def load_manifest(directory: str | Path) -> dict:
@@ -479,7 +512,9 @@ def load_manifest(directory: str | Path) -> dict:
         raise MobiLlamaError(f"shard directory not found: {directory}")
     path = directory / MANIFEST
     if not path.is_file():
-        raise MobiLlamaError(f"{directory}: no {MANIFEST} (not a directory written by 'mobillama data prepare')")
+        raise MobiLlamaError(
+            f"{directory}: no {MANIFEST} (not a directory written by 'mobillama data prepare')"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -515,7 +550,9 @@ def check_shard(directory: Path, entry: dict, manifest: dict, *, verify_hash: bo
     expected = entry["num_samples"] * manifest["sample_len"] * itemsize
     size = path.stat().st_size
     if size != expected:
-        raise MobiLlamaError(f"{path}: {size} bytes, the manifest says {expected} (truncated or modified shard)")
+        raise MobiLlamaError(
+            f"{path}: {size} bytes, the manifest says {expected} (truncated or modified shard)"
+        )
     if verify_hash:
         actual = sha256_file(path)
         if actual != entry["sha256"]:
@@ -579,7 +616,9 @@ def trace_sample(directory: str | Path, split: str, sample: int) -> list[dict]:
     ]
 
 
-def inspect_shards(directory: str | Path, *, split: str = "train", sample: int = 0, show_tokens: int = 64) -> str:
+def inspect_shards(
+    directory: str | Path, *, split: str = "train", sample: int = 0, show_tokens: int = 64
+) -> str:
     """A human-readable summary of a shard directory plus one decoded sample and its provenance."""
     directory = Path(directory)
     m = load_manifest(directory)
@@ -596,9 +635,9 @@ def inspect_shards(directory: str | Path, *, split: str = "train", sample: int =
     if split in m["splits"] and show_tokens > 0:
         rows = open_split(directory, split, verify=False)
         offsets = [e["sample_offset"] for e in m["splits"][split]["shards"]]
-        shard = max(i for i, o in enumerate(offsets) if o <= sample) if 0 <= sample else 0
         if not 0 <= sample < m["splits"][split]["num_samples"]:
             raise MobiLlamaError(f"sample {sample} is out of range for the {split} split")
+        shard = max(i for i, o in enumerate(offsets) if o <= sample)
         row = rows[shard][sample - offsets[shard]]
         tok = load_tokenizer(directory / m["tokenizer"]["dir"])
         lines.append(f"{split} sample {sample}, first {show_tokens} tokens: {row[:show_tokens].tolist()}")

@@ -78,13 +78,17 @@ class SkipLog:
     examples: list[dict] = field(default_factory=list)
 
     def skip(self, source_id: int, source: Source, reason: str, where: str, detail: str = "") -> None:
-        message = f"{source.path}{' ' + where if where else ''}: {reason}{' (' + detail + ')' if detail else ''}"
+        message = (
+            f"{source.path}{' ' + where if where else ''}: {reason}{' (' + detail + ')' if detail else ''}"
+        )
         if self.strict:
             raise MobiLlamaError(f"{message} (--strict stops at the first bad document)")
         self.by_reason[reason] += 1
         self.by_source.setdefault(source_id, Counter())[reason] += 1
         if len(self.examples) < MAX_SKIP_EXAMPLES:
-            self.examples.append({"source": str(source.path), "where": where, "reason": reason, "detail": detail})
+            self.examples.append(
+                {"source": str(source.path), "where": where, "reason": reason, "detail": detail}
+            )
 
     @property
     def total(self) -> int:
@@ -183,7 +187,9 @@ def hf_dataset_sources(path: Path, *, text_field: str, split: str) -> list[Sourc
     if dict_file.is_file():
         splits = _read_json(dict_file).get("splits", [])
         if split not in splits:
-            raise MobiLlamaError(f"{path}: no split {split!r} (splits: {', '.join(splits) or 'none'}; use --split)")
+            raise MobiLlamaError(
+                f"{path}: no split {split!r} (splits: {', '.join(splits) or 'none'}; use --split)"
+            )
         path = path / split
     state = _read_json(path / "state.json")
     files = [f.get("filename") for f in state.get("_data_files", [])]
@@ -261,7 +267,9 @@ def english_sources(root: Path | None = None) -> list[Source]:
     for sub, pattern, fmt in ENGLISH_LAYOUT:
         out += [Source(p.resolve(), fmt) for p in sorted((root / sub).glob(pattern)) if p.is_file()]
     if not out:
-        raise MobiLlamaError(f"{root} holds none of the expected corpora ({', '.join(s for s, _, _ in ENGLISH_LAYOUT)})")
+        raise MobiLlamaError(
+            f"{root} holds none of the expected corpora ({', '.join(s for s, _, _ in ENGLISH_LAYOUT)})"
+        )
     return out
 
 
@@ -357,7 +365,9 @@ def _jsonl_docs(source: Source, sid: int, skips: SkipLog, max_bytes: int) -> Ite
             yield line_no, text
 
 
-def _column_docs(batches, source: Source, sid: int, skips: SkipLog, max_bytes: int) -> Iterator[tuple[int, str]]:
+def _column_docs(
+    batches, source: Source, sid: int, skips: SkipLog, max_bytes: int
+) -> Iterator[tuple[int, str]]:
     row = 0
     for batch in batches:
         for value in batch.column(0).to_pylist():
@@ -378,7 +388,9 @@ def _check_column(schema, source: Source) -> int:
 
     name = source.text_field or "text"
     if name not in schema.names:
-        raise MobiLlamaError(f"{source.path}: no column {name!r} (columns: {', '.join(schema.names)}; use --text-field)")
+        raise MobiLlamaError(
+            f"{source.path}: no column {name!r} (columns: {', '.join(schema.names)}; use --text-field)"
+        )
     col_type = schema.field(name).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)):
         raise MobiLlamaError(f"{source.path}: column {name!r} holds {col_type}, not text")
