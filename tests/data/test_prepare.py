@@ -45,12 +45,16 @@ def split_stream(out: Path, split: str) -> np.ndarray:
     return np.concatenate([s.reshape(-1) for s in open_split(out, split)])
 
 
-def test_same_inputs_and_seed_give_byte_identical_output_for_any_worker_count(tmp_path, text_corpus, tokenizer_dir):
+def test_same_inputs_and_seed_give_byte_identical_output_for_any_worker_count(
+    tmp_path, text_corpus, tokenizer_dir
+):
     prep([text_corpus], tokenizer_dir, tmp_path / "a", chunks=3)
     prep([text_corpus], tokenizer_dir, tmp_path / "b", chunks=3)
     prep([text_corpus], tokenizer_dir, tmp_path / "c", chunks=3, workers=2)
     a = dir_bytes(tmp_path / "a")
-    assert {"manifest.json", "train-00000.bin", "train-00002.bin", "val-00000.bin", "train-docs.npy"} <= set(a)
+    assert {"manifest.json", "train-00000.bin", "train-00002.bin", "val-00000.bin", "train-docs.npy"} <= set(
+        a
+    )
     assert a == dir_bytes(tmp_path / "b")
     assert a == dir_bytes(tmp_path / "c")
     prep([text_corpus], tokenizer_dir, tmp_path / "d", chunks=3, seed=1)
@@ -66,7 +70,11 @@ def test_rows_are_documents_wrapped_in_bos_eos_packed_in_shuffled_order(tmp_path
         index = np.load(out / m["splits"][split]["doc_index"]["path"])
         expected = []
         for source_id, locator, start, length in index.tolist():
-            ids = [tok.bos_id, *tok.encode(document_text(sources[source_id], locator), parse_special=False), tok.eos_id]
+            ids = [
+                tok.bos_id,
+                *tok.encode(document_text(sources[source_id], locator), parse_special=False),
+                tok.eos_id,
+            ]
             assert start == len(expected) and length == len(ids)
             expected += ids
         got = split_stream(out, split)
@@ -85,7 +93,12 @@ def test_manifest_names_every_source_shard_and_setting(tmp_path, text_corpus, to
     m = prep([text_corpus], tokenizer_dir, out, chunks=2, seed=7)
     assert m == json.loads((out / MANIFEST).read_text())
     tok = load_tokenizer(tokenizer_dir)
-    assert (m["format"], m["format_version"], m["seq_len"], m["sample_len"]) == ("mobillama-token-shards", 1, 64, 65)
+    assert (m["format"], m["format_version"], m["seq_len"], m["sample_len"]) == (
+        "mobillama-token-shards",
+        1,
+        64,
+        65,
+    )
     assert (m["dtype"], m["vocab_size"], m["bos_id"], m["eos_id"], m["seed"]) == ("uint16", 320, 1, 2, 7)
     assert m["tokenizer_sha256"] == tok.sha256 == load_tokenizer(out / "tokenizer").sha256
     assert len(m["sources"]) == 14  # 12 .txt + empty.txt + more.jsonl, sorted by path
@@ -94,7 +107,12 @@ def test_manifest_names_every_source_shard_and_setting(tmp_path, text_corpus, to
         assert s["size"] == Path(s["path"]).stat().st_size and s["sha256"] == sha256_file(s["path"])
     by_name = {Path(s["path"]).name: s for s in m["sources"]}
     assert by_name["more.jsonl"]["documents"] == 12 and by_name["more.jsonl"]["text_field"] == "text"
-    assert by_name["empty.txt"] == {**by_name["empty.txt"], "documents": 0, "tokens": 0, "skipped": {"empty": 1}}
+    assert by_name["empty.txt"] == {
+        **by_name["empty.txt"],
+        "documents": 0,
+        "tokens": 0,
+        "skipped": {"empty": 1},
+    }
     assert m["skipped"]["total"] == 1 and m["skipped"]["by_reason"] == {"empty": 1}
     assert m["skipped"]["examples"][0]["source"].endswith("empty.txt")
     assert m["documents"]["used"] == 24 == m["documents"]["train"] + m["documents"]["val"]
@@ -162,5 +180,7 @@ def test_load_manifest_reads_back_the_consumer_keys(tmp_path, text_corpus, token
     prep([text_corpus], tokenizer_dir, out, chunks=2)
     m = load_manifest(out)
     rows = open_split(out, "train")
-    assert [r.shape for r in rows] == [(sh["num_samples"], m["sample_len"]) for sh in m["splits"]["train"]["shards"]]
+    assert [r.shape for r in rows] == [
+        (sh["num_samples"], m["sample_len"]) for sh in m["splits"]["train"]["shards"]
+    ]
     assert isinstance(rows[0].base, np.memmap) or isinstance(rows[0], np.memmap)  # streamed, not loaded

@@ -77,7 +77,10 @@ def test_huggingface_save_to_disk_dataset_and_dataset_dict(tmp_path):
     texts, skips = docs_of(tmp_path / "ds")
     assert texts == DOCS[:4] and dict(skips.by_reason) == {"missing_field": 1, "empty": 1}
     dd = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"t": DOCS[:3]}), "test": datasets.Dataset.from_dict({"t": DOCS[3:]})}
+        {
+            "train": datasets.Dataset.from_dict({"t": DOCS[:3]}),
+            "test": datasets.Dataset.from_dict({"t": DOCS[3:]}),
+        }
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert docs_of(tmp_path / "dd", text_field="t")[0] == DOCS[:3]
