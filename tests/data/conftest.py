@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mobillama.data.sources import PYDOC_TOPICS, Source, SkipLog, iter_documents, stdlib_dir
+from mobillama.data.sources import PYDOC_TOPICS, SkipLog, Source, iter_documents, stdlib_dir
 
 
 def real_documents(n: int = 40, offset: int = 0) -> list[str]:
