@@ -59,7 +59,7 @@ def test_jsonl_with_a_chosen_text_field(tmp_path):
 
 
 def test_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"content": DOCS, "n": list(range(6))}), tmp_path / "d.parquet", row_group_size=2)
@@ -71,7 +71,8 @@ def test_parquet(tmp_path):
 
 
 def test_huggingface_save_to_disk_dataset_and_dataset_dict(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     ds = datasets.Dataset.from_dict({"text": DOCS[:4] + [None, "  "]})
     ds.save_to_disk(str(tmp_path / "ds"))
     texts, skips = docs_of(tmp_path / "ds")
@@ -93,7 +94,7 @@ def test_huggingface_save_to_disk_dataset_and_dataset_dict(tmp_path):
 
 
 def test_all_formats_end_to_end_in_one_prepare(tmp_path, tokenizer_dir):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     (tmp_path / "in").mkdir()
