@@ -479,7 +479,6 @@ def train_tokenizer(
         "min_frequency": min_frequency,
         **(metadata or {}),
     }
-    tok.training_info = info
     if out_dir is not None:
         tok.save(out_dir, overwrite=overwrite, metadata={"training": info})
     return tok

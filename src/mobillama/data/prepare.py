@@ -139,10 +139,13 @@ class DocumentTable:
     lengths: array = field(default_factory=lambda: array("q"))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        lengths = np.frombuffer(self.lengths, dtype=np.int64) if self.lengths else np.zeros(0, np.int64)
+        """(source ids, locators, lengths, offsets into the token file) as int64 arrays."""
+        source_ids, locators, lengths = (
+            np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
+            for a in (self.source_ids, self.locators, self.lengths)
+        )
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
-        as_np = lambda a: np.frombuffer(a, dtype=np.int64) if a else np.zeros(0, np.int64)  # noqa: E731
-        return as_np(self.source_ids), as_np(self.locators), lengths, offsets
+        return source_ids, locators, lengths, offsets
 
 
 def _batches(
@@ -365,8 +368,8 @@ def describe_sources(sources: Sequence[Source], progress: bool) -> list[dict]:
 
 def prepare_corpus(
     inputs: Sequence[str | Path] = (),
-    tokenizer: str | Path | Tokenizer = "",
-    out_dir: str | Path = "",
+    tokenizer: str | Path | Tokenizer | None = None,
+    out_dir: str | Path | None = None,
     *,
     source: str | None = None,
     seq_len: int = 2048,
@@ -385,6 +388,8 @@ def prepare_corpus(
 
     See the module docstring for the steps and docs/data.md for the output format.
     """
+    if not tokenizer or not out_dir:
+        raise MobiLlamaError("prepare_corpus needs a tokenizer and an output directory")
     workers = default_workers() if workers is None else workers
     _check_options(seq_len, val_fraction, chunks, workers, max_doc_bytes)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
