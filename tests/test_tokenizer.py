@@ -231,3 +231,23 @@ def test_loading_bad_tokenizer_paths_is_a_clear_error(tmp_path):
     (tmp_path / "empty.model").write_bytes(b"")
     with pytest.raises(MobiLlamaError, match="not a SentencePiece model"):
         load_tokenizer(tmp_path / "empty.model")
+
+
+def test_a_tokenizer_without_bos_and_eos_is_usable_but_cannot_separate_documents(tmp_path):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    from mobillama.data.prepare import prepare_corpus
+
+    backend = Backend(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (None, None, 3)
+    assert tok.encode("a b c") == [0, 1, 2]
+    with pytest.raises(MobiLlamaError, match="has no EOS token"):
+        tok.encode("a", add_eos=True)
+    (tmp_path / "in.txt").write_text("a b " * 100)
+    with pytest.raises(MobiLlamaError, match="needs BOS and EOS tokens"):
+        prepare_corpus([tmp_path / "in.txt"], tmp_path / "tokenizer.json", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,7 +117,7 @@ class Tokenizer:
 
     def _require(self, token_id: int | None, name: str) -> int:
         if token_id is None:
-            raise MobiLlamaError(f"tokenizer {self.origin or ''} has no {name} token".replace("  ", " "))
+            raise MobiLlamaError(f"tokenizer {self.origin or '(in memory)'} has no {name} token")
         return token_id
 
     def _encoder(self, parse_special: bool) -> Any:
@@ -495,8 +494,3 @@ class _CountingIterator(Iterator[str]):
         self.documents += 1
         self.characters += len(text)
         return text
-
-
-def disable_rust_parallelism() -> None:
-    """Make the ``tokenizers`` library single-threaded (worker processes give the parallelism instead)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
