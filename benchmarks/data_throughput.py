@@ -1,7 +1,8 @@
 """Throughput and memory of ``mobillama data prepare`` against a plain single-process tokenizer loop.
 
-Corpus: real text, the Python standard library's documents (code + pydoc topics) written one file per
-document, cycled until the target size (~50 MB by default, ~10 MB for the memory comparison).
+Corpus: real text, the Python standard library's documents (code + pydoc topics in path order) written
+one file per document until ~10 MB; the ~50 MB corpus is that set of files repeated (same document mix,
+five times the size).
 
 Measured, each in a fresh process so peak RSS is its own:
 * ``plain loop``: read each file, ``Tokenizer.encode`` it, count tokens (one process, one thread);
@@ -31,6 +32,20 @@ import time
 from pathlib import Path
 
 DEFAULT_TOKENIZER = Path("~/.cache/mobillama/test-assets/tokenizer.model.v1").expanduser()
+
+
+def repeat_corpus(source: Path, directory: Path, megabytes: float) -> tuple[int, int]:
+    """Copies of ``source``'s files until ``megabytes``: the same document mix at a larger size, so the
+    memory comparison isolates corpus size (a plain prefix of the stdlib would add larger files)."""
+    directory.mkdir(parents=True)
+    files = sorted(source.iterdir())
+    target, written, n = int(megabytes * 1e6), 0, 0
+    while written < target:
+        for f in files:
+            data = f.read_bytes()
+            (directory / f"{n:06d}.txt").write_bytes(data)
+            written, n = written + len(data), n + 1
+    return n, written
 
 
 def build_corpus(directory: Path, megabytes: float) -> tuple[int, int]:
@@ -165,8 +180,8 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mobillama-bench-"))
     try:
-        big_files, big_bytes = build_corpus(work / "big", args.mb)
         small_files, small_bytes = build_corpus(work / "small", args.small_mb)
+        big_files, big_bytes = repeat_corpus(work / "small", work / "big", args.mb)
         print(
             f"corpus: {big_bytes / 1e6:.1f} MB in {big_files} files; {small_bytes / 1e6:.1f} MB in {small_files} files"
         )

@@ -37,7 +37,7 @@ from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -280,7 +280,7 @@ def pack_split(
     name: str,
     doc_ids: np.ndarray,
     table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    tokens: np.ndarray,
+    tokens: BinaryIO,
     directory: Path,
     *,
     seq_len: int,
@@ -289,7 +289,10 @@ def pack_split(
     bos_id: int,
     eos_id: int,
 ) -> dict:
-    """Write one split's shards and document index; return its manifest entry."""
+    """Write one split's shards and document index; return its manifest entry.
+
+    ``tokens`` is the temporary token file (all documents, in reading order) opened for reading.
+    """
     source_ids, locators, lengths, offsets = table
     sample_len = seq_len + 1
     doc_lengths = lengths[doc_ids] + 2  # <s> ... </s>
@@ -317,7 +320,10 @@ def pack_split(
         for d in doc_ids.tolist():
             if writer.done:
                 break
-            writer.write(np.concatenate([bos, tokens[offsets[d] : offsets[d] + lengths[d]], eos]))
+            # explicit reads, not a memmap: mapped pages would count in RSS and grow with the corpus
+            tokens.seek(int(offsets[d]) * dtype.itemsize)
+            body = np.fromfile(tokens, dtype=dtype, count=int(lengths[d]))
+            writer.write(np.concatenate([bos, body, eos]))
     finally:
         writer.close()
     return {
@@ -419,16 +425,13 @@ def prepare_corpus(
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skips.by_reason.items())) or "no documents"
             raise MobiLlamaError(f"no usable documents in the input ({reasons})")
         train_docs, val_docs = split_documents(n_docs, val_fraction, seed)
-        tokens = (
-            np.memmap(tokens_path, dtype=dtype, mode="r")
-            if tokens_path.stat().st_size
-            else np.zeros(0, dtype)
-        )
         common = {"seq_len": seq_len, "dtype": dtype, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
-        splits = {"train": pack_split("train", train_docs, arrays, tokens, tmp, n_shards=chunks, **common)}
-        if len(val_docs):
-            splits["val"] = pack_split("val", val_docs, arrays, tokens, tmp, n_shards=1, **common)
-        del tokens
+        with open(tokens_path, "rb") as tokens:
+            splits = {
+                "train": pack_split("train", train_docs, arrays, tokens, tmp, n_shards=chunks, **common)
+            }
+            if len(val_docs):
+                splits["val"] = pack_split("val", val_docs, arrays, tokens, tmp, n_shards=1, **common)
         tokens_path.unlink()
         (tmp / TOKENIZER_SUBDIR).mkdir()
         tok.save_files(tmp / TOKENIZER_SUBDIR)
