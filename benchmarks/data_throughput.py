@@ -216,10 +216,11 @@ def main() -> None:
         for name, r, compare in rows:
             rate = r["tokens"] / r["seconds"]
             cpu = r["cpu_main_s"] + r["cpu_workers_s"]
+            worker_rss = f"{r['rss_worker_mb']:.0f}" if r["rss_worker_mb"] else "-"
             print(
                 f"| {name} | {r['tokens']:,} | {r['seconds']:.1f} | {rate:,.0f} | "
                 f"{f'{rate / base:.2f}x' if compare else '-'} | {r['cpu_main_s']:.1f} + {r['cpu_workers_s']:.1f} | "
-                f"{r['tokens'] / cpu:,.0f} | {r['rss_main_mb']:.0f} | {r['rss_worker_mb'] or '-'} |"
+                f"{r['tokens'] / cpu:,.0f} | {r['rss_main_mb']:.0f} | {worker_rss} |"
             )
         print(
             "\nall wall times (s): "
