@@ -148,19 +148,23 @@ def test_validation_split_is_by_whole_document(tmp_path, text_corpus, tokenizer_
     assert set(no_val["splits"]) == {"train"} and no_val["documents"]["train"] == 24
 
 
-def test_dtype_is_uint16_when_the_vocab_fits_else_uint32(tmp_path, tokenizer_dir):
+def test_dtype_is_uint16_when_the_vocab_fits_else_uint32(tmp_path):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
     assert shard_dtype(65536) == np.uint16 and shard_dtype(65537) == np.uint32
-    tok = load_tokenizer(tokenizer_dir)
-    tok.hf.backend_tokenizer.add_tokens([f"<extra_{i}>" for i in range(66000)])
-    big = tok.hf.backend_tokenizer.token_to_id("<extra_65999>")
-    assert big > 65535 and tok.vocab_size > 65536
-    tok.save(tmp_path / "bigtok")
-    (tmp_path / "in.txt").write_text("word <extra_65999> word " * 40)
+    # a word-level tokenizer with 70k words: ids above 65535 must survive in the shards
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(70000)}}
+    backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "in.txt").write_text("w5 w69999 w65536 " * 40)
     out = tmp_path / "shards"
-    m = prep([tmp_path / "in.txt"], tmp_path / "bigtok", out, seq_len=16, val_fraction=0)
-    assert m["dtype"] == "uint32"
+    m = prep([tmp_path / "in.txt"], tmp_path / "tokenizer.json", out, seq_len=16, val_fraction=0)
+    assert (m["dtype"], m["vocab_size"]) == ("uint32", 70003)
     rows = open_split(out, "train")[0]
-    assert rows.dtype == np.uint32 and rows.shape[1] == 17 and big in rows
+    assert rows.dtype == np.uint32 and rows.shape[1] == 17
+    assert rows.reshape(-1)[:7].tolist() == [1, 8, 70002, 65539, 8, 70002, 65539]
 
 
 def test_trace_sample_names_the_source_documents(tmp_path, text_corpus, tokenizer_dir):
