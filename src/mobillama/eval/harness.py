@@ -44,6 +44,8 @@ def load_eval_tokenizer(checkpoint: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(checkpoint)
+    if not path.is_dir():
+        raise MobiLlamaError(f"checkpoint not found: {path}")
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
         raise MobiLlamaError(
             f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); evaluation needs the "

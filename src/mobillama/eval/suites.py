@@ -216,6 +216,8 @@ def run_suite(
     from mobillama.eval.data import DEFAULT_DATA_DIR
     from mobillama.eval.report import build_report
 
+    if lm is None and not Path(checkpoint).is_dir():
+        raise MobiLlamaError(f"checkpoint not found: {checkpoint}")
     statuses: dict[str, tuple[str, str]] = {}
     runnable: list[TaskSpec] = []
     data_root = None
