@@ -12,7 +12,7 @@ TRAIN_TEXT = [
     "The quick brown fox jumps over the lazy dog. A man is sitting on a roof.",
     "Question: What is the capital of France?\nAnswer: Paris is the capital of France.",
     "She picked up the guitar and started playing a song about the sea and the sky.",
-    "Numbers 0123456789 and punctuation, like commas; colons: and quotes \"x\".",
+    'Numbers 0123456789 and punctuation, like commas; colons: and quotes "x".',
 ]
 
 

@@ -122,7 +122,9 @@ def test_rolling_matches_stock_hf_backend(short_checkpoint):
 
 def test_generate_until_matches_stock_greedy(ours, stock):
     kwargs = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
-    reqs = [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(["The quick", "A man is"])]
+    reqs = [
+        Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(["The quick", "A man is"])
+    ]
     a = ours.generate_until(reqs, disable_tqdm=True)
     b = stock.generate_until(reqs, disable_tqdm=True)
     assert a == b
@@ -131,10 +133,22 @@ def test_generate_until_matches_stock_greedy(ours, stock):
 
 def _local_mc_task(tmp_path):
     rows = [
-        {"question": "The quick brown", "choices": [" fox", " dog", "fox jumps", " cat sat on the mat"], "label": 0},
-        {"question": "Question: What is the capital of France?\nAnswer:", "choices": [" Paris", " London is big"], "label": 0},
+        {
+            "question": "The quick brown",
+            "choices": [" fox", " dog", "fox jumps", " cat sat on the mat"],
+            "label": 0,
+        },
+        {
+            "question": "Question: What is the capital of France?\nAnswer:",
+            "choices": [" Paris", " London is big"],
+            "label": 0,
+        },
         {"question": "She picked up the gui", "choices": ["tar", "de", "lty party"], "label": 0},
-        {"question": "A man is sitting on a", "choices": [" roof.", " horse", " chair by the sea"], "label": 2},
+        {
+            "question": "A man is sitting on a",
+            "choices": [" roof.", " horse", " chair by the sea"],
+            "label": 2,
+        },
     ]
     data = tmp_path / "tiny_mc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -154,8 +168,9 @@ def test_local_task_same_per_sample_loglikelihoods_and_accuracy(ours, stock, tmp
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     manager = TaskManager(include_path=str(_local_mc_task(tmp_path)), include_defaults=False)
     runs = [
-        lm_eval.simple_evaluate(model=m, tasks=["tiny_mc"], task_manager=manager, log_samples=True,
-                                bootstrap_iters=0)  # fmt: skip
+        lm_eval.simple_evaluate(
+            model=m, tasks=["tiny_mc"], task_manager=manager, log_samples=True, bootstrap_iters=0
+        )  # fmt: skip
         for m in (ours, stock)
     ]
     samples = [sorted(r["samples"]["tiny_mc"], key=lambda s: s["doc_id"]) for r in runs]

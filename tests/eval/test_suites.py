@@ -122,8 +122,17 @@ def test_offline_run_reports_every_task(checkpoint, data_dir, tmp_path):
 
 def test_markdown_marks_missing_columns():
     report = {
-        "tasks": {"piqa": {"column": "PIQA", "status": "ok", "value": 0.5, "ci95": [0.4, 0.6], "metric": "acc",
-                           "num_fewshot": 0, "n": 10}},  # fmt: skip
+        "tasks": {
+            "piqa": {
+                "column": "PIQA",
+                "status": "ok",
+                "value": 0.5,
+                "ci95": [0.4, 0.6],
+                "metric": "acc",
+                "num_fewshot": 0,
+                "n": 10,
+            }
+        },  # fmt: skip
         "average": {"value": 0.5, "tasks": 1, "of": 1},
         "settings": {},
     }
@@ -150,7 +159,16 @@ REAL_DATA = Path(os.environ.get("MOBILLAMA_EVAL_DATA", "~/.cache/mobillama/eval-
                     reason=f"real benchmark data not cached at {REAL_DATA}: run 'mobillama eval fetch-data'")  # fmt: skip
 def test_real_data_paper_tasks_run_offline(checkpoint):
     """Real benchmark rows from the registry packages (MMLU's 57 subjects left out to keep this short)."""
-    names = ["hellaswag", "truthfulqa_mc2", "arc_challenge", "crows_pairs", "piqa", "race", "siqa", "winogrande"]
+    names = [
+        "hellaswag",
+        "truthfulqa_mc2",
+        "arc_challenge",
+        "crows_pairs",
+        "piqa",
+        "race",
+        "siqa",
+        "winogrande",
+    ]
     report = suites.run_suite(checkpoint, suites.get_tasks(names), data_dir=REAL_DATA, limit=2, batch_size=8)
     for name in names:
         status = report["tasks"][name]["status"]

@@ -53,8 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     run.add_argument("--data-dir", help="benchmark data from 'mobillama eval fetch-data' "
                      "(default: ~/.cache/mobillama/eval-data)")  # fmt: skip
-    run.add_argument("--seed", type=int, default=1234, help="seed for few-shot sampling and bootstrap (default 1234)")
-    run.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default float32)")
+    run.add_argument(
+        "--seed", type=int, default=1234, help="seed for few-shot sampling and bootstrap (default 1234)"
+    )
+    run.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default float32)"
+    )
     run.add_argument("--online", action="store_true", help="use lm-eval's stock tasks (downloads from the hub) "
                      "instead of local data: only where the hub is reachable")  # fmt: skip
     run.set_defaults(func=run_eval)

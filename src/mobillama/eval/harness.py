@@ -173,9 +173,7 @@ class MobiLlamaLM(TemplateLM):
             groups.setdefault(tuple(context), []).append((i, continuation))
 
         ordered = sorted(groups.items(), key=lambda g: -(len(g[0]) + max(len(c) for _, c in g[1])))
-        pbar = tqdm(
-            total=len(requests), disable=disable_tqdm, desc="mobillama loglikelihood", unit="req"
-        )
+        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="mobillama loglikelihood", unit="req")
         pbar.update(len(requests) - sum(len(g[1]) for g in ordered))
         for start in range(0, len(ordered), self.batch_size):
             batch = ordered[start : start + self.batch_size]
@@ -201,10 +199,14 @@ class MobiLlamaLM(TemplateLM):
 
         rows = [(g, index, cont) for g, (_, members) in enumerate(batch) for index, cont in members]
         # Every continuation's first token is scored from its context's last position.
-        firsts = {index: (float(first_logp[g, cont[0]]), bool(first_logp[g].argmax() == cont[0])) for g, index, cont in rows}
+        greedy_first = first_logp.argmax(-1).tolist()
+        firsts = {
+            index: (float(first_logp[g, cont[0]]), greedy_first[g] == cont[0]) for g, index, cont in rows
+        }
         multi = [r for r in rows if len(r[2]) > 1]
-        for index, cont in ((index, cont) for _, index, cont in rows if len(cont) == 1):
-            yield index, firsts[index]
+        for _, index, cont in rows:
+            if len(cont) == 1:
+                yield index, firsts[index]
         for start in range(0, len(multi), self.batch_size):
             chunk = multi[start : start + self.batch_size]
             for (_, index, _), (logp, greedy) in zip(chunk, self._score_rest(chunk, cache, mask)):
@@ -218,7 +220,9 @@ class MobiLlamaLM(TemplateLM):
         group_idx = torch.tensor([g for g, _, _ in chunk], device=self.device)
         length = max(len(c) for _, _, c in chunk) - 1
         pad = self.tokenizer.pad_token_id
-        inputs = torch.tensor([c[:-1] + [pad] * (length + 1 - len(c)) for _, _, c in chunk], device=self.device)
+        inputs = torch.tensor(
+            [c[:-1] + [pad] * (length + 1 - len(c)) for _, _, c in chunk], device=self.device
+        )
         cont_mask = torch.tensor(
             [[1] * (len(c) - 1) + [0] * (length + 1 - len(c)) for _, _, c in chunk], device=self.device
         )
@@ -232,9 +236,7 @@ class MobiLlamaLM(TemplateLM):
         for r, (_, _, cont) in enumerate(chunk):
             target = torch.tensor(cont[1:], device=self.device)
             row = logp[r, : len(target)]
-            out.append(
-                (float(row.gather(1, target[:, None]).sum()), bool((row.argmax(-1) == target).all()))
-            )
+            out.append((float(row.gather(1, target[:, None]).sum()), bool((row.argmax(-1) == target).all())))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

@@ -29,7 +29,9 @@ def read_split(data_dir: str | Path, split: str = "val") -> tuple[dict, list[np.
     data_dir = Path(data_dir)
     manifest_path = data_dir / "manifest.json"
     if not manifest_path.is_file():
-        raise MobiLlamaError(f"{data_dir}: no manifest.json (expected the output of 'mobillama data prepare')")
+        raise MobiLlamaError(
+            f"{data_dir}: no manifest.json (expected the output of 'mobillama data prepare')"
+        )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -38,7 +40,9 @@ def read_split(data_dir: str | Path, split: str = "val") -> tuple[dict, list[np.
         if key not in manifest:
             raise MobiLlamaError(f"{manifest_path}: missing key {key!r}")
     if manifest["dtype"] not in _DTYPES:
-        raise MobiLlamaError(f"{manifest_path}: dtype {manifest['dtype']!r} is not one of {', '.join(_DTYPES)}")
+        raise MobiLlamaError(
+            f"{manifest_path}: dtype {manifest['dtype']!r} is not one of {', '.join(_DTYPES)}"
+        )
     info = manifest["splits"].get(split)
     if not info or not info.get("shards"):
         raise MobiLlamaError(f"{manifest_path}: no {split!r} split with shards")
@@ -83,7 +87,9 @@ def evaluate_perplexity(
     rows = np.concatenate(arrays)[:limit] if limit else np.concatenate(arrays)
     if rows.size and int(rows.max()) >= vocab:
         raise MobiLlamaError(f"{data_dir}: token id {int(rows.max())} >= the model's vocab_size {vocab}")
-    manifest_bytes = next((manifest["splits"][split][k] for k in _BYTES_KEYS if k in manifest["splits"][split]), None)
+    manifest_bytes = next(
+        (manifest["splits"][split][k] for k in _BYTES_KEYS if k in manifest["splits"][split]), None
+    )
     tokenizer = None
     if manifest_bytes is None or limit:
         from mobillama.eval.harness import load_eval_tokenizer

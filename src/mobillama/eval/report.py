@@ -113,9 +113,17 @@ def format_markdown(report: dict, label: str = "this checkpoint") -> str:
     for name, row in PAPER_ROWS.items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     avg = report["average"]
-    avg_cell = "n/a" if avg["value"] is None else f"{100 * avg['value']:.2f} ({avg['tasks']}/{avg['of']} tasks)"
-    lines.append(f"| {label} | " + " | ".join(_cell(by_col.get(c)) for c in PAPER_COLUMNS) + f" | {avg_cell} |")
-    lines += ["", "| task | status | metric | shots | n | value | 95% CI | note |", "|---|---|---|---|---|---|---|---|"]
+    avg_cell = (
+        "n/a" if avg["value"] is None else f"{100 * avg['value']:.2f} ({avg['tasks']}/{avg['of']} tasks)"
+    )
+    lines.append(
+        f"| {label} | " + " | ".join(_cell(by_col.get(c)) for c in PAPER_COLUMNS) + f" | {avg_cell} |"
+    )
+    lines += [
+        "",
+        "| task | status | metric | shots | n | value | 95% CI | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, t in report["tasks"].items():
         if t["status"] == "ok":
             lo, hi = t["ci95"]
@@ -124,9 +132,14 @@ def format_markdown(report: dict, label: str = "this checkpoint") -> str:
                 f"[{100 * lo:.2f}, {100 * hi:.2f}] | |"
             )
         else:
-            lines.append(f"| {name} | {t['status']} | {t['metric']} | {t['num_fewshot']} | | | | {t.get('reason', '')} |")
+            lines.append(
+                f"| {name} | {t['status']} | {t['metric']} | {t['num_fewshot']} | | | | {t.get('reason', '')} |"
+            )
     if report["settings"].get("limit"):
-        lines += ["", f"Run with --limit {report['settings']['limit']}: not comparable with full-benchmark numbers."]
+        lines += [
+            "",
+            f"Run with --limit {report['settings']['limit']}: not comparable with full-benchmark numbers.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -142,7 +155,9 @@ def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
     return out, md
 
 
-def compare_reports(path_a: str | Path, path_b: str | Path, *, iters: int = stats.DEFAULT_ITERS, seed: int = 0) -> dict:
+def compare_reports(
+    path_a: str | Path, path_b: str | Path, *, iters: int = stats.DEFAULT_ITERS, seed: int = 0
+) -> dict:
     """Paired bootstrap (B − A) over the tasks both reports evaluated, on the items both scored."""
     a, b = load_report(path_a), load_report(path_b)
     tasks_a, tasks_b, skipped = {}, {}, []
@@ -154,7 +169,9 @@ def compare_reports(path_a: str | Path, path_b: str | Path, *, iters: int = stat
         sb = dict(zip(tb["samples"]["ids"], tb["samples"]["scores"]))
         common = [(i, s) for i, s in zip(ta["samples"]["ids"], ta["samples"]["scores"]) if i in sb]
         if not common:
-            raise MobiLlamaError(f"task {name}: the two reports share no scored items (different data or --limit?)")
+            raise MobiLlamaError(
+                f"task {name}: the two reports share no scored items (different data or --limit?)"
+            )
         tasks_a[name] = [s for _, s in common]
         tasks_b[name] = [sb[i] for i, _ in common]
     if not tasks_a:

@@ -103,7 +103,11 @@ def mmlu_subjects(data_dir: Path) -> list[str]:
 
 def data_files(spec: TaskSpec, data_dir: Path) -> list[Path]:
     if spec.name == "mmlu":
-        return [data_dir / "mmlu" / s / f"{split}.jsonl" for s in mmlu_subjects(data_dir) for split in ("dev", "test")]
+        return [
+            data_dir / "mmlu" / s / f"{split}.jsonl"
+            for s in mmlu_subjects(data_dir)
+            for split in ("dev", "test")
+        ]
     return [data_dir / f for f in spec.files]
 
 
