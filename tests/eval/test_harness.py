@@ -202,3 +202,22 @@ def test_bad_model_args(checkpoint, tmp_path):
     (tmp_path / "notok").mkdir()
     with pytest.raises(MobiLlamaError, match="no tokenizer files"):
         MobiLlamaLM(pretrained=str(tmp_path / "notok"))
+
+
+def test_shared_prefix_cache_equals_gathered_concatenation():
+    import torch
+
+    from mobillama.eval.harness import SharedPrefixCache
+    from mobillama.model import KVCache
+
+    prefix = KVCache()
+    k, v = torch.randn(3, 5, 2, 4).transpose(1, 2), torch.randn(3, 5, 2, 4).transpose(1, 2)  # strided views
+    prefix.update(k, v, 0)
+    rows = [2, 2, 0, 1, 2, 0]  # runs broken up, as after sorting by continuation length
+    cache = SharedPrefixCache(prefix, rows)
+    new_k, new_v = torch.randn(6, 2, 3, 4), torch.randn(6, 2, 3, 4)
+    jk, jv = cache.update(new_k, new_v, 0)
+    idx = torch.tensor(rows)
+    assert torch.equal(jk, torch.cat([k[idx], new_k], dim=2))
+    assert torch.equal(jv, torch.cat([v[idx], new_v], dim=2))
+    assert cache.get_seq_length() == 5 and len(cache.spans) == 5

@@ -69,6 +69,40 @@ def _parse_batch_size(value: int | str | None) -> int:
     return size
 
 
+class SharedPrefixCache:
+    """A read-only KV cache for the continuation pass: row r's past is its context's cached keys/values.
+
+    Rows come in runs that share a context (the choices of one question). ``update`` writes each context's
+    keys once per run by broadcasting into the joined [rows, heads, past + new, dim] tensor, so the
+    prefix is never gathered row by row (``index_select`` on these strided views is ~6x slower on CPU)
+    and never concatenated twice.
+    """
+
+    def __init__(self, prefix: KVCache, row_groups: list[int]) -> None:
+        self.keys, self.values = prefix.keys, prefix.values
+        self.past = prefix.get_seq_length()
+        self.spans = []  # (group, first row, end row)
+        for row, group in enumerate(row_groups):
+            if self.spans and self.spans[-1][0] == group and self.spans[-1][2] == row:
+                self.spans[-1][2] = row + 1
+            else:
+                self.spans.append([group, row, row + 1])
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args):
+        return self._join(self.keys[layer_idx], key), self._join(self.values[layer_idx], value)
+
+    def _join(self, past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        rows, heads, length, dim = new.shape
+        out = new.new_empty(rows, heads, self.past + length, dim)
+        for group, start, end in self.spans:
+            out[start:end, :, : self.past] = past[group]
+        out[:, :, self.past :] = new
+        return out
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.past
+
+
 @register_model("mobillama")
 class MobiLlamaLM(TemplateLM):
     """lm-eval model over a project checkpoint directory (see the module docstring for what it does)."""
@@ -203,7 +237,8 @@ class MobiLlamaLM(TemplateLM):
         firsts = {
             index: (float(first_logp[g, cont[0]]), greedy_first[g] == cont[0]) for g, index, cont in rows
         }
-        multi = [r for r in rows if len(r[2]) > 1]
+        # Longest continuations first, so each chunk pads little; SharedPrefixCache handles any row order.
+        multi = sorted((r for r in rows if len(r[2]) > 1), key=lambda r: -len(r[2]))
         for _, index, cont in rows:
             if len(cont) == 1:
                 yield index, firsts[index]
@@ -226,9 +261,7 @@ class MobiLlamaLM(TemplateLM):
         cont_mask = torch.tensor(
             [[1] * (len(c) - 1) + [0] * (length + 1 - len(c)) for _, _, c in chunk], device=self.device
         )
-        rows_cache = KVCache()
-        rows_cache.keys = [k.index_select(0, group_idx) for k in cache.keys]
-        rows_cache.values = [v.index_select(0, group_idx) for v in cache.values]
+        rows_cache = SharedPrefixCache(cache, [g for g, _, _ in chunk])
         mask = torch.cat([ctx_mask.index_select(0, group_idx), cont_mask], dim=1)
         hidden = self.model.model(inputs, attention_mask=mask, cache=rows_cache)
         logp = F.log_softmax(self.model.lm_head(hidden).float(), dim=-1)  # [R, length, vocab]
