@@ -178,3 +178,23 @@ def test_real_data_paper_tasks_run_offline(checkpoint):
             continue  # fetched without --truthfulqa
         else:
             assert status == "ok" and report["tasks"][name]["n"] == 2, name
+
+
+def test_few_shot_sampling_is_deterministic_given_seed(checkpoint, data_dir):
+    import dataclasses
+
+    from mobillama.eval.harness import MobiLlamaLM
+
+    lm = MobiLlamaLM(pretrained=str(checkpoint), batch_size=8)
+    spec = dataclasses.replace(suites.TASKS["piqa"], num_fewshot=2)
+
+    def prompts(seed):
+        raw = suites._evaluate(lm, [spec], data_dir, 3, seed, online=False)
+        return [
+            s["arguments"][0][0] for s in sorted(raw["samples"]["offline_piqa"], key=lambda s: s["doc_id"])
+        ]
+
+    first = prompts(1)
+    assert first == prompts(1)
+    assert first != prompts(2)
+    assert all(p.count("Question:") == 3 for p in first)  # two shots + the document itself

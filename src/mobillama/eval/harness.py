@@ -19,6 +19,7 @@ only helps one-token continuations) and applies the vocabulary projection to eve
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -125,6 +126,10 @@ class MobiLlamaLM(TemplateLM):
             raise MobiLlamaError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         self.checkpoint = str(pretrained)
         self.tokenizer = load_eval_tokenizer(pretrained)
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI defaults to cuda; like its hf backend, run on the CPU when there is none.
+            print(f"mobillama: device {device!r} not available, using cpu", file=sys.stderr)
+            device = "cpu"
         self._device = torch.device(device or "cpu")
         self.model = load_model(pretrained, dtype=_DTYPES[dtype], device=self._device)
         self.batch_size_per_gpu = _parse_batch_size(batch_size)
