@@ -19,6 +19,7 @@ only helps one-token continuations) and applies the vocabulary projection to eve
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -137,6 +138,8 @@ class MobiLlamaLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self._hf_model = None
+        self._bos_text = self.tokenizer.decode(self.prefix_token_id)
+        self._encode_cached = functools.lru_cache(maxsize=8192)(self._encode)
 
     # --- what TemplateLM needs -------------------------------------------------------------------------
 
@@ -174,16 +177,19 @@ class MobiLlamaLM(TemplateLM):
         self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **_
     ) -> list[int]:
         """Encode like HFLM: the tokenizer's own special-token default, unless overridden or BOS is present."""
+        ids = list(self._encode_cached(string, add_special_tokens))
+        return ids[-left_truncate_len:] if left_truncate_len else ids
+
+    def _encode(self, string: str, add_special_tokens: bool | None) -> tuple[int, ...]:
+        # Cached (see __init__): lm-eval encodes each choice's context again, and few-shot contexts are long.
         kwargs = {}
         if add_special_tokens is not None:
             kwargs["add_special_tokens"] = add_special_tokens
         elif self.add_bos_token is not None:
             kwargs["add_special_tokens"] = self.add_bos_token
-        bos_text = self.tokenizer.decode(self.prefix_token_id)
-        if add_special_tokens is None and bos_text and string.startswith(bos_text):
+        if add_special_tokens is None and self._bos_text and string.startswith(self._bos_text):
             kwargs["add_special_tokens"] = False
-        ids = self.tokenizer.encode(string, **kwargs)
-        return ids[-left_truncate_len:] if left_truncate_len else ids
+        return tuple(self.tokenizer.encode(string, **kwargs))
 
     def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
