@@ -21,6 +21,7 @@ STAGES = [
     "mobillama.cli.convert",
     "mobillama.cli.infer",
     "mobillama.cli.serve",
+    "mobillama.cli.eval",
 ]
 
 
