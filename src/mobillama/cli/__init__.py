@@ -17,6 +17,7 @@ from mobillama.errors import MobiLlamaError
 # Stage modules, in pipeline order; each defines register(subparsers).
 STAGES = [
     "mobillama.cli.core",
+    "mobillama.cli.train",
 ]
 
 
@@ -37,7 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Commands that take recipe-style "--section.key=value" overrides get the unknown options as
+    # args.overrides; for every other command they are the usual argparse error.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     try:
         result = args.func(args)
     except MobiLlamaError as e:
