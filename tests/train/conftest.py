@@ -104,3 +104,13 @@ def run_cli(args: list[str], *, prelude: str = "", env_extra: dict | None = None
     code = f"import sys\n{prelude}\nfrom mobillama.cli import main\nsys.exit(main({args!r}))\n"
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", **(env_extra or {}))
     return subprocess.Popen([sys.executable, "-c", code], env=env, **popen)
+
+
+@pytest.fixture
+def helpers():
+    """The helpers above (pytest's importlib mode makes conftest not importable from test modules)."""
+    import types
+
+    return types.SimpleNamespace(
+        write_shards=write_shards, micro_recipe=micro_recipe, write_recipe=write_recipe, run_cli=run_cli, SRC=SRC
+    )
