@@ -76,6 +76,8 @@ def run_pretrain_cmd(args: argparse.Namespace) -> int:
         overrides.append(f"out_dir={args.out}")
     recipe = load_recipe(args.recipe, overrides)
     summary = run_pretrain(recipe, resume=args.resume, init_from=args.init_from)
+    if not summary["is_main"]:
+        return 0
     val = f", val_loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
     loss = f", loss {summary['loss']:.4f}" if summary.get("loss") is not None else ""
     print(f"done: step {summary['step']}, {summary['tokens_seen']:,} tokens{loss}{val}; run dir {summary['run_dir']}")

@@ -305,6 +305,7 @@ class Trainer:
             self.metrics.close()
         return {
             "run_dir": str(self.run_dir),
+            "is_main": self.ctx.is_main,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "loss": self.last_loss,

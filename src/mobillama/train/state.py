@@ -223,9 +223,10 @@ def save_training_checkpoint(
     if not fsdp:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        optim_tensors, optim_meta = flatten_optimizer(
-            get_optimizer_state_dict(unwrap(model), optimizer, options=_sd_options(True))
-        )
+        # replicated state: every rank calls (it may be collective), rank 0 writes; other ranks get {}
+        full_osd = get_optimizer_state_dict(unwrap(model), optimizer, options=_sd_options(True))
+        if ctx.is_main:
+            optim_tensors, optim_meta = flatten_optimizer(full_osd)
     error: BaseException | None = None
     tmp_holder: list[Path | None] = [None]
     try:
