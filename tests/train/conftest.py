@@ -99,7 +99,9 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def run_cli(args: list[str], *, prelude: str = "", env_extra: dict | None = None, **popen) -> subprocess.Popen:
+def run_cli(
+    args: list[str], *, prelude: str = "", env_extra: dict | None = None, **popen
+) -> subprocess.Popen:
     """Start ``mobillama ARGS`` in a fresh interpreter (optionally after some patching code)."""
     code = f"import sys\n{prelude}\nfrom mobillama.cli import main\nsys.exit(main({args!r}))\n"
     env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1", **(env_extra or {}))
@@ -112,5 +114,9 @@ def helpers():
     import types
 
     return types.SimpleNamespace(
-        write_shards=write_shards, micro_recipe=micro_recipe, write_recipe=write_recipe, run_cli=run_cli, SRC=SRC
+        write_shards=write_shards,
+        micro_recipe=micro_recipe,
+        write_recipe=write_recipe,
+        run_cli=run_cli,
+        SRC=SRC,
     )

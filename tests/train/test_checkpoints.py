@@ -39,7 +39,12 @@ def test_checkpoint_is_a_loadable_hf_model_with_lineage(helpers, shard_dir, tmp_
     assert state["loader"] == {"epoch": 0, "position": 32, "seed": 7}
     assert state["tokens_seen"] == 4 * 128 and state["scheduler"]["step"] == 4
     assert state["recipe"]["optim"]["lr"] == 3e-3 and "code_version" in state
-    assert set(state["files"]) >= {"model.safetensors", "optimizer.safetensors", "rng.safetensors", "config.json"}
+    assert set(state["files"]) >= {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "config.json",
+    }
     index = read_index(run)
     assert [e["step"] for e in index] == [2, 4] and index[-1]["position"] == 32
     assert (run / "checkpoints.csv").read_text().splitlines()[0].startswith("step,tokens,loss,epoch,position")
@@ -51,7 +56,11 @@ def test_checkpoint_is_a_loadable_hf_model_with_lineage(helpers, shard_dir, tmp_
 def test_retention_keeps_last_k_and_every_mth(helpers, shard_dir, tmp_path):
     run = tmp_path / "run"
     recipe = _recipe(
-        helpers, shard_dir, run, train={"max_steps": 7}, checkpoint={"every_steps": 1, "keep_last": 2, "keep_every_steps": 3}
+        helpers,
+        shard_dir,
+        run,
+        train={"max_steps": 7},
+        checkpoint={"every_steps": 1, "keep_last": 2, "keep_every_steps": 3},
     )
     run_pretrain(recipe)
     assert [p.name for p in list_checkpoints(run)] == ["step-00000003", "step-00000006", "step-00000007"]
@@ -61,7 +70,9 @@ def test_retention_keeps_last_k_and_every_mth(helpers, shard_dir, tmp_path):
     ]  # fmt: skip
 
 
-def test_full_disk_while_saving_gives_clear_error_and_keeps_previous(helpers, shard_dir, tmp_path, monkeypatch):
+def test_full_disk_while_saving_gives_clear_error_and_keeps_previous(
+    helpers, shard_dir, tmp_path, monkeypatch
+):
     import mobillama.train.state as state_mod
 
     real = state_mod.save_file
@@ -73,7 +84,9 @@ def test_full_disk_while_saving_gives_clear_error_and_keeps_previous(helpers, sh
 
     monkeypatch.setattr(state_mod, "save_file", failing)
     run = tmp_path / "run"
-    with pytest.raises(MobiLlamaError, match=r"no space left on device; the previous checkpoint .*step-00000002 is intact"):
+    with pytest.raises(
+        MobiLlamaError, match=r"no space left on device; the previous checkpoint .*step-00000002 is intact"
+    ):
         run_pretrain(_recipe(helpers, shard_dir, run))
     assert [p.name for p in list_checkpoints(run)] == ["step-00000002"]
     assert verify_checkpoint(run / "checkpoints" / "step-00000002") is None

@@ -50,10 +50,14 @@ def test_ddp_and_fsdp2_equal_single_process(helpers, shard_dir, tmp_path):
     ref_val = {r["step"]: r["val_loss"] for r in read_metrics(tmp_path / "single") if "val_loss" in r}
     for strategy in ("ddp", "fsdp2"):
         run = tmp_path / strategy
-        recipe = helpers.write_recipe(tmp_path / f"{strategy}.yaml", helpers.micro_recipe(shard_dir, run, **sections))
+        recipe = helpers.write_recipe(
+            tmp_path / f"{strategy}.yaml", helpers.micro_recipe(shard_dir, run, **sections)
+        )
         _torchrun(helpers, recipe, strategy)
         assert _losses(run) == pytest.approx(reference, rel=1e-5), strategy
-        val = {r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r and r["step"] in ref_val}
+        val = {
+            r["step"]: r["val_loss"] for r in read_metrics(run) if "val_loss" in r and r["step"] in ref_val
+        }
         assert val and val == pytest.approx({k: ref_val[k] for k in val}, rel=1e-5)
 
     # FSDP2 wrote sharded DCP state plus a consolidated HF model
@@ -67,7 +71,9 @@ def test_ddp_and_fsdp2_equal_single_process(helpers, shard_dir, tmp_path):
     batch = lm_collate(TokenSplit(shard_dir, "val").rows(range(8)))
     with torch.no_grad():
         loss = float(lm_loss_sum(exported, batch)) / batch["labels"].numel()
-    logged = [r["val_loss"] for r in read_metrics(tmp_path / "fsdp2") if r.get("step") == 6 and "val_loss" in r]
+    logged = [
+        r["val_loss"] for r in read_metrics(tmp_path / "fsdp2") if r.get("step") == 6 and "val_loss" in r
+    ]
     assert loss == pytest.approx(logged[0], rel=1e-5)
 
     # ... and resumes at world size 1, continuing the single-process curve

@@ -57,7 +57,9 @@ def test_ranks_are_disjoint_and_union_is_the_single_process_batch(shard_dir):
     r1, _ = _run(split, 5, rank=1, world=2, accum=1)
     assert not set(r0) & set(r1)
     for step in range(5):
-        assert sorted(single[4 * step : 4 * step + 4]) == sorted(r0[2 * step : 2 * step + 2] + r1[2 * step : 2 * step + 2])
+        assert sorted(single[4 * step : 4 * step + 4]) == sorted(
+            r0[2 * step : 2 * step + 2] + r1[2 * step : 2 * step + 2]
+        )
 
 
 @pytest.mark.parametrize("cut", [1, 7, 16, 23])
@@ -69,7 +71,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(shard_dir, cut):
         resumed = []
         for r in range(world):
             before, state = _run(split, cut, rank=r, world=world, accum=2 // world)
-            after, _ = _run(split, 30 - cut, rank=r, world=world, accum=2 // world, state=json.loads(json.dumps(state)))
+            after, _ = _run(
+                split, 30 - cut, rank=r, world=world, accum=2 // world, state=json.loads(json.dumps(state))
+            )
             resumed.append(before + after)
         assert resumed == full
 

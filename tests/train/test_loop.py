@@ -27,7 +27,9 @@ def test_lr_schedule_values():
     flat = OptimSection(lr=1e-3, min_lr=1e-4, warmup_steps=0, schedule="constant")
     assert lr_at(0, flat, 10) == lr_at(99, flat, 10) == 1e-3
     paper = OptimSection()  # 2000 warmup steps, 3e-4 -> 3e-5
-    assert lr_at(1999, paper, 300187) == pytest.approx(3e-4) and lr_at(300187, paper, 300187) == pytest.approx(3e-5)
+    assert lr_at(1999, paper, 300187) == pytest.approx(3e-4) and lr_at(
+        300187, paper, 300187
+    ) == pytest.approx(3e-5)
 
 
 def test_no_weight_decay_on_norms_only_by_default():
@@ -111,7 +113,9 @@ def test_shared_ffn_gradient_is_the_sum_of_per_layer_gradients():
     unshared = MobiLlama(get_preset("micro").replace(ffn_sharing="none"))
     state = {k: v for k, v in shared.state_dict().items() if not k.startswith("model.ffns.")}
     for i in range(4):
-        state.update({k.replace("ffns.0.", f"ffns.{i}."): v for k, v in shared.state_dict().items() if "ffns.0." in k})
+        state.update(
+            {k.replace("ffns.0.", f"ffns.{i}."): v for k, v in shared.state_dict().items() if "ffns.0." in k}
+        )
     unshared.load_state_dict(state)
     ids = torch.randint(3, 256, (2, 12))
     batch = {"input_ids": ids, "labels": ids.roll(-1, 1)}

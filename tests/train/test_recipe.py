@@ -24,7 +24,9 @@ def test_shipped_recipes_have_the_papers_hyperparameters():
 
 
 def test_overrides_apply_and_are_typed():
-    r = load_recipe("tiny-cpu", ["--optim.lr=1e-2", "train.max_steps=7", "--model.overrides.num_hidden_layers=2"])
+    r = load_recipe(
+        "tiny-cpu", ["--optim.lr=1e-2", "train.max_steps=7", "--model.overrides.num_hidden_layers=2"]
+    )
     assert r.optim.lr == 0.01 and r.train.max_steps == 7 and r.model_config().num_hidden_layers == 2
 
 

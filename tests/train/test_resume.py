@@ -31,15 +31,22 @@ def test_sigkill_then_resume_is_bitwise_identical(helpers, shard_dir, tmp_path):
     killed.wait()
     seen = max(_losses(tmp_path / "killed"))
     assert seen < steps, "the run finished before it could be killed"
-    resumed = helpers.run_cli(["pretrain", "--recipe", str(runs["killed"]), "--resume", "auto"], stdout=subprocess.PIPE, text=True)
+    resumed = helpers.run_cli(
+        ["pretrain", "--recipe", str(runs["killed"]), "--resume", "auto"], stdout=subprocess.PIPE, text=True
+    )
     out, _ = resumed.communicate(timeout=180)
     assert resumed.returncode == 0 and full.wait(timeout=180) == 0
     assert "resumed from" in out
-    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")  # every step, bitwise (JSON floats round-trip)
+    assert _losses(tmp_path / "killed") == _losses(
+        tmp_path / "full"
+    )  # every step, bitwise (JSON floats round-trip)
     val = lambda run: [r["val_loss"] for r in read_metrics(run) if "val_loss" in r]  # noqa: E731
     assert val(tmp_path / "killed") == val(tmp_path / "full")
     final = {name: read_index(tmp_path / name)[-1] for name in ("full", "killed")}
     assert final["full"]["step"] == final["killed"]["step"] == steps
     assert final["full"]["model_sha256"] == final["killed"]["model_sha256"]  # identical final weights
-    opt = [(tmp_path / n / "checkpoints" / f"step-{steps:08d}" / "optimizer.safetensors").read_bytes() for n in ("full", "killed")]
+    opt = [
+        (tmp_path / n / "checkpoints" / f"step-{steps:08d}" / "optimizer.safetensors").read_bytes()
+        for n in ("full", "killed")
+    ]
     assert opt[0] == opt[1]

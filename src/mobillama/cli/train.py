@@ -35,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="initialise the weights from this checkpoint directory (e.g. the output of 'mobillama share'); "
         "the optimizer starts fresh",
     )
-    p.add_argument("--out", metavar="DIR", default=None, help="run directory (default: the recipe's out_dir or runs/NAME)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="run directory (default: the recipe's out_dir or runs/NAME)",
+    )
     p.set_defaults(func=run_pretrain_cmd, accepts_overrides=True)
 
     s = subparsers.add_parser(
@@ -45,14 +50,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "e.g. a large-base-1.2b run) and collapse its per-layer FFNs into one shared FFN (or one per group). "
         "Continue training the result with 'mobillama pretrain --init-from OUT'.",
     )
-    s.add_argument("--from", dest="source", required=True, metavar="CKPT", help="dedicated-FFN checkpoint directory")
+    s.add_argument(
+        "--from", dest="source", required=True, metavar="CKPT", help="dedicated-FFN checkpoint directory"
+    )
     s.add_argument(
         "--strategy",
         required=True,
         metavar="layer:K|mean",
         help="'layer:K' takes layer K's FFN (0-based, within each group); 'mean' averages the FFNs it replaces",
     )
-    s.add_argument("--sharing", default="all", metavar="all|group:K", help="FFN sharing of the result (default: all)")
+    s.add_argument(
+        "--sharing", default="all", metavar="all|group:K", help="FFN sharing of the result (default: all)"
+    )
     s.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (must not exist)")
     s.set_defaults(func=run_share_cmd)
 
@@ -80,7 +89,9 @@ def run_pretrain_cmd(args: argparse.Namespace) -> int:
         return 0
     val = f", val_loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
     loss = f", loss {summary['loss']:.4f}" if summary.get("loss") is not None else ""
-    print(f"done: step {summary['step']}, {summary['tokens_seen']:,} tokens{loss}{val}; run dir {summary['run_dir']}")
+    print(
+        f"done: step {summary['step']}, {summary['tokens_seen']:,} tokens{loss}{val}; run dir {summary['run_dir']}"
+    )
     return 0
 
 

@@ -34,7 +34,9 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise MobiLlamaError(f"data directory not found: {data_dir} (create it with 'mobillama data prepare')")
+        raise MobiLlamaError(
+            f"data directory not found: {data_dir} (create it with 'mobillama data prepare')"
+        )
     path = data_dir / "manifest.json"
     if not path.is_file():
         raise MobiLlamaError(f"{data_dir} has no manifest.json: not a token-shard directory")
@@ -60,7 +62,9 @@ class TokenSplit:
         self.manifest = read_manifest(self.data_dir)
         splits = self.manifest["splits"]
         if split not in splits:
-            raise MobiLlamaError(f"{self.data_dir}/manifest.json has no split {split!r} (has: {', '.join(splits)})")
+            raise MobiLlamaError(
+                f"{self.data_dir}/manifest.json has no split {split!r} (has: {', '.join(splits)})"
+            )
         self.split = split
         self.seq_len = int(self.manifest["seq_len"])
         self.sample_len = int(self.manifest.get("sample_len", self.seq_len + 1))
@@ -76,7 +80,9 @@ class TokenSplit:
             size = path.stat().st_size
             row_bytes = self.sample_len * np.dtype(dtype).itemsize
             if size % row_bytes:
-                raise MobiLlamaError(f"shard {path} size {size} is not a multiple of a {self.sample_len}-token row")
+                raise MobiLlamaError(
+                    f"shard {path} size {size} is not a multiple of a {self.sample_len}-token row"
+                )
             if size == 0:
                 continue
             rows = np.memmap(path, dtype=dtype, mode="r").reshape(-1, self.sample_len)
@@ -190,7 +196,9 @@ class StepBatches:
         self.state = LoaderState(int(state["epoch"]), int(state["position"]), int(state["seed"]))
 
 
-def eval_batches(dataset: Any, micro_batch_size: int, rank: int, world_size: int, max_batches: int = 0, collate=lm_collate):
+def eval_batches(
+    dataset: Any, micro_batch_size: int, rank: int, world_size: int, max_batches: int = 0, collate=lm_collate
+):
     """Fixed, in-order validation batches for this rank (every rank gets the same number of batches)."""
     per_round = micro_batch_size * world_size
     rounds = len(dataset) // per_round

@@ -95,12 +95,16 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     if ctx.strategy == "ddp" and ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        return DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+        )
     if ctx.strategy == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
         if not ctx.distributed:
-            raise MobiLlamaError("recipe key 'train.strategy' is 'fsdp2' but the run was not launched by torchrun")
+            raise MobiLlamaError(
+                "recipe key 'train.strategy' is 'fsdp2' but the run was not launched by torchrun"
+            )
         decoder = model.model
         for layer in decoder.layers:
             fully_shard(layer)

@@ -136,7 +136,9 @@ class Trainer:
 
     def _autocast(self):
         return torch.autocast(
-            self.ctx.device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None
+            self.ctx.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
         )
 
     def train_step(self) -> dict[str, float]:
@@ -149,7 +151,9 @@ class Trainer:
         local_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
         total = int(ctx.all_reduce_sum(torch.tensor(float(local_targets), device=ctx.device)).item())
         if total == 0:
-            raise MobiLlamaError(f"step {self.step + 1}: the batch has no target tokens (all labels are -100)")
+            raise MobiLlamaError(
+                f"step {self.step + 1}: the batch has no target tokens (all labels are -100)"
+            )
         scale = ctx.world_size / total
         loss_sum = torch.zeros((), device=ctx.device)
         self.model.train()
@@ -289,13 +293,17 @@ class Trainer:
                         "tokens_per_s": tps,
                     }
                     if recipe.train.peak_flops and self.flops_per_token:
-                        record["mfu"] = tps / self.ctx.world_size * self.flops_per_token / recipe.train.peak_flops
+                        record["mfu"] = (
+                            tps / self.ctx.world_size * self.flops_per_token / recipe.train.peak_flops
+                        )
                     self.metrics.log(record)
                     interval_tokens, interval_time = 0, 0.0
                 if self.step % recipe.eval.every_steps == 0 or last:
                     val_loss = self.evaluate()
                     if val_loss is not None:
-                        self.metrics.log({"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss})
+                        self.metrics.log(
+                            {"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss}
+                        )
                         if self.ctx.is_main and recipe.log.progress:
                             bar.write(f"step {self.step}: val_loss {val_loss:.4f}")
                 if self.step % recipe.checkpoint.every_steps == 0 or last:

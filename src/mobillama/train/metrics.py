@@ -108,7 +108,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.8, label=f"{run.name} train")
         if val:
-            ax.plot(*zip(*val), color=color, linestyle="--", marker="o", markersize=3, label=f"{run.name} val")
+            ax.plot(
+                *zip(*val), color=color, linestyle="--", marker="o", markersize=3, label=f"{run.name} val"
+            )
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

@@ -98,7 +98,12 @@ def run_pretrain(
         val = None
         if val_split is not None:
             val = functools.partial(
-                eval_batches, val_split, recipe.batch.micro_batch_size, ctx.rank, ctx.world_size, recipe.eval.max_batches
+                eval_batches,
+                val_split,
+                recipe.batch.micro_batch_size,
+                ctx.rank,
+                ctx.world_size,
+                recipe.eval.max_batches,
             )
         run_dir = recipe.run_dir
         lineage = {

@@ -162,7 +162,9 @@ class Recipe:
         if self.optim.min_lr > self.optim.lr:
             raise MobiLlamaError(f"recipe key 'optim.min_lr' ({self.optim.min_lr}) exceeds 'optim.lr'")
         if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
-            raise MobiLlamaError(f"recipe key 'optim.betas' must be two numbers in [0, 1), got {self.optim.betas}")
+            raise MobiLlamaError(
+                f"recipe key 'optim.betas' must be two numbers in [0, 1), got {self.optim.betas}"
+            )
         choices = {
             "optim.schedule": (self.optim.schedule, ("cosine", "constant")),
             "train.precision": (self.train.precision, ("fp32", "bf16")),
@@ -216,7 +218,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise MobiLlamaError(f"recipe key {key!r} must be a mapping, got {type(value).__name__} {value!r}")
+            raise MobiLlamaError(
+                f"recipe key {key!r} must be a mapping, got {type(value).__name__} {value!r}"
+            )
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -241,7 +245,9 @@ def _from_mapping(cls: type, data: Any, prefix: str) -> Any:
     for key in data:
         if key not in known:
             full = f"{prefix}.{key}" if prefix else str(key)
-            raise MobiLlamaError(f"unknown recipe key {full!r} (known in {where}: {', '.join(sorted(known))})")
+            raise MobiLlamaError(
+                f"unknown recipe key {full!r} (known in {where}: {', '.join(sorted(known))})"
+            )
     values = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**values)
 

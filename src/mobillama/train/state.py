@@ -56,7 +56,11 @@ def code_version() -> dict[str, Any]:
             ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=src, capture_output=True, text=True, timeout=10
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=src,
+            capture_output=True,
+            text=True,
+            timeout=10,
         ).stdout.strip()
         info.update(git_commit=commit, git_dirty=bool(dirty))
     except (OSError, subprocess.SubprocessError):
@@ -120,7 +124,11 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / CKPT_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
@@ -293,7 +301,9 @@ def _save_dcp(model, optimizer, path: Path) -> None:
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path))
 
 
-def apply_retention(run_dir: str | Path, keep_last: int, keep_every_steps: int, final_step: int | None = None) -> list[Path]:
+def apply_retention(
+    run_dir: str | Path, keep_last: int, keep_every_steps: int, final_step: int | None = None
+) -> list[Path]:
     """Delete checkpoints outside the last ``keep_last`` and the multiples of ``keep_every_steps``."""
     run_dir = Path(run_dir)
     ckpts = list_checkpoints(run_dir)
