@@ -22,6 +22,7 @@ whether retention kept it).
 from __future__ import annotations
 
 import csv
+import functools
 import errno
 import json
 import shutil
@@ -45,6 +46,7 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:08d}"
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> dict[str, Any]:
     """The package version and, when the code runs from a git checkout, its commit and dirty flag."""
     from mobillama import __version__
@@ -257,7 +259,7 @@ def save_training_checkpoint(
                 metrics = run_dir / "metrics.jsonl"
                 if metrics.is_file():
                     shutil.copyfile(metrics, tmp / "metrics.jsonl")
-                state = dict(trainer_state, code_version=code_version(), world_size=ctx.world_size)
+                state = dict(trainer_state, code_version=dict(code_version()), world_size=ctx.world_size)
                 state["strategy"] = ctx.strategy
                 state["files"] = _hash_tree(tmp)
                 write_json(tmp / STATE_NAME, state)
