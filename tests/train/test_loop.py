@@ -127,3 +127,18 @@ def test_shared_ffn_gradient_is_the_sum_of_per_layer_gradients():
         torch.testing.assert_close(getattr(shared.model.ffns[0], w).weight.grad, total, rtol=1e-5, atol=1e-7)
     # and every non-FFN gradient is the same in both models
     torch.testing.assert_close(shared.model.embed_tokens.weight.grad, unshared.model.embed_tokens.weight.grad)
+
+
+def test_activation_checkpointing_and_bf16_autocast(shard_dir, tmp_path):
+    plain = _trainer(shard_dir, micro=4, accum=2, tmp_path=tmp_path)
+    ckpt = _trainer(shard_dir, micro=4, accum=2, tmp_path=tmp_path)
+    ckpt.model.model.gradient_checkpointing = True
+    for _ in range(2):
+        assert ckpt.train_step()["loss"] == pytest.approx(plain.train_step()["loss"], rel=1e-6)
+    bf16 = _trainer(shard_dir, micro=4, accum=2, tmp_path=tmp_path)
+    bf16.recipe.train.precision = "bf16"
+    bf16.autocast_dtype = torch.bfloat16
+    fp32 = _trainer(shard_dir, micro=4, accum=2, tmp_path=tmp_path)
+    a, b = bf16.train_step(), fp32.train_step()
+    assert a["loss"] == pytest.approx(b["loss"], rel=2e-2) and a["loss"] != b["loss"]  # bf16 matmuls ran
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # master weights stay fp32

@@ -88,7 +88,8 @@ def test_pretrain_cli_init_from_and_plot(helpers, shard_dir, large_base, tmp_pat
         "--init-from",
         str(tmp_path / "shared"),
     ]
-    assert main(args) == 0
+    assert main([*args, "--log.tensorboard=true"]) == 0
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
     assert "done: step 2" in capsys.readouterr().out
     first = next(r for r in read_metrics(tmp_path / "run") if "loss" in r)
     _, shared = load_checkpoint(tmp_path / "shared")
