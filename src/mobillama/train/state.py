@@ -22,8 +22,8 @@ whether retention kept it).
 from __future__ import annotations
 
 import csv
-import functools
 import errno
+import functools
 import json
 import shutil
 import subprocess
