@@ -12,7 +12,10 @@ Variants, each in its own process so peak RSS is its own:
 MFU is reported against a peak measured in the same run (a large fp32 matmul on this machine), since a
 shared VM has no reliable spec-sheet peak. Usage::
 
-    python benchmarks/train_throughput.py [--steps 8] [--warmup 2] [--threads 2]
+    python benchmarks/train_throughput.py [--steps 5] [--warmup 2] [--batch 8] [--threads 2]
+
+Throughput comes from one process that runs one step of each variant in turn (so load changes on a
+shared machine hit all variants alike; medians reported); peak RSS from a fresh process per variant.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -60,11 +64,11 @@ def peak_matmul_flops(seconds: float = 3.0) -> float:
     return n * 2 * 2048**3 / (time.perf_counter() - t0)
 
 
-def run_variant(name: str, steps: int, warmup: int) -> dict:
+def build_step(name: str, total_steps: int):
+    """(step function taking a batch, parameter count) for one variant."""
     import torch
 
     torch.manual_seed(0)
-    data = list(_batches(steps + warmup))
     if name == "hf-llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,11 +77,10 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
 
         def step(batch):
-            # HF shifts labels itself: pass the full row so both see the same 256 targets per sample.
-            ids = torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)
-            loss = model(input_ids=ids[:, :-1], labels=None).logits
+            # the same targets as the engine (labels already shifted), loss in fp32
+            logits = model(input_ids=batch["input_ids"]).logits
             loss = torch.nn.functional.cross_entropy(
-                loss.float().reshape(-1, loss.shape[-1]), batch["labels"].reshape(-1)
+                logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
             )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -99,84 +102,88 @@ def run_variant(name: str, steps: int, warmup: int) -> dict:
             for layer in model.model.layers:
                 layer.compile()
         recipe = recipe_from_dict(
-            {
-                "model": {"preset": "tiny"},
-                "optim": {"warmup_steps": 0},
-                "train": {"max_steps": steps + warmup},
-            }
+            {"model": {"preset": "tiny"}, "optim": {"warmup_steps": 0}, "train": {"max_steps": total_steps}}
         )
-        it = iter(data)
 
-        class Source:
+        class Source:  # the trainer pulls this step's micro-batches from here
+            batch = None
+
             def next_step(self):
-                return [next(it)]
+                return [self.batch]
 
-        trainer = Trainer(model, recipe, Source(), ctx=DistContext(), run_dir="/tmp/unused")
+        source = Source()
+        trainer = Trainer(model, recipe, source, ctx=DistContext(), run_dir="/tmp/unused")
 
-        def step(_batch):
+        def step(batch):
+            source.batch = batch
             trainer.train_step()
 
         params = model.num_parameters()
-    for batch in data[:warmup]:
+    return step, params
+
+
+def peak_rss(name: str, warmup: int) -> float:
+    """Peak RSS (MB) of a fresh process that builds the variant and runs ``warmup + 1`` steps."""
+    step, _ = build_step(name, warmup + 1)
+    for batch in _batches(warmup + 1):
         step(batch)
-    t0 = time.perf_counter()
-    for batch in data[warmup:]:
-        step(batch)
-    elapsed = time.perf_counter() - t0
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "variant": name,
-        "params": params,
-        "tokens_per_s": steps * BATCH * SEQ / elapsed,
-        "peak_rss_mb": rss_mb,
-    }
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps per variant")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="measured rounds (one step of every variant each)"
+    )
     parser.add_argument(
         "--warmup", type=int, default=2, help="unmeasured steps first (compilation, allocator)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every variant")
+    parser.add_argument("--batch", type=int, default=BATCH, help="samples of 256 tokens per step")
+    parser.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS processes")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
+    global BATCH
+    BATCH = args.batch
     torch.set_num_threads(args.threads)
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.steps, args.warmup)))
+        print(json.dumps({"peak_rss_mb": peak_rss(args.variant, args.warmup)}))
         return
     from mobillama.config import ModelConfig
     from mobillama.model import flops_per_token
 
+    # Throughput: all variants in this process, one step of each in turn per round, so load changes on a
+    # shared machine hit every variant alike; the median step time per variant is reported.
+    rounds = args.warmup + args.steps
+    steps = {v: build_step(v, rounds) for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     peak = peak_matmul_flops()
+    for r, batch in enumerate(_batches(rounds)):
+        for v in VARIANTS:
+            t0 = time.perf_counter()
+            steps[v][0](batch)
+            if r >= args.warmup:
+                times[v].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{rounds}", file=sys.stderr)
+    peak = max(peak, peak_matmul_flops())
+    rss = {}
+    if not args.no_rss:
+        for v in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", v, "--warmup", "1", "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=True).stdout
+            rss[v] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
     fpt = flops_per_token(ModelConfig(**SHAPE, ffn_sharing="none"), SEQ)
-    rows = []
-    for variant in VARIANTS:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-        ]
-        cmd += ["--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
-        print(f"  measured {variant}", file=sys.stderr)
-    base = rows[0]["tokens_per_s"]
-    print(f"shape {SHAPE}, batch {BATCH}x{SEQ}, fp32, {args.steps} steps, {args.threads} threads")
+    tps = {v: BATCH * SEQ / statistics.median(t) for v, t in times.items()}
+    base = tps["hf-llama"]
+    print(f"shape {SHAPE}, batch {BATCH}x{SEQ}, fp32, {args.steps} measured rounds, {args.threads} threads")
     print(f"measured fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s; training FLOPs/token {fpt / 1e6:.1f} M")
     print(f"{'variant':<16} {'params':>11} {'tokens/s':>10} {'vs hf':>7} {'MFU':>7} {'peak RSS MB':>12}")
-    for r in rows:
-        mfu = r["tokens_per_s"] * fpt / peak
+    for v in VARIANTS:
+        mem = f"{rss[v]:>12.0f}" if v in rss else f"{'-':>12}"
         print(
-            f"{r['variant']:<16} {r['params']:>11,} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / base:>6.2f}x "
-            f"{mfu:>6.1%} {r['peak_rss_mb']:>12.0f}"
+            f"{v:<16} {steps[v][1]:>11,} {tps[v]:>10.0f} {tps[v] / base:>6.2f}x {tps[v] * fpt / peak:>6.1%} {mem}"
         )
 
 
