@@ -131,6 +131,7 @@ def peak_rss(name: str, warmup: int) -> float:
 
 
 def main() -> None:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--steps", type=int, default=5, help="measured rounds (one step of every variant each)"
@@ -145,7 +146,6 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    global BATCH
     BATCH = args.batch
     torch.set_num_threads(args.threads)
     if args.variant:
