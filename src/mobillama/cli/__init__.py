@@ -22,6 +22,7 @@ STAGES = [
     "mobillama.cli.infer",
     "mobillama.cli.serve",
     "mobillama.cli.eval",
+    "mobillama.cli.train",
 ]
 
 
@@ -42,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Commands that take recipe-style "--section.key=value" overrides get the unknown options as
+    # args.overrides; for every other command they are the usual argparse error.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     try:
         result = args.func(args)
     except MobiLlamaError as e:
