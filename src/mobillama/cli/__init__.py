@@ -17,6 +17,7 @@ from mobillama.errors import MobiLlamaError
 # Stage modules, in pipeline order; each defines register(subparsers).
 STAGES = [
     "mobillama.cli.core",
+    "mobillama.cli.demo",
     "mobillama.cli.data",
     "mobillama.cli.convert",
     "mobillama.cli.infer",
