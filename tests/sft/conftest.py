@@ -37,3 +37,68 @@ def chat_tokenizer():
     )
     fast.chat_template = TEMPLATE
     return fast
+
+
+# --- fixtures for the run tests: the project's own tokenizer (real MobiLlama-Chat template) + a base checkpoint
+
+
+@pytest.fixture(scope="session")
+def project_tokenizer(tmp_path_factory):
+    """``mobillama.tokenizer.train_tokenizer`` on a few KB of instruction-like text (template stored)."""
+    from mobillama.sft.instructions import build_pairs
+    from mobillama.tokenizer import train_tokenizer
+
+    texts = [r["messages"][0]["content"] + "\n" + r["messages"][1]["content"] for r in build_pairs()]
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    return train_tokenizer(texts, 1024, out, progress=False), out
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint(project_tokenizer, tmp_path_factory):
+    """A micro MobiLlama (shared FFN) checkpoint carrying the project tokenizer: the SFT base."""
+    import torch
+
+    from mobillama.checkpoint import save_checkpoint
+    from mobillama.config import get_preset
+    from mobillama.model import MobiLlama
+
+    tok, tok_dir = project_tokenizer
+    config = get_preset("micro").replace(vocab_size=tok.vocab_size, max_position_embeddings=256)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("base") / "ckpt"
+    save_checkpoint(MobiLlama(config), config, out, tokenizer_dir=tok_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def instruction_set(tmp_path_factory):
+    from mobillama.sft.instructions import write_instruction_set
+
+    out = tmp_path_factory.mktemp("data") / "stdlib-sft"
+    write_instruction_set(out)
+    return out
+
+
+def write_sft_recipe(path, base, train, *, out_dir, val=None, **sections):
+    """A tiny SFT recipe file; ``sections`` update the defaults section by section."""
+    import yaml
+
+    data = {
+        "name": "sft-test",
+        "out_dir": str(out_dir),
+        "model": {"base": str(base)},
+        "data": {"train": str(train), "val": str(val) if val else None, "max_length": 160, "seed": 3},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_ratio": 0.1},
+        "batch": {"micro_batch_size": 4, "grad_accum": 2},
+        "train": {"max_steps": 6, "device": "cpu", "seed": 0},
+        "eval": {"every_steps": 3, "max_batches": 2},
+        "checkpoint": {"every_steps": 3, "keep_last": 5},
+        "log": {"every_steps": 1, "tensorboard": False, "progress": False},
+    }
+    for key, value in sections.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path

@@ -65,7 +65,13 @@ def tokenize_conversation(tokenizer, conversation: list[dict[str, str]], max_len
         labels.append(token if inside else IGNORE_INDEX)
     if hf.bos_token_id is not None and not text.startswith(hf.bos_token or "\0"):
         ids, labels = [hf.bos_token_id, *ids], [IGNORE_INDEX, *labels]
-    ids, labels = ids[:max_length], labels[:max_length]
+    return truncate(Example(ids, labels), max_length)
+
+
+def truncate(example: Example, max_length: int) -> Example | None:
+    """Cut to ``max_length`` whole tokens, then drop what follows the last assistant token (a dangling
+    prompt); None when no assistant token survives."""
+    ids, labels = example.input_ids[:max_length], example.labels[:max_length]
     last = max((i for i, label in enumerate(labels) if label != IGNORE_INDEX), default=None)
     if last is None:
         return None

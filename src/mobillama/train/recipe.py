@@ -132,9 +132,9 @@ class Recipe:
     def run_dir(self) -> Path:
         return Path(self.out_dir or f"runs/{self.name}")
 
-    def validate(self) -> None:
-        """Value checks that types alone cannot express; each error names the key."""
-        positive = {
+    def positive_values(self) -> dict[str, Any]:
+        """Keys that must be > 0 (a hook: recipe variants with other sections list their own)."""
+        return {
             "batch.global_batch_tokens": self.batch.global_batch_tokens,
             "batch.micro_batch_size": self.batch.micro_batch_size,
             "train.max_steps": self.train.max_steps,
@@ -143,7 +143,10 @@ class Recipe:
             "checkpoint.keep_last": self.checkpoint.keep_last,
             "log.every_steps": self.log.every_steps,
         }
-        for key, value in positive.items():
+
+    def validate(self) -> None:
+        """Value checks that types alone cannot express; each error names the key."""
+        for key, value in self.positive_values().items():
             if value <= 0:
                 raise MobiLlamaError(f"recipe key {key!r} must be positive, got {value}")
         non_negative = {
@@ -179,6 +182,10 @@ class Recipe:
                 raise MobiLlamaError(
                     f"recipe key 'optim.no_decay' entries must be among {', '.join(NO_DECAY_CHOICES)}; got {item!r}"
                 )
+        self.validate_model()
+
+    def validate_model(self) -> None:
+        """The model section: a known preset whose overrides make a valid ModelConfig."""
         from mobillama.config import get_preset
 
         get_preset(self.model.preset).replace()  # unknown preset -> error listing the names
@@ -252,9 +259,10 @@ def _from_mapping(cls: type, data: Any, prefix: str) -> Any:
     return cls(**values)
 
 
-def recipe_from_dict(data: Any, source: str = "recipe") -> Recipe:
+def recipe_from_dict(data: Any, source: str = "recipe", cls: type[Recipe] = Recipe) -> Recipe:
+    """``cls`` picks the recipe kind (``Recipe`` for pre-training, a subclass such as the SFT recipe)."""
     try:
-        recipe = _from_mapping(Recipe, data, "")
+        recipe = _from_mapping(cls, data, "")
         recipe.validate()
     except MobiLlamaError as e:
         raise MobiLlamaError(f"{source}: {e}") from None
@@ -290,7 +298,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(
+    spec: str | Path, overrides: list[str] | None = None, cls: type[Recipe] = Recipe
+) -> Recipe:
     """A shipped recipe name or a YAML file, with dotted ``key=value`` overrides applied."""
     spec_str = str(spec)
     path = Path(spec)
@@ -308,7 +318,7 @@ def load_recipe(spec: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise MobiLlamaError(f"{path}: empty recipe")
     if not isinstance(data, dict):
         raise MobiLlamaError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    return recipe_from_dict(apply_overrides(data, list(overrides or [])), source=str(path))
+    return recipe_from_dict(apply_overrides(data, list(overrides or [])), source=str(path), cls=cls)
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
