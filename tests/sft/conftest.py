@@ -79,7 +79,7 @@ def instruction_set(tmp_path_factory):
     return out
 
 
-def write_sft_recipe(path, base, train, *, out_dir, val=None, **sections):
+def write_sft_recipe(recipe_path, base, train_file, *, out_dir, val=None, **sections):
     """A tiny SFT recipe file; ``sections`` update the defaults section by section."""
     import yaml
 
@@ -87,12 +87,12 @@ def write_sft_recipe(path, base, train, *, out_dir, val=None, **sections):
         "name": "sft-test",
         "out_dir": str(out_dir),
         "model": {"base": str(base)},
-        "data": {"train": str(train), "val": str(val) if val else None, "max_length": 160, "seed": 3},
+        "data": {"train": str(train_file), "val": str(val) if val else None, "max_length": 160, "seed": 3},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_ratio": 0.1},
         "batch": {"micro_batch_size": 4, "grad_accum": 2},
         "train": {"max_steps": 6, "device": "cpu", "seed": 0},
-        "eval": {"every_steps": 3, "max_batches": 2},
-        "checkpoint": {"every_steps": 3, "keep_last": 5},
+        "eval": {"every_steps": 2, "max_batches": 1},
+        "checkpoint": {"every_steps": 2, "keep_last": 5},
         "log": {"every_steps": 1, "tensorboard": False, "progress": False},
     }
     for key, value in sections.items():
@@ -100,5 +100,22 @@ def write_sft_recipe(path, base, train, *, out_dir, val=None, **sections):
             data.pop(key, None)
         else:
             data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
-    path.write_text(yaml.safe_dump(data), encoding="utf-8")
-    return path
+    recipe_path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return recipe_path
+
+
+@pytest.fixture(scope="session")
+def sft_recipe_writer():
+    """``write_sft_recipe`` for test modules (importlib mode cannot import conftest by name)."""
+    return write_sft_recipe
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread avoids barrier stalls."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -116,7 +116,9 @@ class SFTRecipe(Recipe):
         if self.lora is not None:
             lora = self.lora
             if lora.r <= 0 or lora.alpha <= 0:
-                raise MobiLlamaError(f"recipe keys 'lora.r' and 'lora.alpha' must be positive, got {lora.r}, {lora.alpha}")
+                raise MobiLlamaError(
+                    f"recipe keys 'lora.r' and 'lora.alpha' must be positive, got {lora.r}, {lora.alpha}"
+                )
             if not 0 <= lora.dropout < 1:
                 raise MobiLlamaError(f"recipe key 'lora.dropout' must be in [0, 1), got {lora.dropout}")
             bad = [t for t in lora.targets if t not in LORA_TARGETS]

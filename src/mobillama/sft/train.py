@@ -161,7 +161,9 @@ class LoraTrainer(Trainer):
             state["files"] = _hash_tree(tmp)
             write_json(tmp / STATE_NAME, state)
         cp = self.recipe.checkpoint
-        apply_retention(self.run_dir, cp.keep_last, cp.keep_every_steps, final_step=self.recipe.train.max_steps)
+        apply_retention(
+            self.run_dir, cp.keep_last, cp.keep_every_steps, final_step=self.recipe.train.max_steps
+        )
         return final
 
     def _trainable_names(self) -> list[str]:
@@ -173,7 +175,10 @@ class LoraTrainer(Trainer):
         index_to_name = dict(enumerate(self._param_names_in_optimizer_order()))
         state = {index_to_name[i]: s for i, s in osd["state"].items()}
         groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": [index_to_name[i] for i in g["params"]]}
+            {
+                **{k: v for k, v in g.items() if k != "params"},
+                "params": [index_to_name[i] for i in g["params"]],
+            }
             for g in osd["param_groups"]
         ]
         return {"state": state, "param_groups": groups}
@@ -214,7 +219,9 @@ class LoraTrainer(Trainer):
             if problem:
                 raise MobiLlamaError(f"cannot resume from {path}: {problem}")
         if not (path / "adapter_model.safetensors").is_file():
-            raise MobiLlamaError(f"cannot resume a LoRA run from {path}: it holds no adapter_model.safetensors")
+            raise MobiLlamaError(
+                f"cannot resume a LoRA run from {path}: it holds no adapter_model.safetensors"
+            )
         set_peft_model_state_dict(self.model, read_safetensors(path / "adapter_model.safetensors"))
         meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
         osd = unflatten_optimizer(read_safetensors(path / "optimizer.safetensors"), meta)
@@ -322,7 +329,11 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
         pack_to = recipe.data.max_length if recipe.data.packing else None
         collate_fn = functools.partial(collate, pad_id=tokenizer.pad_id, pack_to=pack_to)
         batches = StepBatches(
-            train_examples, micro_batch_size=micro, grad_accum=accum, seed=recipe.data.seed, collate=collate_fn
+            train_examples,
+            micro_batch_size=micro,
+            grad_accum=accum,
+            seed=recipe.data.seed,
+            collate=collate_fn,
         )
         val = None
         if val_examples:

@@ -298,9 +298,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(
-    spec: str | Path, overrides: list[str] | None = None, cls: type[Recipe] = Recipe
-) -> Recipe:
+def load_recipe(spec: str | Path, overrides: list[str] | None = None, cls: type[Recipe] = Recipe) -> Recipe:
     """A shipped recipe name or a YAML file, with dotted ``key=value`` overrides applied."""
     spec_str = str(spec)
     path = Path(spec)
