@@ -13,7 +13,7 @@ from mobillama.cli import main
 from mobillama.errors import MobiLlamaError
 from mobillama.sft.masking import IGNORE_INDEX, tokenize_conversation
 from mobillama.sft.recipe import SFTRecipe, parse_lora_spec
-from mobillama.sft.train import apply_lora, merge_lora, run_sft
+from mobillama.sft.train import apply_lora, assistant_token_loss, merge_lora, run_sft
 from mobillama.train.recipe import load_recipe
 
 write_sft_recipe = None  # set from the conftest fixture below
@@ -120,6 +120,9 @@ def test_full_sft_run_checkpoint_carries_template_and_resume_is_exact(base_check
     run_info = json.loads((run / "run.json").read_text())
     assert run_info["warmup_steps"] == 1 and run_info["data"]["train_load"]["kept"] == 48
     assert json.loads((run / "data_report.json").read_text())["train_encode"]["examples"] == 48
+    heldout = assistant_token_loss(final, small_data / "heldout.jsonl", max_length=160)
+    val_encode = json.loads((run / "data_report.json").read_text())["val_encode"]
+    assert heldout["tokens"] == val_encode["target_tokens"] and 0 < heldout["loss"] < 20
     base_weights = load_file(str(base_checkpoint / "model.safetensors"))
     trained = load_file(str(final / "model.safetensors"))
     assert any(not torch.equal(base_weights[k], trained[k]) for k in trained)

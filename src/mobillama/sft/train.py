@@ -394,3 +394,28 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
         return trainer.fit(resume)
     finally:
         shutdown(ctx)
+
+
+@torch.no_grad()
+def assistant_token_loss(
+    checkpoint: str | Path, conversations: str | Path, *, max_length: int = 2048, batch_size: int = 8
+) -> dict[str, float]:
+    """Mean cross-entropy over the assistant tokens of a conversation file (the SFT held-out metric).
+
+    Uses the checkpoint's own tokenizer and chat template and the same masking as training, so the
+    numbers before and after fine-tuning are directly comparable.
+    """
+    from mobillama.checkpoint import load_model
+    from mobillama.sft.formats import load_conversations
+    from mobillama.tokenizer import load_tokenizer
+
+    model = load_model(check_base(checkpoint))
+    tokenizer = load_tokenizer(checkpoint)
+    convs, _ = load_conversations(conversations)
+    examples, stats = encode_conversations(tokenizer, convs, max_length)
+    collate_fn = functools.partial(collate, pad_id=tokenizer.pad_id)
+    total, count = 0.0, 0
+    for batch in eval_batches(examples, batch_size, collate_fn, 0):
+        total += float(sft_loss_sum(model, batch))
+        count += int((batch["labels"] != IGNORE_INDEX).sum())
+    return {"loss": total / count, "tokens": count, "conversations": len(examples)}
