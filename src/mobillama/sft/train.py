@@ -187,37 +187,13 @@ class LoraTrainer(Trainer):
         names = {id(p): n for n, p in self.model.named_parameters()}
         return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
-    def resume(self, mode: str | None) -> Path | None:
+    def load_checkpoint_state(self, path: Path) -> dict[str, Any]:
+        """Adapter weights, optimizer and RNG state of a LoRA checkpoint (the base weights never change)."""
         from peft import set_peft_model_state_dict
 
         from mobillama.checkpoint import read_safetensors
-        from mobillama.train.state import (
-            STATE_NAME,
-            clean_partial,
-            find_resume_checkpoint,
-            list_checkpoints,
-            unflatten_optimizer,
-            verify_checkpoint,
-        )
+        from mobillama.train.state import STATE_NAME, unflatten_optimizer
 
-        clean_partial(self.run_dir)
-        if mode is None:
-            if list_checkpoints(self.run_dir):
-                raise MobiLlamaError(
-                    f"{self.run_dir} already holds checkpoints; pass --resume auto to continue it, "
-                    "or choose another out_dir"
-                )
-            return None
-        if mode == "auto":
-            path = find_resume_checkpoint(self.run_dir, say=self.say)
-            if path is None:
-                self.say(f"no valid checkpoint in {self.run_dir}; starting from step 0")
-                return None
-        else:
-            path = Path(mode)
-            problem = verify_checkpoint(path)
-            if problem:
-                raise MobiLlamaError(f"cannot resume from {path}: {problem}")
         if not (path / "adapter_model.safetensors").is_file():
             raise MobiLlamaError(
                 f"cannot resume a LoRA run from {path}: it holds no adapter_model.safetensors"
@@ -235,13 +211,7 @@ class LoraTrainer(Trainer):
             }
         )
         torch.set_rng_state(read_safetensors(path / "rng.safetensors")["rank0.cpu"])
-        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.last_loss = state.get("loss")
-        self.batches.load_state_dict(state["loader"])
-        self.say(f"resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens)")
-        return path
+        return json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
 
 
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:

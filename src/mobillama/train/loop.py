@@ -226,6 +226,21 @@ class Trainer:
 
     def resume(self, mode: str | None) -> Path | None:
         """Restore from the newest valid checkpoint (``mode == "auto"``) or an explicit checkpoint path."""
+        path = self.find_resume_checkpoint(mode)
+        if path is None:
+            return None
+        state = self.load_checkpoint_state(path)
+        if state["recipe"]["batch"] != self.recipe.batch.__dict__:
+            self.say("warning: the batch settings differ from the checkpoint's; the data order will differ")
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.last_loss = state.get("loss")
+        self.batches.load_state_dict(state["loader"])
+        self.say(f"resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens)")
+        return path
+
+    def find_resume_checkpoint(self, mode: str | None) -> Path | None:
+        """The checkpoint ``resume`` continues from (None: start fresh); refuses to mix runs silently."""
         from mobillama.train.state import clean_partial, find_resume_checkpoint, list_checkpoints
 
         if self.ctx.is_main:
@@ -244,25 +259,20 @@ class Trainer:
             if found is None:
                 self.say(f"no valid checkpoint in {self.run_dir}; starting from step 0")
                 return None
-            path = Path(found)
-        else:
-            from mobillama.train.state import verify_checkpoint
+            return Path(found)
+        from mobillama.train.state import verify_checkpoint
 
-            path = Path(mode)
-            problem = verify_checkpoint(path)
-            if problem:
-                raise MobiLlamaError(f"cannot resume from {path}: {problem}")
+        path = Path(mode)
+        problem = verify_checkpoint(path)
+        if problem:
+            raise MobiLlamaError(f"cannot resume from {path}: {problem}")
+        return path
+
+    def load_checkpoint_state(self, path: Path) -> dict[str, Any]:
+        """Load model/optimizer/RNG state from ``path`` in place; return its trainer_state.json."""
         from mobillama.train.state import load_training_checkpoint
 
-        state = load_training_checkpoint(path, model=self.model, optimizer=self.optimizer, ctx=self.ctx)
-        if state["recipe"]["batch"] != self.recipe.batch.__dict__:
-            self.say("warning: the batch settings differ from the checkpoint's; the data order will differ")
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
-        self.last_loss = state.get("loss")
-        self.batches.load_state_dict(state["loader"])
-        self.say(f"resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens)")
-        return path
+        return load_training_checkpoint(path, model=self.model, optimizer=self.optimizer, ctx=self.ctx)
 
     # --- the loop ---------------------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> dict[str, Any]:
