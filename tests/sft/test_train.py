@@ -228,47 +228,65 @@ def test_lora_merge_matches_unmerged_logits(base_checkpoint, tmp_path):
 
 def test_lora_run_saves_adapters_and_resumes_exactly(base_checkpoint, small_data, tmp_path):
     overrides = parse_lora_spec("r=4,alpha=8,dropout=0.0,targets=q_proj+v_proj+gate_proj+up_proj+down_proj")
-    recipe = recipe_for(
-        tmp_path,
-        base_checkpoint,
-        small_data,
-        overrides=overrides,
-        train={"max_steps": 2},
-        checkpoint={"every_steps": 1},
-    )
+
+    def lora_recipe(name: str) -> SFTRecipe:
+        return recipe_for(
+            tmp_path,
+            base_checkpoint,
+            small_data,
+            name=name,
+            overrides=overrides,
+            train={"max_steps": 2},
+            checkpoint={"every_steps": 1},
+        )
+
+    recipe = lora_recipe("run")
     assert recipe.lora.targets == TARGETS
     run_sft(recipe, say=lambda _m: None)
     final = tmp_path / "run" / "checkpoints" / "step-00000002"
     assert (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file()
     assert not (final / "model.safetensors").exists()
     shutil.rmtree(final)
-    again = recipe_for(
-        tmp_path,
-        base_checkpoint,
-        small_data,
-        overrides=overrides,
-        train={"max_steps": 2},
-        checkpoint={"every_steps": 1},
-    )
-    run_sft(again, resume="auto", say=lambda _m: None)
+    run_sft(lora_recipe("run"), resume="auto", say=lambda _m: None)
     redone = load_file(str(final / "adapter_model.safetensors"))
     # a second, uninterrupted run gives the same adapter
-    fresh = recipe_for(
-        tmp_path,
-        base_checkpoint,
-        small_data,
-        name="fresh",
-        overrides=overrides,
-        train={"max_steps": 2},
-        checkpoint={"every_steps": 1},
-    )
-    run_sft(fresh, say=lambda _m: None)
+    run_sft(lora_recipe("fresh"), say=lambda _m: None)
     reference = load_file(
         str(tmp_path / "fresh" / "checkpoints" / "step-00000002" / "adapter_model.safetensors")
     )
     assert reference.keys() == redone.keys() and any("ffns.0" in k for k in reference)
     for k in reference:
         assert torch.equal(reference[k], redone[k]), k
+
+
+def test_cli_lora_run_then_merge(base_checkpoint, small_data, tmp_path):
+    from mobillama.checkpoint import load_model
+
+    path = write_sft_recipe(
+        tmp_path / "r.yaml", base_checkpoint, small_data / "train.jsonl", out_dir=tmp_path / "run"
+    )
+    args = [
+        "sft",
+        "--recipe",
+        str(path),
+        "--lora",
+        "r=2,alpha=4,targets=q_proj+down_proj",
+        "--train.max_steps=1",
+    ]
+    assert main(args) == 0
+    adapter = tmp_path / "run" / "checkpoints" / "step-00000001"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 2 and sorted(config["target_modules"]) == ["down_proj", "q_proj"]
+    out = tmp_path / "merged"
+    assert (
+        main(["lora", "merge", "--base", str(base_checkpoint), "--adapter", str(adapter), "--out", str(out)])
+        == 0
+    )
+    assert load_model(out).config == load_model(base_checkpoint).config
+    assert (
+        main(["lora", "merge", "--base", str(base_checkpoint), "--adapter", str(adapter), "--out", str(out)])
+        == 2
+    )
 
 
 # --- bad input ----------------------------------------------------------------------------------------------
