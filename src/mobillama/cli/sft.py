@@ -76,6 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_sft_cmd(args: argparse.Namespace) -> int:
+    from mobillama.cli.train import summary_line
     from mobillama.errors import MobiLlamaError
     from mobillama.sft.recipe import SFTRecipe, parse_lora_spec
     from mobillama.sft.train import run_sft
@@ -92,11 +93,7 @@ def run_sft_cmd(args: argparse.Namespace) -> int:
         overrides += parse_lora_spec("" if args.lora == "default" else args.lora)
     recipe = load_recipe(args.recipe, overrides, cls=SFTRecipe)
     summary = run_sft(recipe, resume=args.resume)
-    val = f", val_loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
-    loss = f", loss {summary['loss']:.4f}" if summary.get("loss") is not None else ""
-    print(
-        f"done: step {summary['step']}, {summary['tokens_seen']:,} target tokens{loss}{val}; run dir {summary['run_dir']}"
-    )
+    print(summary_line(summary, "target tokens"))
     return 0
 
 

@@ -87,12 +87,15 @@ def run_pretrain_cmd(args: argparse.Namespace) -> int:
     summary = run_pretrain(recipe, resume=args.resume, init_from=args.init_from)
     if not summary["is_main"]:
         return 0
+    print(summary_line(summary))
+    return 0
+
+
+def summary_line(summary: dict, tokens: str = "tokens") -> str:
+    """The one-line result of a training run (pretrain, sft)."""
     val = f", val_loss {summary['val_loss']:.4f}" if summary.get("val_loss") is not None else ""
     loss = f", loss {summary['loss']:.4f}" if summary.get("loss") is not None else ""
-    print(
-        f"done: step {summary['step']}, {summary['tokens_seen']:,} tokens{loss}{val}; run dir {summary['run_dir']}"
-    )
-    return 0
+    return f"done: step {summary['step']}, {summary['tokens_seen']:,} {tokens}{loss}{val}; run dir {summary['run_dir']}"
 
 
 def run_share_cmd(args: argparse.Namespace) -> int:
