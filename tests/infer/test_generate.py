@@ -218,7 +218,9 @@ def test_chat_template_renders_the_reference_string_exactly():
             {"role": "user", "content": "c"},
         ]
     )
-    assert multi == f"{MOBILLAMA_CHAT_SYSTEM}\n### Human: a\n### Assistant: b</s>\n### Human: c\n### Assistant:"
+    assert (
+        multi == f"{MOBILLAMA_CHAT_SYSTEM}\n### Human: a\n### Assistant: b</s>\n### Human: c\n### Assistant:"
+    )
     assert render_mobillama_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]) == (
         "S\n### Human: u\n### Assistant:"
     )
