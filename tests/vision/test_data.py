@@ -15,7 +15,12 @@ from mobillama.vision.data import (
     load_image,
     load_llava_examples,
 )
-from mobillama.vision.model import IGNORE_INDEX, IMAGE_TOKEN_ID, build_image_processor, encoder_config_from_preset
+from mobillama.vision.model import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    build_image_processor,
+    encoder_config_from_preset,
+)
 
 from .conftest import draw_shape
 
@@ -96,7 +101,9 @@ def test_image_modes(tmp_path):
     img = load_image(tmp_path / "a.png", "s1")
     assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
     for mode in ("L", "P", "1", "CMYK"):
-        draw_shape("blue", "square", mode=mode).save(tmp_path / f"b_{mode}.{'jpg' if mode == 'CMYK' else 'png'}")
+        draw_shape("blue", "square", mode=mode).save(
+            tmp_path / f"b_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        )
         assert load_image(tmp_path / f"b_{mode}.{'jpg' if mode == 'CMYK' else 'png'}", "s").mode == "RGB"
     from PIL import Image
 
@@ -128,18 +135,39 @@ def test_missing_and_corrupt_images(tmp_path, tokenizer):
     ("record", "message"),
     [
         (
-            {"id": "p", "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "x"}]},
+            {
+                "id": "p",
+                "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "x"}],
+            },
             r"id p\) has 1 <image> placeholder\(s\) but no 'image'",
         ),
         (
-            {"id": "q", "image": "a.png", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+            {
+                "id": "q",
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
+            },
             r"id q\) has 1 image\(s\) but no <image> placeholder",
         ),
         (
-            {"id": "r", "image": "a.png", "conversations": [{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "x"}]},
+            {
+                "id": "r",
+                "image": "a.png",
+                "conversations": [
+                    {"from": "human", "value": "<image><image>"},
+                    {"from": "gpt", "value": "x"},
+                ],
+            },
             r"has 2 <image> placeholder\(s\) but 1 image",
         ),
-        ({"id": "s", "image": 7, "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]}, "'image' must be a path"),
+        (
+            {
+                "id": "s",
+                "image": 7,
+                "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
+            },
+            "'image' must be a path",
+        ),
         ({"id": "t"}, "expected an object with 'conversations'"),
         ({"id": "u", "conversations": [{"from": "gpt", "value": "x"}]}, "starts with the assistant"),
     ],

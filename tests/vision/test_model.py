@@ -13,17 +13,21 @@ def test_image_tokens_number_and_position(tiny_model):
     m = tiny_model
     N = m.num_image_tokens
     assert N == 16  # 32 px / patch 8 -> 4x4 patches, CLS dropped
-    I = IMAGE_TOKEN_ID
+    IMG = IMAGE_TOKEN_ID
     ids = torch.tensor(
         [
             [5, 6, 7, 8, 9, 0, 0],  # no image, padded
-            [5, I, 7, 8, 0, 0, 0],  # one image
-            [I, 6, I, 8, 9, 10, 11],  # two images
+            [5, IMG, 7, 8, 0, 0, 0],  # one image
+            [IMG, 6, IMG, 8, 9, 10, 11],  # two images
         ]
     )
     mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0], [1] * 7])
     labels = torch.tensor(
-        [[6, 7, 8, 9, -100, -100, -100], [-100, 7, 8, -100, -100, -100, -100], [-100, -100, 8, 9, 10, 11, -100]]
+        [
+            [6, 7, 8, 9, -100, -100, -100],
+            [-100, 7, 8, -100, -100, -100, -100],
+            [-100, -100, 8, 9, 10, 11, -100],
+        ]
     )
     pixels = torch.randn(3, 3, 32, 32)
     embeds, out_mask, out_labels = m.build_inputs(ids, pixels, mask, labels)
@@ -44,7 +48,7 @@ def test_image_tokens_number_and_position(tiny_model):
     assert torch.allclose(embeds[0, :5], table[torch.tensor([5, 6, 7, 8, 9])])
     assert (embeds[0, 7:] == 0).all() and (out_mask[0, 5:] == 0).all()
     # labels: image slots ignored except the last, which takes the placeholder's target
-    assert out_labels[1, 1 : N].eq(IGNORE_INDEX).all() and out_labels[1, N].item() == 7
+    assert out_labels[1, 1:N].eq(IGNORE_INDEX).all() and out_labels[1, N].item() == 7
     assert out_labels[2, N - 1].item() == -100 and out_labels[2, 2 * N].item() == 8
     # the number of target tokens is unchanged by the expansion
     assert int((out_labels != IGNORE_INDEX).sum()) == int((labels != IGNORE_INDEX).sum())
@@ -68,13 +72,13 @@ def test_text_only_equals_decoder(tiny_model):
 
 def test_batched_rows_equal_single_rows(tiny_model):
     """Padding to the longest expanded row must not change a row's logits."""
-    I = IMAGE_TOKEN_ID
+    IMG = IMAGE_TOKEN_ID
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        a = tiny_model(torch.tensor([[5, I, 7]]), pixel_values=pixels[:1]).logits
-        b = tiny_model(torch.tensor([[I, 6, I, 8]]), pixel_values=pixels[1:].repeat(2, 1, 1, 1)).logits
+        a = tiny_model(torch.tensor([[5, IMG, 7]]), pixel_values=pixels[:1]).logits
+        b = tiny_model(torch.tensor([[IMG, 6, IMG, 8]]), pixel_values=pixels[1:].repeat(2, 1, 1, 1)).logits
         both = tiny_model(
-            torch.tensor([[5, I, 7, 0], [I, 6, I, 8]]),
+            torch.tensor([[5, IMG, 7, 0], [IMG, 6, IMG, 8]]),
             pixel_values=torch.cat([pixels[:1], pixels[1:], pixels[1:]]),
             attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
         ).logits

@@ -20,8 +20,17 @@ def _grads_by_part(model, batch):
     return parts
 
 
-@pytest.mark.parametrize(("stage", "train_encoder", "expect"), [(1, False, {"projector"}), (2, False, {"projector", "decoder"}), (2, True, {"projector", "decoder", "encoder"})])
-def test_gradients_reach_exactly_the_stage_parameters(tiny_model, shapes_dir, tokenizer, stage, train_encoder, expect):
+@pytest.mark.parametrize(
+    ("stage", "train_encoder", "expect"),
+    [
+        (1, False, {"projector"}),
+        (2, False, {"projector", "decoder"}),
+        (2, True, {"projector", "decoder", "encoder"}),
+    ],
+)
+def test_gradients_reach_exactly_the_stage_parameters(
+    tiny_model, shapes_dir, tokenizer, stage, train_encoder, expect
+):
     setup = build_stage(tiny_model, 1, shapes_dir / "captions.jsonl", tokenizer, micro_batch_size=4)
     trainable = set_stage(tiny_model, stage, train_encoder=train_encoder)
     batch = setup.batches.next_step()[0]

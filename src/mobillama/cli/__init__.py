@@ -20,6 +20,7 @@ STAGES = [
     "mobillama.cli.convert",
     "mobillama.cli.infer",
     "mobillama.cli.serve",
+    "mobillama.cli.vision",
 ]
 
 

@@ -118,32 +118,46 @@ def caption_example(tokenizer, name: str, image: Path, caption: str, max_length:
     return VisionExample(name, head + body, [IGNORE_INDEX] * len(head) + body, [image])
 
 
+def tokenize_with_placeholders(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` with each ``<image>`` as one :data:`IMAGE_TOKEN_ID`, and character offsets.
+
+    Each piece between placeholders is tokenized on its own (as LLaVA does), so an ``<image>`` never
+    merges with neighbouring characters into one token.
+    """
+    hf = _hf(tokenizer)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    at = 0
+    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if k:
+            ids.append(IMAGE_TOKEN_ID)
+            offsets.append((at, at + len(IMAGE_PLACEHOLDER)))
+            at += len(IMAGE_PLACEHOLDER)
+        if piece:
+            enc = hf(piece, add_special_tokens=False, return_offsets_mapping=True)
+            ids += enc["input_ids"]
+            offsets += [(at + s, at + e) for s, e in enc["offset_mapping"]]
+        at += len(piece)
+    return ids, offsets
+
+
 def conversation_example(
     tokenizer, name: str, conversation: list[dict[str, str]], images: list[Path], max_length: int
 ) -> VisionExample | None:
     """The chat template's rendering with each ``<image>`` as one placeholder id; assistant-only labels.
 
-    Each text piece between placeholders is tokenized on its own (as LLaVA does), so an ``<image>``
-    never merges with neighbouring characters into one token. Returns None when truncation to
+    Returns None when truncation to
     ``max_length`` text tokens would cut an image or leave no assistant token.
     """
     hf = _hf(tokenizer)
     text, spans = assistant_spans(tokenizer, conversation)
-    ids: list[int] = []
-    labels: list[int] = []
-    at = 0
-    for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
-        if k:
-            ids.append(IMAGE_TOKEN_ID)
-            labels.append(IGNORE_INDEX)
-            at += len(IMAGE_PLACEHOLDER)
-        if piece:
-            enc = hf(piece, add_special_tokens=False, return_offsets_mapping=True)
-            for token, (s, e) in zip(enc["input_ids"], enc["offset_mapping"]):
-                inside = any(at + s < s_end and at + e > s_start for s_start, s_end in spans)
-                ids.append(token)
-                labels.append(token if inside else IGNORE_INDEX)
-        at += len(piece)
+    ids, offsets = tokenize_with_placeholders(tokenizer, text)
+    labels = [
+        token
+        if token != IMAGE_TOKEN_ID and any(s < s_end and e > s_start for s_start, s_end in spans)
+        else IGNORE_INDEX
+        for token, (s, e) in zip(ids, offsets)
+    ]
     if hf.bos_token_id is not None and not text.startswith(hf.bos_token or "\0"):
         ids, labels = [hf.bos_token_id, *ids], [IGNORE_INDEX, *labels]
     ids, labels = ids[:max_length], labels[:max_length]
@@ -204,7 +218,9 @@ def load_llava_examples(
                 what = f"has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)"
             raise MobiLlamaError(f"sample {name} {what}")
         if any(IMAGE_PLACEHOLDER in t["content"] for t in conversation if t["role"] == "assistant"):
-            raise MobiLlamaError(f"sample {name}: {IMAGE_PLACEHOLDER} belongs in a user turn, not the assistant's")
+            raise MobiLlamaError(
+                f"sample {name}: {IMAGE_PLACEHOLDER} belongs in a user turn, not the assistant's"
+            )
         example = conversation_example(tokenizer, name, conversation, images, max_length)
         if example is None:
             skipped["truncated"] += 1
@@ -284,7 +300,9 @@ class VisionBatches:
         for m in range(self.accum):
             lo = (m * self.world + self.rank) * self.micro
             mine.append(
-                collate_vision([self.examples[i] for i in picked[lo : lo + self.micro]], self.processor, self.pad_id)
+                collate_vision(
+                    [self.examples[i] for i in picked[lo : lo + self.micro]], self.processor, self.pad_id
+                )
             )
         return mine
 

@@ -93,7 +93,9 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         if self.encoder_type not in ("clip", "siglip"):
-            raise MobiLlamaError(f"vision config: encoder_type must be clip or siglip, got {self.encoder_type!r}")
+            raise MobiLlamaError(
+                f"vision config: encoder_type must be clip or siglip, got {self.encoder_type!r}"
+            )
         if self.projector not in PROJECTORS:
             raise MobiLlamaError(
                 f"vision config: projector must be one of {', '.join(PROJECTORS)}, got {self.projector!r}"
@@ -351,7 +353,9 @@ class MobiLlamaV(nn.Module):
 
         out_dir = Path(out_dir)
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            save_checkpoint(self.decoder, self.decoder.config, tmp / DECODER_SUBDIR, tokenizer_dir=tokenizer_dir)
+            save_checkpoint(
+                self.decoder, self.decoder.config, tmp / DECODER_SUBDIR, tokenizer_dir=tokenizer_dir
+            )
             save_file(self.vision_state_dict(), str(tmp / VISION_WEIGHTS_NAME), metadata={"format": "pt"})
             write_json(tmp / VISION_CONFIG_NAME, self.vision_config.to_dict())
             build_image_processor(self.vision_config).save_pretrained(str(tmp))
@@ -414,7 +418,9 @@ class MobiLlamaV(nn.Module):
         from mobillama.generate import SamplingParams, sample_next
         from mobillama.model import KVCache
 
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
+        )
         gen = None
         if seed is not None:
             gen = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -436,3 +442,36 @@ class MobiLlamaV(nn.Module):
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             logits = self.decoder(token[:, None], attention_mask=mask, cache=cache)[:, -1].float()
         return out
+
+
+def init_vision_model(
+    decoder: str | Path,
+    out: str | Path,
+    *,
+    encoder_dir: str | Path | None = None,
+    encoder_config: str = "clip-l-336",
+    projector: str = "mlp2x_gelu",
+    feature_layer: int = -2,
+    tokenizer_dir: str | Path | None = None,
+    seed: int = 0,
+) -> Path:
+    """``mobillama vision init``: decoder checkpoint (or preset) + encoder + fresh projector -> checkpoint."""
+    from mobillama.checkpoint import TOKENIZER_FILES, load_model
+
+    torch.manual_seed(seed)
+    dec = load_model(decoder)
+    if encoder_dir is not None:
+        vision_config, encoder = load_local_encoder(encoder_dir)
+    else:
+        vision_config, encoder = encoder_config_from_preset(encoder_config), None
+    n_layers = int(vision_config.encoder.get("num_hidden_layers", 0))
+    if not -n_layers - 1 <= feature_layer <= n_layers:
+        raise MobiLlamaError(
+            f"--feature-layer {feature_layer} is outside the encoder's 0..{n_layers} hidden states"
+        )
+    vision_config.projector, vision_config.feature_layer = projector, feature_layer
+    VisionConfig.from_dict(vision_config.to_dict())  # validate
+    model = MobiLlamaV(dec, vision_config, encoder)
+    if tokenizer_dir is None and any((Path(decoder) / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer_dir = decoder
+    return model.save_pretrained(out, tokenizer_dir=tokenizer_dir)
