@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enc.add_argument(
         "--encoder-config",
         default="clip-l-336",
-        choices=["tiny", "clip-l-336"],
+        choices=["tiny", "small-64", "clip-l-336"],
         help="random encoder of this shape when --encoder is not given (clip-l-336: LLaVA-1.5's ViT-L/14 @336)",
     )
     i.add_argument(

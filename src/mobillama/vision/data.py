@@ -231,9 +231,14 @@ def load_llava_examples(
     return examples, skipped
 
 
-def collate_vision(examples: list[VisionExample], processor, pad_id: int) -> dict[str, torch.Tensor]:
+def collate_vision(
+    examples: list[VisionExample], processor, pad_id: int, blank_images: bool = False
+) -> dict[str, torch.Tensor]:
     """A right-padded batch for the loop: ``input_ids``, ``attention_mask``, shifted ``labels`` (the target
-    at each position) and ``pixel_values`` of every image in row order ([0, 3, H, W] when none)."""
+    at each position) and ``pixel_values`` of every image in row order ([0, 3, H, W] when none).
+
+    ``blank_images`` feeds all-zero pixels instead (the text-only control of the caption benchmark: same
+    model, tokens and positions, no image information)."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -244,12 +249,12 @@ def collate_vision(examples: list[VisionExample], processor, pad_id: int) -> dic
         ids[row, :n] = torch.tensor(e.input_ids)
         mask[row, :n] = 1
         labels[row, : n - 1] = torch.tensor(e.labels[1:], dtype=torch.long)
-        images += [load_image(p, e.name) for p in e.images]
-    if images:
+        images += [None if blank_images else load_image(p, e.name) for p in e.images]
+    size = processor.crop_size["height"], processor.crop_size["width"]
+    if images and not blank_images:
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     else:
-        size = processor.crop_size["height"], processor.crop_size["width"]
-        pixels = torch.zeros((0, 3, *size))
+        pixels = torch.zeros((len(images), 3, *size))
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
 
 
@@ -269,6 +274,7 @@ class VisionBatches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        blank_images: bool = False,
     ) -> None:
         if not examples:
             raise MobiLlamaError("no training examples")
@@ -276,6 +282,7 @@ class VisionBatches:
         self.micro, self.accum, self.seed = micro_batch_size, grad_accum, seed
         self.rank, self.world = rank, world_size
         self.epoch, self.position = 0, 0
+        self.blank_images = blank_images
 
     def _order(self) -> list[int]:
         order = list(range(len(self.examples)))
@@ -313,7 +320,9 @@ class VisionBatches:
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
 
 
-def eval_batches(examples: list[VisionExample], processor, pad_id: int, batch_size: int):
+def eval_batches(
+    examples: list[VisionExample], processor, pad_id: int, batch_size: int, blank_images: bool = False
+):
     """Held-out batches in file order (for the loop's ``val_batches`` and the caption benchmark)."""
     for i in range(0, len(examples), batch_size):
-        yield collate_vision(examples[i : i + batch_size], processor, pad_id)
+        yield collate_vision(examples[i : i + batch_size], processor, pad_id, blank_images)

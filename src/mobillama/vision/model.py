@@ -63,6 +63,15 @@ ENCODER_PRESETS: dict[str, dict[str, Any]] = {
         num_attention_heads=2,
         projection_dim=32,
     ),
+    "small-64": dict(
+        image_size=64,
+        patch_size=8,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        projection_dim=128,
+    ),
     "clip-l-336": dict(
         image_size=336,
         patch_size=14,

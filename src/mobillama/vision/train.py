@@ -97,6 +97,7 @@ def build_stage(
     train_encoder: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    blank_images: bool = False,
 ) -> StageSetup:
     """Everything the loop needs for one stage (see the module docstring)."""
     from mobillama.vision.data import VisionBatches, load_caption_examples, load_llava_examples
@@ -123,6 +124,7 @@ def build_stage(
         seed=seed,
         rank=rank,
         world_size=world_size,
+        blank_images=blank_images,
     )
     return StageSetup(model, batches, val, trainable, vision_loss_sum, processor, pad_id)
 
