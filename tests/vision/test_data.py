@@ -201,3 +201,11 @@ def test_caption_file_missing_or_binary(tmp_path, tokenizer):
     (tmp_path / "b.jsonl").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(MobiLlamaError, match="not UTF-8"):
         load_caption_examples(tmp_path / "b.jsonl", tokenizer)
+
+
+def test_blank_image_control(shapes_dir, tokenizer):
+    examples = load_caption_examples(shapes_dir / "captions.jsonl", tokenizer)
+    processor = build_image_processor(encoder_config_from_preset("tiny"))
+    batches = VisionBatches(examples, processor, 0, micro_batch_size=2, blank_images=True)
+    batch = batches.next_step()[0]
+    assert batch["pixel_values"].shape == (2, 3, 32, 32) and not batch["pixel_values"].any()

@@ -308,7 +308,10 @@ class VisionBatches:
             lo = (m * self.world + self.rank) * self.micro
             mine.append(
                 collate_vision(
-                    [self.examples[i] for i in picked[lo : lo + self.micro]], self.processor, self.pad_id
+                    [self.examples[i] for i in picked[lo : lo + self.micro]],
+                    self.processor,
+                    self.pad_id,
+                    self.blank_images,
                 )
             )
         return mine
