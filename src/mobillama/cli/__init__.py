@@ -24,6 +24,7 @@ STAGES = [
     "mobillama.cli.serve",
     "mobillama.cli.eval",
     "mobillama.cli.train",
+    "mobillama.cli.vision",
 ]
 
 
