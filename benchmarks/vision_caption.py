@@ -44,12 +44,11 @@ def train_tokenizer(texts: list[str], out: Path, vocab: int):
 
 
 def run(args: argparse.Namespace) -> dict:
+    from mobillama.config import get_preset
+    from mobillama.model import MobiLlama
     from mobillama.train.distributed import init_distributed
     from mobillama.train.loop import Trainer
     from mobillama.train.recipe import Recipe
-
-    from mobillama.config import get_preset
-    from mobillama.model import MobiLlama
     from mobillama.vision.data import eval_batches, load_caption_examples
     from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset
     from mobillama.vision.train import build_stage, mean_loss, set_stage
