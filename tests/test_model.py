@@ -195,3 +195,22 @@ def test_cuda_bf16_forward_matches_cpu(seeded_model):
         ref = model(ids)
         gpu = model.cuda().to(torch.bfloat16)(ids.cuda()).float().cpu()
     assert (gpu - ref).abs().max().item() < 0.1
+
+
+def test_packed_segments_equal_each_sequence_alone(seeded_model):
+    cfg = get_preset("micro")
+    model = seeded_model(cfg)
+    a, b, c = (torch.randint(0, cfg.vocab_size, (n,)) for n in (5, 3, 4))
+    packed = torch.cat([a, b, c])[None]
+    segments = torch.tensor([[0] * 5 + [1] * 3 + [2] * 4])
+    with torch.no_grad():
+        out = model(packed, segment_ids=segments)[0]
+        alone = torch.cat([model(x[None])[0] for x in (a, b, c)])
+    assert (out - alone).abs().max().item() <= TOL
+
+
+def test_segment_ids_refuse_a_cache():
+    model = MobiLlama(get_preset("micro"))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(ids, cache=KVCache(), segment_ids=torch.zeros(1, 4, dtype=torch.long))

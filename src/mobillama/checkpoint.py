@@ -57,6 +57,9 @@ def atomic_directory(final: str | Path, *, overwrite: bool = False) -> Iterator[
         raise MobiLlamaError(f"output {final} already exists (choose another path or remove it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the final directory should be like any other
     try:
         yield tmp
         _fsync_dir(tmp)

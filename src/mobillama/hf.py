@@ -102,6 +102,7 @@ class MobiLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values=None,
+        segment_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         # transformers 5.x renamed past_key_values to cache; accept either.
@@ -113,7 +114,7 @@ class MobiLlamaForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache(config=self.config)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("MobiLlamaForCausalLM takes a 2-D attention_mask [batch, length] of 1/0")
-        hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, segment_ids)
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):

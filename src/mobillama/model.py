@@ -175,23 +175,36 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [B, T, hidden].
 
         ``attention_mask`` is [B, past + T] with 1 for real tokens and 0 for padding (left padding for
         batched generation). Positions default to the count of real tokens before each one, so a
         left-padded prompt gets the same positions as the unpadded one.
+
+        ``segment_ids`` [B, T] marks packed sequences (training only): a token attends only to earlier
+        tokens of its own segment, and positions restart at 0 in each segment, so packing short
+        conversations into one row trains exactly as if each were alone.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
         past = cache.get_seq_length() if cache is not None else 0
+        if segment_ids is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError(
+                    "segment_ids (packed training rows) cannot be combined with a cache or attention_mask"
+                )
+            mask, seg_positions = segment_mask_and_positions(segment_ids)
+            position_ids = seg_positions if position_ids is None else position_ids
+        else:
+            mask = build_attention_mask(attention_mask, B, T, past, x.device)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
-        mask = build_attention_mask(attention_mask, B, T, past, x.device)
         for i, layer in enumerate(self.layers):
             ffn = self.ffns[self.config.ffn_index(i)]
             if self.gradient_checkpointing and self.training:
@@ -225,6 +238,18 @@ def build_attention_mask(
     return allowed
 
 
+def segment_mask_and_positions(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed rows: a [B, 1, T, T] causal mask confined to each segment, and per-segment positions."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = (same & (idx[None, :] <= idx[:, None]))[:, None]
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first_index = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return mask, idx - first_index
+
+
 class MobiLlama(nn.Module):
     """The causal language model: :class:`Decoder` plus the LM head. Plain ``nn.Module``.
 
@@ -248,8 +273,9 @@ class MobiLlama(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds, segment_ids)
         return self.lm_head(hidden)
 
     def num_parameters(self) -> int:
@@ -304,4 +330,5 @@ __all__ = [
     "flops_per_token",
     "init_weights",
     "rope_cos_sin",
+    "segment_mask_and_positions",
 ]

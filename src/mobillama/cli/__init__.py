@@ -17,7 +17,13 @@ from mobillama.errors import MobiLlamaError
 # Stage modules, in pipeline order; each defines register(subparsers).
 STAGES = [
     "mobillama.cli.core",
+    "mobillama.cli.demo",
+    "mobillama.cli.data",
+    "mobillama.cli.convert",
     "mobillama.cli.infer",
+    "mobillama.cli.serve",
+    "mobillama.cli.eval",
+    "mobillama.cli.train",
 ]
 
 
@@ -38,7 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Commands that take recipe-style "--section.key=value" overrides get the unknown options as
+    # args.overrides; for every other command they are the usual argparse error.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "accepts_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
     try:
         result = args.func(args)
     except MobiLlamaError as e:

@@ -1,0 +1,198 @@
+"""Training throughput: this engine's train step against a plain loop over transformers.LlamaForCausalLM.
+
+Same shape (a ~20M-parameter Llama at seq 256: 8 layers, hidden 384, FFN 1024, 6 heads, vocab 8192),
+same batch (8 x 256 tokens per step), same dtype (fp32), same optimizer (AdamW 0.9/0.95, wd 0.1, clip 1.0).
+Variants, each in its own process so peak RSS is its own:
+
+    hf-llama          plain loop: model(input_ids, labels=...) -> loss.backward() -> clip -> AdamW step
+    engine            mobillama Trainer.train_step, ffn_sharing none (the identical model)
+    engine-compiled   the same with model.compile (recipe key model.compile: each layer torch.compile'd)
+    engine-shared     the MobiLlama variant (one shared FFN: same compute, fewer parameters)
+
+MFU is reported against a peak measured in the same run (a large fp32 matmul on this machine), since a
+shared VM has no reliable spec-sheet peak. Usage::
+
+    python benchmarks/train_throughput.py [--steps 5] [--warmup 2] [--batch 8] [--threads 2]
+
+Throughput comes from one process that runs one step of each variant in turn (so load changes on a
+shared machine hit all variants alike; medians reported); peak RSS from a fresh process per variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPE = dict(
+    vocab_size=8192,
+    hidden_size=384,
+    intermediate_size=1024,
+    num_hidden_layers=8,
+    num_attention_heads=6,
+    num_key_value_heads=6,
+    max_position_embeddings=256,
+)
+SEQ, BATCH = 256, 8
+VARIANTS = ["hf-llama", "engine", "engine-compiled", "engine-shared"]
+
+
+def _batches(steps: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        rows = torch.randint(3, SHAPE["vocab_size"], (BATCH, SEQ + 1), generator=g)
+        yield {"input_ids": rows[:, :-1].contiguous(), "labels": rows[:, 1:].contiguous()}
+
+
+def peak_matmul_flops(seconds: float = 3.0) -> float:
+    """Achieved fp32 GEMM FLOP/s (2048^3): the practical peak of this machine right now."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 2048**3 / (time.perf_counter() - t0)
+
+
+def build_step(name: str, total_steps: int):
+    """(step function taking a batch, parameter count) for one variant."""
+    import torch
+
+    torch.manual_seed(0)
+    if name == "hf-llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(**SHAPE, rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+        def step(batch):
+            # the same targets as the engine (labels already shifted), loss in fp32
+            logits = model(input_ids=batch["input_ids"]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+            )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        params = sum(p.numel() for p in model.parameters())
+    else:
+        from mobillama.config import ModelConfig
+        from mobillama.model import MobiLlama
+        from mobillama.train.distributed import DistContext
+        from mobillama.train.loop import Trainer
+        from mobillama.train.recipe import recipe_from_dict
+
+        sharing = "all" if name == "engine-shared" else "none"
+        config = ModelConfig(**SHAPE, ffn_sharing=sharing)
+        model = MobiLlama(config)
+        if name == "engine-compiled":
+            for layer in model.model.layers:
+                layer.compile()
+        recipe = recipe_from_dict(
+            {"model": {"preset": "tiny"}, "optim": {"warmup_steps": 0}, "train": {"max_steps": total_steps}}
+        )
+
+        class Source:  # the trainer pulls this step's micro-batches from here
+            batch = None
+
+            def next_step(self):
+                return [self.batch]
+
+        source = Source()
+        trainer = Trainer(model, recipe, source, ctx=DistContext(), run_dir="/tmp/unused")
+
+        def step(batch):
+            source.batch = batch
+            trainer.train_step()
+
+        params = model.num_parameters()
+    return step, params
+
+
+def peak_rss(name: str, warmup: int) -> float:
+    """Peak RSS (MB) of a fresh process that builds the variant and runs ``warmup + 1`` steps."""
+    step, _ = build_step(name, warmup + 1)
+    for batch in _batches(warmup + 1):
+        step(batch)
+    # VmHWM, not getrusage: Linux carries ru_maxrss across fork+exec, so a child of this (large) parent
+    # would report the parent's peak.
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    global BATCH
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--steps", type=int, default=5, help="measured rounds (one step of every variant each)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="unmeasured steps first (compilation, allocator)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every variant")
+    parser.add_argument("--batch", type=int, default=BATCH, help="samples of 256 tokens per step")
+    parser.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS processes")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    BATCH = args.batch
+    torch.set_num_threads(args.threads)
+    if args.variant:
+        print(json.dumps({"peak_rss_mb": peak_rss(args.variant, args.warmup)}))
+        return
+    from mobillama.config import ModelConfig
+    from mobillama.model import flops_per_token
+
+    # Throughput: all variants in this process, one step of each in turn per round, so load changes on a
+    # shared machine hit every variant alike; the median step time per variant is reported.
+    rounds = args.warmup + args.steps
+    steps = {v: build_step(v, rounds) for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    peak = peak_matmul_flops()
+    for r, batch in enumerate(_batches(rounds)):
+        for v in VARIANTS:
+            t0 = time.perf_counter()
+            steps[v][0](batch)
+            if r >= args.warmup:
+                times[v].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{rounds}", file=sys.stderr)
+    peak = max(peak, peak_matmul_flops())
+    rss = {}
+    if not args.no_rss:
+        for v in VARIANTS:
+            cmd = [sys.executable, __file__, "--variant", v, "--warmup", "1", "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=True).stdout
+            rss[v] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
+    fpt = flops_per_token(ModelConfig(**SHAPE, ffn_sharing="none"), SEQ)
+    tps = {v: BATCH * SEQ / statistics.median(t) for v, t in times.items()}
+    base = tps["hf-llama"]
+    print(f"shape {SHAPE}, batch {BATCH}x{SEQ}, fp32, {args.steps} measured rounds, {args.threads} threads")
+    print(f"measured fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s; training FLOPs/token {fpt / 1e6:.1f} M")
+    print(f"{'variant':<16} {'params':>11} {'tokens/s':>10} {'vs hf':>7} {'MFU':>7} {'peak RSS MB':>12}")
+    for v in VARIANTS:
+        mem = f"{rss[v]:>12.0f}" if v in rss else f"{'-':>12}"
+        print(
+            f"{v:<16} {steps[v][1]:>11,} {tps[v]:>10.0f} {tps[v] / base:>6.2f}x {tps[v] * fpt / peak:>6.1%} {mem}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# System packages the test suite needs beyond PyPI: Debian's chromium and its chromedriver for the
+# chat page's browser test (tests/serve/test_browser.py). Idempotent: does nothing when both exist.
+# Needs root (or sudo) and the Debian mirrors; the browser is never downloaded by a test tool.
+set -euo pipefail
+if [ -x /usr/bin/chromium ] && command -v chromedriver >/dev/null 2>&1; then
+    exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+$SUDO apt-get install -y -qq chromium chromium-driver

@@ -1,0 +1,129 @@
+"""``mobillama convert``: Hugging Face checkpoints in (``from-hf``); Llama and GGUF out (``to-llama``, ``to-gguf``)."""
+
+from __future__ import annotations
+
+import argparse
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert checkpoints: import the original release / Llama checkpoints, export Llama or GGUF",
+        description="Convert between this project's checkpoints and other formats. Subcommands: from-hf "
+        "(import), to-llama (stock transformers Llama), to-gguf (llama.cpp / ollama).",
+    )
+    sub = p.add_subparsers(dest="convert_command", metavar="SUBCOMMAND", required=True)
+
+    f = sub.add_parser(
+        "from-hf",
+        help="import the original MobiLlama release or any Llama checkpoint in Hugging Face format",
+        description="Import a Hugging Face Llama-format checkpoint directory (config.json with model_type "
+        "'llama' plus *.safetensors or pytorch_model*.bin, single or sharded with an index file) into a "
+        "mobillama checkpoint. Handles the original release's pitfalls: head counts are read from the "
+        "weight shapes (the released num_key_value_heads field is wrong), rotary inv_freq buffers are "
+        "dropped, and the per-layer FFN copies are compared bit for bit: identical copies become one "
+        "shared FFN (ffn_sharing 'all'); differing copies (the 1B large base) import as ffn_sharing "
+        "'none' with a notice naming the first differing tensor. Pickle (.bin) files are read with "
+        "torch.load(weights_only=True) only. Tokenizer files are copied. Output is written atomically.",
+    )
+    f.add_argument("src", metavar="SRC", help="source checkpoint directory (Hugging Face Llama format)")
+    f.add_argument(
+        "out", metavar="OUT", help="output checkpoint directory (must not exist unless --overwrite)"
+    )
+    f.add_argument(
+        "--collapse",
+        metavar="layer:K|mean",
+        default=None,
+        help="when the per-layer FFNs differ, build a shared model anyway from layer K's FFN ('layer:K') or "
+        "from the mean of all layers' FFNs ('mean'); the result is a new model that no longer reproduces "
+        "the source's outputs (default: keep one FFN per layer)",
+    )
+    _add_dtype_and_overwrite(f, "source")
+    f.set_defaults(func=run_from_hf)
+
+    t = sub.add_parser(
+        "to-llama",
+        help="export a checkpoint as a stock transformers LlamaForCausalLM checkpoint",
+        description="Write a standard LlamaForCausalLM checkpoint (config.json with model_type 'llama', "
+        "model.safetensors, generation_config.json, tokenizer files) that transformers and other Llama "
+        "runtimes load without this package. Llama has no shared FFN, so the FFN is written once per layer "
+        "(model.layers.N.mlp.*): the file is larger, the outputs are identical.",
+    )
+    t.add_argument("ckpt", metavar="CKPT", help="a mobillama checkpoint directory")
+    t.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
+    _add_dtype_and_overwrite(t, "checkpoint")
+    t.set_defaults(func=run_to_llama)
+
+    g = sub.add_parser(
+        "to-gguf",
+        help="export a checkpoint as a GGUF file for llama.cpp / ollama (FFN duplicated per layer)",
+        description="Write a GGUF file with llama.cpp's 'llama' architecture: llama.* metadata, llama.cpp "
+        "tensor names, q/k rows permuted to GGML's RoPE layout, and the tokenizer as tokenizer.ggml.* "
+        "(a notice says when the checkpoint has no tokenizer). The GGUF format cannot alias one tensor "
+        "from several layers, so the shared FFN is stored once PER LAYER: the file is as large, and as "
+        "slow in llama.cpp, as a dedicated-FFN model of the same shape. Norms stay float32; with q8_0/q4_0 "
+        "a matrix whose rows are not a multiple of 32 is stored as f16 (reported).",
+    )
+    g.add_argument("ckpt", metavar="CKPT", help="a mobillama checkpoint directory")
+    g.add_argument("out", metavar="OUT.gguf", help="output GGUF file (must not exist unless --overwrite)")
+    g.add_argument(
+        "--type",
+        dest="gguf_type",
+        choices=("f16", "q8_0", "q4_0"),
+        default="f16",
+        help="weight type of the matrices: f16 (default, lossless for bf16/f16 weights up to rounding), "
+        "q8_0 (8-bit blocks of 32) or q4_0 (4-bit blocks of 32), quantized by the gguf package",
+    )
+    g.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it already exists")
+    g.set_defaults(func=run_to_gguf)
+
+
+def _add_dtype_and_overwrite(parser: argparse.ArgumentParser, source: str) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help=f"cast the weights to this dtype (default: keep the {source}'s dtype)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
+
+
+def _print_notices(notices: list[str]) -> None:
+    for notice in notices:
+        print(f"notice: {notice}")
+
+
+def run_from_hf(args: argparse.Namespace) -> int:
+    from mobillama.convert import import_hf
+
+    report = import_hf(args.src, args.out, collapse=args.collapse, dtype=args.dtype, overwrite=args.overwrite)
+    _print_notices(report.notices)
+    print(
+        f"imported {report.source} ({report.source_format}, "
+        f"{len(report.weight_files)} weight file(s)) -> {args.out}: ffn_sharing {report.ffn_sharing}, "
+        f"{report.num_key_value_heads} key/value heads"
+    )
+    return 0
+
+
+def run_to_llama(args: argparse.Namespace) -> int:
+    from mobillama.convert import export_llama
+
+    out = export_llama(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote LlamaForCausalLM checkpoint {out} (FFN duplicated per layer)")
+    return 0
+
+
+def run_to_gguf(args: argparse.Namespace) -> int:
+    from mobillama.convert import export_gguf
+
+    report = export_gguf(args.ckpt, args.out, gguf_type=args.gguf_type, overwrite=args.overwrite)
+    _print_notices(report.notices)
+    types = ", ".join(f"{n} {k}" for k, n in sorted(report.tensor_types.items()))
+    print(
+        f"wrote {report.path} ({report.file_bytes / 1e6:.1f} MB, {report.num_tensors} tensors: {types}; "
+        f"vocabulary: {report.vocab})"
+    )
+    return 0

@@ -1,0 +1,120 @@
+"""``mobillama serve``: the OpenAI-compatible server and the web chat page."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a checkpoint over an OpenAI-compatible HTTP API with a web chat page",
+        description="Serve /v1/completions, /v1/chat/completions (streaming with server-sent events) and "
+        "/v1/models, GET /health and /ready, and a chat page at /. Binds 127.0.0.1 by default; a "
+        "non-loopback --host needs --api-key (or --insecure). Access log: one JSON line per request on "
+        "stdout. SIGTERM drains: running requests get --shutdown-timeout seconds, then end with "
+        "finish_reason 'abort'.",
+    )
+    p.add_argument(
+        "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MOBILLAMA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOBILLAMA_API_KEY, which keeps the "
+        "key out of the process list)",
+    )
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument("--max-concurrency", type=int, default=1, help="generations running at once (default 1)")
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=16,
+        help="requests that may wait for a slot; beyond it: 429 (default 16)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1_000_000,
+        help="largest request body accepted (default 1000000)",
+    )
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=256,
+        help="max_tokens when a request gives none, capped to the room left in the context (default 256)",
+    )
+    p.add_argument(
+        "--model-name", help="model id reported by /v1/models (default: the checkpoint folder name)"
+    )
+    p.add_argument(
+        "--log-prompts", action="store_true", help="include prompt text in the access log (off: privacy)"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds running requests get to finish after SIGTERM before they are cut (default 30)",
+    )
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="compute dtype (default bf16)")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=[8, 4],
+        help="quantize the weights on the fly to int8 or int4 (less memory)",
+    )
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from functools import partial
+    from pathlib import Path
+
+    from mobillama.errors import MobiLlamaError
+    from mobillama.serve.app import ServeSettings
+    from mobillama.serve.server import check_bind, load_generator, run_server
+
+    for name in ("max_concurrency", "max_body_bytes", "default_max_tokens"):
+        if getattr(args, name) < 1:
+            raise MobiLlamaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.queue_size < 0:
+        raise MobiLlamaError(f"--queue-size must be >= 0, got {args.queue_size}")
+    if not 0 <= args.port <= 65535:
+        raise MobiLlamaError(f"--port must be in 0..65535, got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise MobiLlamaError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    check_bind(args.host, args.api_key, args.insecure)  # before loading anything
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise MobiLlamaError(f"checkpoint not found: {checkpoint}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MobiLlamaError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = ServeSettings(
+        model_name=args.model_name or checkpoint.resolve().name,
+        api_key=args.api_key or None,
+        max_concurrency=args.max_concurrency,
+        queue_size=args.queue_size,
+        max_body_bytes=args.max_body_bytes,
+        log_prompts=args.log_prompts,
+        default_max_tokens=args.default_max_tokens,
+    )
+    loader = partial(load_generator, checkpoint, dtype=args.dtype, bits=args.bits)
+    run_server(
+        loader,
+        settings,
+        host=args.host,
+        port=args.port,
+        insecure=args.insecure,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    return 0

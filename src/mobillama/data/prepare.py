@@ -1,0 +1,655 @@
+"""``mobillama data prepare``: text sources → packed, shuffled, hashed token shards with a manifest.
+
+The pipeline, and why each step is the way it is:
+
+1. **Resolve and hash sources** (:mod:`mobillama.data.sources`): every input file's size and sha256 go in
+   the manifest, so a shard directory names exactly what it was built from.
+2. **Tokenize** in document order. Batches of ~1 MB of text go to ``workers`` processes; results are
+   taken back in submission order, so the token stream does not depend on the worker count. At most
+   ``2 × workers`` batches are in flight, so memory stays flat however large the corpus. Tokens go to a
+   temporary file inside the (temporary) output directory, never to RAM.
+3. **Split by document**: a seeded permutation of the document list; its first ``val_fraction`` of
+   documents form the validation split, the rest train. A document is never cut between splits.
+4. **Pack**: each split's documents, in that shuffled order, are written as ``<s> tokens </s>`` one
+   after the other and cut into rows of ``seq_len + 1`` tokens (Amber's 2049 layout: inputs are
+   ``row[:-1]``, targets ``row[1:]``). The incomplete last row is dropped (counted in the manifest).
+   Train rows are divided into ``chunks`` shards of near-equal size (Amber used 360); val is one shard.
+   Each shard is a raw little-endian uint16 (vocab ≤ 65536) or uint32 array; its sha256 is computed while
+   writing. A ``{split}-docs.npy`` index maps every token range back to its source file and document.
+5. **Manifest** (``manifest.json``, documented field by field in docs/data.md) and a copy of the tokenizer
+   (``tokenizer/``) are written, and the temporary directory is renamed into place only now
+   (:func:`~mobillama.checkpoint.atomic_directory`): a failure leaves no half-written output.
+
+Nothing in the output depends on the clock, the machine's core count or the worker count: the same
+inputs, tokenizer and seed give byte-identical files (manifest included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+from array import array
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from mobillama.checkpoint import atomic_directory, sha256_file, write_json
+from mobillama.data.sources import DEFAULT_MAX_DOC_BYTES, SkipLog, Source, iter_documents, resolve_sources
+from mobillama.errors import MobiLlamaError
+from mobillama.tokenizer import Tokenizer, load_tokenizer, plain_text_backend
+
+FORMAT = "mobillama-token-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER_SUBDIR = "tokenizer"
+TOKENS_TMP = ".tokens.tmp"
+BATCH_BYTES = 1 << 20
+DOC_INDEX_COLUMNS = ("source_id", "locator", "start", "length")
+
+
+def shard_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab ≤ 65536): half the disk and page cache of uint32."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# ---- tokenization ------------------------------------------------------------------------------------------
+_WORKER: dict[str, Any] = {}
+
+
+def _init_encoder(tokenizer_json: str, dtype: str) -> None:
+    """Per-process setup: a plain-text encoder, single-threaded (the processes are the parallelism)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["backend"] = plain_text_backend(tokenizer_json)
+    _WORKER["dtype"] = np.dtype(dtype)
+
+
+def _encode_texts(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Encode a batch; returns (all ids concatenated, per-document lengths) as compact arrays."""
+    ids = [e.ids for e in _WORKER["backend"].encode_batch(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=_WORKER["dtype"], count=int(lengths.sum()))
+    return flat, lengths
+
+
+@contextlib.contextmanager
+def _single_threaded_tokenizers() -> Iterator[None]:
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def encode_stream(
+    batches: Iterator[tuple[Any, list[str]]], tokenizer_json: str, dtype: np.dtype, workers: int
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+    """Encode ``(meta, texts)`` batches in order with ``workers`` processes (1: in this process)."""
+    if workers == 1:
+        saved = dict(_WORKER)
+        with _single_threaded_tokenizers():
+            _init_encoder(tokenizer_json, dtype.str)
+            try:
+                for meta, texts in batches:
+                    yield (meta, *_encode_texts(texts))
+            finally:
+                _WORKER.clear()
+                _WORKER.update(saved)
+        return
+    # fork shares the already-imported modules (spawn would re-import torch/transformers per worker)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    pool = ctx.Pool(workers, initializer=_init_encoder, initargs=(tokenizer_json, dtype.str))
+    try:
+        pending: deque = deque()
+        for meta, texts in batches:
+            pending.append((meta, pool.apply_async(_encode_texts, (texts,))))
+            while len(pending) >= 2 * workers:  # bounded read-ahead: memory stays flat
+                meta_done, result = pending.popleft()
+                yield (meta_done, *result.get())
+        while pending:
+            meta_done, result = pending.popleft()
+            yield (meta_done, *result.get())
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+@dataclass
+class DocumentTable:
+    """Where each tokenized document lives in the temporary token file, and where it came from."""
+
+    source_ids: array = field(default_factory=lambda: array("q"))
+    locators: array = field(default_factory=lambda: array("q"))
+    lengths: array = field(default_factory=lambda: array("q"))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(source ids, locators, lengths, offsets into the token file) as int64 arrays."""
+        source_ids, locators, lengths = (
+            np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
+            for a in (self.source_ids, self.locators, self.lengths)
+        )
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if len(lengths) else lengths
+        return source_ids, locators, lengths, offsets
+
+
+def _batches(
+    sources: Sequence[Source], skips: SkipLog, max_doc_bytes: int, stats: list[Counter]
+) -> Iterator[tuple[list[tuple[int, int, int]], list[str]]]:
+    """Group documents into ~1 MB batches: ((source_id, locator, n_bytes) per doc, texts)."""
+    meta, texts, size = [], [], 0
+    for sid, source in enumerate(sources):
+        for locator, text in iter_documents(source, sid, skips, max_doc_bytes=max_doc_bytes):
+            n_bytes = len(text.encode("utf-8"))
+            meta.append((sid, locator, n_bytes))
+            texts.append(text)
+            size += n_bytes
+            if size >= BATCH_BYTES:
+                yield meta, texts
+                meta, texts, size = [], [], 0
+    if texts:
+        yield meta, texts
+
+
+def tokenize_sources(
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    tokens_path: Path,
+    dtype: np.dtype,
+    *,
+    workers: int,
+    skips: SkipLog,
+    max_doc_bytes: int,
+    progress: bool,
+) -> tuple[DocumentTable, list[Counter]]:
+    """Tokenize every document into ``tokens_path``; return the document table and per-source counts."""
+    from tqdm.auto import tqdm
+
+    table = DocumentTable()
+    stats = [Counter() for _ in sources]
+    n_docs = n_tokens = 0
+    tokenizer_json = tokenizer.hf.backend_tokenizer.to_str()
+    batches = _batches(sources, skips, max_doc_bytes, stats)
+    with (
+        open(tokens_path, "wb", buffering=1 << 20) as out,
+        tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar,
+    ):
+        for meta, flat, lengths in encode_stream(batches, tokenizer_json, dtype, workers):
+            out.write(flat.tobytes())
+            batch_bytes = 0
+            for (sid, locator, n_bytes), n in zip(meta, lengths.tolist()):
+                table.source_ids.append(sid)
+                table.locators.append(locator)
+                table.lengths.append(n)
+                stats[sid]["documents"] += 1
+                stats[sid]["tokens"] += n
+                stats[sid]["text_bytes"] += n_bytes
+                batch_bytes += n_bytes
+            n_docs += len(meta)
+            n_tokens += int(flat.size)
+            bar.update(batch_bytes)
+            bar.set_postfix(docs=n_docs, tokens=n_tokens, skipped=skips.total, refresh=False)
+    return table, stats
+
+
+# ---- splitting and packing ------------------------------------------------------------------------------------
+def split_documents(n_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) document indices: a seeded permutation; val takes its first round(n·fraction) docs."""
+    perm = np.random.Generator(np.random.PCG64(seed)).permutation(n_docs)
+    n_val = 0 if val_fraction <= 0 else max(1, round(n_docs * val_fraction))
+    if n_val >= n_docs:
+        raise MobiLlamaError(
+            f"--val-fraction {val_fraction} leaves no training documents ({n_docs} usable document(s)); "
+            "add text or lower --val-fraction (0 disables the validation split)"
+        )
+    return perm[n_val:], perm[:n_val]
+
+
+class _ShardWriter:
+    """Writes a split's token stream into consecutive shard files, hashing as it goes."""
+
+    def __init__(self, directory: Path, split: str, sizes: list[int], sample_len: int, dtype: np.dtype):
+        self.directory, self.split, self.sample_len, self.dtype = directory, split, sample_len, dtype
+        self.sizes = sizes
+        self.shards: list[dict] = []
+        self._index = -1
+        self._file = None
+        self._hash = None
+        self._room = 0
+        self._samples_before = 0
+        self._open_next()
+
+    @property
+    def done(self) -> bool:
+        return self._file is None
+
+    def _open_next(self) -> None:
+        self._index += 1
+        if self._index >= len(self.sizes):
+            self._file = None
+            return
+        name = f"{self.split}-{self._index:05d}.bin"
+        self._file = open(self.directory / name, "wb", buffering=1 << 20)  # noqa: SIM115 (closed in _close)
+        self._hash = hashlib.sha256()
+        self._room = self.sizes[self._index] * self.sample_len
+        self.shards.append(
+            {
+                "path": name,
+                "num_samples": self.sizes[self._index],
+                "sample_offset": self._samples_before,
+                "sha256": None,
+                "bytes": self._room * self.dtype.itemsize,
+            }
+        )
+        self._samples_before += self.sizes[self._index]
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size and self._file is not None:
+            part = tokens[: self._room]
+            data = part.astype(self.dtype, copy=False).tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._room -= part.size
+            tokens = tokens[part.size :]
+            if self._room == 0:
+                self._file.close()
+                self.shards[-1]["sha256"] = self._hash.hexdigest()
+                self._open_next()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def pack_split(
+    name: str,
+    doc_ids: np.ndarray,
+    table: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    tokens: BinaryIO,
+    directory: Path,
+    *,
+    seq_len: int,
+    n_shards: int,
+    dtype: np.dtype,
+    bos_id: int,
+    eos_id: int,
+) -> dict:
+    """Write one split's shards and document index; return its manifest entry.
+
+    ``tokens`` is the temporary token file (all documents, in reading order) opened for reading.
+    """
+    source_ids, locators, lengths, offsets = table
+    sample_len = seq_len + 1
+    doc_lengths = lengths[doc_ids] + 2  # <s> ... </s>
+    total = int(doc_lengths.sum())
+    n_samples = total // sample_len
+    if n_samples == 0:
+        hint = "raise --val-fraction" if name == "val" else "add text"
+        raise MobiLlamaError(
+            f"the {name} split has {total} tokens, fewer than one sample of {sample_len} (--seq-len + 1); "
+            f"lower --seq-len or {hint}"
+        )
+    if n_shards > n_samples:
+        raise MobiLlamaError(
+            f"--chunks {n_shards} is more than the {n_samples} {name} samples; lower --chunks"
+        )
+    sizes = [n_samples // n_shards + (i < n_samples % n_shards) for i in range(n_shards)]
+    starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
+    index = np.stack([source_ids[doc_ids], locators[doc_ids], starts, doc_lengths], axis=1).astype("<i8")
+    index_name = f"{name}-docs.npy"
+    np.save(directory / index_name, index, allow_pickle=False)
+
+    writer = _ShardWriter(directory, name, sizes, sample_len, dtype)
+    bos, eos = np.array([bos_id], dtype), np.array([eos_id], dtype)
+    try:
+        for d in doc_ids.tolist():
+            if writer.done:
+                break
+            # explicit reads, not a memmap: mapped pages would count in RSS and grow with the corpus
+            tokens.seek(int(offsets[d]) * dtype.itemsize)
+            body = np.fromfile(tokens, dtype=dtype, count=int(lengths[d]))
+            writer.write(np.concatenate([bos, body, eos]))
+    finally:
+        writer.close()
+    return {
+        "shards": writer.shards,
+        "num_samples": n_samples,
+        "num_tokens": n_samples * sample_len,
+        "num_documents": len(doc_ids),
+        "document_tokens": total,
+        "dropped_tokens": total - n_samples * sample_len,
+        "doc_index": {
+            "path": index_name,
+            "sha256": sha256_file(directory / index_name),
+            "columns": list(DOC_INDEX_COLUMNS),
+        },
+    }
+
+
+# ---- the command -----------------------------------------------------------------------------------------------
+def _check_options(seq_len: int, val_fraction: float, chunks: int, workers: int, max_doc_bytes: int) -> None:
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise MobiLlamaError(f"--seq-len must be a positive integer, got {seq_len!r}")
+    if not 0 <= val_fraction < 1:
+        raise MobiLlamaError(f"--val-fraction must be in [0, 1), got {val_fraction!r}")
+    if not isinstance(chunks, int) or chunks < 1:
+        raise MobiLlamaError(f"--chunks must be a positive integer, got {chunks!r}")
+    if not isinstance(workers, int) or workers < 1:
+        raise MobiLlamaError(f"--workers must be a positive integer, got {workers!r}")
+    if max_doc_bytes < 1:
+        raise MobiLlamaError(f"the maximum document size must be positive, got {max_doc_bytes!r}")
+
+
+def describe_sources(sources: Sequence[Source], progress: bool) -> list[dict]:
+    """Size and sha256 of every source file (the manifest's record of what went in)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for sid, source in enumerate(tqdm(sources, desc="hashing sources", unit="file", disable=not progress)):
+        out.append(
+            {
+                "id": sid,
+                **source.describe(),
+                "size": source.path.stat().st_size,
+                "sha256": sha256_file(source.path),
+            }
+        )
+    return out
+
+
+def prepare_corpus(
+    inputs: Sequence[str | Path] = (),
+    tokenizer: str | Path | Tokenizer | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    source: str | None = None,
+    seq_len: int = 2048,
+    val_fraction: float = 0.01,
+    chunks: int = 1,
+    workers: int | None = None,
+    text_field: str = "text",
+    split: str = "train",
+    seed: int = 0,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Build a token-shard directory at ``out_dir`` from text inputs; return its manifest.
+
+    See the module docstring for the steps and docs/data.md for the output format.
+    """
+    if not tokenizer or not out_dir:
+        raise MobiLlamaError("prepare_corpus needs a tokenizer and an output directory")
+    workers = default_workers() if workers is None else workers
+    _check_options(seq_len, val_fraction, chunks, workers, max_doc_bytes)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    if tok.bos_id is None or tok.eos_id is None:
+        raise MobiLlamaError(f"tokenizer {tok.origin}: needs BOS and EOS tokens to separate documents")
+    dtype = shard_dtype(tok.vocab_size)
+    sources = resolve_sources(inputs, source=source, text_field=text_field, split=split)
+    out_dir = Path(out_dir)
+
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        source_info = describe_sources(sources, progress)
+        skips = SkipLog(strict=strict)
+        tokens_path = tmp / TOKENS_TMP
+        table, stats = tokenize_sources(
+            sources,
+            tok,
+            tokens_path,
+            dtype,
+            workers=workers,
+            skips=skips,
+            max_doc_bytes=max_doc_bytes,
+            progress=progress,
+        )
+        arrays = table.arrays()
+        n_docs = len(arrays[2])
+        if n_docs == 0:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skips.by_reason.items())) or "no documents"
+            raise MobiLlamaError(f"no usable documents in the input ({reasons})")
+        train_docs, val_docs = split_documents(n_docs, val_fraction, seed)
+        common = {"seq_len": seq_len, "dtype": dtype, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+        with open(tokens_path, "rb") as tokens:
+            splits = {
+                "train": pack_split("train", train_docs, arrays, tokens, tmp, n_shards=chunks, **common)
+            }
+            if len(val_docs):
+                splits["val"] = pack_split("val", val_docs, arrays, tokens, tmp, n_shards=1, **common)
+        tokens_path.unlink()
+        (tmp / TOKENIZER_SUBDIR).mkdir()
+        tok.save_files(tmp / TOKENIZER_SUBDIR)
+
+        for info, counts in zip(source_info, stats):
+            info["documents"] = counts["documents"]
+            info["tokens"] = counts["tokens"]
+            info["text_bytes"] = counts["text_bytes"]
+            info["skipped"] = dict(sorted(skips.by_source.get(info["id"], Counter()).items()))
+        manifest = build_manifest(
+            tok, dtype, source_info, splits, skips,
+            inputs=[str(i) for i in inputs], source=source, seq_len=seq_len, seed=seed,
+            val_fraction=val_fraction, chunks=chunks, max_doc_bytes=max_doc_bytes,
+        )  # fmt: skip
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+def build_manifest(
+    tok: Tokenizer,
+    dtype: np.dtype,
+    sources: list[dict],
+    splits: dict,
+    skips: SkipLog,
+    **settings: Any,
+) -> dict:
+    from mobillama import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_by": f"mobillama {__version__}",
+        "seq_len": settings["seq_len"],
+        "sample_len": settings["seq_len"] + 1,
+        "dtype": dtype.name,
+        "byte_order": "little",
+        "vocab_size": tok.vocab_size,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "pad_id": tok.pad_id,
+        "tokenizer_sha256": tok.sha256,
+        "tokenizer": {"origin": tok.origin, "dir": TOKENIZER_SUBDIR},
+        "document_layout": "<s> document tokens </s>, concatenated and cut into rows of sample_len",
+        "seed": settings["seed"],
+        "val_fraction": settings["val_fraction"],
+        "chunks": settings["chunks"],
+        "max_doc_bytes": settings["max_doc_bytes"],
+        "inputs": settings["inputs"],
+        "source": settings["source"],
+        "documents": {
+            "used": sum(s["documents"] for s in sources),
+            "skipped": skips.total,
+            **{name: split["num_documents"] for name, split in splits.items()},
+        },
+        "tokens": {
+            "documents": sum(s["tokens"] for s in sources),
+            **{name: split["num_tokens"] for name, split in splits.items()},
+        },
+        "skipped": {
+            "total": skips.total,
+            "by_reason": dict(sorted(skips.by_reason.items())),
+            "examples": skips.examples,
+        },
+        "sources": sources,
+        "splits": splits,
+    }
+
+
+# ---- reading back ----------------------------------------------------------------------------------------------
+REQUIRED_KEYS = (
+    "format_version",
+    "seq_len",
+    "sample_len",
+    "dtype",
+    "vocab_size",
+    "bos_id",
+    "eos_id",
+    "splits",
+)
+
+
+def load_manifest(directory: str | Path) -> dict:
+    """Read and sanity-check ``manifest.json`` of a shard directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MobiLlamaError(f"shard directory not found: {directory}")
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise MobiLlamaError(
+            f"{directory}: no {MANIFEST} (not a directory written by 'mobillama data prepare')"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MobiLlamaError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise MobiLlamaError(f"{path}: expected a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise MobiLlamaError(f"{path}: missing key {missing[0]!r}")
+    if manifest.get("format") != FORMAT or manifest["format_version"] != FORMAT_VERSION:
+        raise MobiLlamaError(
+            f"{path}: format {manifest.get('format')!r} version {manifest['format_version']!r} is not "
+            f"{FORMAT!r} version {FORMAT_VERSION}"
+        )
+    if manifest["dtype"] not in ("uint16", "uint32") or manifest["sample_len"] != manifest["seq_len"] + 1:
+        raise MobiLlamaError(f"{path}: inconsistent dtype/seq_len/sample_len")
+    return manifest
+
+
+def _shard_entries(manifest: dict, split: str, directory: Path) -> list[dict]:
+    splits = manifest["splits"]
+    if split not in splits:
+        raise MobiLlamaError(f"{directory}: no {split!r} split (splits: {', '.join(splits) or 'none'})")
+    return splits[split]["shards"]
+
+
+def check_shard(directory: Path, entry: dict, manifest: dict, *, verify_hash: bool) -> Path:
+    """Existence and size always; sha256 when ``verify_hash``. Raises one clear error on a mismatch."""
+    path = directory / entry["path"]
+    if not path.is_file():
+        raise MobiLlamaError(f"{path}: shard listed in the manifest is missing")
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    expected = entry["num_samples"] * manifest["sample_len"] * itemsize
+    size = path.stat().st_size
+    if size != expected:
+        raise MobiLlamaError(
+            f"{path}: {size} bytes, the manifest says {expected} (truncated or modified shard)"
+        )
+    if verify_hash:
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise MobiLlamaError(
+                f"{path}: sha256 {actual[:16]}… does not match the manifest's {str(entry['sha256'])[:16]}… "
+                "(corrupt or modified shard; re-run 'mobillama data prepare')"
+            )
+    return path
+
+
+def verify_shards(directory: str | Path, splits: Sequence[str] | None = None) -> dict:
+    """Check every shard (and document index) of the given splits against the manifest; return it."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    for split in splits or list(manifest["splits"]):
+        for entry in _shard_entries(manifest, split, directory):
+            check_shard(directory, entry, manifest, verify_hash=True)
+        doc_index = manifest["splits"][split].get("doc_index")
+        if doc_index and sha256_file(directory / doc_index["path"]) != doc_index["sha256"]:
+            raise MobiLlamaError(f"{directory / doc_index['path']}: sha256 does not match the manifest")
+    return manifest
+
+
+def open_split(directory: str | Path, split: str = "train", *, verify: bool = True) -> list[np.ndarray]:
+    """Memory-mapped shards of one split, each shaped ``[num_samples, sample_len]`` (read-only).
+
+    With ``verify`` each shard's sha256 is checked first (one read of the data); sizes are always checked.
+    Nothing is loaded into RAM: rows are read from disk when indexed.
+    """
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    out = []
+    for entry in _shard_entries(manifest, split, directory):
+        path = check_shard(directory, entry, manifest, verify_hash=verify)
+        mm = np.memmap(path, dtype=np.dtype(manifest["dtype"]).newbyteorder("<"), mode="r")
+        out.append(mm.reshape(-1, manifest["sample_len"]))
+    return out
+
+
+def trace_sample(directory: str | Path, split: str, sample: int) -> list[dict]:
+    """Which source documents (file + locator) contribute tokens to row ``sample`` of ``split``."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    info = manifest["splits"].get(split)
+    if info is None:
+        raise MobiLlamaError(f"{directory}: no {split!r} split")
+    if not 0 <= sample < info["num_samples"]:
+        raise MobiLlamaError(f"sample {sample} is out of range: the {split} split has {info['num_samples']}")
+    index = np.load(directory / info["doc_index"]["path"], allow_pickle=False)
+    begin, end = sample * manifest["sample_len"], (sample + 1) * manifest["sample_len"]
+    starts, lengths = index[:, 2], index[:, 3]
+    hits = np.nonzero((starts < end) & (starts + lengths > begin))[0]
+    paths = {s["id"]: s["path"] for s in manifest["sources"]}
+    return [
+        {
+            "source": paths[int(index[i, 0])],
+            "locator": int(index[i, 1]),
+            "tokens_in_sample": int(min(end, starts[i] + lengths[i]) - max(begin, starts[i])),
+        }
+        for i in hits
+    ]
+
+
+def inspect_shards(
+    directory: str | Path, *, split: str = "train", sample: int = 0, show_tokens: int = 64
+) -> str:
+    """A human-readable summary of a shard directory plus one decoded sample and its provenance."""
+    directory = Path(directory)
+    m = load_manifest(directory)
+    lines = [
+        f"{directory}: {m['format']} v{m['format_version']}, seq_len {m['seq_len']}, {m['dtype']}, vocab {m['vocab_size']}",
+        f"tokenizer sha256 {m['tokenizer_sha256'][:16]}…, seed {m['seed']}, {len(m['sources'])} source file(s)",
+        f"documents: {m['documents']['used']} used, {m['skipped']['total']} skipped {m['skipped']['by_reason'] or ''}".rstrip(),
+    ]
+    for name, s in m["splits"].items():
+        lines.append(
+            f"  {name}: {s['num_samples']} samples in {len(s['shards'])} shard(s), {s['num_tokens']} tokens, "
+            f"{s['num_documents']} documents, {s['dropped_tokens']} tail tokens dropped"
+        )
+    if split in m["splits"] and show_tokens > 0:
+        rows = open_split(directory, split, verify=False)
+        offsets = [e["sample_offset"] for e in m["splits"][split]["shards"]]
+        if not 0 <= sample < m["splits"][split]["num_samples"]:
+            raise MobiLlamaError(f"sample {sample} is out of range for the {split} split")
+        shard = max(i for i, o in enumerate(offsets) if o <= sample)
+        row = rows[shard][sample - offsets[shard]]
+        tok = load_tokenizer(directory / m["tokenizer"]["dir"])
+        lines.append(f"{split} sample {sample}, first {show_tokens} tokens: {row[:show_tokens].tolist()}")
+        lines.append("decoded: " + repr(tok.decode(row[:show_tokens].tolist())))
+        for t in trace_sample(directory, split, sample):
+            lines.append(f"  from {t['source']} (locator {t['locator']}): {t['tokens_in_sample']} tokens")
+    return "\n".join(lines)

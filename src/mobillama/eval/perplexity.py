@@ -1,0 +1,125 @@
+"""Loss, perplexity and bits per byte of a checkpoint on a prepared validation split.
+
+Reads the token shards of ``mobillama data prepare`` (``manifest.json`` + raw memmaps of packed
+``seq_len + 1`` rows: inputs ``row[:-1]``, targets ``row[1:]``). Bits per byte makes models with different
+tokenizers comparable; it needs the UTF-8 byte count of the scored text. When the manifest records it
+(``splits.val.num_bytes``) that is used; otherwise each row's target tokens are decoded with the
+checkpoint's tokenizer and their bytes counted. The report says which (``bytes_source``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mobillama.errors import MobiLlamaError
+
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+_BYTES_KEYS = ("num_bytes", "bytes", "text_bytes")
+
+
+def read_split(data_dir: str | Path, split: str = "val") -> tuple[dict, list[np.ndarray]]:
+    """(manifest, list of [num_samples, seq_len + 1] arrays) of one split, checked against the manifest."""
+    data_dir = Path(data_dir)
+    manifest_path = data_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise MobiLlamaError(
+            f"{data_dir}: no manifest.json (expected the output of 'mobillama data prepare')"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise MobiLlamaError(f"{manifest_path}: not valid JSON ({e.msg})") from None
+    for key in ("seq_len", "dtype", "splits"):
+        if key not in manifest:
+            raise MobiLlamaError(f"{manifest_path}: missing key {key!r}")
+    if manifest["dtype"] not in _DTYPES:
+        raise MobiLlamaError(
+            f"{manifest_path}: dtype {manifest['dtype']!r} is not one of {', '.join(_DTYPES)}"
+        )
+    info = manifest["splits"].get(split)
+    if not info or not info.get("shards"):
+        raise MobiLlamaError(f"{manifest_path}: no {split!r} split with shards")
+    width = int(manifest.get("sample_len", manifest["seq_len"] + 1))
+    arrays = []
+    for shard in info["shards"]:
+        path = data_dir / shard["path"]
+        if not path.is_file():
+            raise MobiLlamaError(f"{manifest_path}: shard {shard['path']} not found")
+        itemsize = np.dtype(_DTYPES[manifest["dtype"]]).itemsize
+        size = path.stat().st_size
+        if size == 0 or size % (itemsize * width):
+            raise MobiLlamaError(f"{path}: {size} bytes is not a whole number of {width}-token rows")
+        rows = np.memmap(path, dtype=_DTYPES[manifest["dtype"]], mode="r").reshape(-1, width)
+        if "num_samples" in shard and rows.shape[0] != shard["num_samples"]:
+            raise MobiLlamaError(f"{path}: {rows.shape[0]} rows, manifest says {shard['num_samples']}")
+        arrays.append(rows)
+    return manifest, arrays
+
+
+def evaluate_perplexity(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    *,
+    split: str = "val",
+    batch_size: int = 8,
+    limit: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
+    """Mean next-token loss (nats), perplexity, bits per byte and counts on ``split``."""
+    from mobillama.checkpoint import load_model
+
+    manifest, arrays = read_split(data_dir, split)
+    model = load_model(checkpoint, dtype=dtype)
+    vocab = model.config.vocab_size
+    width = arrays[0].shape[1]
+    if width - 1 > model.config.max_position_embeddings:
+        raise MobiLlamaError(
+            f"{data_dir}: seq_len {width - 1} exceeds the model's maximum length "
+            f"{model.config.max_position_embeddings}"
+        )
+    rows = np.concatenate(arrays)[:limit] if limit else np.concatenate(arrays)
+    if rows.size and int(rows.max()) >= vocab:
+        raise MobiLlamaError(f"{data_dir}: token id {int(rows.max())} >= the model's vocab_size {vocab}")
+    manifest_bytes = next(
+        (manifest["splits"][split][k] for k in _BYTES_KEYS if k in manifest["splits"][split]), None
+    )
+    tokenizer = None
+    if manifest_bytes is None or limit:
+        from mobillama.eval.harness import load_eval_tokenizer
+
+        tokenizer = load_eval_tokenizer(checkpoint)
+    total_nll, total_tokens, total_bytes = 0.0, 0, 0
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(rows), batch_size), desc="perplexity", unit="batch"):
+            batch = torch.from_numpy(rows[start : start + batch_size].astype(np.int64))
+            logits = model(batch[:, :-1]).float()
+            nll = F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1), reduction="sum")
+            total_nll += float(nll)
+            total_tokens += batch[:, 1:].numel()
+            if tokenizer is not None:
+                for row in batch[:, 1:].tolist():
+                    total_bytes += len(tokenizer.decode(row, skip_special_tokens=True).encode("utf-8"))
+    if total_tokens == 0:
+        raise MobiLlamaError(f"{data_dir}: the {split!r} split has no samples")
+    bytes_source = "decoded target tokens" if tokenizer is not None else "manifest"
+    n_bytes = total_bytes if tokenizer is not None else int(manifest_bytes)
+    loss = total_nll / total_tokens
+    return {
+        "checkpoint": str(checkpoint),
+        "data_dir": str(data_dir),
+        "split": split,
+        "samples": int(len(rows)),
+        "tokens": total_tokens,
+        "bytes": n_bytes,
+        "bytes_source": bytes_source,
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": total_nll / math.log(2) / n_bytes if n_bytes else None,
+    }

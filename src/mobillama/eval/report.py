@@ -1,0 +1,202 @@
+"""Evaluation reports: one JSON per run (every task with status, metric, stderr, 95% CI, sample count and
+per-sample scores for later paired tests) and a markdown table beside the paper's Table 4."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from mobillama.errors import MobiLlamaError
+from mobillama.eval import stats
+
+REPORT_FORMAT = "mobillama-eval-report/1"
+
+# REFERENCE.md section 4 (paper Table 4), in the table's column order.
+PAPER_COLUMNS = ["HS", "TQA", "MMLU", "ARC-C", "CrowS", "PIQA", "RACE", "SIQA", "Wino"]
+PAPER_ROWS = {
+    "MobiLlama 0.5B (paper)": [52.52, 38.05, 26.45, 29.52, 64.03, 72.03, 33.68, 40.22, 57.53, 46.00],
+    "MobiLlama 0.8B (paper)": [54.09, 38.48, 26.92, 30.20, 64.82, 73.17, 33.37, 41.60, 57.45, 46.67],
+    "pythia-410m (paper)": [40.85, 41.22, 27.25, 26.19, 64.20, 67.19, 30.71, 41.40, 53.12, 43.57],
+    "opt-350m (paper)": [36.73, 40.83, 26.02, 23.55, 64.12, 64.74, 29.85, 41.55, 52.64, 42.22],
+}
+
+
+def _samples(raw: dict, lm_task: str, metric: str) -> tuple[list[str], list[float]]:
+    """Per-sample scores of a task (or of every subtask of a group, ids prefixed by the subtask)."""
+    samples = raw.get("samples", {})
+    names = [lm_task] if lm_task in samples else sorted(k for k in samples if k.startswith(lm_task + "_"))
+    ids, scores = [], []
+    for name in names:
+        for s in samples[name]:
+            ids.append(f"{name}/{s['doc_id']}" if name != lm_task else str(s["doc_id"]))
+            scores.append(float(s[metric]))
+    return ids, scores
+
+
+def build_report(*, checkpoint: str, specs, raw: dict | None, statuses: dict, settings: dict) -> dict:
+    tasks = {}
+    for spec in specs:
+        lm_task = spec.stock_task if settings.get("online") else spec.offline_task
+        status, reason = statuses.get(spec.name, ("ok", ""))
+        entry = {
+            "column": spec.column,
+            "lm_eval_task": lm_task,
+            "num_fewshot": spec.num_fewshot,
+            "metric": spec.metric,
+            "status": status,
+        }
+        if status != "ok" or raw is None:
+            entry["reason"] = reason
+            tasks[spec.name] = entry
+            continue
+        res = raw["results"].get(lm_task, {})
+        ids, scores = _samples(raw, lm_task, spec.metric)
+        if not scores:
+            entry.update(status="failed", reason=f"lm-eval returned no samples for {lm_task}")
+            tasks[spec.name] = entry
+            continue
+        ci = stats.bootstrap_ci(scores, seed=settings.get("seed", 0))
+        stderr = res.get(f"{spec.metric}_stderr,none")
+        entry.update(
+            value=ci["mean"],
+            lm_eval_value=res.get(f"{spec.metric},none"),
+            stderr=stderr if isinstance(stderr, float) and math.isfinite(stderr) else None,
+            ci95=[ci["ci_low"], ci["ci_high"]],
+            n=len(scores),
+            metrics={k.removesuffix(",none"): v for k, v in res.items() if k != "alias"},
+            samples={"ids": ids, "scores": scores},
+        )
+        tasks[spec.name] = entry
+    import lm_eval
+
+    done = [t for t in tasks.values() if t["status"] == "ok"]
+    return {
+        "format": REPORT_FORMAT,
+        "checkpoint": checkpoint,
+        "settings": settings,
+        "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
+        "tasks": tasks,
+        "average": {
+            "value": sum(t["value"] for t in done) / len(done) if done else None,
+            "tasks": len(done),
+            "of": len(tasks),
+        },
+    }
+
+
+def load_report(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise MobiLlamaError(f"report not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MobiLlamaError(f"{path}: not a JSON report ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+        raise MobiLlamaError(f"{path}: not a mobillama eval report (format {REPORT_FORMAT!r} expected)")
+    return data
+
+
+def _cell(task: dict | None) -> str:
+    if not task or task.get("status") != "ok":
+        return "n/a"
+    lo, hi = task["ci95"]
+    return f"{100 * task['value']:.2f} ±{100 * (hi - lo) / 2:.1f}"
+
+
+def format_markdown(report: dict, label: str = "this checkpoint") -> str:
+    """The run beside the paper's rows (scores x100; ± is half the 95% bootstrap interval)."""
+    by_col = {t["column"]: t for t in report["tasks"].values()}
+    header = "| model | " + " | ".join(PAPER_COLUMNS) + " | avg |"
+    lines = [header, "|" + "---|" * (len(PAPER_COLUMNS) + 2)]
+    for name, row in PAPER_ROWS.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    avg = report["average"]
+    avg_cell = (
+        "n/a" if avg["value"] is None else f"{100 * avg['value']:.2f} ({avg['tasks']}/{avg['of']} tasks)"
+    )
+    lines.append(
+        f"| {label} | " + " | ".join(_cell(by_col.get(c)) for c in PAPER_COLUMNS) + f" | {avg_cell} |"
+    )
+    lines += [
+        "",
+        "| task | status | metric | shots | n | value | 95% CI | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in report["tasks"].items():
+        if t["status"] == "ok":
+            lo, hi = t["ci95"]
+            lines.append(
+                f"| {name} | ok | {t['metric']} | {t['num_fewshot']} | {t['n']} | {100 * t['value']:.2f} | "
+                f"[{100 * lo:.2f}, {100 * hi:.2f}] | |"
+            )
+        else:
+            lines.append(
+                f"| {name} | {t['status']} | {t['metric']} | {t['num_fewshot']} | | | | {t.get('reason', '')} |"
+            )
+    if report["settings"].get("limit"):
+        lines += [
+            "",
+            f"Run with --limit {report['settings']['limit']}: not comparable with full-benchmark numbers.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
+    """Write ``out`` (JSON) and the markdown table beside it (same name, ``.md``); atomic per file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = out.with_suffix(".md")
+    for path, text in ((out, json.dumps(report, indent=1) + "\n"), (md, format_markdown(report))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return out, md
+
+
+def compare_reports(
+    path_a: str | Path, path_b: str | Path, *, iters: int = stats.DEFAULT_ITERS, seed: int = 0
+) -> dict:
+    """Paired bootstrap (B − A) over the tasks both reports evaluated, on the items both scored."""
+    a, b = load_report(path_a), load_report(path_b)
+    tasks_a, tasks_b, skipped = {}, {}, []
+    for name, ta in a["tasks"].items():
+        tb = b["tasks"].get(name)
+        if ta.get("status") != "ok" or not tb or tb.get("status") != "ok":
+            skipped.append(name)
+            continue
+        sb = dict(zip(tb["samples"]["ids"], tb["samples"]["scores"]))
+        common = [(i, s) for i, s in zip(ta["samples"]["ids"], ta["samples"]["scores"]) if i in sb]
+        if not common:
+            raise MobiLlamaError(
+                f"task {name}: the two reports share no scored items (different data or --limit?)"
+            )
+        tasks_a[name] = [s for _, s in common]
+        tasks_b[name] = [sb[i] for i, _ in common]
+    if not tasks_a:
+        raise MobiLlamaError(f"{path_a} and {path_b} have no evaluated task in common")
+    result = stats.paired_bootstrap(tasks_a, tasks_b, iters=iters, seed=seed)
+    result.update(a=str(path_a), b=str(path_b), skipped=skipped)
+    return result
+
+
+def format_comparison(result: dict) -> str:
+    lines = [
+        f"B − A, paired bootstrap ({result['iters']} resamples); A = {result['a']}, B = {result['b']}",
+        "| task | n | A | B | B − A | 95% CI | p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, t in result["tasks"].items():
+        lines.append(
+            f"| {name} | {t['n']} | {100 * t['a']:.2f} | {100 * t['b']:.2f} | {100 * t['diff']:+.2f} | "
+            f"[{100 * t['ci_low']:+.2f}, {100 * t['ci_high']:+.2f}] | {t['p_value']:.4f} |"
+        )
+    av = result["average"]
+    lines.append(
+        f"| average | | | | {100 * av['diff']:+.2f} | [{100 * av['ci_low']:+.2f}, {100 * av['ci_high']:+.2f}] "
+        f"| {av['p_value']:.4f} |"
+    )
+    if result["skipped"]:
+        lines.append(f"not compared (not evaluated in both): {', '.join(result['skipped'])}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Supervised fine-tuning (MobiLlama-Chat): conversation formats, assistant-only label masks, demo data."""

@@ -1,0 +1,148 @@
+"""``mobillama pretrain``: recipe + token shards -> a run directory (wires the pieces, holds no logic of its own).
+
+Run directory layout (docs/training.md)::
+
+    RUN/recipe.yaml          the resolved recipe (overrides applied)
+    RUN/run.json             lineage: data manifest hash, init checkpoint, world size, code version
+    RUN/metrics.jsonl        one record per logged step / evaluation
+    RUN/tensorboard/         TensorBoard event files
+    RUN/checkpoints/step-N/  training checkpoints (HF model dir + optimizer/loader/RNG state)
+    RUN/checkpoints.json|csv every checkpoint with step, tokens, loss, data position, hashes
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mobillama.checkpoint import sha256_file, write_json
+from mobillama.data.loader import StepBatches, TokenSplit, check_vocab, eval_batches
+from mobillama.errors import MobiLlamaError
+from mobillama.train.distributed import init_distributed, shutdown, wrap_model
+from mobillama.train.loop import Trainer
+from mobillama.train.recipe import Recipe, save_recipe
+
+
+def grad_accumulation(recipe: Recipe, seq_len: int, world_size: int) -> int:
+    """Micro-batches per step so that one step is ``batch.global_batch_tokens`` tokens over all ranks."""
+    per_pass = recipe.batch.micro_batch_size * seq_len * world_size
+    accum, rest = divmod(recipe.batch.global_batch_tokens, per_pass)
+    if rest or accum < 1:
+        raise MobiLlamaError(
+            f"recipe key 'batch.global_batch_tokens' ({recipe.batch.global_batch_tokens}) must be a multiple of "
+            f"micro_batch_size x seq_len x world size = {recipe.batch.micro_batch_size} x {seq_len} x {world_size}"
+        )
+    return accum
+
+
+def find_tokenizer_dir(data_dir: Path, manifest: dict[str, Any]) -> Path | None:
+    """The tokenizer the shards were made with, if the data directory records or contains it."""
+    for candidate in (manifest.get("tokenizer_dir"), manifest.get("tokenizer"), "tokenizer"):
+        if isinstance(candidate, str) and candidate:
+            path = Path(candidate) if Path(candidate).is_absolute() else data_dir / candidate
+            if path.is_dir():
+                return path
+    return None
+
+
+def run_pretrain(
+    recipe: Recipe, *, resume: str | None = None, init_from: str | None = None, say=print
+) -> dict[str, Any]:
+    """Train ``recipe`` (single process, or every rank of a torchrun launch) and return a summary."""
+    from mobillama.model import MobiLlama, flops_per_token
+    from mobillama.train.state import code_version, load_init_weights
+
+    init_from = init_from or recipe.model.init_from
+    ctx = init_distributed(recipe.train.strategy, recipe.train.device)
+    try:
+        config = recipe.model_config()
+        data_dir = Path(recipe.data.path)
+        train_split = TokenSplit(data_dir, recipe.data.train_split, verify=recipe.data.verify_hashes)
+        check_vocab(train_split, config.vocab_size)
+        seq_len = train_split.seq_len
+        if seq_len > config.max_position_embeddings:
+            raise MobiLlamaError(
+                f"{data_dir}: seq_len {seq_len} exceeds the model's max_position_embeddings "
+                f"{config.max_position_embeddings}"
+            )
+        val_split = None
+        if recipe.data.val_split in train_split.manifest["splits"]:
+            val_split = TokenSplit(data_dir, recipe.data.val_split, verify=recipe.data.verify_hashes)
+            if len(val_split) < recipe.batch.micro_batch_size * ctx.world_size:
+                say(f"note: validation split has only {len(val_split)} samples; no evaluation")
+                val_split = None
+        accum = grad_accumulation(recipe, seq_len, ctx.world_size)
+
+        torch.manual_seed(recipe.train.seed)
+        model = MobiLlama(config)
+        if init_from:
+            load_init_weights(model, init_from)
+        model.model.gradient_checkpointing = recipe.model.gradient_checkpointing
+        model.to(ctx.device)
+        if recipe.model.compile:
+            for layer in model.model.layers:  # in place: parameter names stay unchanged for checkpoints
+                layer.compile()
+        wrapped = wrap_model(model, ctx)
+
+        batches = StepBatches(
+            train_split,
+            micro_batch_size=recipe.batch.micro_batch_size,
+            grad_accum=accum,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            seed=recipe.data.seed,
+        )
+        val = None
+        if val_split is not None:
+            val = functools.partial(
+                eval_batches,
+                val_split,
+                recipe.batch.micro_batch_size,
+                ctx.rank,
+                ctx.world_size,
+                recipe.eval.max_batches,
+            )
+        run_dir = recipe.run_dir
+        lineage = {
+            "data": {
+                "path": str(data_dir),
+                "manifest_sha256": sha256_file(data_dir / "manifest.json"),
+                "tokenizer_sha256": train_split.manifest.get("tokenizer_sha256"),
+                "seq_len": seq_len,
+                "train_samples": len(train_split),
+            },
+            "init_from": str(init_from) if init_from else None,
+            "world_size": ctx.world_size,
+            "strategy": ctx.strategy,
+            "grad_accum": accum,
+            "params": model.num_parameters(),
+        }
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, run_dir / "recipe.yaml")
+            if init_from:
+                lineage["init_from_sha256"] = sha256_file(Path(init_from) / "model.safetensors")
+            write_json(run_dir / "run.json", {**lineage, "code_version": code_version()})
+            say(
+                f"training {config.num_hidden_layers}L/{config.hidden_size}h ({model.num_parameters():,} params, "
+                f"ffn_sharing={config.ffn_sharing}) on {len(train_split):,} samples of {seq_len} tokens; "
+                f"{ctx.strategy} x{ctx.world_size} on {ctx.device}, accumulation {accum}, run dir {run_dir}"
+            )
+        trainer = Trainer(
+            wrapped,
+            recipe,
+            batches,
+            ctx=ctx,
+            run_dir=run_dir,
+            val_batches=val,
+            flops_per_token=flops_per_token(config, seq_len),
+            tokenizer_dir=find_tokenizer_dir(data_dir, train_split.manifest),
+            extra_state={"lineage": lineage},
+            say=say,
+        )
+        return trainer.fit(resume)
+    finally:
+        shutdown(ctx)

@@ -1,0 +1,64 @@
+"""Shared fixtures for the eval tests: a tiny byte-level BPE tokenizer and a random checkpoint using it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+TRAIN_TEXT = [
+    "The quick brown fox jumps over the lazy dog. A man is sitting on a roof.",
+    "Question: What is the capital of France?\nAnswer: Paris is the capital of France.",
+    "She picked up the guitar and started playing a song about the sea and the sky.",
+    'Numbers 0123456789 and punctuation, like commas; colons: and quotes "x".',
+]
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
+    """A byte-level BPE tokenizer with Llama special ids (<unk>=0, <s>=1, </s>=2) that prepends <s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TRAIN_TEXT * 20, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=10**6
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def build_checkpoint(root: Path, *, max_len: int = 256, seed: int = 0, name: str = "ckpt") -> Path:
+    from mobillama.checkpoint import save_checkpoint
+    from mobillama.config import get_preset
+    from mobillama.model import MobiLlama
+
+    tok_dir = build_tokenizer(root / f"{name}-tok")
+    vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
+    config = get_preset("micro").replace(vocab_size=max(vocab, 8), max_position_embeddings=max_len)
+    torch.manual_seed(seed)
+    model = MobiLlama(config)
+    return save_checkpoint(model, config, root / name, tokenizer_dir=tok_dir)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("eval-ckpt"))
+
+
+@pytest.fixture(scope="session")
+def short_checkpoint(tmp_path_factory) -> Path:
+    """max_position_embeddings 24: long contexts must be left-truncated."""
+    return build_checkpoint(tmp_path_factory.mktemp("eval-short"), max_len=24, seed=1)

@@ -1,0 +1,133 @@
+"""Perplexity and bits per byte on prepared shards (the data stage's manifest + memmap contract)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobillama.cli import main
+from mobillama.errors import MobiLlamaError
+from mobillama.eval.harness import load_eval_tokenizer
+from mobillama.eval.perplexity import evaluate_perplexity
+
+S = 16
+TEXT = "The quick brown fox jumps over the lazy dog. A man is sitting on a roof and playing a song. " * 4
+
+
+def make_shards(
+    out: Path, checkpoint: Path, *, num_bytes: int | None = None, dtype: str = "uint16"
+) -> np.ndarray:
+    ids = load_eval_tokenizer(checkpoint).encode(TEXT, add_special_tokens=False)
+    rows = np.array(ids[: (len(ids) // (S + 1)) * (S + 1)], dtype=dtype).reshape(-1, S + 1)
+    out.mkdir(parents=True)
+    half = len(rows) // 2
+    shards = []
+    for i, part in enumerate([rows[:half], rows[half:]]):
+        name = f"val-{i:05d}.bin"
+        part.tofile(out / name)
+        shards.append({"path": name, "num_samples": len(part)})
+    split = {"shards": shards, "num_samples": len(rows), "num_tokens": int(rows.size)}
+    if num_bytes is not None:
+        split["num_bytes"] = num_bytes
+    manifest = {
+        "seq_len": S,
+        "sample_len": S + 1,
+        "dtype": dtype,
+        "vocab_size": 300,
+        "splits": {"val": split},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return rows
+
+
+def test_loss_and_bits_per_byte(checkpoint, tmp_path):
+    from mobillama.checkpoint import load_model
+
+    rows = make_shards(tmp_path / "shards", checkpoint)
+    res = evaluate_perplexity(checkpoint, tmp_path / "shards", batch_size=3)
+    model = load_model(checkpoint)
+    batch = torch.from_numpy(rows.astype(np.int64))
+    with torch.no_grad():
+        logits = model(batch[:, :-1])
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+    )
+    assert res["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert res["perplexity"] == pytest.approx(math.exp(res["loss"]))
+    assert res["tokens"] == rows.shape[0] * S and res["samples"] == rows.shape[0]
+    assert res["bytes_source"] == "decoded target tokens"
+    assert 0 < res["bytes"] <= len(TEXT.encode())
+    assert res["bits_per_byte"] == pytest.approx(res["loss"] * res["tokens"] / math.log(2) / res["bytes"])
+
+
+def test_manifest_bytes_are_used_when_recorded(checkpoint, tmp_path):
+    make_shards(tmp_path / "shards", checkpoint, num_bytes=1000)
+    res = evaluate_perplexity(checkpoint, tmp_path / "shards")
+    assert res["bytes_source"] == "manifest" and res["bytes"] == 1000
+
+
+def test_limit(checkpoint, tmp_path):
+    make_shards(tmp_path / "shards", checkpoint)
+    assert evaluate_perplexity(checkpoint, tmp_path / "shards", limit=2)["samples"] == 2
+
+
+def test_cli_prints_json(checkpoint, tmp_path, capsys):
+    make_shards(tmp_path / "shards", checkpoint)
+    assert (
+        main(
+            [
+                "eval",
+                str(checkpoint),
+                "--perplexity",
+                str(tmp_path / "shards"),
+                "--out",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "p.json").read_text()) and printed["tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
+        (lambda d: (d / "manifest.json").write_text("{"), "not valid JSON"),
+        (lambda d: _edit(d, lambda m: m.pop("dtype")), "missing key 'dtype'"),
+        (lambda d: _edit(d, lambda m: m.update(dtype="int8")), "dtype 'int8'"),
+        (lambda d: _edit(d, lambda m: m["splits"].pop("val")), "no 'val' split"),
+        (lambda d: (d / "val-00000.bin").unlink(), "shard val-00000.bin not found"),
+        (lambda d: (d / "val-00001.bin").write_bytes(b"\x00\x01\x02"), "not a whole number"),
+        (
+            lambda d: _edit(d, lambda m: m["splits"]["val"]["shards"][0].update(num_samples=999)),
+            "manifest says 999",
+        ),
+    ],
+)
+def test_bad_shards(checkpoint, tmp_path, mutate, match):
+    make_shards(tmp_path / "shards", checkpoint)
+    mutate(tmp_path / "shards")
+    with pytest.raises(MobiLlamaError, match=match):
+        evaluate_perplexity(checkpoint, tmp_path / "shards")
+
+
+def test_token_ids_beyond_vocab(checkpoint, tmp_path):
+    make_shards(tmp_path / "shards", checkpoint)
+    arr = np.memmap(tmp_path / "shards" / "val-00000.bin", dtype=np.uint16, mode="r+")
+    arr[3] = 60000
+    arr.flush()
+    with pytest.raises(MobiLlamaError, match="token id 60000 >= the model's vocab_size"):
+        evaluate_perplexity(checkpoint, tmp_path / "shards")
+
+
+def _edit(d: Path, fn) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    fn(m)
+    (d / "manifest.json").write_text(json.dumps(m))
