@@ -28,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 SHAPE = dict(
     vocab_size=8192,
@@ -127,6 +128,12 @@ def peak_rss(name: str, warmup: int) -> float:
     step, _ = build_step(name, warmup + 1)
     for batch in _batches(warmup + 1):
         step(batch)
+    # VmHWM, not getrusage: Linux carries ru_maxrss across fork+exec, so a child of this (large) parent
+    # would report the parent's peak.
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

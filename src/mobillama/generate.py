@@ -32,37 +32,20 @@ import torch.nn.functional as F
 
 from mobillama.errors import MobiLlamaError
 from mobillama.model import MobiLlama, rope_cos_sin, rotate_half
+from mobillama.tokenizer import DEFAULT_SYSTEM_PROMPT, render_chat
 
-# The MobiLlama-Chat prompt format (REFERENCE.md section 3): the default when a tokenizer has no template.
-MOBILLAMA_CHAT_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
+# The MobiLlama-Chat prompt format (REFERENCE.md section 3) is defined once, in mobillama.tokenizer.
+MOBILLAMA_CHAT_SYSTEM = DEFAULT_SYSTEM_PROMPT
 CHAT_STOP_STRINGS = ("### Human:",)
 
 
 def render_mobillama_chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """Render messages in the MobiLlama-Chat format.
+    """Render messages in the MobiLlama-Chat format (for tokenizers without a template of their own).
 
-    ``system\\n### Human: u1\\n### Assistant: a1\\n### Human: u2\\n### Assistant:``. A leading
+    ``system\\n### Human: u1\\n### Assistant: a1</s>\\n### Human: u2\\n### Assistant:``. A leading
     ``system`` message replaces the default system line.
     """
-    system = MOBILLAMA_CHAT_SYSTEM
-    parts: list[str] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise MobiLlamaError(f"chat message {i} must be a mapping with 'role' and 'content'")
-        role, content = message["role"], message["content"]
-        if role == "system" and i == 0:
-            system = content
-        elif role == "user":
-            parts.append(f"### Human: {content}")
-        elif role == "assistant":
-            parts.append(f"### Assistant: {content}")
-        else:
-            raise MobiLlamaError(f"chat message {i} has unsupported role {role!r} (user, assistant, system)")
-    text = "\n".join([system, *parts])
-    return text + "\n### Assistant:" if add_generation_prompt else text
+    return render_chat(messages, add_generation_prompt)
 
 
 class TokenizerLike(Protocol):

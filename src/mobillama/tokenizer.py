@@ -234,6 +234,25 @@ def check_messages(messages: Sequence[dict]) -> None:
             raise MobiLlamaError(f"message {i} content must be a string, got {type(m['content']).__name__}")
 
 
+def render_chat(messages: Sequence[dict], add_generation_prompt: bool = True, eos_token: str = EOS) -> str:
+    """MobiLlama-Chat rendering without a tokenizer object (for tokenizers that carry no template).
+
+    Renders :data:`MOBILLAMA_CHAT_TEMPLATE` itself, so there is one definition of the format.
+    """
+    import jinja2
+
+    check_messages(messages)
+
+    def raise_exception(message: str):
+        raise MobiLlamaError(message)
+
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(MOBILLAMA_CHAT_TEMPLATE).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, eos_token=eos_token
+    )
+
+
 # ---- building HF objects ---------------------------------------------------------------------------
 def _wrap_backend(backend: Any, **special: Any) -> Any:
     from transformers import PreTrainedTokenizerFast

@@ -218,7 +218,9 @@ def test_chat_template_renders_the_reference_string_exactly():
             {"role": "user", "content": "c"},
         ]
     )
-    assert multi == f"{MOBILLAMA_CHAT_SYSTEM}\n### Human: a\n### Assistant: b\n### Human: c\n### Assistant:"
+    assert (
+        multi == f"{MOBILLAMA_CHAT_SYSTEM}\n### Human: a\n### Assistant: b</s>\n### Human: c\n### Assistant:"
+    )
     assert render_mobillama_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]) == (
         "S\n### Human: u\n### Assistant:"
     )
@@ -231,7 +233,7 @@ def test_checkpoint_tokenizer_round_trip_and_chat_default(tokenizer_dir, tmp_pat
     text = "def f(x):\n    return x  # ünïcode"
     ids = tok.encode(text, add_bos=True, add_eos=True)
     assert ids[0] == tok.bos_id == 1 and ids[-1] == tok.eos_id == 2
-    assert tok.decode(ids) == text
+    assert tok.decode(ids[1:-1]) == text
     assert tok.apply_chat_template([{"role": "user", "content": "q"}]).endswith(
         "### Human: q\n### Assistant:"
     )

@@ -25,6 +25,7 @@ STAGES = [
     "mobillama.cli.eval",
     "mobillama.cli.train",
     "mobillama.cli.sft",
+    "mobillama.cli.vision",
 ]
 
 

@@ -1,0 +1,1 @@
+"""MobiLlama-V: CLIP/SigLIP encoder + projector + MobiLlama decoder; vision data; training stages."""
