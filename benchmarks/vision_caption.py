@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
     from mobillama.train.loop import Trainer
     from mobillama.train.recipe import Recipe
     from mobillama.vision.data import eval_batches, load_caption_examples
-    from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset
+    from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset, load_local_encoder
     from mobillama.vision.train import build_stage, mean_loss, set_stage
 
     data, out = Path(args.data), Path(args.out)
@@ -65,7 +65,11 @@ def run(args: argparse.Namespace) -> dict:
     for arm, blank in (("vision", False), ("text-only", True)):
         torch.manual_seed(args.seed)
         decoder = MobiLlama(get_preset(args.decoder).replace(vocab_size=len(tokenizer)))
-        model = MobiLlamaV(decoder, encoder_config_from_preset(args.encoder_config))
+        if args.encoder:  # a pretrained CLIP/SigLIP from a local directory
+            vision_config, encoder = load_local_encoder(args.encoder)
+            model = MobiLlamaV(decoder, vision_config, encoder)
+        else:
+            model = MobiLlamaV(decoder, encoder_config_from_preset(args.encoder_config))
         setup = build_stage(
             model,
             1,
@@ -132,6 +136,9 @@ def main() -> None:
     p.add_argument("--decoder", default="tiny", help="decoder preset")
     p.add_argument(
         "--encoder-config", default="small-64", help="random encoder shape (tiny, small-64, clip-l-336)"
+    )
+    p.add_argument(
+        "--encoder", default=None, help="local CLIP/SigLIP checkpoint directory (instead of random)"
     )
     p.add_argument("--train-encoder", action="store_true", help="also train the (random) encoder")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
