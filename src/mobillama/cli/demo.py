@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "with the defaults. Re-running continues from the stages already done.",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=600, help="pre-training optimizer steps (default: 600)")
+    p.add_argument("--steps", type=int, default=1200, help="pre-training optimizer steps (default: 1200)")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size (default: 2048)")
     p.add_argument("--seq-len", type=int, default=256, help="training sample length in tokens (default: 256)")
     p.add_argument(
