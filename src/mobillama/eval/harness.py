@@ -137,7 +137,7 @@ class MobiLlamaLM(TemplateLM):
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
-        self._hf_model = None
+        self._generator = None
         self._bos_text = self.tokenizer.decode(self.prefix_token_id)
         self._encode_cached = functools.lru_cache(maxsize=8192)(self._encode)
 
@@ -344,38 +344,12 @@ class MobiLlamaLM(TemplateLM):
         return outputs
 
     def _generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, until: list[str]) -> list[str]:
-        """Greedy continuations cut at the first stop string.
+        """Greedy continuations cut at the first stop string, through the project's generation module."""
+        from mobillama.generate import Generator, SamplingParams
+        from mobillama.tokenizer import load_tokenizer
 
-        Isolated on purpose: it uses the transformers shell's ``generate`` until the project's own
-        generation module (static KV cache, stop strings) is available, and is the one place to swap.
-        """
-        from mobillama.hf import MobiLlamaForCausalLM
-
-        if self._hf_model is None:
-            self._hf_model = MobiLlamaForCausalLM.from_pretrained(
-                self.checkpoint, dtype=next(self.model.parameters()).dtype
-            ).to(self.device)
-            self._hf_model.eval()
-        width = max(len(p) for p in prompts)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        if self._generator is None:
+            self._generator = Generator(self.model, load_tokenizer(self.checkpoint))
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(s for s in until if s))
         with torch.inference_mode():
-            out = self._hf_model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=self.eot_token_id,
-                stop_strings=until or None,
-                tokenizer=self.tokenizer,
-            )
-        texts = []
-        for row in out[:, width:].tolist():
-            text = self.tok_decode(row)
-            for stop in until:
-                if stop:
-                    text = text.split(stop)[0]
-            texts.append(text)
-        return texts
+            return [c.text for c in self._generator.generate_ids(prompts, params)]
