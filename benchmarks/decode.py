@@ -38,29 +38,18 @@ VARIANTS = [  # (label, extra `mobillama bench` arguments)
 def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> dict:
     """transformers generate on LlamaForCausalLM carrying this project's seeded 0.5b weights."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from mobillama.bench import _reset_peak_rss, _status_kb, measure_read_bandwidth
+    from mobillama.convert.to_llama import llama_config
     from mobillama.generate import load_for_inference
 
     torch.set_num_threads(threads)
     torch.backends.mkldnn.enabled = mkldnn
     ours = load_for_inference(PRESET, dtype="bf16", seed=0)
     c = ours.config
-    cfg = LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-        tie_word_embeddings=False,
-        dtype=torch.bfloat16,
-    )
+    cfg = llama_config(c, torch.bfloat16)  # the exporter's mapping: one definition of the Llama twin
     with torch.device("meta"):
         llama = LlamaForCausalLM(cfg)
     for layer in llama.model.layers:

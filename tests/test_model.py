@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from mobillama.config import ModelConfig, get_preset
+from mobillama.convert.to_llama import llama_config
 from mobillama.model import KVCache, MobiLlama, causal_lm_loss
 
 TOL = 1e-4
@@ -15,21 +16,9 @@ TOL = 1e-4
 def stock_llama_like(model: MobiLlama) -> LlamaForCausalLM:
     """A transformers LlamaForCausalLM carrying the same weights; shared FFNs stay shared objects."""
     c = model.config
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            num_key_value_heads=c.num_key_value_heads,
-            max_position_embeddings=c.max_position_embeddings,
-            rms_norm_eps=c.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta},
-            tie_word_embeddings=False,
-            attn_implementation="eager",
-        )
-    ).eval()
+    config = llama_config(c, torch.float32)
+    config._attn_implementation = "eager"
+    llama = LlamaForCausalLM(config).eval()
     layers = llama.model.layers
     for i in range(c.num_hidden_layers):
         first = c.ffn_index(i) * c.ffn_group_size
