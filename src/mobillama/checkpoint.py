@@ -98,7 +98,11 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    """Write JSON atomically (temp file + rename), so a crash never leaves half a file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def config_json(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mobillama.errors import MobiLlamaError
-from mobillama.eval.stats import bootstrap_ci, paired_bootstrap
+from mobillama.eval.stats import bootstrap_ci, bootstrap_task_average, paired_bootstrap
 
 
 def test_ci_of_constant_scores_is_a_point():
@@ -80,3 +80,20 @@ def test_average_row_averages_task_differences():
 def test_paired_bad_input(a, b, match):
     with pytest.raises(MobiLlamaError, match=match):
         paired_bootstrap(a, b, iters=10)
+
+
+def test_task_average_weights_tasks_equally_and_brackets_the_mean():
+    # a 10-item task at 1.0 and a 1000-item task at 0.0: the unweighted average is 0.5, not ~0.01
+    constant = bootstrap_task_average({"small": [1.0] * 10, "big": [0.0] * 1000}, iters=200)
+    assert constant == {"mean": 0.5, "ci_low": 0.5, "ci_high": 0.5, "tasks": 2}
+    rng = np.random.default_rng(0)
+    tasks = {"a": (rng.random(400) < 0.3).astype(float), "b": (rng.random(400) < 0.7).astype(float)}
+    avg = bootstrap_task_average(tasks, iters=3000, seed=2)
+    assert avg["mean"] == pytest.approx((tasks["a"].mean() + tasks["b"].mean()) / 2)
+    # the average of two independent binomial means: sd = sqrt(p(1-p)/n + q(1-q)/n) / 2
+    sd = np.sqrt(0.21 / 400 + 0.21 / 400) / 2
+    assert avg["ci_high"] - avg["ci_low"] == pytest.approx(2 * 1.96 * sd, rel=0.15)
+    with pytest.raises(MobiLlamaError, match="no tasks"):
+        bootstrap_task_average({})
+    with pytest.raises(MobiLlamaError, match="task b"):
+        bootstrap_task_average({"a": [1.0], "b": []})

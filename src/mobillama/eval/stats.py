@@ -94,3 +94,22 @@ def _summary(observed: float, resampled: np.ndarray, tail: float, n: int | None)
     if n is not None:
         out["n"] = int(n)
     return out
+
+
+def bootstrap_task_average(
+    tasks: dict[str, Sequence[float]], *, iters: int = DEFAULT_ITERS, confidence: float = 0.95, seed: int = 0
+) -> dict:
+    """Unweighted average of per-task means, with a bootstrap interval that resamples every task's items.
+
+    This is the interval of the "average" column a results table reports: tasks of different sizes count
+    equally, and each iteration resamples each task independently.
+    """
+    if not tasks:
+        raise MobiLlamaError("bootstrap_task_average: no tasks")
+    rng = np.random.default_rng(seed)
+    arrays = {t: _as_array(s, f"task {t}") for t, s in sorted(tasks.items())}
+    resampled = np.mean([_resampled_means(a, iters, rng) for a in arrays.values()], axis=0)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(resampled, [tail, 100 - tail])
+    mean = float(np.mean([a.mean() for a in arrays.values()]))
+    return {"mean": mean, "ci_low": float(lo), "ci_high": float(hi), "tasks": len(arrays)}

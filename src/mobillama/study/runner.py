@@ -10,12 +10,15 @@ run again: the study can be stopped and continued run by run.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mobillama.checkpoint import write_json
 from mobillama.config import ModelConfig
 from mobillama.errors import MobiLlamaError
 from mobillama.study.arms import Arm, build_arms
@@ -35,6 +38,8 @@ class StudyConfig:
     out_dir: str | None = None
     tolerance: float = 0.02
     eval_samples: int | None = None  # limit of validation samples for the final perplexity (None: all)
+    bench_limit: int = 200  # items per task of the quick benchmark suite per run (0: skip the benchmarks)
+    bench_data: str | None = None  # benchmark data directory (default: 'mobillama eval fetch-data's cache)
 
     @property
     def out(self) -> Path:
@@ -64,6 +69,8 @@ def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Stu
         raise MobiLlamaError(f"{path}: 'tokens_per_run' must be a positive integer")
     if not study.seeds or not all(isinstance(s, int) for s in study.seeds):
         raise MobiLlamaError(f"{path}: 'seeds' must be a non-empty list of integers")
+    if not isinstance(study.bench_limit, int) or study.bench_limit < 0:
+        raise MobiLlamaError(f"{path}: 'bench_limit' must be a non-negative integer")
     return study
 
 
@@ -141,21 +148,148 @@ def _run_speed(run_dir: Path) -> float | None:
     return sorted(speeds)[len(speeds) // 2] if speeds else None
 
 
-def evaluate_runs(study: StudyConfig, arms: list[Arm], finals: dict, say) -> dict[str, Any]:
+def evaluate_run(study: StudyConfig, ckpt: Path) -> dict[str, Any]:
+    """Validation loss and quick-benchmark item scores of one final checkpoint, cached beside the run.
+
+    The cache (``RUN/study-eval.json``) is keyed by the checkpoint and the evaluation settings, so
+    re-running a finished study re-reads it instead of evaluating again.
+    """
     from mobillama.eval.perplexity import evaluate_perplexity
 
+    cache = ckpt.parent.parent / "study-eval.json"
+    key = {
+        "checkpoint": str(ckpt.resolve()),
+        "eval_samples": study.eval_samples,
+        "bench_limit": study.bench_limit,
+        "bench_data": study.bench_data,
+    }
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            saved = None  # a damaged cache is recomputed, never trusted
+        if isinstance(saved, dict) and saved.get("key") == key:
+            return saved
+    ppl = evaluate_perplexity(ckpt, study.data, split="val", limit=study.eval_samples)
+    result = {"key": key, "val_loss": ppl["loss"], "bench": quick_benchmark_items(study, ckpt)}
+    write_json(cache, result)
+    return result
+
+
+def quick_benchmark_items(study: StudyConfig, ckpt: Path) -> dict[str, Any]:
+    """Per-item scores of the quick suite (the same first ``bench_limit`` items of each task for every run)."""
+    if study.bench_limit == 0:
+        return {"status": "skipped", "reason": "bench_limit is 0"}
+    from mobillama.eval.data import DEFAULT_DATA_DIR
+    from mobillama.eval.suites import get_suite, run_suite
+
+    data_dir = Path(study.bench_data) if study.bench_data else DEFAULT_DATA_DIR
+    if not data_dir.is_dir():
+        return {
+            "status": "not available",
+            "reason": f"benchmark data not found at {data_dir} (run 'mobillama eval fetch-data')",
+        }
+    if not (ckpt / "tokenizer.json").is_file() and not (ckpt / "tokenizer.model").is_file():
+        return {"status": "not available", "reason": f"{ckpt} has no tokenizer"}
+    report = run_suite(ckpt, get_suite("quick"), data_dir=data_dir, limit=study.bench_limit, seed=1234)
+    tasks = {name: t["samples"] for name, t in report["tasks"].items() if t["status"] == "ok"}
+    if not tasks:
+        reasons = "; ".join(f"{n}: {t.get('reason', t['status'])}" for n, t in report["tasks"].items())
+        return {"status": "not available", "reason": reasons}
+    return {"status": "ok", "tasks": tasks}
+
+
+def aggregate_benchmarks(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's quick-benchmark result: item scores averaged over seeds, with bootstrap intervals.
+
+    Every seed scores the same items, so averaging per item removes seed noise before resampling items;
+    the interval then measures how much the benchmark's finite item sample could move the number.
+    """
+    from mobillama.eval import stats
+
+    not_ok = [b for b in per_seed if b.get("status") != "ok"]
+    if not_ok or not per_seed:
+        reason = not_ok[0].get("reason", "no runs") if not_ok else "no runs"
+        return {"status": not_ok[0]["status"] if not_ok else "not available", "reason": reason}
+    tasks = sorted(set.intersection(*(set(b["tasks"]) for b in per_seed)))
+    items: dict[str, list[float]] = {}
+    for task in tasks:
+        ids = per_seed[0]["tasks"][task]["ids"]
+        if any(b["tasks"][task]["ids"] != ids for b in per_seed):
+            raise MobiLlamaError(f"quick benchmark {task}: the runs scored different items; cannot pair them")
+        columns = [b["tasks"][task]["scores"] for b in per_seed]
+        items[task] = [sum(col) / len(col) for col in zip(*columns)]
+    return {
+        "status": "ok",
+        "tasks": {t: stats.bootstrap_ci(items[t]) for t in tasks},
+        "average": stats.bootstrap_task_average(items),
+        "items": items,
+    }
+
+
+def _training_memory_child(config: dict, micro_batch: int, seq_len: int) -> dict[str, float]:
+    """Run in a fresh process: peak RSS of three fp32 AdamW steps of a model (see measure_training_memory)."""
+    import resource
+
+    import torch
+
+    from mobillama.model import MobiLlama, causal_lm_loss
+
+    idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.manual_seed(0)
+    model = MobiLlama(ModelConfig.from_dict(config))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, model.config.vocab_size, (micro_batch, seq_len))
+    for _ in range(3):
+        loss = causal_lm_loss(model(tokens), tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_rss_mb": peak / 1024, "above_idle_mb": (peak - idle) / 1024}
+
+
+def measure_training_memory(config: ModelConfig, micro_batch: int, seq_len: int) -> dict[str, float]:
+    """Peak resident memory of training ``config`` (fp32 weights, grads, AdamW state, activations).
+
+    Measured in a fresh interpreter because a process's peak RSS never goes down: measured inside the
+    study process, every arm would report the largest arm's peak.
+    """
+    code = (
+        "import json, sys; from mobillama.study.runner import _training_memory_child as f; "
+        "print(json.dumps(f(json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))"
+    )
+    args = [sys.executable, "-c", code, json.dumps(config.to_dict()), str(micro_batch), str(seq_len)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MobiLlamaError(
+            f"memory measurement of {config.num_hidden_layers}L/{config.hidden_size}h failed: {tail}"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def evaluate_runs(study: StudyConfig, arms: list[Arm], finals: dict, say) -> dict[str, Any]:
+    from mobillama.data.loader import read_manifest
+    from mobillama.eval import stats
+    from mobillama.train.recipe import load_recipe
+
+    micro_batch = load_recipe(study.recipe, study.recipe_overrides).batch.micro_batch_size
+    seq_len = int(read_manifest(study.data)["seq_len"])
     per_arm: dict[str, Any] = {}
     for arm in arms:
+        say(f"evaluating {arm.name} ({len(study.seeds)} runs)")
         runs = []
         for seed in study.seeds:
             ckpt = finals[(arm.name, seed)]
-            ppl = evaluate_perplexity(ckpt, study.data, split="val", limit=study.eval_samples)
+            result = evaluate_run(study, ckpt)
             runs.append(
                 {
                     "seed": seed,
                     "checkpoint": str(ckpt),
-                    "val_loss": ppl["loss"],
+                    "val_loss": result["val_loss"],
                     "tokens_per_s": _run_speed(ckpt.parent.parent),
+                    "bench": result["bench"],
                 }
             )
         losses = [r["val_loss"] for r in runs]
@@ -164,10 +298,13 @@ def evaluate_runs(study: StudyConfig, arms: list[Arm], finals: dict, say) -> dic
             "question": arm.question,
             "parameters": arm.parameters,
             "config": arm.config.to_dict(),
-            "runs": runs,
+            "runs": [{k: v for k, v in r.items() if k != "bench"} for r in runs],
             "val_loss": {"mean": mean, "low": low, "high": high},
+            "bench": aggregate_benchmarks([r["bench"] for r in runs]),
+            "memory": measure_training_memory(arm.config, micro_batch, seq_len),
         }
-    comparisons = {}
+    comparisons: dict[str, Any] = {}
+    bench_comparisons: dict[str, Any] = {}
     if "shared" in per_arm and len(study.seeds) >= 2:
         shared = [r["val_loss"] for r in per_arm["shared"]["runs"]]
         for name, arm in per_arm.items():
@@ -175,13 +312,25 @@ def evaluate_runs(study: StudyConfig, arms: list[Arm], finals: dict, say) -> dic
                 comparisons[f"shared - {name}"] = paired_difference(
                     shared, [r["val_loss"] for r in arm["runs"]]
                 )
+    if per_arm.get("shared", {}).get("bench", {}).get("status") == "ok":
+        shared_items = per_arm["shared"]["bench"]["items"]
+        for name, arm in per_arm.items():
+            if name != "shared" and arm["bench"]["status"] == "ok":
+                # paired_bootstrap reports B - A: A = the arm, B = shared, so positive favours shared
+                test = stats.paired_bootstrap(arm["bench"]["items"], shared_items)
+                bench_comparisons[f"shared - {name}"] = test["average"]
     return {
         "study": study.name,
         "seeds": study.seeds,
         "tokens_per_run": study.tokens_per_run,
         "arms": per_arm,
         "comparisons": comparisons,
+        "bench_comparisons": bench_comparisons,
     }
+
+
+def _pct_interval(result: dict[str, Any]) -> str:
+    return f"{100 * result['mean']:.1f} [{100 * result['ci_low']:.1f}, {100 * result['ci_high']:.1f}]"
 
 
 def format_study(results: dict[str, Any]) -> str:
@@ -189,23 +338,31 @@ def format_study(results: dict[str, Any]) -> str:
         f"# Study {results['study']}",
         "",
         f"{len(results['seeds'])} seeds per arm, {results['tokens_per_run']:,} training tokens per run. "
-        "Validation loss in nats/token (lower is better), mean with a 95% t-interval across seeds.",
+        "Validation loss in nats/token (lower is better), mean with a 95% t-interval across seeds. "
+        "Quick benchmarks: accuracy (%) averaged over PIQA, ARC-Challenge and Winogrande (0-shot), item "
+        "scores averaged over seeds, 95% bootstrap interval over items. Memory: peak RSS of three training "
+        "steps at the study's micro-batch, in a fresh process (MB).",
         "",
-        "| arm | question | parameters | val loss | 95% CI | perplexity | tokens/s |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | question | parameters | val loss | 95% CI | perplexity | quick avg acc [95% CI] | "
+        "tokens/s | train peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arm in results["arms"].items():
         v = arm["val_loss"]
         speeds = [r["tokens_per_s"] for r in arm["runs"] if r["tokens_per_s"]]
         speed = f"{sum(speeds) / len(speeds):,.0f}" if speeds else "n/a"
+        bench = arm.get("bench", {})
+        acc = _pct_interval(bench["average"]) if bench.get("status") == "ok" else bench.get("status", "n/a")
+        memory = arm.get("memory")
+        rss = f"{memory['peak_rss_mb']:,.0f} MB" if memory else "n/a"
         lines.append(
             f"| {name} | {arm['question']} | {arm['parameters']:,} | {v['mean']:.4f} | "
-            f"[{v['low']:.4f}, {v['high']:.4f}] | {2.718281828 ** v['mean']:.2f} | {speed} |"
+            f"[{v['low']:.4f}, {v['high']:.4f}] | {2.718281828 ** v['mean']:.2f} | {acc} | {speed} | {rss} |"
         )
     if results["comparisons"]:
         lines += [
             "",
-            "Seed-paired differences (shared minus arm; negative favours the shared model):",
+            "Seed-paired differences in validation loss (shared minus arm; negative favours the shared model):",
             "",
             "| comparison | mean | 95% CI | p (paired t) |",
             "|---|---|---|---|",
@@ -214,6 +371,23 @@ def format_study(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} | {c['mean']:+.4f} | [{c['low']:+.4f}, {c['high']:+.4f}] | {c['p_value']:.3g} |"
             )
+    if results.get("bench_comparisons"):
+        lines += [
+            "",
+            "Item-paired bootstrap of the quick-benchmark average (shared minus arm, accuracy points; "
+            "positive favours the shared model):",
+            "",
+            "| comparison | difference | 95% CI | p (bootstrap) |",
+            "|---|---|---|---|",
+        ]
+        for name, c in results["bench_comparisons"].items():
+            lines.append(
+                f"| {name} | {100 * c['diff']:+.2f} | [{100 * c['ci_low']:+.2f}, {100 * c['ci_high']:+.2f}] "
+                f"| {c['p_value']:.3g} |"
+            )
+    statuses = {a.get("bench", {}).get("reason") for a in results["arms"].values()} - {None}
+    if statuses:
+        lines += ["", "Quick benchmarks not run: " + "; ".join(sorted(statuses))]
     return "\n".join(lines) + "\n"
 
 
