@@ -189,7 +189,9 @@ def test_training_memory_is_measured_per_model_in_a_fresh_process():
     big = small.replace(vocab_size=8192, hidden_size=256, intermediate_size=704)  # ~4.6M more parameters
     m_small = measure_training_memory(small, micro_batch=2, seq_len=16)
     m_big = measure_training_memory(big, micro_batch=2, seq_len=16)
-    assert m_small["peak_rss_mb"] >= m_small["above_idle_mb"] >= 0  # a tiny model may stay under the import peak
+    assert (
+        m_small["peak_rss_mb"] >= m_small["above_idle_mb"] >= 0
+    )  # a tiny model may stay under the import peak
     # weights, grads and two AdamW moments: 16 bytes per parameter, ~70 MB more for the big model
     assert m_big["above_idle_mb"] - m_small["above_idle_mb"] > 50
 

@@ -350,6 +350,8 @@ class MobiLlamaLM(TemplateLM):
 
         if self._generator is None:
             self._generator = Generator(self.model, load_tokenizer(self.checkpoint))
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(s for s in until if s))
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(s for s in until if s)
+        )
         with torch.inference_mode():
             return [c.text for c in self._generator.generate_ids(prompts, params)]
