@@ -95,10 +95,23 @@ def encode_conversations(
 
 
 def eval_batches(
-    examples: list[Example], micro: int, collate_fn, max_batches: int
+    examples: list[Example], micro: int, collate_fn, max_batches: int, rank: int = 0, world_size: int = 1
 ) -> list[dict[str, torch.Tensor]]:
-    batches = [collate_fn(examples[i : i + micro]) for i in range(0, len(examples), micro)]
-    return batches[:max_batches] if max_batches else batches
+    """This rank's validation batches: batch i of every round of ``world_size`` batches goes to rank i.
+
+    Every rank gets the same number of batches (collectives must match); a last round that cannot give
+    each rank a batch is dropped in distributed runs only.
+    """
+    batches = [examples[i : i + micro] for i in range(0, len(examples), micro)]
+    if max_batches:
+        batches = batches[: max_batches * world_size]
+    if world_size > 1:
+        batches = batches[: len(batches) // world_size * world_size][rank::world_size]
+    return [collate_fn(b) for b in batches]
+
+
+def _silent(_message: str) -> None:
+    """``say`` on ranks other than 0: one process speaks for the run."""
 
 
 def resolve_schedule(recipe: SFTRecipe, steps_per_epoch: int) -> None:
@@ -132,12 +145,17 @@ def apply_lora(model: nn.Module, lora) -> nn.Module:
 
 
 class LoraTrainer(Trainer):
-    """The loop's checkpoints for a LoRA run: adapter (peft ``save_pretrained``) + trainable-state resume."""
+    """The loop's checkpoints for a LoRA run: adapter (peft ``save_pretrained``) + trainable-state resume.
+
+    Under DDP the adapter and optimizer state are replicated, so rank 0 writes them; every rank's RNG
+    state is gathered so each resumes its own stream.
+    """
 
     def save(self) -> Path:
         from safetensors.torch import save_file
 
         from mobillama.checkpoint import copy_tokenizer_files
+        from mobillama.train.distributed import unwrap
         from mobillama.train.state import (
             CKPT_DIR,
             STATE_NAME,
@@ -149,25 +167,44 @@ class LoraTrainer(Trainer):
         )
 
         final = self.run_dir / CKPT_DIR / checkpoint_name(self.step)
-        with atomic_directory(final, overwrite=True) as tmp:
-            self.model.save_pretrained(str(tmp))
-            if self.tokenizer_dir:
-                copy_tokenizer_files(self.tokenizer_dir, tmp)
-            tensors, meta = flatten_optimizer(self._optimizer_state())
-            save_file(tensors, str(tmp / "optimizer.safetensors"))
-            write_json(tmp / "optimizer.json", meta)
-            save_file({"rank0.cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-            state = dict(self.trainer_state(), code_version=dict(code_version()), world_size=1, lora=True)
-            state["files"] = _hash_tree(tmp)
-            write_json(tmp / STATE_NAME, state)
-        cp = self.recipe.checkpoint
-        apply_retention(
-            self.run_dir, cp.keep_last, cp.keep_every_steps, final_step=self.recipe.train.max_steps
-        )
+        rngs = [{"cpu": torch.get_rng_state()}]
+        if self.ctx.distributed:
+            import torch.distributed as dist
+
+            rngs = [None] * self.ctx.world_size
+            dist.all_gather_object(rngs, {"cpu": torch.get_rng_state()})
+        if self.ctx.is_main:
+            with atomic_directory(final, overwrite=True) as tmp:
+                unwrap(self.model).save_pretrained(str(tmp))
+                if self.tokenizer_dir:
+                    copy_tokenizer_files(self.tokenizer_dir, tmp)
+                tensors, meta = flatten_optimizer(self._optimizer_state())
+                save_file(tensors, str(tmp / "optimizer.safetensors"))
+                write_json(tmp / "optimizer.json", meta)
+                save_file(
+                    {f"rank{r}.{k}": v for r, d in enumerate(rngs) for k, v in d.items()},
+                    str(tmp / "rng.safetensors"),
+                )
+                state = dict(
+                    self.trainer_state(),
+                    code_version=dict(code_version()),
+                    world_size=self.ctx.world_size,
+                    strategy=self.ctx.strategy,
+                    lora=True,
+                )
+                state["files"] = _hash_tree(tmp)
+                write_json(tmp / STATE_NAME, state)
+            cp = self.recipe.checkpoint
+            apply_retention(
+                self.run_dir, cp.keep_last, cp.keep_every_steps, final_step=self.recipe.train.max_steps
+            )
+        self.ctx.barrier()
         return final
 
-    def _trainable_names(self) -> list[str]:
-        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+    def _named_parameters(self):
+        from mobillama.train.distributed import unwrap
+
+        return unwrap(self.model).named_parameters()
 
     def _optimizer_state(self) -> dict[str, Any]:
         """AdamW state keyed by trainable parameter name (the layout ``flatten_optimizer`` expects)."""
@@ -184,7 +221,7 @@ class LoraTrainer(Trainer):
         return {"state": state, "param_groups": groups}
 
     def _param_names_in_optimizer_order(self) -> list[str]:
-        names = {id(p): n for n, p in self.model.named_parameters()}
+        names = {id(p): n for n, p in self._named_parameters()}
         return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
 
     def load_checkpoint_state(self, path: Path) -> dict[str, Any]:
@@ -198,7 +235,9 @@ class LoraTrainer(Trainer):
             raise MobiLlamaError(
                 f"cannot resume a LoRA run from {path}: it holds no adapter_model.safetensors"
             )
-        set_peft_model_state_dict(self.model, read_safetensors(path / "adapter_model.safetensors"))
+        from mobillama.train.distributed import unwrap
+
+        set_peft_model_state_dict(unwrap(self.model), read_safetensors(path / "adapter_model.safetensors"))
         meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
         osd = unflatten_optimizer(read_safetensors(path / "optimizer.safetensors"), meta)
         name_to_index = {n: i for i, n in enumerate(self._param_names_in_optimizer_order())}
@@ -210,7 +249,9 @@ class LoraTrainer(Trainer):
                 ],
             }
         )
-        torch.set_rng_state(read_safetensors(path / "rng.safetensors")["rank0.cpu"])
+        rng = read_safetensors(path / "rng.safetensors")
+        mine = f"rank{self.ctx.rank}.cpu"
+        torch.set_rng_state(rng[mine] if mine in rng else rng["rank0.cpu"])
         return json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
 
 
@@ -244,10 +285,15 @@ def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, overwr
 
 
 def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[str, Any]:
-    """Fine-tune ``recipe.model.base`` on ``recipe.data`` (single process; see docs/sft.md)."""
+    """Fine-tune ``recipe.model.base`` on ``recipe.data``: one process, or DDP/FSDP2 under torchrun.
+
+    Every rank tokenises the whole file (deterministic, so all agree) and takes its slice of each step's
+    conversations; the loop normalises by the global count of assistant tokens, so N processes x B
+    conversations give the same update as one process with N x B (tests/sft/test_distributed.py).
+    """
     from mobillama.sft.formats import load_conversations
     from mobillama.tokenizer import load_tokenizer
-    from mobillama.train.distributed import init_distributed, shutdown
+    from mobillama.train.distributed import init_distributed, shutdown, wrap_model
     from mobillama.train.recipe import save_recipe
     from mobillama.train.state import code_version, load_init_weights
 
@@ -259,19 +305,23 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
     if recipe.data.val:
         val_convs, val_report = load_conversations(recipe.data.val, recipe.data.format)
         val_examples, val_stats = encode_conversations(tokenizer, val_convs, recipe.data.max_length)
-    micro, accum = recipe.batch.micro_batch_size, recipe.batch.grad_accum
-    steps_per_epoch = len(train_examples) // (micro * accum)
-    if steps_per_epoch == 0:
-        raise MobiLlamaError(
-            f"{recipe.data.train}: {len(train_examples)} usable conversations, fewer than one step "
-            f"(batch.micro_batch_size x batch.grad_accum = {micro * accum})"
-        )
-    resolve_schedule(recipe, steps_per_epoch)
-
     ctx = init_distributed(recipe.train.strategy, recipe.train.device)
     try:
-        if ctx.world_size > 1:
-            raise MobiLlamaError("mobillama sft runs on one process for now; launch it without torchrun")
+        if not ctx.is_main:
+            say = _silent
+        micro, accum = recipe.batch.micro_batch_size, recipe.batch.grad_accum
+        per_step = micro * accum * ctx.world_size  # conversations per optimizer step, all ranks together
+        steps_per_epoch = len(train_examples) // per_step
+        if steps_per_epoch == 0:
+            raise MobiLlamaError(
+                f"{recipe.data.train}: {len(train_examples)} usable conversations, fewer than one step "
+                f"(batch.micro_batch_size x batch.grad_accum x {ctx.world_size} process(es) = {per_step})"
+            )
+        resolve_schedule(recipe, steps_per_epoch)
+        if recipe.lora is not None and ctx.strategy == "fsdp2":
+            raise MobiLlamaError(
+                "LoRA runs replicate the (frozen) base on every process: use train.strategy=ddp, not fsdp2"
+            )
         from mobillama.checkpoint import load_checkpoint
         from mobillama.data.loader import StepBatches
 
@@ -295,6 +345,8 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
             hf_model.model.gradient_checkpointing = recipe.model.gradient_checkpointing
             model = apply_lora(hf_model, recipe.lora)
         model.to(ctx.device)
+        trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        model = wrap_model(model, ctx)
 
         pack_to = recipe.data.max_length if recipe.data.packing else None
         collate_fn = functools.partial(collate, pad_id=tokenizer.pad_id, pack_to=pack_to)
@@ -302,12 +354,22 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
             train_examples,
             micro_batch_size=micro,
             grad_accum=accum,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
             seed=recipe.data.seed,
             collate=collate_fn,
         )
         val = None
         if val_examples:
-            val = functools.partial(eval_batches, val_examples, micro, collate_fn, recipe.eval.max_batches)
+            val = functools.partial(
+                eval_batches,
+                val_examples,
+                micro,
+                collate_fn,
+                recipe.eval.max_batches,
+                ctx.rank,
+                ctx.world_size,
+            )
 
         run_dir = recipe.run_dir
         tokenizer_dir = run_dir / "tokenizer"
@@ -327,14 +389,18 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
             "max_steps": recipe.train.max_steps,
             "warmup_steps": recipe.optim.warmup_steps,
             "lora": recipe.lora.__dict__ if recipe.lora else None,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_params": trainable_params,
+            "world_size": ctx.world_size,
+            "strategy": ctx.strategy,
         }
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-        write_json(run_dir / "run.json", {**lineage, "code_version": code_version()})
-        if not tokenizer_dir.is_dir():
-            tokenizer.save(tokenizer_dir)
-        write_json(run_dir / "data_report.json", lineage["data"])  # skips by reason + truncation counts
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, run_dir / "recipe.yaml")
+            write_json(run_dir / "run.json", {**lineage, "code_version": code_version()})
+            if not tokenizer_dir.is_dir():
+                tokenizer.save(tokenizer_dir)
+            write_json(run_dir / "data_report.json", lineage["data"])  # skips by reason + truncation counts
+        ctx.barrier()
         skipped = {**train_report.skipped}
         say(
             f"sft: {train_report.kept} conversations kept from {recipe.data.train}"
@@ -343,7 +409,7 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
             f"{train_stats.get('skipped_truncated_to_prompt', 0)} dropped (no assistant token left)"
         )
         say(
-            f"sft: {'LoRA' if recipe.lora else 'full'} fine-tuning of {base} "
+            f"sft: {'LoRA' if recipe.lora else 'full'} fine-tuning of {base} on {ctx.world_size} process(es) "
             f"({lineage['trainable_params']:,} trainable params), {len(train_examples)} examples, "
             f"{steps_per_epoch} steps/epoch, {recipe.train.max_steps} steps, warmup {recipe.optim.warmup_steps}; "
             f"run dir {run_dir}"
