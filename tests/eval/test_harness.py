@@ -94,10 +94,27 @@ def test_empty_continuation_scores_zero(ours):
     assert out == [(0.0, True)]
 
 
-def test_continuation_longer_than_max_length_is_an_error(short_checkpoint):
+def test_continuation_longer_than_max_length_is_scored_in_windows(short_checkpoint):
+    """A 30-token continuation on a 24-token model: chunks of 12, each conditioned on the tokens before it."""
+    import torch
+    import torch.nn.functional as F
+
     ours = MobiLlamaLM(pretrained=str(short_checkpoint), batch_size=2)
-    with pytest.raises(MobiLlamaError, match="exceeds the model's maximum length"):
-        ours._loglikelihood_tokens([(("a", "b"), [1, 5], [7] * 30)], disable_tqdm=True)
+    context, continuation = [1, 5], [7 + (i % 11) for i in range(30)]
+    (logp, greedy), short = ours._loglikelihood_tokens(
+        [(("a", "b"), context, continuation), (("c", "d"), [1, 5], [7, 8])], disable_tqdm=True
+    )
+    full, limit, expected = context + continuation, ours.max_length, 0.0
+    for start in range(len(context), len(full), limit // 2):
+        piece = full[start : start + limit // 2]
+        window = full[:start][-(limit + 1 - len(piece)) :] + piece
+        with torch.no_grad():
+            logits = ours.model(torch.tensor([window[:-1]]))[0].float()
+        targets = torch.tensor(window[1:])[-len(piece) :]
+        expected += float(F.log_softmax(logits[-len(piece) :], -1).gather(1, targets[:, None]).sum())
+    assert logp == pytest.approx(expected, abs=1e-4) and logp < 0 and isinstance(greedy, bool)
+    # the short request in the same batch is unaffected by its long neighbour
+    assert short == ours._loglikelihood_tokens([(("c", "d"), [1, 5], [7, 8])], disable_tqdm=True)[0]
 
 
 def test_batch_size_one_and_n_agree(checkpoint):

@@ -201,32 +201,49 @@ class MobiLlamaLM(TemplateLM):
     ) -> list[tuple[float, bool]]:
         """(sum of log-probs of the continuation, whether greedy decoding would produce it) per request."""
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        pieces: list[tuple[int, list[int], list[int]]] = []  # (request index, context, continuation piece)
         for i, (key, context, continuation) in enumerate(requests):
             if not continuation:
                 results[i] = (0.0, True)  # nothing to predict: log 1, trivially greedy
                 continue
-            if len(continuation) > self.max_length:
-                raise MobiLlamaError(
-                    f"request {key!r}: continuation of {len(continuation)} tokens exceeds the model's "
-                    f"maximum length {self.max_length}"
-                )
             if not context:
                 raise MobiLlamaError(f"request {key!r}: empty context token list (need at least BOS)")
-            # Left truncation, identical to HFLM's (context + continuation)[-(max_length + 1):][:-1].
-            context = context[-(self.max_length + 1 - len(continuation)) :]
-            groups.setdefault(tuple(context), []).append((i, continuation))
+            pieces.extend((i, ctx, cont) for ctx, cont in self._split_long(list(context), list(continuation)))
+        groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+        for p, (_, context, continuation) in enumerate(pieces):
+            groups.setdefault(tuple(context), []).append((p, continuation))
 
         ordered = sorted(groups.items(), key=lambda g: -(len(g[0]) + max(len(c) for _, c in g[1])))
-        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="mobillama loglikelihood", unit="req")
-        pbar.update(len(requests) - sum(len(g[1]) for g in ordered))
+        pbar = tqdm(total=len(pieces), disable=disable_tqdm, desc="mobillama loglikelihood", unit="req")
+        piece_scores: list[tuple[float, bool]] = [(0.0, True)] * len(pieces)
         for start in range(0, len(ordered), self.batch_size):
             batch = ordered[start : start + self.batch_size]
             for index, score in self._score_group_batch(batch):
-                results[index] = score
+                piece_scores[index] = score
                 pbar.update(1)
         pbar.close()
+        for (i, _, _), (logp, greedy) in zip(pieces, piece_scores):
+            total, all_greedy = results[i] or (0.0, True)
+            results[i] = (total + logp, all_greedy and greedy)
         return results  # type: ignore[return-value]
+
+    def _split_long(self, context: list[int], continuation: list[int]) -> list[tuple[list[int], list[int]]]:
+        """(context, continuation) pieces that each fit the model, left-truncating contexts like HFLM.
+
+        A continuation longer than the model's window (a long PIQA solution on a 256-token model) cannot
+        be scored in one pass, and lm-eval's ``hf`` backend then silently mis-slices its logits. Here it is
+        scored in chunks of half the window, each conditioned on the tokens just before it, and the
+        chunks' log-probs are summed: the same sliding-window approximation as rolling perplexity.
+        """
+        limit = self.max_length
+        if len(continuation) <= limit:
+            # Left truncation, identical to HFLM's (context + continuation)[-(max_length + 1):][:-1].
+            return [(context[-(limit + 1 - len(continuation)) :], continuation)]
+        full, chunk = context + continuation, max(1, limit // 2)
+        return [
+            (full[:start][-(limit + 1 - len(full[start : start + chunk])) :], full[start : start + chunk])
+            for start in range(len(context), len(full), chunk)
+        ]
 
     @torch.inference_mode()
     def _score_group_batch(
