@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,15 +228,42 @@ def aggregate_benchmarks(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _rss_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise MobiLlamaError(f"/proc/self/status has no {field} line")
+
+
 def _training_memory_child(config: dict, micro_batch: int, seq_len: int) -> dict[str, float]:
-    """Run in a fresh process: peak RSS of three fp32 AdamW steps of a model (see measure_training_memory)."""
-    import resource
+    """Run in a fresh process: peak RSS of three fp32 AdamW steps of a model (see measure_training_memory).
+
+    The peak is counted from the moment training starts, not from process start: importing torch and
+    transformers can briefly use more memory than training a small model, and would hide it. Linux
+    resets the high-water mark on writing 5 to ``/proc/self/clear_refs``; where that is not allowed,
+    a thread samples the resident size every millisecond instead (it can miss a very short spike).
+    """
+    import threading
 
     import torch
 
     from mobillama.model import MobiLlama, causal_lm_loss
 
-    idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    idle = _rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        sampled = None
+    except OSError:
+        sampled = {"peak": idle, "stop": False}
+
+        def sample() -> None:
+            while not sampled["stop"]:
+                sampled["peak"] = max(sampled["peak"], _rss_kib("VmRSS"))
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
     torch.manual_seed(0)
     model = MobiLlama(ModelConfig.from_dict(config))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -245,8 +273,13 @@ def _training_memory_child(config: dict, micro_batch: int, seq_len: int) -> dict
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"peak_rss_mb": peak / 1024, "above_idle_mb": (peak - idle) / 1024}
+    if sampled is None:
+        peak = _rss_kib("VmHWM")
+    else:
+        sampled["stop"] = True
+        sampler.join()
+        peak = max(sampled["peak"], _rss_kib("VmRSS"))
+    return {"peak_rss_mb": peak / 1024, "above_idle_mb": max(peak - idle, 0) / 1024}
 
 
 def measure_training_memory(config: ModelConfig, micro_batch: int, seq_len: int) -> dict[str, float]:
