@@ -9,6 +9,10 @@ pretrained, because no registry ships CLIP or LM weights. Reported on the held-o
 - vision model, images shuffled among the held-out samples (is it the *right* image that helps?)
 - text-only control                   <- the baseline
 
+on two held-out sets: stamps never seen in training ("new stamps": needs generalisation to new objects,
+which a random encoder cannot give) and new views of training stamps ("new views": shrunk and moved,
+so only the image tells which of the ~700 seen captions is meant).
+
 Usage: python benchmarks/vision_caption.py --data DIR --out runs/vision-bench [--steps 400] [--device auto]
 """
 
@@ -43,15 +47,51 @@ def train_tokenizer(texts: list[str], out: Path, vocab: int):
     return fast
 
 
+def held_out_losses(models: dict, examples: list, batch_size: int, device) -> dict[str, float]:
+    """Caption loss of the vision model with the right, shuffled and blank images, and of the control."""
+    from mobillama.vision.data import eval_batches
+    from mobillama.vision.train import mean_loss
+
+    def on_device(batches):
+        for batch in batches:
+            yield {k: v.to(device) for k, v in batch.items()}
+
+    model, setup = models["vision"]
+    images = [e.images for e in examples]
+    random.Random(0).shuffle(images)
+    shuffled = [type(e)(e.name, e.input_ids, e.labels, im) for e, im in zip(examples, images)]
+    control, control_setup = models["text-only"]
+    return {
+        "vision, real images": mean_loss(
+            model, on_device(eval_batches(examples, setup.processor, setup.pad_id, batch_size))
+        ),
+        "vision, shuffled images": mean_loss(
+            model, on_device(eval_batches(shuffled, setup.processor, setup.pad_id, batch_size))
+        ),
+        "vision, blank images": mean_loss(
+            model,
+            on_device(eval_batches(examples, setup.processor, setup.pad_id, batch_size, blank_images=True)),
+        ),
+        "text-only control": mean_loss(
+            control,
+            on_device(
+                eval_batches(
+                    examples, control_setup.processor, control_setup.pad_id, batch_size, blank_images=True
+                )
+            ),
+        ),
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     from mobillama.config import get_preset
     from mobillama.model import MobiLlama
     from mobillama.train.distributed import init_distributed
     from mobillama.train.loop import Trainer
     from mobillama.train.recipe import Recipe
-    from mobillama.vision.data import eval_batches, load_caption_examples
+    from mobillama.vision.data import load_caption_examples
     from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset, load_local_encoder
-    from mobillama.vision.train import build_stage, mean_loss, set_stage
+    from mobillama.vision.train import build_stage, set_stage
 
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,32 +136,14 @@ def run(args: argparse.Namespace) -> dict:
         results[f"{arm} train_loss"] = summary["loss"]
         results[f"{arm} seconds"] = round(time.perf_counter() - t0, 1)
         models[arm] = (model, setup)
-    val = load_caption_examples(data / "captions-val.jsonl", tokenizer, 64)
-    model, setup = models["vision"]
-    b = args.batch_size
-
-    def to_dev(batches):
-        for batch in batches:
-            yield {k: v.to(ctx.device) for k, v in batch.items()}
-
-    results["vision, real images"] = mean_loss(
-        model, to_dev(eval_batches(val, setup.processor, setup.pad_id, b))
-    )
-    shuffled = list(val)
-    images = [e.images for e in val]
-    random.Random(0).shuffle(images)
-    shuffled = [type(e)(e.name, e.input_ids, e.labels, im) for e, im in zip(val, images)]
-    results["vision, shuffled images"] = mean_loss(
-        model, to_dev(eval_batches(shuffled, setup.processor, setup.pad_id, b))
-    )
-    results["vision, blank images"] = mean_loss(
-        model, to_dev(eval_batches(val, setup.processor, setup.pad_id, b, blank_images=True))
-    )
-    tmodel, tsetup = models["text-only"]
-    results["text-only control"] = mean_loss(
-        tmodel, to_dev(eval_batches(val, tsetup.processor, tsetup.pad_id, b, blank_images=True))
-    )
-    results["val samples"] = len(val)
+    sets = {"new stamps": "captions-val.jsonl", "new views": "captions-views.jsonl"}
+    for set_name, file in sets.items():
+        if not (data / file).is_file():
+            continue
+        examples = load_caption_examples(data / file, tokenizer, 64)
+        for key, value in held_out_losses(models, examples, args.batch_size, ctx.device).items():
+            results[f"{set_name}: {key}"] = value
+        results[f"{set_name}: samples"] = len(examples)
     return results
 
 
@@ -146,18 +168,19 @@ def main() -> None:
     p.add_argument("--progress", action="store_true", help="show progress bars")
     args = p.parse_args()
     results = run(args)
-    print(f"\n{'held-out caption loss (nats/token)':<40} value")
-    base = results["text-only control"]
-    for key in (
-        "vision, real images",
-        "vision, shuffled images",
-        "vision, blank images",
-        "text-only control",
-    ):
-        print(f"{key:<40} {results[key]:.4f}   ratio to text-only {results[key] / base:.3f}")
+    keys = ("vision, real images", "vision, shuffled images", "vision, blank images", "text-only control")
+    for set_name in ("new stamps", "new views"):
+        if f"{set_name}: samples" not in results:
+            continue
+        count = results[f"{set_name}: samples"]
+        print(f"\n{'held-out caption loss, ' + set_name + f' ({count})':<44} nats/token  ratio to text-only")
+        base = results[f"{set_name}: text-only control"]
+        for key in keys:
+            value = results[f"{set_name}: {key}"]
+            print(f"{key:<44} {value:.4f}      {value / base:.3f}")
     for key, value in results.items():
-        if "seconds" in key or "train_loss" in key or key == "val samples":
-            print(f"{key:<40} {value}")
+        if "seconds" in key or "train_loss" in key:
+            print(f"{key:<44} {value}")
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
 
 

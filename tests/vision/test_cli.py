@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from mobillama.cli import main
 
@@ -131,6 +133,35 @@ def test_build_data_from_stamps(tmp_path, capsys):
     assert val == [{"image": "images/stamp-animals-s2.png", "caption": "A green circle."}]
     instruct = json.loads((out / "instruct.json").read_text())
     assert instruct[0]["conversations"][1]["value"] == "A red circle."
+    # held-out views: every --views-every'th (default 5th) training stamp, a new image of the same object
+    views = [json.loads(x) for x in (out / "captions-views.jsonl").read_text().splitlines()]
+    assert views == [{"image": "images/view-stamp-animals-s0.png", "caption": "A red circle."}]
+    with (
+        Image.open(out / "images" / "stamp-animals-s0.png") as seen,
+        Image.open(out / views[0]["image"]) as view,
+    ):
+        assert view.size == seen.size
+        assert (
+            np.abs(np.asarray(view.convert("RGBA"), float) - np.asarray(seen.convert("RGBA"), float)).mean()
+            > 5
+        )
+        assert view.getbbox() is not None and view.getbbox() != seen.getbbox()  # moved and shrunk
+    assert (
+        main(
+            [
+                "vision",
+                "build-data",
+                "--out",
+                str(tmp_path / "y"),
+                "--stamps",
+                str(tmp_path / "stamps"),
+                "--views-every",
+                "0",
+            ]
+        )
+        == 2
+    )
+    assert "views_every must be an integer >= 1, got 0" in capsys.readouterr().err
     assert (
         main(["vision", "build-data", "--out", str(tmp_path / "x"), "--stamps", str(tmp_path / "none")]) == 2
     )

@@ -24,6 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--stamps", default="/usr/share/tuxpaint/stamps", help="Tux Paint stamps directory")
     b.add_argument("--max-side", type=int, default=128, help="shrink every image to at most this many pixels")
     b.add_argument("--val-every", type=int, default=10, help="hold out every N-th stamp as validation")
+    b.add_argument(
+        "--views-every",
+        type=int,
+        default=5,
+        help="also write a new view (shrunk, moved) of every N-th training stamp to captions-views.jsonl",
+    )
     b.add_argument("--limit", type=int, default=None, help="use only the first N stamps (quick runs)")
     b.set_defaults(func=run_build_data)
 
@@ -97,7 +103,12 @@ def run_build_data(args: argparse.Namespace) -> int:
     from mobillama.vision.demo_data import build_demo_data
 
     manifest = build_demo_data(
-        args.out, stamps_dir=args.stamps, max_side=args.max_side, val_every=args.val_every, limit=args.limit
+        args.out,
+        stamps_dir=args.stamps,
+        max_side=args.max_side,
+        val_every=args.val_every,
+        views_every=args.views_every,
+        limit=args.limit,
     )
     print(json.dumps(manifest, indent=2))
     return 0

@@ -9,6 +9,9 @@ Output directory::
     images/                  every image, shrunk to at most ``max_side`` px (PNG)
     captions-train.jsonl     {"image", "caption"} (stage 1)
     captions-val.jsonl       held-out stamps (every ``val_every``-th, by sorted path)
+    captions-views.jsonl     held-out *views* of training stamps (every ``views_every``-th training
+                             stamp, shrunk and shifted on its canvas): new images of objects whose
+                             captions the model has seen; the caption can only be told from the image
     instruct.json            LLaVA records: "<image>\\nDescribe ..." -> caption, plus Q&A on the photos
     manifest.json            counts, sources, licences
 """
@@ -55,12 +58,31 @@ def _first_line(txt: Path) -> str | None:
     return line or None
 
 
+def _new_view(img, index: int, max_side: int):
+    """A different image of the same stamp: shrunk to 80% and moved to one of four corners.
+
+    Every pixel position changes, so a model cannot match it to its training image byte for byte,
+    while the object, its colours and its shape stay recognisable.
+    """
+    from PIL import Image
+
+    img = img.convert("RGBA")
+    img.thumbnail((max_side, max_side))
+    small = img.resize((max(1, img.width * 4 // 5), max(1, img.height * 4 // 5)), Image.BICUBIC)
+    canvas = Image.new("RGBA", img.size, (0, 0, 0, 0))  # transparent: composited onto white when loaded
+    dx, dy = img.width - small.width, img.height - small.height
+    corner = [(0, 0), (dx, 0), (0, dy), (dx, dy)][index % 4]
+    canvas.paste(small, corner)
+    return canvas
+
+
 def build_demo_data(
     out: str | Path,
     *,
     stamps_dir: str | Path = TUXPAINT_STAMPS,
     max_side: int = 128,
     val_every: int = 10,
+    views_every: int = 5,
     limit: int | None = None,
     overwrite: bool = False,
     say=print,
@@ -69,6 +91,13 @@ def build_demo_data(
     from PIL import Image
     from tqdm import tqdm
 
+    for key, value, least in (
+        ("val_every", val_every, 2),
+        ("views_every", views_every, 1),
+        ("max_side", max_side, 8),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise MobiLlamaError(f"{key} must be an integer >= {least}, got {value!r}")
     stamps_dir = Path(stamps_dir)
     if not stamps_dir.is_dir():
         raise MobiLlamaError(
@@ -85,7 +114,7 @@ def build_demo_data(
         pairs = pairs[:limit]
     if not pairs:
         raise MobiLlamaError(f"{stamps_dir}: no PNG stamps with a caption .txt")
-    train, val, instruct = [], [], []
+    train, val, views, instruct = [], [], [], []
     with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "images").mkdir()
         for i, (png, caption) in enumerate(tqdm(pairs, desc="stamps", disable=None)):
@@ -95,6 +124,11 @@ def build_demo_data(
                 img.save(tmp / "images" / name)
             record = {"image": f"images/{name}", "caption": caption}
             (val if i % val_every == val_every - 1 else train).append(record)
+            if i % val_every != val_every - 1 and (len(train) - 1) % views_every == 0:
+                view = f"view-{name}"
+                with Image.open(png) as img:
+                    _new_view(img, len(views), max_side).save(tmp / "images" / view)
+                views.append({"image": f"images/{view}", "caption": caption})
             if i % val_every != val_every - 1:
                 instruct.append(
                     {
@@ -135,7 +169,8 @@ def build_demo_data(
                     ],
                 }
             )
-        for name, rows in (("captions-train.jsonl", train), ("captions-val.jsonl", val)):
+        files = {"captions-train.jsonl": train, "captions-val.jsonl": val, "captions-views.jsonl": views}
+        for name, rows in files.items():
             (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (tmp / "instruct.json").write_text(json.dumps(instruct, indent=1), encoding="utf-8")
         manifest = {
@@ -143,6 +178,7 @@ def build_demo_data(
             "photos": photos,
             "captions_train": len(train),
             "captions_val": len(val),
+            "captions_views": len(views),
             "instruct": len(instruct),
             "max_side": max_side,
             "sources": {
