@@ -173,3 +173,29 @@ def test_run_stage_rejects_bad_checkpoint_every(tmp_path, tiny_model, tokenizer,
     tiny_model.save_pretrained(tmp_path / "v0", tokenizer_dir=tmp_path / "tok")
     with pytest.raises(MobiLlamaError, match="checkpoint_every must be a positive number of steps, got 0"):
         run_stage(tmp_path / "v0", 1, shapes_dir / "captions.jsonl", tmp_path / "run", checkpoint_every=0)
+
+
+def test_cli_checkpoint_every(tmp_path, tiny_model, tokenizer, shapes_dir, capsys):
+    from mobillama.cli import main
+
+    tokenizer.save_pretrained(tmp_path / "tok")
+    tiny_model.save_pretrained(tmp_path / "v0", tokenizer_dir=tmp_path / "tok")
+    args = [
+        "vision",
+        "train",
+        str(tmp_path / "v0"),
+        "--stage",
+        "1",
+        "--data",
+        str(shapes_dir / "captions.jsonl"),
+    ]
+    args += ["--steps", "2", "--batch-size", "4", "--device", "cpu", "--val-fraction", "0"]
+    assert main([*args, "--out", str(tmp_path / "bad"), "--checkpoint-every", "0"]) == 2
+    assert "checkpoint_every must be a positive number of steps, got 0" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "run"), "--checkpoint-every", "1"]) == 0
+    ckpts = list_checkpoints(tmp_path / "run")
+    assert [p.name for p in ckpts] == ["step-00000001", "step-00000002"]
+    first, last = (MobiLlamaV.from_pretrained(p) for p in ckpts)
+    final = MobiLlamaV.from_pretrained(tmp_path / "run" / "final")
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), final.state_dict().values()))
+    assert not torch.equal(first.projector.layers[0].weight, last.projector.layers[0].weight)

@@ -19,6 +19,9 @@ A checkpoint is one directory (:meth:`save_pretrained` / :meth:`from_pretrained`
     preprocessor_config.json   the image processor (transformers format)
     decoder/                   a normal project checkpoint (loadable by load_model / from_pretrained)
     tokenizer files            copied from the decoder's tokenizer, when there is one
+
+The training loop's step checkpoints of a vision run have the same layout (:class:`VisionModelIO`), with
+the loop's optimizer/RNG/data files beside it.
 """
 
 from __future__ import annotations
