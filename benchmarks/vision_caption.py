@@ -129,7 +129,14 @@ def run(args: argparse.Namespace) -> dict:
         recipe.eval.every_steps = recipe.checkpoint.every_steps = args.steps
         recipe.log.tensorboard, recipe.log.progress = False, args.progress
         trainer = Trainer(
-            model, recipe, setup.batches, ctx=ctx, run_dir=out / arm, loss_fn=setup.loss_fn, say=print
+            model,
+            recipe,
+            setup.batches,
+            ctx=ctx,
+            run_dir=out / arm,
+            loss_fn=setup.loss_fn,
+            model_io=setup.model_io,
+            say=print,
         )
         t0 = time.perf_counter()
         summary = trainer.fit()

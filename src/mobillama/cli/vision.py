@@ -82,6 +82,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--train-encoder", action="store_true", help="stage 2: also train the vision encoder")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
     t.add_argument("--seed", type=int, default=0, help="seed")
+    t.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="write OUT/checkpoints/step-N (a MobiLlama-V directory) every N steps (default: at the end)",
+    )
+    t.add_argument(
+        "--resume", default=None, help="'auto' (newest valid step checkpoint in OUT) or a step checkpoint"
+    )
     t.set_defaults(func=run_train)
 
     c = sub.add_parser(
@@ -149,6 +158,8 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         train_encoder=args.train_encoder,
         device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from mobillama.errors import MobiLlamaError
 from mobillama.train.distributed import DistContext, grad_sync, unwrap
 from mobillama.train.metrics import MetricsLogger, progress_bar
 from mobillama.train.recipe import OptimSection, Recipe
+
+if TYPE_CHECKING:
+    from mobillama.train.state import ModelIO
 
 IGNORE_INDEX = -100
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -109,6 +112,7 @@ class Trainer:
         flops_per_token: float = 0.0,
         tokenizer_dir: str | Path | None = None,
         extra_state: dict[str, Any] | None = None,
+        model_io: ModelIO | None = None,
         say: Callable[[str], None] = print,
     ) -> None:
         self.model = model
@@ -121,6 +125,8 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.tokenizer_dir = tokenizer_dir
         self.extra_state = extra_state or {}
+        # how step checkpoints store the model (None: a decoder checkpoint; see mobillama.train.state)
+        self.model_io = model_io
         self.say = say if ctx.is_main else (lambda _msg: None)
         self.optimizer = build_optimizer(model, recipe.optim)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -216,6 +222,7 @@ class Trainer:
             config=unwrap(self.model).config,
             trainer_state=self.trainer_state(),
             tokenizer_dir=self.tokenizer_dir,
+            model_io=self.model_io,
         )
         if self.ctx.is_main:
             cp = self.recipe.checkpoint
@@ -272,7 +279,9 @@ class Trainer:
         """Load model/optimizer/RNG state from ``path`` in place; return its trainer_state.json."""
         from mobillama.train.state import load_training_checkpoint
 
-        return load_training_checkpoint(path, model=self.model, optimizer=self.optimizer, ctx=self.ctx)
+        return load_training_checkpoint(
+            path, model=self.model, optimizer=self.optimizer, ctx=self.ctx, model_io=self.model_io
+        )
 
     # --- the loop ---------------------------------------------------------------------------------------
     def fit(self, resume: str | None = None) -> dict[str, Any]:

@@ -13,6 +13,11 @@ loadable by ``MobiLlamaForCausalLM.from_pretrained``) plus everything needed to 
                                              and the sha256 of every other file in the directory
     metrics.jsonl                            the run's metrics up to this step
 
+What the model part of the directory looks like is up to a :class:`ModelIO`: the default writes the
+decoder checkpoint above (:class:`DecoderModelIO`); ``mobillama.vision.model.VisionModelIO`` writes a MobiLlama-V directory
+(``decoder/`` + ``vision.safetensors`` + ``vision_config.json``), loadable by ``MobiLlamaV.from_pretrained``.
+The training files sit beside it either way and are hashed the same way.
+
 The directory is built under a temporary name and renamed into place (:func:`atomic_directory`), so a
 crash or a full disk leaves the previous checkpoint as the newest complete one. ``RUN/checkpoints.json``
 and ``RUN/checkpoints.csv`` list every checkpoint written (step, tokens, loss, data position, hashes,
@@ -24,16 +29,24 @@ from __future__ import annotations
 import csv
 import errno
 import functools
+import hashlib
 import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
 
-from mobillama.checkpoint import atomic_directory, read_safetensors, save_checkpoint, sha256_file, write_json
+from mobillama.checkpoint import (
+    WEIGHTS_NAME,
+    atomic_directory,
+    read_safetensors,
+    save_checkpoint,
+    sha256_file,
+    write_json,
+)
 from mobillama.errors import MobiLlamaError
 from mobillama.train.distributed import DistContext, unwrap
 
@@ -68,6 +81,59 @@ def code_version() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
+
+
+# --- how the model's weights are laid out in a checkpoint ---------------------------------------------
+
+
+class ModelIO(Protocol):
+    """Writes and reads the model part of a step checkpoint from a full (unsharded) state dict."""
+
+    #: files (relative to the checkpoint) that hold the weights; their hashes make ``model_sha256``
+    weights_files: tuple[str, ...]
+
+    def write(
+        self,
+        state: dict[str, torch.Tensor],
+        config: Any,
+        directory: Path,
+        tokenizer_dir: str | Path | None = None,
+    ) -> None:
+        """Write ``state`` (keys as in ``model.state_dict()``) into ``directory`` (it may already exist)."""
+
+    def read(self, directory: Path, config: Any) -> dict[str, torch.Tensor]:
+        """The full state dict (tied weights included) that ``write`` stored in ``directory``."""
+
+
+class DecoderModelIO:
+    """The default: a decoder checkpoint (``config.json`` + ``model.safetensors``), what
+    ``MobiLlamaForCausalLM.from_pretrained`` and :func:`mobillama.checkpoint.load_model` read."""
+
+    weights_files: tuple[str, ...] = (WEIGHTS_NAME,)
+
+    def write(
+        self,
+        state: dict[str, torch.Tensor],
+        config: Any,
+        directory: Path,
+        tokenizer_dir: str | Path | None = None,
+    ) -> None:
+        save_checkpoint(state, config, directory, tokenizer_dir=tokenizer_dir, overwrite=True)
+
+    def read(self, directory: Path, config: Any) -> dict[str, torch.Tensor]:
+        weights = read_safetensors(directory / WEIGHTS_NAME)
+        if config.tie_word_embeddings:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        return weights
+
+
+def weights_sha256(files: dict[str, str], model_io: ModelIO) -> str:
+    """The hash of a checkpoint's weights: that of the one weights file, or for several the sha256 of
+    their ``sha256sum``-style listing (``<digest>  <path>`` lines, in ``weights_files`` order)."""
+    if len(model_io.weights_files) == 1:
+        return files[model_io.weights_files[0]]
+    listing = "".join(f"{files[name]}  {name}\n" for name in model_io.weights_files)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 # --- model / optimizer state in full (unsharded) form ----------------------------------------------------
@@ -214,8 +280,10 @@ def save_training_checkpoint(
     config,
     trainer_state: dict[str, Any],
     tokenizer_dir: str | Path | None = None,
+    model_io: ModelIO | None = None,
 ) -> Path:
     """Write ``RUN/checkpoints/step-N`` atomically (collective: every rank must call it)."""
+    model_io = model_io or DecoderModelIO()
     run_dir = Path(run_dir)
     step = int(trainer_state["step"])
     final = run_dir / CKPT_DIR / checkpoint_name(step)
@@ -243,7 +311,7 @@ def save_training_checkpoint(
         if ctx.is_main:
             # overwrite: a step redone after resuming from an older checkpoint replaces its old copy
             with atomic_directory(final, overwrite=True) as tmp:
-                save_checkpoint(model_state, config, tmp, tokenizer_dir=tokenizer_dir, overwrite=True)
+                model_io.write(model_state, config, tmp, tokenizer_dir)
                 tmp_holder[0] = tmp
                 if fsdp:
                     ctx.broadcast_object(str(tmp))
@@ -288,7 +356,7 @@ def save_training_checkpoint(
                 "path": str(final.relative_to(run_dir)),
                 "kept": True,
                 "state_sha256": sha256_file(final / STATE_NAME),
-                "model_sha256": info["files"]["model.safetensors"],
+                "model_sha256": weights_sha256(info["files"], model_io),
             }
         )
         _write_index(run_dir, sorted(entries, key=lambda e: e["step"]))
@@ -331,7 +399,12 @@ def apply_retention(
 
 
 def load_training_checkpoint(
-    path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext,
+    model_io: ModelIO | None = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer and RNG state in place; return trainer_state.json.
 
@@ -357,10 +430,7 @@ def load_training_checkpoint(
         dcp.load(holder, checkpoint_id=str(path / "dcp"))
         set_state_dict(target, optimizer, model_state_dict=holder["model"], optim_state_dict=holder["optim"])
     else:
-        weights = read_safetensors(path / "model.safetensors")
-        config = unwrap(model).config
-        if config.tie_word_embeddings:
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        weights = (model_io or DecoderModelIO()).read(path, unwrap(model).config)
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(target, weights, options=options)
         meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))

@@ -8,8 +8,9 @@ This module holds no loop. It decides *what* trains and *on what*:
 
 :func:`build_stage` returns the model with ``requires_grad`` set for the stage, a batch source with the
 loop's ``next_step()/state_dict()/load_state_dict()`` protocol, the trainable parameters and the loss
-function ``loss_fn(model, batch) -> summed loss``; :func:`run_stage` hands them to
-``mobillama.train.loop.Trainer`` and exports the trained model as a MobiLlama-V checkpoint.
+function ``loss_fn(model, batch) -> summed loss`` and the ``model_io`` that makes the loop's step
+checkpoints MobiLlama-V directories; :func:`run_stage` hands them to ``mobillama.train.loop.Trainer``
+and exports the trained model as a MobiLlama-V checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobillama.errors import MobiLlamaError
-from mobillama.vision.model import IGNORE_INDEX, MobiLlamaV
+from mobillama.vision.model import IGNORE_INDEX, MobiLlamaV, VisionModelIO
 
 STAGES = (1, 2)
 
@@ -81,6 +82,7 @@ class StageSetup:
     loss_fn: Any
     processor: Any
     pad_id: int
+    model_io: VisionModelIO  # step checkpoints as MobiLlama-V directories (Trainer(model_io=...))
 
 
 def build_stage(
@@ -126,7 +128,9 @@ def build_stage(
         world_size=world_size,
         blank_images=blank_images,
     )
-    return StageSetup(model, batches, val, trainable, vision_loss_sum, processor, pad_id)
+    return StageSetup(
+        model, batches, val, trainable, vision_loss_sum, processor, pad_id, VisionModelIO(model.vision_config)
+    )
 
 
 def run_stage(
@@ -145,10 +149,17 @@ def run_stage(
     seed: int = 0,
     train_encoder: bool = False,
     device: str = "auto",
+    checkpoint_every: int | None = None,
+    resume: str | None = None,
     say=print,
 ) -> dict[str, Any]:
     """Train one stage from a MobiLlama-V checkpoint with the project's training loop; the result is a
-    MobiLlama-V checkpoint at ``OUT/final`` (the loop's own run files sit beside it)."""
+    MobiLlama-V checkpoint at ``OUT/final`` (the loop's own run files sit beside it).
+
+    Every ``checkpoint_every`` steps (default: only at the end) the loop writes
+    ``OUT/checkpoints/step-N``, itself a MobiLlama-V directory (``MobiLlamaV.from_pretrained`` loads it)
+    plus the optimizer/RNG/data state; ``resume`` ("auto" or such a path) continues from one.
+    """
     try:
         from mobillama.train.distributed import init_distributed, shutdown, wrap_model
         from mobillama.train.loop import Trainer
@@ -178,6 +189,12 @@ def run_stage(
     recipe.batch.micro_batch_size = micro_batch_size
     recipe.train.max_steps, recipe.train.seed, recipe.train.device = max_steps, seed, device
     recipe.eval.every_steps = recipe.checkpoint.every_steps = max_steps
+    if checkpoint_every is not None:
+        if checkpoint_every < 1:
+            raise MobiLlamaError(
+                f"checkpoint_every must be a positive number of steps, got {checkpoint_every}"
+            )
+        recipe.checkpoint.every_steps = checkpoint_every
     recipe.log.tensorboard = False
     recipe.data.path = str(data)
     ctx = init_distributed(recipe.train.strategy, recipe.train.device)
@@ -217,9 +234,10 @@ def run_stage(
             val_batches=val,
             loss_fn=setup.loss_fn,
             tokenizer_dir=checkpoint,
+            model_io=setup.model_io,
             say=say,
         )
-        summary = trainer.fit()
+        summary = trainer.fit(resume)
         if ctx.is_main:
             model.save_pretrained(out_dir / "final", tokenizer_dir=checkpoint)
             summary["checkpoint"] = str(out_dir / "final")
