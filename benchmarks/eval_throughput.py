@@ -117,7 +117,7 @@ def main() -> int:
 
     from lm_eval.models.huggingface import HFLM
 
-    import mobillama  # noqa: F401  (registers the HF classes for the stock backend)
+    import mobillama.hf  # noqa: F401  (registers the HF classes for the stock backend)
     from mobillama.eval.harness import MobiLlamaLM
 
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -5,6 +5,11 @@ and LM head as :class:`~mobillama.model.MobiLlama`, so the state-dict names, the
 the same. What it adds is what transformers expects: ``from_pretrained``/``save_pretrained``, ``generate()``
 (with HF's ``DynamicCache``, which fits the decoder's cache protocol), ``labels`` → loss, output dataclasses,
 and registration with ``AutoConfig``/``AutoModelForCausalLM`` so pipelines, peft and lm-eval find it.
+
+Importing this module imports transformers and registers model_type ``mobillama``; ``import mobillama``
+alone does neither (it stays torch-only for inference), but touching ``mobillama.MobiLlamaConfig`` or
+``mobillama.MobiLlamaForCausalLM`` imports this module. So before ``AutoModelForCausalLM.from_pretrained``
+on a mobillama checkpoint, ``import mobillama.hf``.
 """
 
 from __future__ import annotations

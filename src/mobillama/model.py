@@ -156,13 +156,25 @@ class DecoderLayer(nn.Module):
         return x + ffn(self.post_attention_layernorm(x))
 
 
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` that skips initializing a weight on the meta device.
+
+    Checkpoint loading builds the model on ``meta`` and assigns the stored tensors; ``normal_`` on a meta
+    tensor has nothing to fill but imports ``torch._dynamo`` (~800 modules, ~70 MB resident) on first use.
+    """
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Decoder(nn.Module):
     """Embeddings, the layer stack with its FFNs, and the final norm: everything but the LM head."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.ffns = nn.ModuleList(FeedForward(config) for _ in range(config.num_ffns))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -284,7 +296,12 @@ class MobiLlama(nn.Module):
 
 
 def init_weights(module: nn.Module, std: float) -> None:
-    """Normal(0, std) for linear and embedding weights (std 0.02 as in the reference code); norms at 1."""
+    """Normal(0, std) for linear and embedding weights (std 0.02 as in the reference code); norms at 1.
+
+    Meta tensors (a model about to receive a checkpoint's weights) are left alone: see :class:`Embedding`.
+    """
+    if getattr(module, "weight", None) is not None and module.weight.is_meta:
+        return
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, mean=0.0, std=std)
     elif isinstance(module, RMSNorm):
@@ -320,6 +337,7 @@ __all__ = [
     "Attention",
     "Decoder",
     "DecoderLayer",
+    "Embedding",
     "FeedForward",
     "KVCache",
     "MobiLlama",

@@ -7,7 +7,7 @@ import json
 import pytest
 from lm_eval.api.instance import Instance
 
-import mobillama  # noqa: F401  (registers the HF classes the stock backend loads)
+import mobillama.hf  # noqa: F401  (registers the HF classes the stock backend loads)
 from mobillama.errors import MobiLlamaError
 from mobillama.eval.harness import MobiLlamaLM
 
