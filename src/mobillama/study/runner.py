@@ -433,7 +433,12 @@ def plot_study(study: StudyConfig, arms: list[Arm], results: dict[str, Any], out
 
     from mobillama.train.metrics import plot_runs
 
-    plot_runs([out / a.name / f"seed-{study.seeds[0]}" for a in arms], out / "loss_vs_tokens.png")
+    seed = study.seeds[0]
+    plot_runs(
+        [out / a.name / f"seed-{seed}" for a in arms],
+        out / "loss_vs_tokens.png",
+        labels=[f"{a.name} (seed {seed})" for a in arms],
+    )
     fig, ax = plt.subplots(figsize=(7, 5))
     for name, arm in results["arms"].items():
         v = arm["val_loss"]

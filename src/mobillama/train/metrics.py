@@ -86,8 +86,10 @@ def progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
 
 
-def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
-    """Train and validation loss against tokens seen, one colour per run, into a PNG."""
+def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | None = None) -> Path:
+    """Train and validation loss against tokens seen, one colour per run, into a PNG.
+
+    ``labels`` name the runs in the legend (default: each run directory's name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,9 +98,12 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
     from mobillama.errors import MobiLlamaError
 
     out = Path(out)
+    if labels is not None and len(labels) != len(run_dirs):
+        raise MobiLlamaError(f"plot: {len(labels)} labels for {len(run_dirs)} runs")
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, run in enumerate(run_dirs):
         run = Path(run)
+        label = labels[i] if labels is not None else run.name
         records = read_metrics(run)
         if not records:
             raise MobiLlamaError(f"{run}: no {METRICS_NAME} with records (is it a run directory?)")
@@ -106,15 +111,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path) -> Path:
         train = [(r["tokens"], r["loss"]) for r in records if r.get("loss") is not None]
         val = [(r["tokens"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         if train:
-            ax.plot(*zip(*train), color=color, alpha=0.8, label=f"{run.name} train")
+            ax.plot(*zip(*train), color=color, alpha=0.8, label=f"{label} train")
         if val:
-            ax.plot(
-                *zip(*val), color=color, linestyle="--", marker="o", markersize=3, label=f"{run.name} val"
-            )
+            ax.plot(*zip(*val), color=color, linestyle="--", marker="o", markersize=3, label=f"{label} val")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small", ncols=2 if len(run_dirs) > 4 else 1)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
