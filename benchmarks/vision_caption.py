@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> dict:
             max_length=64,
             seed=args.seed,
             blank_images=blank,
+            augment=args.augment,
         )
         setup.trainable = set_stage(model, 2, train_encoder=args.train_encoder)
         model.to(ctx.device)
@@ -170,6 +171,11 @@ def main() -> None:
         "--encoder", default=None, help="local CLIP/SigLIP checkpoint directory (instead of random)"
     )
     p.add_argument("--train-encoder", action="store_true", help="also train the (random) encoder")
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="train on random views (random shrink and position) of each image",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("--progress", action="store_true", help="show progress bars")

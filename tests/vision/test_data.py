@@ -209,3 +209,18 @@ def test_blank_image_control(shapes_dir, tokenizer):
     batches = VisionBatches(examples, processor, 0, micro_batch_size=2, blank_images=True)
     batch = batches.next_step()[0]
     assert batch["pixel_values"].shape == (2, 3, 32, 32) and not batch["pixel_values"].any()
+
+
+def test_augmented_views_differ_from_the_image_and_resume_exactly(shapes_dir, tokenizer):
+    examples = load_caption_examples(shapes_dir / "captions.jsonl", tokenizer)
+    processor = build_image_processor(encoder_config_from_preset("tiny"))
+    plain = VisionBatches(examples, processor, 0, micro_batch_size=4, seed=3).next_step()[0]
+    a = VisionBatches(examples, processor, 0, micro_batch_size=4, seed=3, augment=True)
+    first = a.next_step()[0]
+    assert torch.equal(first["input_ids"], plain["input_ids"])  # same samples, same order
+    assert not torch.equal(first["pixel_values"], plain["pixel_values"])  # shrunk and moved images
+    state = a.state_dict()
+    expected = a.next_step()[0]
+    b = VisionBatches(examples, processor, 0, micro_batch_size=4, seed=3, augment=True)
+    b.load_state_dict(state)
+    assert torch.equal(b.next_step()[0]["pixel_values"], expected["pixel_values"])  # same draws after resume

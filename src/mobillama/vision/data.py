@@ -231,14 +231,34 @@ def load_llava_examples(
     return examples, skipped
 
 
+def random_view(image, rng: random.Random, min_scale: float = 0.7):
+    """Augmentation: the image shrunk by a random factor in [min_scale, 1] and placed at a random spot
+    of a white canvas of its own size, so a model learns objects rather than exact pixel positions."""
+    from PIL import Image
+
+    scale = rng.uniform(min_scale, 1.0)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    canvas = Image.new("RGB", image.size, (255, 255, 255))
+    canvas.paste(
+        image.resize((w, h), Image.BICUBIC),
+        (rng.randint(0, image.width - w), rng.randint(0, image.height - h)),
+    )
+    return canvas
+
+
 def collate_vision(
-    examples: list[VisionExample], processor, pad_id: int, blank_images: bool = False
+    examples: list[VisionExample],
+    processor,
+    pad_id: int,
+    blank_images: bool = False,
+    augment: random.Random | None = None,
 ) -> dict[str, torch.Tensor]:
     """A right-padded batch for the loop: ``input_ids``, ``attention_mask``, shifted ``labels`` (the target
     at each position) and ``pixel_values`` of every image in row order ([0, 3, H, W] when none).
 
     ``blank_images`` feeds all-zero pixels instead (the text-only control of the caption benchmark: same
-    model, tokens and positions, no image information)."""
+    model, tokens and positions, no image information). With an ``augment`` generator every image is
+    replaced by a :func:`random_view` of it."""
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -250,6 +270,8 @@ def collate_vision(
         mask[row, :n] = 1
         labels[row, : n - 1] = torch.tensor(e.labels[1:], dtype=torch.long)
         images += [None if blank_images else load_image(p, e.name) for p in e.images]
+    if augment is not None and not blank_images:
+        images = [random_view(image, augment) for image in images]
     size = processor.crop_size["height"], processor.crop_size["width"]
     if images and not blank_images:
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
@@ -275,6 +297,7 @@ class VisionBatches:
         rank: int = 0,
         world_size: int = 1,
         blank_images: bool = False,
+        augment: bool = False,
     ) -> None:
         if not examples:
             raise MobiLlamaError("no training examples")
@@ -282,7 +305,7 @@ class VisionBatches:
         self.micro, self.accum, self.seed = micro_batch_size, grad_accum, seed
         self.rank, self.world = rank, world_size
         self.epoch, self.position = 0, 0
-        self.blank_images = blank_images
+        self.blank_images, self.augment = blank_images, augment
 
     def _order(self) -> list[int]:
         order = list(range(len(self.examples)))
@@ -302,6 +325,8 @@ class VisionBatches:
         return out
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
+        # the augmentation draws depend only on the position, so a resumed run sees the same views
+        rng = random.Random(f"{self.seed}/{self.epoch}/{self.position}/{self.rank}") if self.augment else None
         picked = self._take(self.micro * self.accum * self.world)
         mine = []
         for m in range(self.accum):
@@ -312,6 +337,7 @@ class VisionBatches:
                     self.processor,
                     self.pad_id,
                     self.blank_images,
+                    rng,
                 )
             )
         return mine

@@ -100,6 +100,7 @@ def build_stage(
     rank: int = 0,
     world_size: int = 1,
     blank_images: bool = False,
+    augment: bool = False,
 ) -> StageSetup:
     """Everything the loop needs for one stage (see the module docstring)."""
     from mobillama.vision.data import VisionBatches, load_caption_examples, load_llava_examples
@@ -127,6 +128,7 @@ def build_stage(
         rank=rank,
         world_size=world_size,
         blank_images=blank_images,
+        augment=augment,
     )
     return StageSetup(
         model, batches, val, trainable, vision_loss_sum, processor, pad_id, VisionModelIO(model.vision_config)
