@@ -2,18 +2,22 @@
 
 Two runs of the project's training loop, identical in everything (model shape, init seed, data order,
 steps, lr) except that the control sees all-zero images ("text-only"). Both train projector + decoder
-(+ encoder with --train-encoder) on the offline caption set (``mobillama vision build-data``); nothing is
-pretrained, because no registry ships CLIP or LM weights. Reported on the held-out stamps:
+(+ encoder with --train-encoder) on the offline caption set (``mobillama vision build-data``). The
+encoder is random (``--encoder-config``) or a local CLIP directory (``--encoder``), for example one from
+``mobillama vision pretrain-encoder`` on the same training captions. Reported on held-out images:
 
 - vision model, real images           <- should be lowest
 - vision model, images shuffled among the held-out samples (is it the *right* image that helps?)
+- vision model, blank images
 - text-only control                   <- the baseline
 
-on two held-out sets: stamps never seen in training ("new stamps": needs generalisation to new objects,
-which a random encoder cannot give) and new views of training stamps ("new views": shrunk and moved,
-so only the image tells which of the ~700 seen captions is meant).
+on two held-out sets: stamps never seen in training ("new stamps": needs generalisation to new objects)
+and new views of training stamps ("new views": shrunk and moved, so only the image tells which of the
+~700 seen captions is meant). With ``--seeds 0,1,2`` every seed trains both arms (paired: same init and
+data order within a seed) and the table gives the mean, a 95% t-interval across seeds and the paired
+difference real-images minus control with its p-value.
 
-Usage: python benchmarks/vision_caption.py --data DIR --out runs/vision-bench [--steps 400] [--device auto]
+Usage: python benchmarks/vision_caption.py --data DIR --out runs/vision-bench [--steps 400] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -107,9 +111,12 @@ def run(args: argparse.Namespace) -> dict:
         decoder = MobiLlama(get_preset(args.decoder).replace(vocab_size=len(tokenizer)))
         if args.encoder:  # a pretrained CLIP/SigLIP from a local directory
             vision_config, encoder = load_local_encoder(args.encoder)
+            vision_config.feature_layer, vision_config.drop_cls = args.feature_layer, not args.keep_cls
             model = MobiLlamaV(decoder, vision_config, encoder)
         else:
-            model = MobiLlamaV(decoder, encoder_config_from_preset(args.encoder_config))
+            vision_config = encoder_config_from_preset(args.encoder_config)
+            vision_config.feature_layer, vision_config.drop_cls = args.feature_layer, not args.keep_cls
+            model = MobiLlamaV(decoder, vision_config)
         setup = build_stage(
             model,
             1,
@@ -155,6 +162,42 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+KEYS = ("vision, real images", "vision, shuffled images", "vision, blank images", "text-only control")
+
+
+def summarise(per_seed: dict[int, dict]) -> str:
+    """The table: per held-out set, each row's mean [95% CI] across seeds, and the paired difference
+    real images minus control."""
+    from mobillama.study.report import mean_ci, paired_difference
+
+    runs = list(per_seed.values())
+    lines = [f"seeds: {', '.join(str(s) for s in per_seed)}"]
+    for set_name in ("new stamps", "new views"):
+        if f"{set_name}: samples" not in runs[0]:
+            continue
+        count = runs[0][f"{set_name}: samples"]
+        lines.append(f"\nheld-out caption loss, {set_name} ({count} samples), nats/token")
+        lines.append(f"{'':<28} {'mean':>8} {'95% CI':>18} {'x control':>10}  per seed")
+        base = mean_ci([r[f"{set_name}: text-only control"] for r in runs])[0]
+        for key in KEYS:
+            values = [r[f"{set_name}: {key}"] for r in runs]
+            mean, low, high = mean_ci(values)
+            each = " ".join(f"{v:.4f}" for v in values)
+            lines.append(f"{key:<28} {mean:8.4f} [{low:7.4f}, {high:7.4f}] {mean / base:10.3f}  {each}")
+        if len(runs) >= 2:
+            d = paired_difference(
+                [r[f"{set_name}: vision, real images"] for r in runs],
+                [r[f"{set_name}: text-only control"] for r in runs],
+            )
+            lines.append(
+                f"real images - control: {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}], "
+                f"paired t-test p = {d['p_value']:.3g}"
+            )
+    for key in ("vision train_loss", "text-only train_loss", "vision seconds", "text-only seconds"):
+        lines.append(f"{key:<28} " + " ".join(f"{r[key]:.4g}" for r in runs))
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="directory from 'mobillama vision build-data'")
@@ -170,31 +213,39 @@ def main() -> None:
     p.add_argument(
         "--encoder", default=None, help="local CLIP/SigLIP checkpoint directory (instead of random)"
     )
-    p.add_argument("--train-encoder", action="store_true", help="also train the (random) encoder")
+    p.add_argument(
+        "--feature-layer",
+        type=int,
+        default=-2,
+        help="encoder hidden state fed to the projector (-2: penultimate)",
+    )
+    p.add_argument("--keep-cls", action="store_true", help="feed CLIP's CLS token too (LLaVA drops it)")
+    p.add_argument("--train-encoder", action="store_true", help="also train the encoder")
     p.add_argument(
         "--augment",
         action="store_true",
         help="train on random views (random shrink and position) of each image",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains both arms")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     args = p.parse_args()
-    results = run(args)
-    keys = ("vision, real images", "vision, shuffled images", "vision, blank images", "text-only control")
-    for set_name in ("new stamps", "new views"):
-        if f"{set_name}: samples" not in results:
-            continue
-        count = results[f"{set_name}: samples"]
-        print(f"\n{'held-out caption loss, ' + set_name + f' ({count})':<44} nats/token  ratio to text-only")
-        base = results[f"{set_name}: text-only control"]
-        for key in keys:
-            value = results[f"{set_name}: {key}"]
-            print(f"{key:<44} {value:.4f}      {value / base:.3f}")
-    for key, value in results.items():
-        if "seconds" in key or "train_loss" in key:
-            print(f"{key:<44} {value}")
-    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=2))
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        p.error("--seeds is empty")
+    out = Path(args.out)
+    per_seed = {}
+    for seed in seeds:
+        seed_out = out / f"seed-{seed}"
+        per_seed[seed] = run(argparse.Namespace(**{**vars(args), "seed": seed, "out": str(seed_out)}))
+        (seed_out / "results.json").write_text(json.dumps(per_seed[seed], indent=2) + "\n")
+    table = summarise(per_seed)
+    print(table)
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "per_seed": per_seed}, indent=2) + "\n")
+    (out / "results.txt").write_text(table + "\n")
 
 
 if __name__ == "__main__":

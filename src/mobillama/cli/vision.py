@@ -1,4 +1,4 @@
-"""Vision commands: ``mobillama vision build-data | init | train | chat`` (MobiLlama-V)."""
+"""Vision commands: ``mobillama vision build-data | pretrain-encoder | init | train | chat`` (MobiLlama-V)."""
 
 from __future__ import annotations
 
@@ -32,6 +32,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     b.add_argument("--limit", type=int, default=None, help="use only the first N stamps (quick runs)")
     b.set_defaults(func=run_build_data)
+
+    e = sub.add_parser(
+        "pretrain-encoder",
+        help="contrastively pre-train a small CLIP encoder on caption pairs (no CLIP installs offline)",
+        description="Train transformers' CLIPModel (its contrastive loss; a byte-level text tower) on a caption "
+        "JSONL with the project's training loop. OUT/final is a CLIP checkpoint directory for "
+        "'vision init --encoder OUT/final'; OUT/final/encoder_pretrain.json records the settings, the data's "
+        "hash and the image->caption retrieval accuracy on the data and on each --eval file.",
+    )
+    e.add_argument("--data", required=True, help="caption JSONL ({'image': path, 'caption': text} per line)")
+    e.add_argument("--out", required=True, help="run directory (OUT/final must not exist)")
+    e.add_argument(
+        "--encoder-config",
+        default="small-64",
+        choices=["tiny", "small-64", "clip-l-336"],
+        help="vision tower shape",
+    )
+    e.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    e.add_argument("--batch-size", type=int, default=64, help="pairs per step (the negatives of each pair)")
+    e.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine to lr/10)")
+    e.add_argument("--warmup", type=int, default=50, help="warmup steps")
+    e.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="train on the images as they are (default: a random shrink and position per image and step)",
+    )
+    e.add_argument(
+        "--eval", action="append", default=[], metavar="JSONL", help="also report retrieval on this set"
+    )
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="device")
+    e.add_argument("--seed", type=int, default=0, help="seed")
+    e.add_argument(
+        "--checkpoint-every", type=int, default=None, help="write OUT/checkpoints/step-N every N steps"
+    )
+    e.add_argument(
+        "--resume", default=None, help="'auto' (newest valid step checkpoint in OUT) or a step checkpoint"
+    )
+    e.set_defaults(func=run_pretrain_encoder)
 
     i = sub.add_parser(
         "init",
@@ -120,6 +159,28 @@ def run_build_data(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def run_pretrain_encoder(args: argparse.Namespace) -> int:
+    from mobillama.vision.encoder_pretrain import pretrain_encoder
+
+    summary = pretrain_encoder(
+        args.data,
+        args.out,
+        encoder_config=args.encoder_config,
+        max_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup,
+        augment=args.augment,
+        eval_data=args.eval,
+        seed=args.seed,
+        device=args.device,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+    )
+    print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

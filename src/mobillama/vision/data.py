@@ -171,8 +171,17 @@ def conversation_example(
 
 def load_caption_examples(path: str | Path, tokenizer, max_length: int = 128) -> list[VisionExample]:
     """Caption pairs from JSONL; every record must have a non-empty ``image`` and ``caption``."""
+    return [
+        caption_example(tokenizer, name, image, caption, max_length)
+        for name, image, caption in read_caption_pairs(path)
+    ]
+
+
+def read_caption_pairs(path: str | Path) -> list[tuple[str, Path, str]]:
+    """``(sample name, image path, caption)`` of every record of a caption JSONL, validated (the errors
+    name the sample); shared by the decoder's caption examples and the encoder's contrastive pairs."""
     path = Path(path)
-    examples = []
+    pairs = []
     for number, record in _read_records(path):
         name = f"{path.name}:{number}"
         if not isinstance(record, dict):
@@ -185,8 +194,8 @@ def load_caption_examples(path: str | Path, tokenizer, max_length: int = 128) ->
         images = _image_list(record.get("image"), path.parent, name)
         if len(images) != 1:
             raise MobiLlamaError(f"sample {name}: a caption pair needs exactly one 'image'")
-        examples.append(caption_example(tokenizer, name, images[0], caption, max_length))
-    return examples
+        pairs.append((name, images[0], caption))
+    return pairs
 
 
 def load_llava_examples(
@@ -331,16 +340,12 @@ class VisionBatches:
         mine = []
         for m in range(self.accum):
             lo = (m * self.world + self.rank) * self.micro
-            mine.append(
-                collate_vision(
-                    [self.examples[i] for i in picked[lo : lo + self.micro]],
-                    self.processor,
-                    self.pad_id,
-                    self.blank_images,
-                    rng,
-                )
-            )
+            mine.append(self.collate([self.examples[i] for i in picked[lo : lo + self.micro]], rng))
         return mine
+
+    def collate(self, examples: list[VisionExample], rng: random.Random | None) -> dict[str, torch.Tensor]:
+        """One micro-batch (a subclass changes what a batch holds, the order and resume logic stay)."""
+        return collate_vision(examples, self.processor, self.pad_id, self.blank_images, rng)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

@@ -193,10 +193,24 @@ def load_local_encoder(path: str | Path) -> tuple[VisionConfig, nn.Module]:
         kind = "siglip"
     else:
         raise MobiLlamaError(f"{cfg_file}: model_type {model_type!r} is not a CLIP or SigLIP model")
+    from transformers.utils import logging as hf_logging
+
+    # transformers prints a load report listing every text-tower tensor of a full CLIP checkpoint as
+    # "unexpected"; that is expected here, so it is silenced and the report is checked instead: a
+    # vision tensor missing from the files would otherwise be left at its random initial value
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        encoder = cls.from_pretrained(str(path), local_files_only=True)
+        encoder, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise MobiLlamaError(f"cannot load the encoder from {path}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise MobiLlamaError(
+            f"{path}: the checkpoint lacks vision tensor {missing[0]!r} ({len(missing)} missing)"
+        )
     mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else ([0.5] * 3, [0.5] * 3)
     pre = path / "preprocessor_config.json"
     if pre.is_file():
