@@ -50,18 +50,25 @@ def read_image_file(path: str | Path):
     return decode_image(path, "", f"image {path}")
 
 
-def decode_image(source: str | Path | bytes, prefix: str, what: str):
+def decode_image(source: str | Path | bytes, prefix: str, what: str, max_pixels: int | None = None):
     """An RGB Pillow image from a file or from bytes (the server's data URLs); errors are one line,
-    ``prefix`` + a sentence about ``what`` (e.g. "image /x.png"). Alpha is composited onto white."""
+    ``prefix`` + a sentence about ``what`` (e.g. "image /x.png"). Alpha is composited onto white.
+    ``max_pixels`` refuses an image by its header, before decoding it (a small file can be a huge image)."""
     import io
 
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise MobiLlamaError(
+                    f"{prefix}{what} is {img.width}x{img.height} pixels, more than the limit of {max_pixels}"
+                )
             img.load()
             image = img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise MobiLlamaError(f"{prefix}cannot read {what} (not a recognised image format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise MobiLlamaError(f"{prefix}cannot read {what} ({type(e).__name__}: {e})") from None
     if image.mode not in CONVERTIBLE_MODES:
         raise MobiLlamaError(
