@@ -1,5 +1,9 @@
 """Interactive chat over :class:`~mobillama.generate.Generator`: history, streaming, commands, context guard.
 
+:func:`vision_chat_loop` is the same conversation for a MobiLlama-V checkpoint: an image attached to the
+first user turn (``/image PATH`` switches it and starts over), the reply printed when complete (the
+vision model's generate does not stream), and the same context guard with the image's tokens counted.
+
 The loop reads lines from any text stream and writes to any text stream, so it runs the same in a
 terminal and in a test that feeds stdin. The prompt is rendered by the tokenizer's
 ``apply_chat_template`` (the MobiLlama-Chat "### Human / ### Assistant" format unless the tokenizer
@@ -10,11 +14,13 @@ the oldest turns are dropped, with a notice.
 from __future__ import annotations
 
 import dataclasses
-from typing import TextIO
+from typing import Any, TextIO
 
+from mobillama.errors import MobiLlamaError
 from mobillama.generate import CHAT_STOP_STRINGS, Generator, SamplingParams
 
 HELP = "commands: /reset clears the conversation, /exit quits"
+VISION_HELP = "commands: /image PATH switches the image (and clears the conversation), /reset, /exit"
 
 
 def fit_history(
@@ -89,4 +95,116 @@ def chat_loop(
     return history
 
 
-__all__ = ["chat_loop", "fit_history"]
+def fit_vision_history(
+    model: Any, tokenizer: Any, history: list[dict[str, str]], system: str | None, n_images: int, room: int
+) -> tuple[list[int] | None, int]:
+    """:func:`fit_history` for a MobiLlama-V model: the length counts each image's N tokens. The image
+    stays attached to whichever user turn is first after the oldest ones are dropped."""
+    from mobillama.vision.chat import image_prompt_ids, prompt_length
+
+    context = model.config.max_position_embeddings
+    dropped = 0
+    while history:
+        messages = ([{"role": "system", "content": system}] if system else []) + history
+        ids = image_prompt_ids(tokenizer, messages, n_images)
+        if prompt_length(model, ids) + room <= context:
+            return ids, dropped
+        cut = 2 if len(history) > 1 and history[1]["role"] == "assistant" else 1
+        del history[:cut]
+        dropped += cut
+    return None, dropped
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to the first stop string, and whether one was found (the vision model's generate
+    stops only at EOS, so stop strings are applied to the finished text)."""
+    at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text, False) if at < 0 else (text[:at], True)
+
+
+def vision_chat_loop(
+    model: Any,
+    tokenizer: Any,
+    processor: Any,
+    params: SamplingParams,
+    stdin: TextIO,
+    stdout: TextIO,
+    *,
+    image: Any = None,
+    system: str | None = None,
+    prompt: str = ">>> ",
+) -> list[dict[str, str]]:
+    """Chat with a MobiLlama-V model about ``image`` (a Pillow image, or None for text-only turns)
+    until ``/exit`` or end of input; returns the final history. ``repetition_penalty`` is not applied."""
+    from mobillama.vision.chat import generate_from_ids
+    from mobillama.vision.data import read_image_file
+
+    stops = tuple(dict.fromkeys((*params.stop, *CHAT_STOP_STRINGS)))
+    history: list[dict[str, str]] = []
+    print(VISION_HELP, file=stdout)
+    while True:
+        stdout.write(prompt)
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            stdout.write("\n")
+            break
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/exit":
+            break
+        if message == "/reset":
+            history.clear()
+            print("[conversation cleared]", file=stdout)
+            continue
+        if message == "/image" or message.startswith("/image "):
+            path = message[len("/image") :].strip()
+            if not path:
+                print("[usage: /image PATH]", file=stdout)
+                continue
+            try:
+                image = read_image_file(path)
+            except MobiLlamaError as e:
+                print(f"[{e}; image unchanged]", file=stdout)
+                continue
+            history.clear()
+            print(f"[image: {path}; conversation cleared]", file=stdout)
+            continue
+        if message.startswith("/"):
+            print(f"[unknown command {message.split()[0]}; {VISION_HELP}]", file=stdout)
+            continue
+        history.append({"role": "user", "content": message})
+        images = [] if image is None else [image]
+        try:
+            ids, dropped = fit_vision_history(
+                model, tokenizer, history, system, len(images), room=params.max_new_tokens
+            )
+        except MobiLlamaError as e:  # e.g. a literal <image> typed into the message
+            history.pop()
+            print(f"[{e}; not sent]", file=stdout)
+            continue
+        if dropped:
+            print(f"[context full: dropped the {dropped} oldest message(s)]", file=stdout)
+        if ids is None:
+            print("[message too long for the model's context; not sent]", file=stdout)
+            continue
+        answer = generate_from_ids(
+            model,
+            tokenizer,
+            processor,
+            ids,
+            images,
+            max_new_tokens=params.max_new_tokens,
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed,
+        )
+        text, _ = cut_at_stop(answer.text, stops)
+        print(text.strip(), file=stdout)
+        history.append({"role": "assistant", "content": text.strip()})
+    return history
+
+
+__all__ = ["chat_loop", "cut_at_stop", "fit_history", "fit_vision_history", "vision_chat_loop"]

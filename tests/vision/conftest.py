@@ -17,8 +17,8 @@ COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "
 SHAPES = ("circle", "square")
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
+def build_tokenizer():
+    """The byte-level BPE tokenizer (vocab 320) with the chat template, trained on the shape captions."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,6 +38,28 @@ def tokenizer():
     )
     fast.chat_template = TEMPLATE
     return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+def save_tiny_checkpoints(directory, tokenizer):
+    """(MobiLlama-V checkpoint, text-only checkpoint) under ``directory``: the micro decoder (context
+    256, random weights) alone and with the tiny 32-px encoder (16 image tokens), both with tokenizer."""
+    from mobillama.checkpoint import save_checkpoint
+    from mobillama.config import get_preset
+    from mobillama.model import MobiLlama
+    from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset
+
+    tokenizer.save_pretrained(directory / "tok")
+    torch.manual_seed(0)
+    config = get_preset("micro").replace(vocab_size=320)
+    decoder = MobiLlama(config)
+    text = save_checkpoint(decoder, config, directory / "text", tokenizer_dir=directory / "tok")
+    vision = MobiLlamaV(decoder, encoder_config_from_preset("tiny")).eval()
+    return vision.save_pretrained(directory / "vision", tokenizer_dir=directory / "tok"), text
 
 
 @pytest.fixture()

@@ -72,12 +72,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="interactive chat with a checkpoint",
         description="Chat in the terminal with history. The prompt uses the tokenizer's chat template, "
         "by default MobiLlama-Chat's '### Human: / ### Assistant:' format. Commands: /reset, /exit. "
-        "When the conversation outgrows the context the oldest turns are dropped (with a notice).",
+        "When the conversation outgrows the context the oldest turns are dropped (with a notice). "
+        "A MobiLlama-V checkpoint (with vision_config.json) chats about --image (command /image PATH "
+        "switches it); its replies are printed when complete.",
     )
     c.add_argument(
         "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
     )
     c.add_argument("--system", help="system message (default: the MobiLlama-Chat system line)")
+    c.add_argument(
+        "--image",
+        metavar="PATH",
+        help="image to talk about (needs a MobiLlama-V checkpoint; attached to the first user turn)",
+    )
     _add_sampling_options(c, temperature=0.7)
     _add_model_options(c)
     c.set_defaults(func=run_chat)
@@ -183,9 +190,62 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def run_chat(args: argparse.Namespace) -> int:
     from mobillama.chat import chat_loop
+    from mobillama.errors import MobiLlamaError
+    from mobillama.vision.chat import is_vision_checkpoint
 
+    if not Path(args.checkpoint).is_dir():
+        raise MobiLlamaError(f"checkpoint not found: {args.checkpoint}")
+    if is_vision_checkpoint(args.checkpoint):
+        return _run_vision_chat(args)
+    if args.image is not None:
+        raise MobiLlamaError(
+            f"--image needs a MobiLlama-V checkpoint (a directory with vision_config.json); "
+            f"{args.checkpoint} is a text-only model"
+        )
     generator, params = _setup(args)
     chat_loop(generator, params, sys.stdin, sys.stdout, system=args.system)
+    return 0
+
+
+def _run_vision_chat(args: argparse.Namespace) -> int:
+    """``chat`` on a MobiLlama-V checkpoint: the image is read before the (slower) model load."""
+    import torch
+
+    from mobillama.chat import vision_chat_loop
+    from mobillama.errors import MobiLlamaError
+    from mobillama.generate import SamplingParams
+    from mobillama.vision.chat import load_vision_chat
+    from mobillama.vision.data import read_image_file
+
+    unsupported = [
+        name
+        for name, used in (
+            ("--bits", args.bits is not None),
+            ("--group-size", args.group_size is not None),
+            ("--compile", args.compile),
+            ("--repetition-penalty", args.repetition_penalty != 1.0),
+        )
+        if used
+    ]
+    if unsupported:
+        raise MobiLlamaError(f"{', '.join(unsupported)}: not supported for a MobiLlama-V checkpoint")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise MobiLlamaError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=tuple(args.stop),
+        seed=args.seed,
+    )
+    image = read_image_file(args.image) if args.image is not None else None
+    model, tokenizer, processor = load_vision_chat(args.checkpoint, dtype=args.dtype)
+    vision_chat_loop(
+        model, tokenizer, processor, params, sys.stdin, sys.stdout, image=image, system=args.system
+    )
     return 0
 
 

@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "/v1/models, GET /health and /ready, and a chat page at /. Binds 127.0.0.1 by default; a "
         "non-loopback --host needs --api-key (or --insecure). Access log: one JSON line per request on "
         "stdout. SIGTERM drains: running requests get --shutdown-timeout seconds, then end with "
-        "finish_reason 'abort'.",
+        "finish_reason 'abort'. A MobiLlama-V checkpoint (with vision_config.json) also takes "
+        "image_url content parts (base64 data URLs or local file paths) in chat messages.",
     )
     p.add_argument(
         "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
@@ -40,8 +41,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-body-bytes",
         type=int,
-        default=1_000_000,
-        help="largest request body accepted (default 1000000)",
+        help="largest request body accepted (default 1000000; for a MobiLlama-V checkpoint enough for "
+        "one --max-image-bytes image as a base64 data URL)",
+    )
+    p.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=20_000_000,
+        help="largest image a request may send, decoded data URL or file (MobiLlama-V; default 20000000)",
     )
     p.add_argument(
         "--default-max-tokens",
@@ -79,9 +86,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from mobillama.errors import MobiLlamaError
     from mobillama.serve.app import ServeSettings
     from mobillama.serve.server import check_bind, load_generator, run_server
+    from mobillama.vision.chat import is_vision_checkpoint
 
-    for name in ("max_concurrency", "max_body_bytes", "default_max_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("max_concurrency", "max_body_bytes", "default_max_tokens", "max_image_bytes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise MobiLlamaError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.queue_size < 0:
         raise MobiLlamaError(f"--queue-size must be >= 0, got {args.queue_size}")
@@ -99,12 +107,16 @@ def run_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    max_body = args.max_body_bytes
+    if max_body is None:  # a base64 data URL is 4/3 of the image, plus the rest of the request
+        max_body = 1_000_000 + (args.max_image_bytes * 4 // 3 if is_vision_checkpoint(checkpoint) else 0)
     settings = ServeSettings(
         model_name=args.model_name or checkpoint.resolve().name,
         api_key=args.api_key or None,
         max_concurrency=args.max_concurrency,
         queue_size=args.queue_size,
-        max_body_bytes=args.max_body_bytes,
+        max_body_bytes=max_body,
+        max_image_bytes=args.max_image_bytes,
         log_prompts=args.log_prompts,
         default_max_tokens=args.default_max_tokens,
     )

@@ -13,6 +13,11 @@ Layers, outside in:
 ``max_tokens`` policy: a prompt that leaves no room in the context, or an explicit ``max_tokens`` with
 ``prompt + max_tokens`` past the context, is a 400 (``context_length_exceeded``, like OpenAI); when
 ``max_tokens`` is omitted it defaults to ``default_max_tokens`` capped to the room left.
+
+Images: when the engine's generator ``accepts_images`` (a MobiLlama-V checkpoint, see
+:mod:`mobillama.serve.vision`), chat messages may hold ``image_url`` content parts; they are decoded here
+(before queueing, so a bad image is a 400 that costs no slot) and travel with the job through the same
+queue. Prompt lengths count each image's tokens. A text-only model answers an image part with a 400.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from mobillama.errors import MobiLlamaError
 from mobillama.generate import CHAT_STOP_STRINGS, SamplingParams
 from mobillama.serve.engine import Engine, Event, Job, NotReady, QueueFull
 from mobillama.serve.schemas import ChatCompletionRequest, CompletionRequest
+from mobillama.serve.vision import MAX_IMAGE_BYTES, MAX_IMAGES_PER_REQUEST, read_image_url
 
 access_log = logging.getLogger("mobillama.serve.access")
 log = logging.getLogger("mobillama.serve")
@@ -58,6 +64,7 @@ class ServeSettings:
     log_prompts: bool = False
     default_max_tokens: int = 256
     retry_after_s: int = 1
+    max_image_bytes: int = MAX_IMAGE_BYTES  # per image (decoded data URL or file); vision models only
 
 
 class APIError(Exception):
@@ -221,8 +228,12 @@ def _parse(body: bytes, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        param = ".".join(str(p) for p in first["loc"] if _is_field(p)) or None
+        # The deepest error is the most specific: a content part's bad field rather than "content
+        # should be a string" (the other member of the str | list union).
+        first = max(e.errors(), key=lambda err: len(err["loc"]))
+        parts = [str(p) for p in first["loc"] if _is_field(p)]
+        # A tagged union's tag ("image_url") precedes the field of the same name: say it once.
+        param = ".".join(p for i, p in enumerate(parts) if i == 0 or p != parts[i - 1]) or None
         extra = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
         message = first["msg"] if first["type"] != "extra_forbidden" else "unknown or unsupported parameter"
         raise APIError(400, f"{param}: {message}{extra}", param=param, code=first["type"]) from None
@@ -264,13 +275,14 @@ class _API:
             )
         return self.engine.generator
 
-    def _params(self, req, prompt_ids: list[int], extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+    def _params(self, req, n_prompt: int, extra_stop: tuple[str, ...] = ()) -> SamplingParams:
+        """Sampling parameters for a prompt of ``n_prompt`` positions (image tokens included)."""
         context = self.engine.generator.context
-        room = context - len(prompt_ids)
+        room = context - n_prompt
         if room < 1:
             raise APIError(
                 400,
-                f"the prompt has {len(prompt_ids)} tokens but the model's context is {context} "
+                f"the prompt has {n_prompt} tokens but the model's context is {context} "
                 "tokens (leave room for at least one new token)",
                 param="messages" if extra_stop else "prompt",
                 code="context_length_exceeded",
@@ -281,7 +293,7 @@ class _API:
         elif max_tokens > room:
             raise APIError(
                 400,
-                f"max_tokens is {max_tokens} but the prompt has {len(prompt_ids)} tokens and the "
+                f"max_tokens is {max_tokens} but the prompt has {n_prompt} tokens and the "
                 f"model's context is {context}: at most {room} new tokens fit",
                 param="max_tokens",
                 code="context_length_exceeded",
@@ -299,9 +311,9 @@ class _API:
         except MobiLlamaError as e:
             raise APIError(400, str(e)) from None
 
-    def _submit(self, prompt_ids: list[int], params: SamplingParams) -> Job:
+    def _submit(self, prompt_ids: list[int], params: SamplingParams, images: list | None = None) -> Job:
         try:
-            return self.engine.submit(prompt_ids, params)
+            return self.engine.submit(prompt_ids, params, images=images)
         except QueueFull as e:
             raise APIError(
                 429,
@@ -340,11 +352,20 @@ class _API:
             raise APIError(500, "generation failed (see the server log)", type="server_error")
 
     async def _run(
-        self, request: Request, req, prompt_ids: list[int], params: SamplingParams, shape
+        self,
+        request: Request,
+        req,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        shape,
+        images: list | None = None,
     ) -> Response:
         state = request.state
-        state.log = {**getattr(state, "log", {}), "prompt_tokens": len(prompt_ids), "stream": req.stream}
-        job = self._submit(prompt_ids, params)
+        log_entry = {"prompt_tokens": shape.prompt_tokens, "stream": req.stream}
+        if images:
+            log_entry["images"] = len(images)
+        state.log = {**getattr(state, "log", {}), **log_entry}
+        job = self._submit(prompt_ids, params, images)
         try:
             first = await self._next_event(request, job)  # before any header: errors keep their status
         except _ClientGone:
@@ -421,39 +442,106 @@ class _API:
             bad = next((t for t in ids if t < 0 or (vocab is not None and t >= vocab)), None)
             if bad is not None:
                 raise APIError(400, f"prompt token id {bad} is outside the vocabulary", param="prompt")
-        params = self._params(req, ids)
+        params = self._params(req, len(ids))
+        if getattr(generator, "accepts_images", False):
+            self._check_vision_params(req)
         return await self._run(request, req, ids, params, _TextShape(self.settings.model_name, len(ids)))
 
     async def chat_completions(self, request: Request) -> Response:
         req: ChatCompletionRequest = _parse(await request.body(), ChatCompletionRequest)
         generator = self._generator()
-        messages = req.rendered_messages()
-        if messages[-1]["role"] == "assistant":
+        if req.messages[-1].role == "assistant":
             raise APIError(400, "the last message must not be from the assistant", param="messages")
+        if getattr(generator, "accepts_images", False):
+            return await self._chat_with_images(request, req, generator)
+        for i, m in enumerate(req.messages):
+            for j, _ in m.image_urls():
+                raise APIError(
+                    400,
+                    "this model does not accept images (image_url content parts need a MobiLlama-V "
+                    "checkpoint)",
+                    param=f"messages.{i}.content.{j}",
+                    code="images_not_supported",
+                )
+        messages = req.rendered_messages()
         tok = generator.tokenizer
         try:
             prompt = await asyncio.to_thread(tok.apply_chat_template, messages, add_generation_prompt=True)
         except Exception as e:  # a template may raise on a conversation it does not accept
             raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
         ids = await asyncio.to_thread(tok.encode, prompt, add_bos=True)
-        params = self._params(req, ids, extra_stop=CHAT_STOP_STRINGS)
+        params = self._params(req, len(ids), extra_stop=CHAT_STOP_STRINGS)
         request.state.log = {"prompt": messages}
         return await self._run(request, req, ids, params, _ChatShape(self.settings.model_name, len(ids)))
 
+    @staticmethod
+    def _check_vision_params(req) -> None:
+        if req.repetition_penalty not in (None, 1):
+            raise APIError(
+                400,
+                "repetition_penalty is not supported by this (MobiLlama-V) model",
+                param="repetition_penalty",
+            )
+
+    async def _chat_with_images(self, request: Request, req: ChatCompletionRequest, generator) -> Response:
+        """A chat request to a MobiLlama-V model (with or without images): images decoded and checked
+        here, the prompt rendered with one placeholder per image, then the engine's queue as usual."""
+        from mobillama.vision.model import IMAGE_PLACEHOLDER
+
+        self._check_vision_params(req)
+        urls: list[tuple[str, str]] = []  # (param path, url)
+        for i, m in enumerate(req.messages):
+            if IMAGE_PLACEHOLDER in m.text():
+                raise APIError(
+                    400,
+                    f"message {i} contains the text {IMAGE_PLACEHOLDER!r}; send images as image_url "
+                    "content parts",
+                    param=f"messages.{i}.content",
+                )
+            for j, url in m.image_urls():
+                if m.role != "user":
+                    raise APIError(
+                        400, "images are accepted in user messages only", param=f"messages.{i}.content.{j}"
+                    )
+                urls.append((f"messages.{i}.content.{j}.image_url.url", url))
+        if len(urls) > MAX_IMAGES_PER_REQUEST:
+            raise APIError(
+                400,
+                f"{len(urls)} images in one request; at most {MAX_IMAGES_PER_REQUEST} are accepted",
+                param="messages",
+            )
+        images = []
+        for param, url in urls:
+            try:
+                images.append(await asyncio.to_thread(read_image_url, url, self.settings.max_image_bytes))
+            except MobiLlamaError as e:
+                raise APIError(400, f"{param}: {e}", param=param, code="invalid_image") from None
+        messages = req.rendered_messages(image_placeholder=IMAGE_PLACEHOLDER)
+        try:
+            ids, length = await asyncio.to_thread(generator.chat_prompt, messages, len(images))
+        except Exception as e:  # a template may raise on a conversation it does not accept
+            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
+        params = self._params(req, length, extra_stop=CHAT_STOP_STRINGS)
+        request.state.log = {"prompt": messages}
+        shape = _ChatShape(self.settings.model_name, length)
+        return await self._run(request, req, ids, params, shape, images=images)
+
+    def accepts_images(self) -> bool | None:
+        """Whether the loaded model takes image_url parts (None while it loads)."""
+        if not self.engine.ready.is_set():
+            return None
+        return bool(getattr(self.engine.generator, "accepts_images", False))
+
     async def models(self, request: Request) -> Response:
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.settings.model_name,
-                        "object": "model",
-                        "created": _STARTED,
-                        "owned_by": "mobillama",
-                    }
-                ],
-            }
-        )
+        entry: dict[str, Any] = {
+            "id": self.settings.model_name,
+            "object": "model",
+            "created": _STARTED,
+            "owned_by": "mobillama",
+        }
+        if (images := self.accepts_images()) is not None:
+            entry["accepts_images"] = images  # an extension: OpenAI's model object has no such field
+        return JSONResponse({"object": "list", "data": [entry]})
 
 
 _STARTED = int(time.time())
@@ -609,7 +697,12 @@ def create_app(
     async def ready() -> Response:
         if engine.ready.is_set() and not engine.draining:
             return JSONResponse(
-                {"status": "ready", "model": settings.model_name, "in_flight": engine.in_flight}
+                {
+                    "status": "ready",
+                    "model": settings.model_name,
+                    "in_flight": engine.in_flight,
+                    "accepts_images": api.accepts_images(),
+                }
             )
         if engine.draining:
             message, code = "the server is shutting down", "shutting_down"

@@ -60,6 +60,7 @@ class Job:
     polled_at: float = 0.0  # when the HTTP layer last checked that the client is still connected
     started: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
+    images: list | None = None  # Pillow images for a generator that accepts_images (MobiLlama-V)
 
     def cancel(self, reason: str) -> None:
         if self.cancel_reason is None:
@@ -161,13 +162,14 @@ class Engine:
             return self._waiting
 
     # ---- submission -----------------------------------------------------------------------------------
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams) -> Job:
-        """Queue a job (FIFO) or raise :class:`QueueFull` / :class:`NotReady` at once."""
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, images: list | None = None) -> Job:
+        """Queue a job (FIFO) or raise :class:`QueueFull` / :class:`NotReady` at once. ``images`` go to
+        the generator's ``iter_ids`` (only a generator that ``accepts_images`` is given any)."""
         if self.draining:
             raise NotReady("the server is shutting down")
         if not self.ready.is_set():
             raise NotReady("the model failed to load" if self.load_error else "the model is still loading")
-        job = Job(list(prompt_ids), params, asyncio.get_running_loop())
+        job = Job(list(prompt_ids), params, asyncio.get_running_loop(), images=images)
         with self._lock:
             # A job waits only when every slot is busy; the waiting line holds at most queue_size jobs.
             busy = len(self._active) - self._waiting
@@ -202,7 +204,8 @@ class Engine:
         if job.cancel_reason is not None:  # cancelled while it waited: never touch the model
             job._emit(Event("done", completion=self._cut(generator, job, text)))
             return
-        iterator = generator.iter_ids([job.prompt_ids], job.params)
+        extra = {"images": job.images} if job.images else {}
+        iterator = generator.iter_ids([job.prompt_ids], job.params, **extra)
         try:
             while True:
                 try:

@@ -100,15 +100,42 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: StrictStr
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image is resized the same way
+
+
+class ImagePart(BaseModel):
+    """An image (MobiLlama-V checkpoints only): a base64 data URL or a local file path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    content: StrictStr | list[ContentPart]
     name: StrictStr | None = None
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    def image_urls(self) -> list[tuple[int, str]]:
+        """(part index, url) of each image part, in order."""
+        if isinstance(self.content, str):
+            return []
+        return [(j, p.image_url.url) for j, p in enumerate(self.content) if isinstance(p, ImagePart)]
 
 
 class ChatCompletionRequest(_Request):
@@ -129,9 +156,17 @@ class ChatCompletionRequest(_Request):
             raise ValueError("only response_format {'type': 'text'} is supported")
         return value
 
-    def rendered_messages(self) -> list[dict[str, str]]:
-        """Plain ``{"role", "content"}`` dicts; OpenAI's newer "developer" role is the system role."""
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+    def rendered_messages(self, image_placeholder: str | None = None) -> list[dict[str, str]]:
+        """Plain ``{"role", "content"}`` dicts; OpenAI's newer "developer" role is the system role.
+
+        With ``image_placeholder``, a message's images become that many placeholders at the start of its
+        text, then a newline (LLaVA's ``<image>\\n`` + question, whatever the parts' order).
+        """
+        rendered = []
+        for m in self.messages:
+            text = m.text()
+            n = len(m.image_urls())
+            if image_placeholder is not None and n:
+                text = image_placeholder * n + "\n" + text
+            rendered.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        return rendered

@@ -62,9 +62,21 @@ def _log_to(name: str, stream, fmt: str) -> None:
 
 
 def load_generator(checkpoint: str | Path, **load_options: Any):
-    """The real model behind the server: the generation module's loader and tokenizer."""
+    """The real model behind the server: the generation module's loader and tokenizer, or for a
+    MobiLlama-V checkpoint (vision_config.json) a :class:`~mobillama.serve.vision.VisionGenerator`."""
     from mobillama.generate import Generator, load_checkpoint_tokenizer, load_for_inference
+    from mobillama.vision.chat import is_vision_checkpoint
 
+    if is_vision_checkpoint(checkpoint):
+        from mobillama.serve.vision import VisionGenerator
+
+        unsupported = sorted(k for k, v in load_options.items() if k != "dtype" and v is not None)
+        if unsupported:
+            raise MobiLlamaError(
+                f"{', '.join('--' + k.replace('_', '-') for k in unsupported)}: not supported for a "
+                "MobiLlama-V checkpoint"
+            )
+        return VisionGenerator.load(checkpoint, dtype=load_options.get("dtype") or "bf16")
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     return Generator(load_for_inference(checkpoint, **load_options), tokenizer)
 

@@ -1,20 +1,39 @@
-"""Image chat: the library entry points the chat CLI and the server call for a vision checkpoint."""
+"""Image chat: the library entry points the chat CLI and the server call for a vision checkpoint.
+
+The steps are separate so the chat loop and the server can check a prompt's length (image tokens
+included) before generating: :func:`image_prompt_ids` renders and tokenizes, :func:`prompt_length`
+counts what the decoder will see, :func:`generate_from_ids` runs the model. :func:`chat_with_images`
+chains them.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mobillama.errors import MobiLlamaError
-from mobillama.vision.model import IMAGE_PLACEHOLDER, MobiLlamaV, build_image_processor
+from mobillama.vision.model import IMAGE_PLACEHOLDER, VISION_CONFIG_NAME, MobiLlamaV, build_image_processor
 
 
-def load_vision_chat(checkpoint: str | Path, device: str = "cpu"):
-    """(model, tokenizer, image processor) of a MobiLlama-V checkpoint directory."""
+def is_vision_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a MobiLlama-V checkpoint directory (it has a vision_config.json)."""
+    return (Path(path) / VISION_CONFIG_NAME).is_file()
+
+
+def load_vision_chat(checkpoint: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None):
+    """(model, tokenizer, image processor) of a MobiLlama-V checkpoint directory.
+
+    ``dtype`` ("fp32", "bf16" or a torch dtype) casts the whole model; None keeps the stored fp32.
+    """
     from transformers import AutoTokenizer
 
     model = MobiLlamaV.from_pretrained(checkpoint, device=device)
+    if dtype is not None:
+        from mobillama.generate import parse_dtype
+
+        model = model.to(parse_dtype(dtype) if isinstance(dtype, str) else dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -29,6 +48,85 @@ def render_image_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     from mobillama.generate import render_mobillama_chat
 
     return render_mobillama_chat(messages, add_generation_prompt=True)
+
+
+def attach_placeholders(messages: list[dict[str, str]], n_images: int) -> list[dict[str, str]]:
+    """``messages`` with the ``<image>`` placeholders in place: as given when they are already there
+    (one per image), else all at the start of the first user turn (LLaVA's ``<image>\\n`` + question)."""
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if n_images and placeholders == 0:
+        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+        if first_user is None:
+            raise MobiLlamaError("an image needs a user message to attach to")
+        messages = [dict(m) for m in messages]
+        messages[first_user]["content"] = (
+            IMAGE_PLACEHOLDER * n_images + "\n" + messages[first_user]["content"]
+        )
+    elif placeholders != n_images:
+        raise MobiLlamaError(
+            f"the messages have {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {n_images} image(s)"
+        )
+    return messages
+
+
+def image_prompt_ids(tokenizer, messages: list[dict[str, str]], n_images: int) -> list[int]:
+    """Prompt token ids (BOS first), one image-placeholder id per image."""
+    from mobillama.vision.data import tokenize_with_placeholders
+
+    messages = attach_placeholders(messages, n_images)
+    ids, _ = tokenize_with_placeholders(tokenizer, render_image_prompt(tokenizer, messages))
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def prompt_length(model: MobiLlamaV, ids: list[int]) -> int:
+    """Positions the decoder sees for ``ids``: each image placeholder becomes the image's N tokens."""
+    n_images = sum(1 for t in ids if t == model.vision_config.image_token_id)
+    return len(ids) + n_images * (model.num_image_tokens - 1)
+
+
+@dataclass
+class ImageAnswer:
+    """One generation: the decoded text, the new token ids, and whether it ended on EOS."""
+
+    text: str
+    token_ids: list[int]
+    hit_eos: bool
+
+
+def generate_from_ids(
+    model: MobiLlamaV,
+    tokenizer,
+    processor,
+    ids: list[int],
+    images: list,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+) -> ImageAnswer:
+    """Generate after prompt ``ids`` (from :func:`image_prompt_ids`) with ``images`` (Pillow images)."""
+    device = next(model.parameters()).device
+    pixels = (
+        processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        if images
+        else None
+    )
+    out = model.generate(
+        torch.tensor([ids], device=device),
+        None if pixels is None else pixels.to(device),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=tokenizer.eos_token_id,
+        seed=seed,
+    )[0]
+    hit_eos = bool(out) and tokenizer.eos_token_id is not None and out[-1] == tokenizer.eos_token_id
+    return ImageAnswer(tokenizer.decode(out, skip_special_tokens=True).strip(), out, hit_eos)
 
 
 def chat_with_images(
@@ -47,42 +145,22 @@ def chat_with_images(
     ``images`` are Pillow images or paths. A user turn is given the placeholder at its start when the
     conversation has images but no placeholder (the common "ask about this picture" case).
     """
-    from mobillama.vision.data import load_image, tokenize_with_placeholders
+    from mobillama.vision.data import load_image
 
     images = [
         load_image(im, f"image {i + 1}") if isinstance(im, (str, Path)) else im for i, im in enumerate(images)
     ]
-    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-    if images and placeholders == 0:
-        first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
-        if first_user is None:
-            raise MobiLlamaError("an image needs a user message to attach to")
-        messages = [dict(m) for m in messages]
-        messages[first_user]["content"] = (
-            IMAGE_PLACEHOLDER * len(images) + "\n" + messages[first_user]["content"]
-        )
-    elif placeholders != len(images):
-        raise MobiLlamaError(
-            f"the messages have {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)"
-        )
-    ids, _ = tokenize_with_placeholders(tokenizer, render_image_prompt(tokenizer, messages))
-    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id, *ids]
-    device = next(model.parameters()).device
-    pixels = (
-        processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        if images
-        else None
-    )
-    out = model.generate(
-        torch.tensor([ids], device=device),
-        None if pixels is None else pixels.to(device),
+    ids = image_prompt_ids(tokenizer, messages, len(images))
+    return generate_from_ids(
+        model,
+        tokenizer,
+        processor,
+        ids,
+        images,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
-        eos_id=tokenizer.eos_token_id,
         seed=seed,
-    )[0]
-    return tokenizer.decode(out, skip_special_tokens=True).strip()
+    ).text
 
 
 def answer_image_question(

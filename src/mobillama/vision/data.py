@@ -36,20 +36,43 @@ REFUSED_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F", "HSV", "LAB")
 
 def load_image(path: str | Path, sample: str):
     """An RGB Pillow image, or a one-line error naming the sample and the file."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise MobiLlamaError(f"sample {sample}: image file not found: {path}")
+    return decode_image(path, f"sample {sample}: ", f"image {path}")
+
+
+def read_image_file(path: str | Path):
+    """An RGB Pillow image from a user-given file (chat ``--image``, the server's local paths)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MobiLlamaError(f"image file not found: {path}")
+    return decode_image(path, "", f"image {path}")
+
+
+def decode_image(source: str | Path | bytes, prefix: str, what: str, max_pixels: int | None = None):
+    """An RGB Pillow image from a file or from bytes (the server's data URLs); errors are one line,
+    ``prefix`` + a sentence about ``what`` (e.g. "image /x.png"). Alpha is composited onto white.
+    ``max_pixels`` refuses an image by its header, before decoding it (a small file can be a huge image)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise MobiLlamaError(
+                    f"{prefix}{what} is {img.width}x{img.height} pixels, more than the limit of {max_pixels}"
+                )
             img.load()
             image = img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise MobiLlamaError(f"sample {sample}: cannot read image {path} ({type(e).__name__}: {e})") from None
+    except UnidentifiedImageError:
+        raise MobiLlamaError(f"{prefix}cannot read {what} (not a recognised image format)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise MobiLlamaError(f"{prefix}cannot read {what} ({type(e).__name__}: {e})") from None
     if image.mode not in CONVERTIBLE_MODES:
         raise MobiLlamaError(
-            f"sample {sample}: image {path} has unsupported mode {image.mode!r} "
+            f"{prefix}{what} has unsupported mode {image.mode!r} "
             f"(accepted: {', '.join(CONVERTIBLE_MODES)}; convert it to 8-bit RGB first)"
         )
     if image.mode in ("RGBA", "LA", "PA", "La") or (image.mode == "P" and "transparency" in image.info):

@@ -1,0 +1,136 @@
+"""Serving a MobiLlama-V checkpoint: the generator the engine runs, and image URLs to Pillow images.
+
+:class:`VisionGenerator` has the interface the engine and the HTTP layer use for a text model
+(``tokenizer``, ``context``, ``iter_ids``) plus ``accepts_images`` and the image steps, so image
+requests wait in the same queue, under the same concurrency limit, as every other request. Its
+``iter_ids`` is not incremental: MobiLlama-V's generate returns the whole answer, so it yields one delta
+(a stream is one content chunk, then the final chunk and ``[DONE]``), and a cancelled job (client gone,
+shutdown) stops only after that generation. Stop strings are applied to the finished text;
+``repetition_penalty`` is refused by the HTTP layer.
+
+Image URLs (:func:`read_image_url`): ``data:image/...;base64,...`` and local files (``file://`` URLs or
+absolute paths, read with the server's permissions). Remote URLs are refused: the server never fetches.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Generator as PyGenerator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from mobillama.chat import cut_at_stop
+from mobillama.errors import MobiLlamaError
+from mobillama.generate import Completion, SamplingParams
+
+MAX_IMAGE_BYTES = 20_000_000  # largest image file (decoded data URL or local file) a request may send
+MAX_IMAGE_PIXELS = 40_000_000  # largest image by its header (a small PNG can expand to gigabytes)
+MAX_IMAGES_PER_REQUEST = 4
+
+
+class VisionGenerator:
+    """A MobiLlama-V model behind the engine (shared by all worker slots: generate keeps no state)."""
+
+    accepts_images = True
+
+    def __init__(self, model: Any, hf_tokenizer: Any, processor: Any, tokenizer: Any) -> None:
+        self.model = model
+        self.hf = hf_tokenizer  # renders and tokenizes chat prompts with <image> placeholders
+        self.processor = processor
+        self.tokenizer = tokenizer  # the project tokenizer interface, for /v1/completions
+        self.context = model.config.max_position_embeddings
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, dtype: str = "bf16") -> VisionGenerator:
+        from mobillama.generate import load_checkpoint_tokenizer
+        from mobillama.vision.chat import load_vision_chat
+
+        model, hf, processor = load_vision_chat(checkpoint, dtype=dtype)
+        return cls(model, hf, processor, load_checkpoint_tokenizer(checkpoint))
+
+    def chat_prompt(self, messages: list[dict[str, str]], n_images: int) -> tuple[list[int], int]:
+        """(prompt ids with one placeholder id per image, positions the decoder sees)."""
+        from mobillama.vision.chat import image_prompt_ids, prompt_length
+
+        ids = image_prompt_ids(self.hf, messages, n_images)
+        return ids, prompt_length(self.model, ids)
+
+    def iter_ids(
+        self, prompt_ids: list[list[int]], params: SamplingParams, images: list | None = None
+    ) -> PyGenerator[tuple[int, str], None, list[Completion]]:
+        """The whole answer as one delta, then (on return) its :class:`Completion`."""
+        from mobillama.vision.chat import generate_from_ids, prompt_length
+
+        ids = prompt_ids[0]
+        length = prompt_length(self.model, ids)
+        if length >= self.context:
+            raise MobiLlamaError(f"the prompt has {length} tokens; the model's context is {self.context}")
+        answer = generate_from_ids(
+            self.model,
+            self.hf,
+            self.processor,
+            ids,
+            list(images or []),
+            max_new_tokens=min(params.max_new_tokens, self.context - length),
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            seed=params.seed,
+        )
+        text, stopped = cut_at_stop(answer.text, params.stop)
+        text = text.strip()
+        if text:
+            yield 0, text
+        reason = "stop" if stopped or answer.hit_eos else "length"
+        return [Completion(text, answer.token_ids, reason, length, len(answer.token_ids))]
+
+
+def read_image_url(url: str, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS):
+    """An RGB Pillow image from an OpenAI ``image_url.url``; bad input is a one-line MobiLlamaError."""
+    from mobillama.vision.data import decode_image
+
+    too_big = f"the image is larger than the limit of {max_bytes} bytes"
+    if url[:5].lower() == "data:":
+        header, comma, payload = url[5:].partition(",")
+        if not comma:
+            raise MobiLlamaError("malformed data URL: no ',' between the media type and the data")
+        media, *options = header.split(";")
+        if not media.lower().startswith("image/"):
+            raise MobiLlamaError(f"data URL media type {media or '(none)'!r} is not an image type")
+        if [o.lower() for o in options][-1:] != ["base64"]:
+            raise MobiLlamaError("only base64 data URLs are accepted (data:image/png;base64,...)")
+        if len(payload) > (max_bytes // 3 + 1) * 4:  # refuse before decoding anything
+            raise MobiLlamaError(too_big)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise MobiLlamaError("the data URL's payload is not valid base64") from None
+        if len(data) > max_bytes:
+            raise MobiLlamaError(too_big)
+        return decode_image(data, "", "the data URL's image", max_pixels=max_pixels)
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https", "ftp"):
+        raise MobiLlamaError("remote image URLs are not fetched; send a data: URL or a local file path")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise MobiLlamaError(f"file URL host {parts.netloc!r} is not this machine")
+        path = Path(unquote(parts.path))
+    elif url.startswith("/"):
+        path = Path(url)
+    elif scheme:
+        raise MobiLlamaError(
+            f"unsupported image URL scheme {scheme!r} (use data:, file:// or an absolute path)"
+        )
+    else:
+        raise MobiLlamaError(f"image path {url!r} is not absolute")
+    if not path.is_file():
+        raise MobiLlamaError(f"image file not found: {path}")
+    if path.stat().st_size > max_bytes:
+        raise MobiLlamaError(too_big)
+    return decode_image(path, "", f"image {path}", max_pixels=max_pixels)
+
+
+__all__ = ["MAX_IMAGE_BYTES", "MAX_IMAGES_PER_REQUEST", "VisionGenerator", "read_image_url"]
