@@ -14,6 +14,7 @@ the oldest turns are dropped, with a notice.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from mobillama.errors import MobiLlamaError
@@ -32,17 +33,70 @@ def fit_history(
     ``history`` is shortened in place.
     """
     tok = generator.tokenizer
+
+    def render(messages: list[dict[str, str]]) -> tuple[list[int], int]:
+        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=True)
+        return ids, len(ids)
+
+    return _drop_oldest_until_fits(history, system, render, generator.context - room)
+
+
+def _drop_oldest_until_fits(
+    history: list[dict[str, str]],
+    system: str | None,
+    render: Callable[[list[dict[str, str]]], tuple[list[int], int]],
+    budget: int,
+) -> tuple[list[int] | None, int]:
+    """Drop the oldest user turn (and the reply that answered it) until ``render(messages)``'s length
+    is within ``budget``; returns (ids or None, messages dropped). Shared by the text and vision chats."""
     dropped = 0
     while history:
         messages = ([{"role": "system", "content": system}] if system else []) + history
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=True)
-        if len(ids) + room <= generator.context:
+        ids, length = render(messages)
+        if length <= budget:
             return ids, dropped
-        # Drop the oldest user turn and the assistant reply that answered it.
         cut = 2 if len(history) > 1 and history[1]["role"] == "assistant" else 1
         del history[:cut]
         dropped += cut
     return None, dropped
+
+
+def _user_messages(
+    stdin: TextIO,
+    stdout: TextIO,
+    prompt: str,
+    help_text: str,
+    history: list[dict[str, str]],
+    commands: dict[str, Callable[[str], None]] | None = None,
+) -> Iterator[str]:
+    """The user's messages, one per input line, until ``/exit`` or end of input; ``/reset`` clears
+    ``history``, a command in ``commands`` is called with the rest of its line, others are refused."""
+    commands = commands or {}
+    print(help_text, file=stdout)
+    while True:
+        stdout.write(prompt)
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            stdout.write("\n")
+            return
+        message = line.strip()
+        if not message:
+            continue
+        if message == "/exit":
+            return
+        if message == "/reset":
+            history.clear()
+            print("[conversation cleared]", file=stdout)
+            continue
+        if message.startswith("/"):
+            name, _, rest = message.partition(" ")
+            if name in commands:
+                commands[name](rest.strip())
+            else:
+                print(f"[unknown command {name}; {help_text}]", file=stdout)
+            continue
+        yield message
 
 
 def chat_loop(
@@ -57,26 +111,7 @@ def chat_loop(
     """Run the chat until ``/exit`` or end of input; returns the final history."""
     params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop, *CHAT_STOP_STRINGS))))
     history: list[dict[str, str]] = []
-    print(HELP, file=stdout)
-    while True:
-        stdout.write(prompt)
-        stdout.flush()
-        line = stdin.readline()
-        if not line:  # end of input
-            stdout.write("\n")
-            break
-        message = line.strip()
-        if not message:
-            continue
-        if message == "/exit":
-            break
-        if message == "/reset":
-            history.clear()
-            print("[conversation cleared]", file=stdout)
-            continue
-        if message.startswith("/"):
-            print(f"[unknown command {message.split()[0]}; {HELP}]", file=stdout)
-            continue
+    for message in _user_messages(stdin, stdout, prompt, HELP, history):
         history.append({"role": "user", "content": message})
         ids, dropped = fit_history(generator, history, system, room=params.max_new_tokens)
         if dropped:
@@ -102,17 +137,11 @@ def fit_vision_history(
     stays attached to whichever user turn is first after the oldest ones are dropped."""
     from mobillama.vision.chat import image_prompt_ids, prompt_length
 
-    context = model.config.max_position_embeddings
-    dropped = 0
-    while history:
-        messages = ([{"role": "system", "content": system}] if system else []) + history
+    def render(messages: list[dict[str, str]]) -> tuple[list[int], int]:
         ids = image_prompt_ids(tokenizer, messages, n_images)
-        if prompt_length(model, ids) + room <= context:
-            return ids, dropped
-        cut = 2 if len(history) > 1 and history[1]["role"] == "assistant" else 1
-        del history[:cut]
-        dropped += cut
-    return None, dropped
+        return ids, prompt_length(model, ids)
+
+    return _drop_oldest_until_fits(history, system, render, model.config.max_position_embeddings - room)
 
 
 def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
@@ -141,39 +170,22 @@ def vision_chat_loop(
 
     stops = tuple(dict.fromkeys((*params.stop, *CHAT_STOP_STRINGS)))
     history: list[dict[str, str]] = []
-    print(VISION_HELP, file=stdout)
-    while True:
-        stdout.write(prompt)
-        stdout.flush()
-        line = stdin.readline()
-        if not line:  # end of input
-            stdout.write("\n")
-            break
-        message = line.strip()
-        if not message:
-            continue
-        if message == "/exit":
-            break
-        if message == "/reset":
-            history.clear()
-            print("[conversation cleared]", file=stdout)
-            continue
-        if message == "/image" or message.startswith("/image "):
-            path = message[len("/image") :].strip()
-            if not path:
-                print("[usage: /image PATH]", file=stdout)
-                continue
-            try:
-                image = read_image_file(path)
-            except MobiLlamaError as e:
-                print(f"[{e}; image unchanged]", file=stdout)
-                continue
-            history.clear()
-            print(f"[image: {path}; conversation cleared]", file=stdout)
-            continue
-        if message.startswith("/"):
-            print(f"[unknown command {message.split()[0]}; {VISION_HELP}]", file=stdout)
-            continue
+    current = {"image": image}
+
+    def switch_image(path: str) -> None:
+        if not path:
+            print("[usage: /image PATH]", file=stdout)
+            return
+        try:
+            current["image"] = read_image_file(path)
+        except MobiLlamaError as e:
+            print(f"[{e}; image unchanged]", file=stdout)
+            return
+        history.clear()
+        print(f"[image: {path}; conversation cleared]", file=stdout)
+
+    for message in _user_messages(stdin, stdout, prompt, VISION_HELP, history, {"/image": switch_image}):
+        image = current["image"]
         history.append({"role": "user", "content": message})
         images = [] if image is None else [image]
         try:

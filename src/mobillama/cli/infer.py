@@ -132,17 +132,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_quantize)
 
 
-def _setup(args: argparse.Namespace):
+def _threads_and_sampling(args: argparse.Namespace):
+    """Apply ``--threads`` and build the sampling parameters shared by generate and both chats (a vision
+    checkpoint has refused ``--repetition-penalty`` before this, so its value is the neutral 1.0)."""
     import torch
 
     from mobillama.errors import MobiLlamaError
-    from mobillama.generate import Generator, SamplingParams, load_checkpoint_tokenizer, load_for_inference
+    from mobillama.generate import SamplingParams
 
     if args.threads is not None:
         if args.threads < 1:
             raise MobiLlamaError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    params = SamplingParams(
+    return SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -151,6 +153,14 @@ def _setup(args: argparse.Namespace):
         stop=tuple(args.stop),
         seed=args.seed,
     )
+
+
+def _setup(args: argparse.Namespace):
+
+    from mobillama.errors import MobiLlamaError
+    from mobillama.generate import Generator, load_checkpoint_tokenizer, load_for_inference
+
+    params = _threads_and_sampling(args)
     if not Path(args.checkpoint).is_dir():
         raise MobiLlamaError(f"checkpoint not found: {args.checkpoint}")
     tokenizer = load_checkpoint_tokenizer(args.checkpoint)
@@ -209,11 +219,9 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def _run_vision_chat(args: argparse.Namespace) -> int:
     """``chat`` on a MobiLlama-V checkpoint: the image is read before the (slower) model load."""
-    import torch
 
     from mobillama.chat import vision_chat_loop
     from mobillama.errors import MobiLlamaError
-    from mobillama.generate import SamplingParams
     from mobillama.vision.chat import load_vision_chat
     from mobillama.vision.data import read_image_file
 
@@ -229,18 +237,7 @@ def _run_vision_chat(args: argparse.Namespace) -> int:
     ]
     if unsupported:
         raise MobiLlamaError(f"{', '.join(unsupported)}: not supported for a MobiLlama-V checkpoint")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise MobiLlamaError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop=tuple(args.stop),
-        seed=args.seed,
-    )
+    params = _threads_and_sampling(args)
     image = read_image_file(args.image) if args.image is not None else None
     model, tokenizer, processor = load_vision_chat(args.checkpoint, dtype=args.dtype)
     vision_chat_loop(
