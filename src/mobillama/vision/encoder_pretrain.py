@@ -15,7 +15,6 @@ byte-level input saves training and shipping a tokenizer.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mobillama.checkpoint import WEIGHTS_NAME
 from mobillama.errors import MobiLlamaError
 from mobillama.vision.data import VisionBatches, VisionExample, load_image, random_view, read_caption_pairs
 from mobillama.vision.model import ENCODER_PRESETS, VisionConfig, build_image_processor
 
 PAD_ID, EOT_ID, TEXT_VOCAB = 0, 257, 258
 MAX_TEXT_BYTES = 64
-WEIGHTS_NAME = "model.safetensors"
 REPORT_NAME = "encoder_pretrain.json"
 
 
@@ -272,7 +271,7 @@ def pretrain_encoder(
             ClipModelIO(vision_config).write(state, config, tmp)
             write_json(tmp / REPORT_NAME, report)
         summary.update(checkpoint=str(out_dir / "final"), retrieval_top1=accuracy)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        write_json(out_dir / "summary.json", summary)
         return summary
     finally:
         shutdown(ctx)
