@@ -6,8 +6,9 @@ random weights (seeded), batch 1, greedy, with the same thread count:
 - transformers ``LlamaForCausalLM.generate`` in bf16 with PyTorch defaults, and "tuned" with oneDNN
   disabled (the fair peer, REFERENCE.md section 6); the shared FFN is one ``LlamaMLP`` object reused by
   every layer, so the peer holds the same weights in the same memory;
-- this project (``mobillama bench``): bf16; int8 (fbgemm dynamic, and weight-only); int4 (group 128);
-  the quantized variants also with the FFN duplicated per layer, to see whether sharing speeds decode.
+- this project (``mobillama bench``): bf16; int8 and int4 (group 128) on the project's AVX-512 VNNI
+  kernels (``mobillama.kernels``) and on PyTorch's stock ones (fbgemm dynamic int8, the stock int4
+  kernel); the vnni variants also with the FFN duplicated per layer, to see whether sharing speeds decode.
 
 The machine is shared: only ratios measured in one run mean anything. The load average is printed.
 
@@ -27,11 +28,15 @@ PRESET = "mobillama-0.5b"
 
 VARIANTS = [  # (label, extra `mobillama bench` arguments)
     ("mobillama bf16", []),
-    ("mobillama int8 dynamic", ["--bits", "8", "--int8-kernel", "dynamic"]),
-    ("mobillama int8 dynamic, FFN x22", ["--bits", "8", "--int8-kernel", "dynamic", "--duplicate-ffn"]),
-    ("mobillama int8 weight-only", ["--bits", "8", "--int8-kernel", "weight_only"]),
-    ("mobillama int4 g128", ["--bits", "4", "--group-size", "128"]),
-    ("mobillama int4 g128, FFN x22", ["--bits", "4", "--group-size", "128", "--duplicate-ffn"]),
+    ("mobillama int8 vnni", ["--bits", "8", "--int8-kernel", "vnni"]),
+    ("mobillama int8 vnni, FFN x22", ["--bits", "8", "--int8-kernel", "vnni", "--duplicate-ffn"]),
+    ("mobillama int8 fbgemm dynamic", ["--bits", "8", "--int8-kernel", "dynamic"]),
+    ("mobillama int4 g128 vnni", ["--bits", "4", "--group-size", "128", "--int4-kernel", "vnni"]),
+    (
+        "mobillama int4 g128 vnni, FFN x22",
+        ["--bits", "4", "--group-size", "128", "--int4-kernel", "vnni", "--duplicate-ffn"],
+    ),
+    ("mobillama int4 g128 stock", ["--bits", "4", "--group-size", "128", "--int4-kernel", "stock"]),
 ]
 
 

@@ -94,6 +94,7 @@ def run_bench(
     bits: int | None = None,
     group_size: int | None = None,
     int8_kernel: str = "auto",
+    int4_kernel: str = "auto",
     prompt_len: int = 128,
     new_tokens: int = 128,
     threads: int | None = None,
@@ -120,7 +121,9 @@ def run_bench(
         torch.set_num_threads(threads)
     torch_dtype = parse_dtype(dtype)
     if quant.is_quantized_checkpoint(spec) if Path(spec).is_dir() else False:
-        model = quant.load_quantized(spec, dtype=torch_dtype, int8_kernel=int8_kernel, pack=False)
+        model = quant.load_quantized(
+            spec, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel, pack=False
+        )
         if duplicate:
             duplicate_ffn(model)
         quant.pack_for_inference(model)
@@ -129,7 +132,7 @@ def run_bench(
         if duplicate:
             duplicate_ffn(model)
         if bits is not None:
-            quant.quantize_model(model, bits, group_size, int8_kernel=int8_kernel)
+            quant.quantize_model(model, bits, group_size, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
     c = model.config
     if prompt_len + new_tokens > c.max_position_embeddings:
         raise MobiLlamaError(
@@ -158,11 +161,13 @@ def run_bench(
     peak_kb = _status_kb("VmHWM") if rss_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     per_token, unique_per_token = bytes_per_decode_token(model, prompt_len + new_tokens // 2)
     decode_tps = (new_tokens - 1) * batch / decode_s
+    bits = bits if bits is not None else getattr(model, "quantization", {}).get("bits")
     result: dict[str, Any] = {
         "model": str(spec),
         "dtype": dtype,
-        "bits": bits if bits is not None else getattr(model, "quantization", {}).get("bits"),
+        "bits": bits,
         "int8_kernel": int8_kernel if (bits == 8) else None,
+        "int4_kernel": int4_kernel if (bits == 4) else None,
         "ffn": "duplicated" if duplicate else c.ffn_sharing,
         "threads": torch.get_num_threads(),
         "batch": batch,

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from mobillama import kernels, quant
 from mobillama.errors import MobiLlamaError
 from mobillama.model import MobiLlama, rope_cos_sin, rotate_half
 from mobillama.tokenizer import DEFAULT_SYSTEM_PROMPT, render_chat
@@ -221,6 +222,21 @@ class FastDecoder:
         self.ffn_for_layer = [
             model.model.ffns[self.config.ffn_index(i)] for i in range(self.config.num_hidden_layers)
         ]
+        # Quantized layers on the project's CPU kernel: q/k/v and gate/up as one call each (exact).
+        self.qkv_for_layer = [
+            quant.joined_projection([a.q_proj, a.k_proj, a.v_proj])
+            for a in (layer.self_attn for layer in model.model.layers)
+        ]
+        joined = {id(f): quant.joined_projection([f.gate_proj, f.up_proj]) for f in model.model.ffns}
+        self.gate_up_for_layer = [joined[id(f)] for f in self.ffn_for_layer]
+        # One-token attention through the project's fused CPU kernel where it runs (fp32 cache, eager).
+        self.fused_attention = (
+            self.device.type == "cpu"
+            and self.cache_dtype == torch.float32
+            and self.config.head_dim % 16 == 0
+            and not compile
+            and kernels.available()
+        )
 
     # ---- request setup -------------------------------------------------------------------------
     def start(self, pad_lens: Sequence[int], total_len: int) -> None:
@@ -257,33 +273,57 @@ class FastDecoder:
     def _layers(self, x: torch.Tensor, input_pos: torch.Tensor, mask, is_causal: bool, attend_len: int):
         c = self.config
         B, T, _ = x.shape
-        nh, nkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        nh, hd = c.num_attention_heads, c.head_dim
         pos = self.positions.index_select(1, input_pos)  # [B, T]
         cos, sin = self.cos_table[pos][:, None], self.sin_table[pos][:, None]  # [B, 1, T, hd]
+        fused = self.fused_attention and T == 1
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, T, nh, hd).transpose(1, 2).to(self.cache_dtype)
-            k = attn.k_proj(h).view(B, T, nkv, hd).transpose(1, 2).to(self.cache_dtype)
-            v = attn.v_proj(h).view(B, T, nkv, hd).transpose(1, 2).to(self.cache_dtype)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            k_cache, v_cache = self.cache.keys[i], self.cache.values[i]
-            k_cache.index_copy_(2, input_pos, k)
-            v_cache.index_copy_(2, input_pos, v)
-            keys, values = k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=nkv != nh
-            )
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, nh * hd).to(x.dtype))
-            x = x + self.ffn_for_layer[i](layer.post_attention_layernorm(x))
+            qkv = self.qkv_for_layer[i]
+            q, k, v = qkv(h) if qkv else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
+            if fused:
+                out = kernels.attention_decode(
+                    *(t.reshape(B, -1).float() for t in (q, k, v)), cos[:, 0, 0], sin[:, 0, 0],
+                    self.cache.keys[i], self.cache.values[i], attend_len - 1,
+                    self.key_valid if self.padded else None,
+                )  # fmt: skip
+            else:
+                out = self._attention(i, q, k, v, cos, sin, input_pos, mask, is_causal, attend_len)
+            x = x + attn.o_proj(out.reshape(B, T, nh * hd).to(x.dtype))
+            x = x + self._ffn(i, layer.post_attention_layernorm(x))
         return x
+
+    def _attention(self, i, q, k, v, cos, sin, input_pos, mask, is_causal, attend_len) -> torch.Tensor:
+        """PyTorch attention over the cache (prefill, compiled decode, no fused kernel): [B, T, H*D]."""
+        B, T, _ = q.shape
+        nh, nkv, hd = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
+        q = q.reshape(B, T, nh, hd).transpose(1, 2).to(self.cache_dtype)
+        k = k.reshape(B, T, nkv, hd).transpose(1, 2).to(self.cache_dtype)
+        v = v.reshape(B, T, nkv, hd).transpose(1, 2).to(self.cache_dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k_cache, v_cache = self.cache.keys[i], self.cache.values[i]
+        k_cache.index_copy_(2, input_pos, k)
+        v_cache.index_copy_(2, input_pos, v)
+        keys, values = k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=nkv != nh
+        )
+        return out.transpose(1, 2).reshape(B, T, nh * hd)
+
+    def _ffn(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        gate_up = self.gate_up_for_layer[i]
+        if gate_up is None:
+            return self.ffn_for_layer[i](h)
+        gate, up = gate_up(h)
+        return self.ffn_for_layer[i].down_proj(F.silu(gate) * up)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.model.model.norm(x[:, -1:]))[:, -1].float()
 
     def _decode_static(self, ids: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.model.model.embed_tokens(ids)
+        x = self.model.model.embed_tokens(ids).to(self.dtype)
         return self._logits(self._layers(x, input_pos, mask, False, mask.shape[-1]))
 
     @torch.inference_mode()
@@ -297,7 +337,7 @@ class FastDecoder:
             mask = causal[None, None] & self.key_valid[:, None, None, :T]
             mask = mask | torch.eye(T, dtype=torch.bool, device=self.device)  # padding queries see themselves
         self.decode_mask[:, :, :, :T] = self.key_valid[:, None, None, :T]
-        x = self.model.model.embed_tokens(ids)
+        x = self.model.model.embed_tokens(ids).to(self.dtype)
         return self._logits(self._layers(x, input_pos, mask, mask is None and T > 1, T))
 
     @torch.inference_mode()
@@ -308,13 +348,16 @@ class FastDecoder:
         with _no_mkldnn_for(self.dtype, self.device):
             if self._decode_fn is not None:
                 return self._decode_fn(token[:, None], input_pos, self.decode_mask).clone()
-            x = self.model.model.embed_tokens(token[:, None])
+            x = self.model.model.embed_tokens(token[:, None]).to(self.dtype)
             mask = self.decode_mask[:, :, :, : slot + 1] if self.padded else None
             return self._logits(self._layers(x, input_pos, mask, False, slot + 1))
 
 
 def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The activation dtype: the embedding's (quantized layers keep integer weights)."""
+    """The activation dtype: the embedding's (quantized layers keep integer weights), except fp32 when
+    the project's int8/int4 kernels run the matmuls (they take and return fp32; no casts per call)."""
+    if any(isinstance(m, quant.QuantizedLinear) and m._vnni is not None for m in model.modules()):
+        return torch.float32
     return model.model.embed_tokens.weight.dtype
 
 
@@ -535,6 +578,7 @@ def load_for_inference(
     bits: int | None = None,
     group_size: int | None = None,
     int8_kernel: str = "auto",
+    int4_kernel: str = "auto",
     seed: int = 0,
 ) -> MobiLlama:
     """A model ready to generate: a preset (random weights, built directly in ``dtype``), a checkpoint
@@ -542,7 +586,6 @@ def load_for_inference(
 
     ``bits`` quantizes a full-precision model on the fly (8 or 4); a quantized checkpoint keeps its own.
     """
-    from mobillama import quant
     from mobillama.checkpoint import load_model
     from mobillama.config import PRESETS, get_preset
 
@@ -553,7 +596,7 @@ def load_for_inference(
             raise MobiLlamaError(
                 f"{path} is already quantized to {quant.read_quantization(path)['bits']} bits"
             )
-        return quant.load_quantized(path, dtype=torch_dtype, int8_kernel=int8_kernel)
+        return quant.load_quantized(path, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
     if str(spec) in PRESETS and not path.exists():
         # Build in the target dtype directly: no fp32 copy of the whole model (peak memory).
         torch.manual_seed(seed)
@@ -570,7 +613,7 @@ def load_for_inference(
     else:
         model = load_model(spec, dtype=torch_dtype)
     if bits is not None:
-        quant.quantize_model(model, bits, group_size, int8_kernel=int8_kernel)
+        quant.quantize_model(model, bits, group_size, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
     return model
 
 

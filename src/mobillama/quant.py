@@ -3,13 +3,15 @@
 Two ``nn.Linear`` replacements, :class:`Int8Linear` and :class:`Int4Linear`, hold a *portable* form (the
 one saved to safetensors) and run through PyTorch's CPU kernels when they apply:
 
-- int8: ``weight`` int8 [N, K] and ``scales`` [N] (symmetric, w ≈ q * s). Kernels on CPU:
-  ``aten._weight_int8pack_mm`` (weight-only, bf16 activations) or fbgemm's dynamic int8
-  ``quantized::linear_dynamic`` (activations quantized per call too), which REFERENCE.md section 6
-  measured ~2x faster at decode and the only stock kernel where a shared FFN read from cache showed a gain.
+- int8: ``weight`` int8 [N, K] and ``scales`` [N] (symmetric, w ≈ q * s). Kernels on CPU: the project's
+  ``vnni`` kernel (:mod:`mobillama.kernels`, AVX-512 VNNI, activations quantized per token; memory-bound,
+  the default where the CPU has it), ``aten._weight_int8pack_mm`` (weight-only, bf16 activations) or
+  fbgemm's dynamic int8 ``quantized::linear_dynamic`` (activations quantized per call too).
 - int4: ``weight`` uint8 [N, K/2] (two 4-bit values per byte, even column in the low nibble), ``scales``
-  and ``zeros`` [N, K/G] (asymmetric, w ≈ (q - 8) * scale + zero, the tinygemm convention). Kernel on CPU:
-  ``aten._weight_int4pack_mm_for_cpu`` after ``aten._convert_weight_to_int4pack_for_cpu``.
+  and ``zeros`` [N, K/G] (asymmetric, w ≈ (q - 8) * scale + zero, the tinygemm convention). Kernels on CPU:
+  the ``vnni`` kernel (int8 activations per token, as for int8), or the ``stock`` one,
+  ``aten._weight_int4pack_mm_for_cpu`` after ``aten._convert_weight_to_int4pack_for_cpu`` (bf16
+  activations; compute-bound at about half the memory roofline on a 2-core AVX-512 machine).
 
 Anything else (another device, a shape the kernel rejects, ``kernel="reference"``) dequantizes and calls
 ``F.linear``: slower, same numbers. :func:`pack_for_inference` converts to the kernel layouts and frees the
@@ -33,11 +35,24 @@ from mobillama.errors import MobiLlamaError
 
 QUANT_FILE = "quantization.json"
 INT4_GROUP_SIZES = (32, 64, 128, 256)
-INT8_KERNELS = ("auto", "dynamic", "weight_only", "reference")
+INT8_KERNELS = ("auto", "vnni", "dynamic", "weight_only", "reference")
+INT4_KERNELS = ("auto", "vnni", "stock", "reference")
 
 
 def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
+
+
+def _use_vnni(kernel: str) -> bool:
+    """``vnni`` asked for (an error if it cannot run here) or ``auto`` and it can run."""
+    from mobillama import kernels
+
+    if kernel == "vnni":
+        reason = kernels.unavailable_reason()
+        if reason:
+            raise MobiLlamaError(f"the vnni kernel cannot run here: {reason}")
+        return True
+    return kernel == "auto" and kernels.available()
 
 
 class QuantizedLinear(nn.Module):
@@ -46,6 +61,13 @@ class QuantizedLinear(nn.Module):
     in_features: int
     out_features: int
     packed: bool
+    _vnni: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed weight bytes, params)
+
+    def _vnni_forward(self, x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
+        from mobillama.kernels import qlinear
+
+        packed, params = self._vnni  # type: ignore[misc]
+        return qlinear(x, packed, params, self.out_features, group, bits).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
@@ -90,9 +112,18 @@ class Int8Linear(QuantizedLinear):
         return self.weight.float() * self.scales[:, None]
 
     def pack(self) -> None:
-        """Prepack for fbgemm's dynamic kernel when chosen; the weight-only kernel needs no repacking."""
+        """Repack for the vnni or fbgemm's dynamic kernel when chosen; the weight-only one needs none."""
+        if self.weight.device.type != "cpu" or self.packed:
+            return
+        if _use_vnni(self.kernel) and self.in_features % 4 == 0:
+            from mobillama.kernels import pack_int8
+
+            self._vnni = pack_int8(self.weight, self.scales)
+            self.weight = torch.empty(0, dtype=torch.int8)
+            self.packed = True
+            return
         use_dynamic = self.kernel == "dynamic" or (self.kernel == "auto" and _fbgemm_available())
-        if self.weight.device.type != "cpu" or not use_dynamic or self.packed:
+        if not use_dynamic:
             return
         zero = torch.zeros(self.out_features, dtype=torch.int64)
         import warnings
@@ -112,6 +143,8 @@ class Int8Linear(QuantizedLinear):
         return self._scales_cache[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._vnni is not None and x.device.type == "cpu":
+            return self._vnni_forward(x, self.in_features, 8)
         if self._dynamic is not None:
             # reduce_range: 7-bit activations, as fbgemm's own dynamic quantization uses (no overflow).
             return torch.ops.quantized.linear_dynamic(x.float(), self._dynamic, True).to(x.dtype)
@@ -134,7 +167,9 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     """y = x @ W^T with W ≈ (q - 8) * scale + zero per group of ``group_size`` input columns."""
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, device=None) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, group_size: int, kernel: str = "auto", device=None
+    ) -> None:
         super().__init__()
         if in_features % group_size or in_features % 2:
             raise MobiLlamaError(f"int4 group size {group_size} does not divide in_features {in_features}")
@@ -145,15 +180,16 @@ class Int4Linear(QuantizedLinear):
         )
         self.register_buffer("scales", torch.empty(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("zeros", torch.empty(out_features, groups, dtype=torch.float32, device=device))
+        self.kernel = kernel
         self.packed = False
         self._kernel_weight: torch.Tensor | None = None
         self._scales_and_zeros: dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int, kernel: str = "auto") -> Int4Linear:
         w = linear.weight.detach().float()
         N, K = w.shape
-        module = cls(K, N, group_size, device=w.device)
+        module = cls(K, N, group_size, kernel, device=w.device)
         wg = w.reshape(N, K // group_size, group_size)
         hi, lo = wg.amax(dim=-1), wg.amin(dim=-1)
         scales = ((hi - lo) / 15).clamp(min=1e-8)
@@ -177,8 +213,17 @@ class Int4Linear(QuantizedLinear):
         return self.out_features % 16 == 0 and self.group_size in INT4_GROUP_SIZES
 
     def pack(self) -> None:
-        """Convert to the CPU int4 kernel's layout and free the portable nibbles."""
-        if self.packed or self.weight.device.type != "cpu" or not self.kernel_applies():
+        """Convert to the chosen CPU kernel's layout and free the portable nibbles."""
+        if self.packed or self.weight.device.type != "cpu" or self.kernel == "reference":
+            return
+        if _use_vnni(self.kernel) and self.group_size % 8 == 0:
+            from mobillama.kernels import pack_int4
+
+            self._vnni = pack_int4(self.unpacked(), self.scales, self.zeros, self.group_size)
+            self.weight = torch.empty(0, dtype=torch.uint8)
+            self.packed = True
+            return
+        if not self.kernel_applies():
             return
         self._kernel_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
             self.unpacked().to(torch.int32), 1
@@ -194,6 +239,8 @@ class Int4Linear(QuantizedLinear):
         return self._scales_and_zeros[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._vnni is not None and x.device.type == "cpu":
+            return self._vnni_forward(x, self.group_size, 4)
         if self._kernel_weight is not None:
             shape = x.shape
             # The kernel wants bf16 activations (fp32 runs 10-30x slower); compute in bf16, return x's dtype.
@@ -207,7 +254,10 @@ class Int4Linear(QuantizedLinear):
         return self.reference_forward(x)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits=4, group_size={self.group_size}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits=4, group_size={self.group_size}, "
+            f"kernel={self.kernel}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,6 +287,13 @@ def _check_bits(bits: Any, group_size: Any) -> None:
             raise MobiLlamaError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
 
 
+def _check_kernels(int8_kernel: Any, int4_kernel: Any) -> None:
+    if int8_kernel not in INT8_KERNELS:
+        raise MobiLlamaError(f"int8 kernel must be one of {INT8_KERNELS}, got {int8_kernel!r}")
+    if int4_kernel not in INT4_KERNELS:
+        raise MobiLlamaError(f"int4 kernel must be one of {INT4_KERNELS}, got {int4_kernel!r}")
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
@@ -248,6 +305,7 @@ def quantize_model(
     group_size: int | None = None,
     *,
     int8_kernel: str = "auto",
+    int4_kernel: str = "auto",
     pack: bool = True,
 ) -> nn.Module:
     """Replace every Linear by its quantized version, in place; returns the model.
@@ -257,8 +315,7 @@ def quantize_model(
     so peak memory stays near the original model's. ``pack`` prepares the CPU kernels (see module doc).
     """
     _check_bits(bits, group_size)
-    if int8_kernel not in INT8_KERNELS:
-        raise MobiLlamaError(f"int8 kernel must be one of {INT8_KERNELS}, got {int8_kernel!r}")
+    _check_kernels(int8_kernel, int4_kernel)
     if bits == 4 and group_size is None:
         group_size = default_group_size(model)
     done: dict[int, nn.Module] = {}
@@ -276,7 +333,7 @@ def quantize_model(
                     raise MobiLlamaError(
                         f"int4 group size {group_size} does not divide {name}'s input size {linear.in_features}"
                     )
-                done[id(linear)] = Int4Linear.from_linear(linear, group_size)
+                done[id(linear)] = Int4Linear.from_linear(linear, group_size, int4_kernel)
         _set_submodule(model, name, done[id(linear)])
     model.quantization = {"bits": bits, "group_size": group_size, "modules": sorted(set(names))}  # type: ignore[attr-defined]
     if pack:
@@ -290,6 +347,41 @@ def pack_for_inference(model: nn.Module) -> nn.Module:
         if isinstance(m, QuantizedLinear):
             m.pack()
     return model
+
+
+def joined_projection(layers: list[nn.Module]):
+    """One kernel call for several projections of the same input (q/k/v, gate/up), or None.
+
+    Applies when every layer runs on the vnni kernel with the same input size, bits and group: their
+    packed rows are concatenated (the layout is blocks of 16 rows, so the join of the packed parts is the
+    packed join) and each layer's own tensors become views into the joined ones, so memory holds every
+    weight once and the layers still work alone. Returns ``f(x) -> tuple of outputs``. At batch 1 a
+    decode step is ~150 small calls: fewer, larger ones do the same work with less overhead.
+    """
+    from mobillama.kernels import BLOCK_ROWS, qlinear
+
+    first = layers[0]
+    if not all(isinstance(m, QuantizedLinear) and m._vnni is not None for m in layers):
+        return None
+    key = {(type(m), m.in_features, getattr(m, "group_size", None)) for m in layers}
+    if len(key) != 1 or any(m.out_features % BLOCK_ROWS for m in layers):
+        return None
+    packed = torch.cat([m._vnni[0] for m in layers])
+    params = torch.cat([m._vnni[1] for m in layers])
+    offsets = [0, 0]
+    for m in layers:
+        n_w, n_p = m._vnni[0].numel(), m._vnni[1].shape[0]
+        m._vnni = (packed[offsets[0] : offsets[0] + n_w], params[offsets[1] : offsets[1] + n_p])
+        offsets = [offsets[0] + n_w, offsets[1] + n_p]
+    sizes = [m.out_features for m in layers]
+    bits = 8 if isinstance(first, Int8Linear) else 4
+    group = first.in_features if bits == 8 else first.group_size  # type: ignore[attr-defined]
+    total = sum(sizes)
+
+    def project(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return qlinear(x, packed, params, total, group, bits).to(x.dtype).split(sizes, dim=-1)
+
+    return project
 
 
 def quantized_module_count(model: nn.Module) -> int:
@@ -306,6 +398,9 @@ def weight_bytes(model: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     for m in model.modules():
+        if isinstance(m, QuantizedLinear) and m._vnni is not None and id(m) not in seen:
+            seen.add(id(m))
+            total += sum(t.numel() * t.element_size() for t in m._vnni)
         if isinstance(m, Int4Linear) and m._kernel_weight is not None and id(m) not in seen:
             seen.add(id(m))
             total += m._kernel_weight.numel() * m._kernel_weight.element_size()
@@ -389,9 +484,15 @@ def quantize_checkpoint(
 
 
 def load_quantized(
-    path: str | Path, *, dtype: torch.dtype = torch.bfloat16, int8_kernel: str = "auto", pack: bool = True
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    int8_kernel: str = "auto",
+    int4_kernel: str = "auto",
+    pack: bool = True,
 ) -> nn.Module:
     """Load a quantized checkpoint directly (no full-precision copy is ever built)."""
+    _check_kernels(int8_kernel, int4_kernel)
     from mobillama.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_safetensors
     from mobillama.config import ModelConfig
     from mobillama.model import MobiLlama
@@ -413,7 +514,7 @@ def load_quantized(
             q = (
                 Int8Linear(linear.in_features, linear.out_features, int8_kernel)
                 if info["bits"] == 8
-                else Int4Linear(linear.in_features, linear.out_features, info["group_size"])
+                else Int4Linear(linear.in_features, linear.out_features, info["group_size"], int4_kernel)
             )
         _set_submodule(model, name, q)
     expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
@@ -452,6 +553,7 @@ def load_quantized(
 
 __all__ = [
     "INT4_GROUP_SIZES",
+    "INT4_KERNELS",
     "INT8_KERNELS",
     "QUANT_FILE",
     "Int4Linear",
@@ -459,6 +561,7 @@ __all__ = [
     "QuantizedLinear",
     "default_group_size",
     "is_quantized_checkpoint",
+    "joined_projection",
     "load_quantized",
     "pack_for_inference",
     "quantize_checkpoint",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mobillama import kernels
 from mobillama.errors import MobiLlamaError
 from mobillama.generate import (
     MOBILLAMA_CHAT_SYSTEM,
@@ -38,6 +39,26 @@ def test_batched_left_padded_greedy_equals_each_prompt_alone(byte_model):
     outs = Generator(model).generate_ids(prompts, SamplingParams(max_new_tokens=12, stop_at_eos=False))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == reference_greedy(model, prompt, 12)
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_attention_gives_the_logits_of_the_pytorch_path(byte_model, dtype):
+    model = byte_model().to(dtype)
+    fused, plain = FastDecoder(model), FastDecoder(model)
+    plain.fused_attention = False
+    assert fused.fused_attention
+    prompts = torch.tensor([[0, 0, 0] + list(range(40, 45)), list(range(60, 68))])  # row 0 left-padded
+    steps = []
+    for decoder in (fused, plain):
+        decoder.start([3, 0], 20)
+        logits = [decoder.prefill(prompts)]
+        token = logits[0].argmax(-1)
+        for slot in range(8, 16):
+            logits.append(decoder.decode(token, slot))
+            token = logits[-1].argmax(-1)
+        steps.append(torch.stack(logits))
+    torch.testing.assert_close(steps[0], steps[1], rtol=1e-4, atol=1e-4)
 
 
 def test_bf16_fast_path_logits_track_the_bf16_reference(byte_model):

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mobillama import kernels
 from mobillama.checkpoint import load_model
 from mobillama.errors import MobiLlamaError
 from mobillama.generate import FastDecoder, Generator, SamplingParams
@@ -36,7 +37,7 @@ def test_int8_kernels_match_the_dequantized_reference():
     x = torch.randn(3, 5, 128, dtype=torch.bfloat16)
     ref = Int8Linear.from_linear(linear, kernel="reference")
     expected = x.float() @ ref.dequantize().T
-    for kernel in ("weight_only", "dynamic"):
+    for kernel in ("weight_only", "dynamic", *(("vnni",) if kernels.available() else ())):
         q = Int8Linear.from_linear(linear, kernel=kernel)
         q.pack()
         err = (q(x).float() - expected).abs().max().item()
@@ -54,18 +55,33 @@ def test_int4_kernel_matches_the_dequantized_reference_and_quantization_error_is
     assert ((deq - linear.weight).abs() <= step / 2 + 1e-6).all()
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     expected = x.float() @ deq.T
-    q.pack()
-    assert q.packed and q.weight.numel() == 0
-    assert (q(x).float() - expected).abs().max().item() < 0.02 * expected.abs().max().item()
+    for kernel in ("stock", *(("vnni",) if kernels.available() else ())):
+        q = Int4Linear.from_linear(linear, group_size=64, kernel=kernel)
+        q.pack()
+        assert q.packed and q.weight.numel() == 0
+        assert (q(x).float() - expected).abs().max().item() < 0.02 * expected.abs().max().item(), kernel
 
 
-@pytest.mark.parametrize("bits, kernel", [(8, "dynamic"), (8, "weight_only"), (4, "auto")])
+VNNI = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
+
+
+@pytest.mark.parametrize(
+    "bits, kernel",
+    [
+        (8, "dynamic"),
+        (8, "weight_only"),
+        pytest.param(8, "vnni", marks=VNNI),
+        (4, "stock"),
+        pytest.param(4, "vnni", marks=VNNI),
+    ],
+)
 def test_quantized_logits_stay_close_to_bf16(byte_model, bits, kernel):
     base = _copy(byte_model(), torch.bfloat16)
     ids = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref = base(ids).float()
-        q = quantize_model(_copy(base), bits, None, int8_kernel=kernel)
+        kernel_option = {"int8_kernel": kernel} if bits == 8 else {"int4_kernel": kernel}
+        q = quantize_model(_copy(base), bits, None, **kernel_option)
         out = q(ids).float()
     err = (out - ref).abs()
     scale = ref.abs().mean().item()
@@ -207,20 +223,20 @@ def test_perplexity_rise_on_a_trained_model(trained_checkpoint, held_out_blocks,
     base = load_model(trained_checkpoint, dtype=torch.bfloat16)
     ref = ppl(base, held_out_blocks)
     results = {}
-    for name, bits, kernel in (
-        ("int8-dynamic", 8, "dynamic"),
-        ("int8-weight-only", 8, "weight_only"),
-        ("int4", 4, "auto"),
-    ):
-        q = quantize_model(
-            load_model(trained_checkpoint, dtype=torch.bfloat16), bits, None, int8_kernel=kernel
-        )
+    variants = [
+        ("int8-dynamic", 8, {"int8_kernel": "dynamic"}),
+        ("int8-weight-only", 8, {"int8_kernel": "weight_only"}),
+        ("int4-stock", 4, {"int4_kernel": "stock"}),
+    ]
+    if kernels.available():
+        variants += [("int8-vnni", 8, {"int8_kernel": "vnni"}), ("int4-vnni", 4, {"int4_kernel": "vnni"})]
+    for name, bits, kernel_option in variants:
+        q = quantize_model(load_model(trained_checkpoint, dtype=torch.bfloat16), bits, None, **kernel_option)
         results[name] = ppl(q, held_out_blocks) / ref - 1
     print(
         f"bf16 perplexity {ref:.3f}; relative rise: "
         + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in results.items())
     )
     assert ref < 256  # it learned something: a uniform guess over 512 tokens scores 512
-    assert results["int8-dynamic"] <= 0.01
-    assert results["int8-weight-only"] <= 0.01
-    assert results["int4"] <= 0.05
+    for name, rise in results.items():
+        assert rise <= (0.01 if name.startswith("int8") else 0.05), name

@@ -23,9 +23,18 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--int8-kernel",
         default="auto",
-        choices=["auto", "dynamic", "weight_only", "reference"],
-        help="int8 matmul kernel on CPU: fbgemm dynamic int8 (auto, fastest), weight-only int8 with bf16 "
-        "activations, or the dequantizing reference",
+        choices=["auto", "vnni", "dynamic", "weight_only", "reference"],
+        help="int8 matmul kernel on CPU: the project's AVX-512 VNNI kernel (int8 activations per token; "
+        "auto picks it where the CPU has it, else fbgemm dynamic int8), fbgemm dynamic int8, weight-only "
+        "int8 with bf16 activations, or the dequantizing reference",
+    )
+    p.add_argument(
+        "--int4-kernel",
+        default="auto",
+        choices=["auto", "vnni", "stock", "reference"],
+        help="int4 matmul kernel on CPU: the project's AVX-512 VNNI kernel (int8 activations per token; "
+        "auto picks it where the CPU has it), PyTorch's stock int4 kernel (bf16 activations), or the "
+        "dequantizing reference",
     )
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow to start)")
@@ -170,6 +179,7 @@ def _setup(args: argparse.Namespace):
         bits=args.bits,
         group_size=args.group_size,
         int8_kernel=args.int8_kernel,
+        int4_kernel=args.int4_kernel,
     )
     return Generator(model, tokenizer, compile=args.compile), params
 
@@ -255,6 +265,7 @@ def run_bench(args: argparse.Namespace) -> int:
         bits=args.bits,
         group_size=args.group_size,
         int8_kernel=args.int8_kernel,
+        int4_kernel=args.int4_kernel,
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         threads=args.threads,

@@ -1,0 +1,225 @@
+"""The project's own CPU kernels for decode: int8/int4 x int8 matrix-vector products with AVX-512 VNNI
+(``gemv_avx512.c``) and a fused one-token attention step (``attention_avx512.c``).
+
+Why they exist: see the head of each C file. The C files are compiled on first use with the system C compiler
+(``cc``; gcc and clang both work) into ``~/.cache/mobillama/kernels`` and loaded with ``ctypes``: no torch
+headers (a torch extension takes a minute to compile, this takes a second) and no build step at install.
+The OpenMP runtime is the one torch already loaded (same soname), so the kernels share torch's threads
+instead of starting a second pool that would spin against it.
+
+:func:`available` says whether they can run here (x86-64 Linux with AVX-512 F/BW/VNNI, a compiler, and
+``MOBILLAMA_KERNELS`` not set to ``0``); callers fall back to PyTorch's stock kernels when not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv_avx512.c", "attention_avx512.c")]
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+BLOCK_ROWS = 16
+
+
+class KernelUnavailable(RuntimeError):
+    """Raised when the kernels were asked for explicitly but cannot run on this machine."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOBILLAMA_CACHE") or Path.home() / ".cache" / "mobillama"
+    return Path(root) / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can run here, else why not (one line)."""
+    if os.environ.get("MOBILLAMA_KERNELS", "1") == "0":
+        return "disabled by MOBILLAMA_KERNELS=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    try:
+        _library()
+    except KernelUnavailable as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    """Compile (once per source version and compiler) and load the shared library."""
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelUnavailable("no C compiler (cc, gcc or clang) found to build the int8/int4 kernels")
+    digest = hashlib.sha256(compiler.encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    target = cache_dir() / f"mobillama_kernels-{digest.hexdigest()[:16]}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            cmd = [compiler, "-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                   "-mfma", "-fopenmp", "-fPIC", "-shared", *map(str, SOURCES), "-o", str(built)]  # fmt: skip
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
+                raise KernelUnavailable(f"building the CPU kernels with {compiler} failed: {first}")
+            os.replace(built, target)  # atomic: a concurrent build leaves one complete file
+    torch.get_num_threads()  # make sure torch's OpenMP runtime is the one loaded first
+    lib = ctypes.CDLL(str(target))
+    lib.mb_qgemv.restype = ctypes.c_int
+    lib.mb_qgemv.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_attn_decode.restype = ctypes.c_int
+    lib.mb_attn_decode.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    return lib
+
+
+# --------------------------------------------------------------------------------------------------
+# Packing (once, at load time)
+# --------------------------------------------------------------------------------------------------
+def _pad_rows(t: torch.Tensor) -> torch.Tensor:
+    pad = -t.shape[0] % BLOCK_ROWS
+    return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+
+
+def _params(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[N, G] scales and offsets -> [blocks, G, 2, 16] floats, the kernel's order."""
+    s = _pad_rows(scales.float()).reshape(-1, BLOCK_ROWS, scales.shape[1]).permute(0, 2, 1)
+    m = _pad_rows(offsets.float()).reshape(-1, BLOCK_ROWS, offsets.shape[1]).permute(0, 2, 1)
+    return torch.stack([s, m], dim=2).contiguous()
+
+
+def pack_int8(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 [N, K] and per-row scales [N] (w = q * s) -> the kernel's weight bytes and params."""
+    N, K = weight.shape
+    if K % 4:
+        raise ValueError(f"int8 kernel needs in_features divisible by 4, got {K}")
+    codes = (_pad_rows(weight).to(torch.int16) + 128).to(torch.uint8)  # [Np, K]
+    packed = codes.reshape(-1, BLOCK_ROWS, K // 4, 4).permute(0, 2, 1, 3).contiguous()
+    s = scales.float()[:, None]
+    return packed.reshape(-1), _params(s, -128.0 * s)
+
+
+def pack_int4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit codes uint8 [N, K] in 0..15 with per-group scales/zeros [N, K/group] (w = (q - 8) * s + z)."""
+    N, K = codes.shape
+    if K % group or group % 8:
+        raise ValueError(f"int4 kernel needs a group size divisible by 8 that divides {K}, got {group}")
+    q = (
+        _pad_rows(codes).reshape(-1, BLOCK_ROWS, K // 8, 2, 4).permute(0, 2, 1, 3, 4)
+    )  # [B, K/8, 16, lo/hi, 4]
+    packed = (q[..., 0, :] | (q[..., 1, :] << 4)).contiguous()
+    return packed.reshape(-1), _params(scales, zeros - 8.0 * scales)
+
+
+# --------------------------------------------------------------------------------------------------
+# The call
+# --------------------------------------------------------------------------------------------------
+def qlinear(
+    x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, out_features: int, group: int, bits: int
+) -> torch.Tensor:
+    """y = x @ W^T for weights packed by :func:`pack_int8` / :func:`pack_int4`; fp32 out, x's shape."""
+    lib = _library()
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, out_features, dtype=torch.float32)
+    rc = lib.mb_qgemv(
+        x2.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), out_features, group, bits,
+        y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError(f"int{bits} kernel: could not allocate {M} x {K} activation buffers")
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: int,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """One-token attention for every row: rotary on q [B, H*D] and k [B, Hkv*D], k/v [B, Hkv*D] written
+    to the caches [B, Hkv, S, D] at ``slot``, attention over slots 0..slot (those ``valid`` [B, S] allows).
+    Everything fp32 and on the CPU; q, k, v may be column slices of one [B, (H+2Hkv)*D] tensor.
+    Returns [B, H*D]."""
+    B, Hkv, S, D = k_cache.shape
+    H = q.shape[-1] // D
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != torch.float32 or t.stride(-1) != 1 or t.dim() != 2:
+            raise ValueError(f"{name} must be a [B, heads*D] fp32 tensor with unit column stride")
+    if k.stride(0) != v.stride(0) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k and v must share a row stride and the caches must be contiguous")
+    out = torch.empty(B, H * D, dtype=torch.float32)
+    valid_u8 = None if valid is None else valid.to(torch.uint8).contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()  # named: a temporary would be freed
+    rc = _library().mb_attn_decode(
+        q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
+        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        S, slot, None if valid_u8 is None else valid_u8.data_ptr(), B, H, Hkv, D, D**-0.5,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("attention kernel: could not allocate its score buffers")
+    return out
+
+
+__all__ = [
+    "attention_decode",
+    "KernelUnavailable",
+    "available",
+    "pack_int4",
+    "pack_int8",
+    "qlinear",
+    "unavailable_reason",
+]

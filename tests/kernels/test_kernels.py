@@ -1,0 +1,170 @@
+"""The project's CPU kernels (AVX-512 VNNI int8/int4 matmuls and the fused decode attention) against
+plain PyTorch, and the way they report that they cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mobillama import kernels
+from mobillama.errors import MobiLlamaError
+from mobillama.model import rotate_half
+from mobillama.quant import Int4Linear, Int8Linear, joined_projection
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason=f"CPU kernels cannot run here: {kernels.unavailable_reason()}"
+)
+
+
+def _fake_quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels do to activations: symmetric int8 per row, round to nearest even."""
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-30) / 127
+    return (x / scale).round().clamp(-127, 127) * scale
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows, cols, batch", [(40, 64, 1), (96, 128, 3), (16, 256, 5), (1000, 512, 2)])
+def test_matmul_equals_the_dequantized_reference_on_int8_activations(bits, rows, cols, batch):
+    torch.manual_seed(rows + cols)
+    linear = torch.nn.Linear(cols, rows, bias=False)
+    x = torch.randn(batch, 2, cols)
+    q = Int8Linear.from_linear(linear, "vnni") if bits == 8 else Int4Linear.from_linear(linear, 32, "vnni")
+    expected = q.reference_forward(_fake_quantized_activations(x))  # before packing frees the weights
+    q.pack()
+    assert q.packed and q._vnni is not None and q.weight.numel() == 0
+    out = q(x)
+    assert out.shape == (batch, 2, rows) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert q(x.bfloat16()).dtype == torch.bfloat16  # the caller's dtype comes back
+
+
+@needs_kernels
+def test_zero_and_huge_activations_stay_finite_and_exact():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    q = Int8Linear.from_linear(linear, "vnni")
+    x = torch.zeros(2, 64)
+    x[1] = 1e30  # a row of equal huge values is quantized to 127 * 1e30/127 exactly
+    expected = q.reference_forward(_fake_quantized_activations(x))
+    q.pack()
+    out = q(x)
+    assert torch.equal(out[0], torch.zeros(32))
+    assert torch.isfinite(out[1]).all()
+    torch.testing.assert_close(out[1], expected[1], rtol=1e-3, atol=0)  # sums of ~1e30 terms
+
+
+@needs_kernels
+def test_joined_projection_is_exact_and_keeps_one_copy_of_the_weights():
+    torch.manual_seed(1)
+    parts = [Int4Linear.from_linear(torch.nn.Linear(128, n, bias=False), 64, "vnni") for n in (64, 32, 32)]
+    for p in parts:
+        p.pack()
+    x = torch.randn(1, 1, 128)
+    alone = [p(x) for p in parts]
+    project = joined_projection(parts)
+    assert project is not None
+    for joined, single, part in zip(project(x), alone, parts, strict=True):
+        assert torch.equal(joined, single)
+        assert torch.equal(part(x), single)  # each part still works, now through views
+    storages = {p._vnni[0].untyped_storage().data_ptr() for p in parts}
+    assert len(storages) == 1
+    mixed = [parts[0], Int8Linear.from_linear(torch.nn.Linear(128, 16, bias=False), "vnni")]
+    mixed[1].pack()
+    assert joined_projection(mixed) is None  # int4 and int8 cannot share a call
+
+
+def _reference_attention(q, k, v, cos, sin, k_cache, v_cache, slot, valid):
+    B, Hkv, S, D = k_cache.shape
+    H = q.shape[-1] // D
+    q = q.view(B, H, 1, D)
+    k = k.reshape(B, Hkv, 1, D)
+    c, s = cos[:, None, None], sin[:, None, None]
+    q, k = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    k_cache[:, :, slot] = k[:, :, 0]
+    v_cache[:, :, slot] = v.reshape(B, Hkv, D)
+    mask = None if valid is None else valid[:, None, None, : slot + 1]
+    out = F.scaled_dot_product_attention(
+        q, k_cache[:, :, : slot + 1], v_cache[:, :, : slot + 1], attn_mask=mask, enable_gqa=Hkv != H
+    )
+    return out.reshape(B, H * D), k_cache, v_cache
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "B, H, Hkv, D, slot",
+    [(1, 4, 4, 64, 0), (1, 4, 4, 64, 37), (2, 4, 2, 128, 20), (3, 2, 1, 16, 5), (1, 2, 2, 48, 70)],
+)
+def test_fused_decode_attention_equals_rope_cache_write_and_sdpa(B, H, Hkv, D, slot):
+    torch.manual_seed(slot + D)
+    S = slot + 9
+    qkv = torch.randn(B, (H + 2 * Hkv) * D)
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=-1)  # column slices, as the decoder passes them
+    cos, sin = torch.randn(B, D), torch.randn(B, D)
+    k_cache, v_cache = torch.randn(B, Hkv, S, D), torch.randn(B, Hkv, S, D)
+    valid = torch.ones(B, S, dtype=torch.bool)
+    if B > 1:
+        valid[1, :3] = False  # a left-padded row never attends to its padding
+    expected, k_want, v_want = _reference_attention(q, k, v, cos, sin, k_cache, v_cache, slot, valid)
+    out = kernels.attention_decode(q, k, v, cos, sin, k_cache, v_cache, slot, valid)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, k_want, rtol=0, atol=1e-6)
+    assert torch.equal(v_cache, v_want)
+
+
+@needs_kernels
+def test_attention_rejects_layouts_it_cannot_read():
+    k_cache = torch.zeros(1, 2, 8, 16)
+    good = torch.zeros(1, 32)
+    with pytest.raises(ValueError, match="fp32"):
+        kernels.attention_decode(
+            good.bfloat16(), good, good, good[:, :16], good[:, :16], k_cache, k_cache, 0, None
+        )
+    with pytest.raises(ValueError, match="unit column stride"):
+        kernels.attention_decode(
+            torch.zeros(1, 64)[:, ::2], good, good, good[:, :16], good[:, :16], k_cache, k_cache, 0, None
+        )
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """Kernels built from scratch into a temporary cache, and the cached library forgotten after."""
+    monkeypatch.setenv("MOBILLAMA_CACHE", str(tmp_path))
+    kernels._library.cache_clear()
+    yield tmp_path
+    kernels._library.cache_clear()
+
+
+def test_disabled_kernels_say_so_and_explicit_requests_fail_clearly(monkeypatch, fresh_build):
+    monkeypatch.setenv("MOBILLAMA_KERNELS", "0")
+    assert not kernels.available()
+    assert "MOBILLAMA_KERNELS=0" in kernels.unavailable_reason()
+    q = Int8Linear.from_linear(torch.nn.Linear(64, 16, bias=False), "vnni")
+    with pytest.raises(MobiLlamaError, match="vnni kernel cannot run here: disabled"):
+        q.pack()
+    auto = Int4Linear.from_linear(torch.nn.Linear(64, 16, bias=False), 32, "auto")
+    auto.pack()  # auto falls back to PyTorch's stock kernel
+    assert auto._vnni is None and auto._kernel_weight is not None
+
+
+def test_a_failing_compiler_is_reported_in_one_line(monkeypatch, fresh_build):
+    monkeypatch.setenv("CC", "false")  # a 'compiler' that always fails
+    reason = kernels.unavailable_reason()
+    if reason and "lacks" in reason:
+        pytest.skip("this CPU lacks the instructions, so no build is attempted")
+    assert reason is not None and "building the CPU kernels with false failed" in reason
+    assert "\n" not in reason
+    assert not list(fresh_build.rglob("*.so"))  # no partial library left behind
+
+
+@needs_kernels
+def test_the_library_is_built_once_into_the_cache(fresh_build):
+    assert kernels.available()
+    built = list((fresh_build / "kernels").glob("mobillama_kernels-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    kernels._library.cache_clear()
+    assert kernels.available()
+    assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
