@@ -237,6 +237,8 @@ class FastDecoder:
             and not compile
             and kernels.available()
         )
+        # RMS norm and silu(gate) * up as one kernel call each when activations are fp32.
+        self.fused_elementwise = self.fused_attention and self.dtype == torch.float32
 
     # ---- request setup -------------------------------------------------------------------------
     def start(self, pad_lens: Sequence[int], total_len: int) -> None:
@@ -279,7 +281,7 @@ class FastDecoder:
         fused = self.fused_attention and T == 1
         for i, layer in enumerate(self.model.model.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
+            h = self._norm(layer.input_layernorm, x)
             qkv = self.qkv_for_layer[i]
             q, k, v = qkv(h) if qkv else (attn.q_proj(h), attn.k_proj(h), attn.v_proj(h))
             if fused:
@@ -291,8 +293,13 @@ class FastDecoder:
             else:
                 out = self._attention(i, q, k, v, cos, sin, input_pos, mask, is_causal, attend_len)
             x = x + attn.o_proj(out.reshape(B, T, nh * hd).to(x.dtype))
-            x = x + self._ffn(i, layer.post_attention_layernorm(x))
+            x = x + self._ffn(i, self._norm(layer.post_attention_layernorm, x))
         return x
+
+    def _norm(self, norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_elementwise:
+            return kernels.rmsnorm(x, norm.weight, norm.eps)
+        return norm(x)
 
     def _attention(self, i, q, k, v, cos, sin, input_pos, mask, is_causal, attend_len) -> torch.Tensor:
         """PyTorch attention over the cache (prefill, compiled decode, no fused kernel): [B, T, H*D]."""
@@ -317,10 +324,11 @@ class FastDecoder:
         if gate_up is None:
             return self.ffn_for_layer[i](h)
         gate, up = gate_up(h)
-        return self.ffn_for_layer[i].down_proj(F.silu(gate) * up)
+        act = kernels.silu_mul(gate, up) if self.fused_elementwise else F.silu(gate) * up
+        return self.ffn_for_layer[i].down_proj(act)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self.model.model.norm(x[:, -1:]))[:, -1].float()
+        return self.model.lm_head(self._norm(self.model.model.norm, x[:, -1:].contiguous()))[:, -1].float()
 
     def _decode_static(self, ids: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.model.model.embed_tokens(ids).to(self.dtype)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mobillama import kernels
 from mobillama.errors import MobiLlamaError
 
 QUANT_FILE = "quantization.json"
@@ -45,8 +46,6 @@ def _fbgemm_available() -> bool:
 
 def _use_vnni(kernel: str) -> bool:
     """``vnni`` asked for (an error if it cannot run here) or ``auto`` and it can run."""
-    from mobillama import kernels
-
     if kernel == "vnni":
         reason = kernels.unavailable_reason()
         if reason:
@@ -64,10 +63,8 @@ class QuantizedLinear(nn.Module):
     _vnni: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed weight bytes, params)
 
     def _vnni_forward(self, x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
-        from mobillama.kernels import qlinear
-
         packed, params = self._vnni  # type: ignore[misc]
-        return qlinear(x, packed, params, self.out_features, group, bits).to(x.dtype)
+        return kernels.qlinear(x, packed, params, self.out_features, group, bits).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
@@ -116,9 +113,7 @@ class Int8Linear(QuantizedLinear):
         if self.weight.device.type != "cpu" or self.packed:
             return
         if _use_vnni(self.kernel) and self.in_features % 4 == 0:
-            from mobillama.kernels import pack_int8
-
-            self._vnni = pack_int8(self.weight, self.scales)
+            self._vnni = kernels.pack_int8(self.weight, self.scales)
             self.weight = torch.empty(0, dtype=torch.int8)
             self.packed = True
             return
@@ -217,9 +212,7 @@ class Int4Linear(QuantizedLinear):
         if self.packed or self.weight.device.type != "cpu" or self.kernel == "reference":
             return
         if _use_vnni(self.kernel) and self.group_size % 8 == 0:
-            from mobillama.kernels import pack_int4
-
-            self._vnni = pack_int4(self.unpacked(), self.scales, self.zeros, self.group_size)
+            self._vnni = kernels.pack_int4(self.unpacked(), self.scales, self.zeros, self.group_size)
             self.weight = torch.empty(0, dtype=torch.uint8)
             self.packed = True
             return
@@ -338,6 +331,8 @@ def quantize_model(
     model.quantization = {"bits": bits, "group_size": group_size, "modules": sorted(set(names))}  # type: ignore[attr-defined]
     if pack:
         pack_for_inference(model)
+    else:
+        release_freed_memory()
     return model
 
 
@@ -346,7 +341,23 @@ def pack_for_inference(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
             m.pack()
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by quantizing and packing back to the OS (glibc ``malloc_trim``).
+
+    Converting layer by layer frees many multi-MB temporaries; glibc keeps such freed blocks in its heap
+    (its mmap threshold grows after the first large free), so without this the process's resident size
+    stays near its conversion peak for the rest of its life. A no-op where glibc is not the allocator.
+    """
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def joined_projection(layers: list[nn.Module]):
@@ -358,13 +369,11 @@ def joined_projection(layers: list[nn.Module]):
     weight once and the layers still work alone. Returns ``f(x) -> tuple of outputs``. At batch 1 a
     decode step is ~150 small calls: fewer, larger ones do the same work with less overhead.
     """
-    from mobillama.kernels import BLOCK_ROWS, qlinear
-
     first = layers[0]
     if not all(isinstance(m, QuantizedLinear) and m._vnni is not None for m in layers):
         return None
     key = {(type(m), m.in_features, getattr(m, "group_size", None)) for m in layers}
-    if len(key) != 1 or any(m.out_features % BLOCK_ROWS for m in layers):
+    if len(key) != 1 or any(m.out_features % kernels.BLOCK_ROWS for m in layers):
         return None
     packed = torch.cat([m._vnni[0] for m in layers])
     params = torch.cat([m._vnni[1] for m in layers])
@@ -379,7 +388,7 @@ def joined_projection(layers: list[nn.Module]):
     total = sum(sizes)
 
     def project(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return qlinear(x, packed, params, total, group, bits).to(x.dtype).split(sizes, dim=-1)
+        return kernels.qlinear(x, packed, params, total, group, bits).to(x.dtype).split(sizes, dim=-1)
 
     return project
 
@@ -568,5 +577,6 @@ __all__ = [
     "quantize_model",
     "quantized_module_count",
     "read_quantization",
+    "release_freed_memory",
     "weight_bytes",
 ]

@@ -43,11 +43,11 @@ def test_batched_left_padded_greedy_equals_each_prompt_alone(byte_model):
 
 @pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_decode_attention_gives_the_logits_of_the_pytorch_path(byte_model, dtype):
+def test_fused_decode_kernels_give_the_logits_of_the_pytorch_path(byte_model, dtype):
     model = byte_model().to(dtype)
     fused, plain = FastDecoder(model), FastDecoder(model)
-    plain.fused_attention = False
-    assert fused.fused_attention
+    plain.fused_attention = plain.fused_elementwise = False
+    assert fused.fused_attention and fused.fused_elementwise == (dtype == torch.float32)
     prompts = torch.tensor([[0, 0, 0] + list(range(40, 45)), list(range(60, 68))])  # row 0 left-padded
     steps = []
     for decoder in (fused, plain):

@@ -128,6 +128,38 @@ def test_attention_rejects_layouts_it_cannot_read():
         )
 
 
+@needs_kernels
+@pytest.mark.parametrize("dim", [16, 64, 70])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_equals_the_model_norm(dim, weight_dtype):
+    from mobillama.model import RMSNorm
+
+    torch.manual_seed(dim)
+    norm = RMSNorm(dim, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(dim))
+    norm = norm.to(weight_dtype)
+    x = torch.randn(3, 2, dim) * 5
+    torch.testing.assert_close(kernels.rmsnorm(x, norm.weight, norm.eps), norm(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [16, 70, 176])
+def test_silu_mul_on_the_halves_of_one_output_equals_torch(n):
+    torch.manual_seed(n)
+    joined = torch.randn(2, 3, 2 * n) * 10  # large values: exp over- and underflow stay correct
+    gate, up = joined.split([n, n], dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate, up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_elementwise_kernels_reject_what_they_cannot_read():
+    with pytest.raises(ValueError, match="fp32"):
+        kernels.rmsnorm(torch.zeros(2, 16, dtype=torch.bfloat16), torch.ones(16), 1e-5)
+    with pytest.raises(ValueError, match="same shape"):
+        kernels.silu_mul(torch.zeros(2, 16), torch.zeros(2, 32)[:, :16].contiguous()[:1])
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """Kernels built from scratch into a temporary cache, and the cached library forgotten after."""

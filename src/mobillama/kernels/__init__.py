@@ -1,5 +1,6 @@
 """The project's own CPU kernels for decode: int8/int4 x int8 matrix-vector products with AVX-512 VNNI
-(``gemv_avx512.c``) and a fused one-token attention step (``attention_avx512.c``).
+(``gemv_avx512.c``), a fused one-token attention step (``attention_avx512.c``), and RMS norm and
+SwiGLU's silu-times-up as one call each (``layer_avx512.c``).
 
 Why they exist: see the head of each C file. The C files are compiled on first use with the system C compiler
 (``cc``; gcc and clang both work) into ``~/.cache/mobillama/kernels`` and loaded with ``ctypes``: no torch
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("gemv_avx512.c", "attention_avx512.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv_avx512.c", "attention_avx512.c", "layer_avx512.c")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 BLOCK_ROWS = 16
 
@@ -105,6 +106,15 @@ def _library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
+    lib.mb_rmsnorm.restype = None
+    lib.mb_rmsnorm.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+        ctypes.c_void_p,
+    ]  # fmt: skip
+    lib.mb_silu_mul.restype = None
+    lib.mb_silu_mul.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]  # fmt: skip
     lib.mb_attn_decode.restype = ctypes.c_int
     lib.mb_attn_decode.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
@@ -135,8 +145,9 @@ def pack_int8(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor,
     N, K = weight.shape
     if K % 4:
         raise ValueError(f"int8 kernel needs in_features divisible by 4, got {K}")
-    codes = (_pad_rows(weight).to(torch.int16) + 128).to(torch.uint8)  # [Np, K]
-    packed = codes.reshape(-1, BLOCK_ROWS, K // 4, 4).permute(0, 2, 1, 3).contiguous()
+    rows = _pad_rows(weight).view(torch.uint8).reshape(-1, BLOCK_ROWS, K // 4, 4).permute(0, 2, 1, 3)
+    packed = torch.empty(rows.shape, dtype=torch.uint8)
+    torch.bitwise_xor(rows, 0x80, out=packed)  # int8 -> q + 128 as uint8, written once in kernel order
     s = scales.float()[:, None]
     return packed.reshape(-1), _params(s, -128.0 * s)
 
@@ -151,8 +162,10 @@ def pack_int4(
     q = (
         _pad_rows(codes).reshape(-1, BLOCK_ROWS, K // 8, 2, 4).permute(0, 2, 1, 3, 4)
     )  # [B, K/8, 16, lo/hi, 4]
-    packed = (q[..., 0, :] | (q[..., 1, :] << 4)).contiguous()
-    return packed.reshape(-1), _params(scales, zeros - 8.0 * scales)
+    packed = torch.empty(q[..., 0, :].shape, dtype=torch.uint8)
+    torch.bitwise_or(q[..., 0, :], q[..., 1, :] << 4, out=packed)
+    # The kernel sums 16 x each group's dot product (see block_int4): scales are stored divided by 16.
+    return packed.reshape(-1), _params(scales / 16.0, zeros - 8.0 * scales)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,21 +174,61 @@ def pack_int4(
 def qlinear(
     x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, out_features: int, group: int, bits: int
 ) -> torch.Tensor:
-    """y = x @ W^T for weights packed by :func:`pack_int8` / :func:`pack_int4`; fp32 out, x's shape."""
-    lib = _library()
+    """y = x @ W^T for weights packed by :func:`pack_int8` / :func:`pack_int4`; fp32 out, x's shape.
+
+    Kept lean: at one token a decode step makes ~90 of these calls, so each microsecond here counts."""
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     if x2.dtype != torch.float32 or not x2.is_contiguous():
         x2 = x2.float().contiguous()
     M = x2.shape[0]
     y = torch.empty(M, out_features, dtype=torch.float32)
-    rc = lib.mb_qgemv(
+    if _library().mb_qgemv(
         x2.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), out_features, group, bits,
         y.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    if rc != 0:
+    ):  # fmt: skip
         raise MemoryError(f"int{bits} kernel: could not allocate {M} x {K} activation buffers")
-    return y.reshape(*x.shape[:-1], out_features)
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _fp32_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        raise ValueError(f"{name} must be fp32 with unit column stride")
+    return x
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm of fp32 rows (any leading shape, contiguous) with an fp32 or bf16 weight; fp32 out."""
+    _fp32_rows(x, "x")
+    if not x.is_contiguous() or weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError("rmsnorm needs contiguous fp32 rows and an fp32 or bf16 weight")
+    weight = weight.contiguous()
+    D = x.shape[-1]
+    out = torch.empty_like(x)
+    _library().mb_rmsnorm(
+        x.data_ptr(),
+        x.numel() // D,
+        D,
+        weight.data_ptr(),
+        weight.dtype == torch.bfloat16,
+        eps,
+        out.data_ptr(),
+    )
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for fp32 [..., N] rows sharing one row stride (e.g. halves of one gate|up output)."""
+    g2, u2 = (
+        _fp32_rows(gate, "gate").reshape(-1, gate.shape[-1]),
+        _fp32_rows(up, "up").reshape(-1, up.shape[-1]),
+    )
+    if g2.shape != u2.shape or g2.stride(0) != u2.stride(0):
+        raise ValueError("gate and up must have the same shape and row stride")
+    M, N = g2.shape
+    out = torch.empty(*gate.shape, dtype=torch.float32)
+    _library().mb_silu_mul(g2.data_ptr(), u2.data_ptr(), g2.stride(0), M, N, out.data_ptr())
+    return out
 
 
 def attention_decode(
@@ -216,6 +269,8 @@ def attention_decode(
 
 __all__ = [
     "attention_decode",
+    "rmsnorm",
+    "silu_mul",
     "KernelUnavailable",
     "available",
     "pack_int4",

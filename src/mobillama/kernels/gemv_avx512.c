@@ -91,10 +91,13 @@ static inline __m512 block_int8(const uint8_t *w, const float *params, const int
     return acc;
 }
 
+/* int4: the high nibble is used in place, as 16 * q (mask 0xF0, no shift): one vector op fewer per chunk,
+ * which matters because the loop is bound by vector ops when the shared FFN is read from cache. The
+ * group's sum is then (16 * lo + hi16) / 16; pack_int4 stores the int4 scales already divided by 16. */
 static inline __m512 block_int4(const uint8_t *w, const float *params, const int8_t *xq, const float *xsum,
                                 int64_t K, int64_t group) {
     const int64_t groups = K / group, chunks = group / 8;
-    const __m512i low = _mm512_set1_epi8(0x0F);
+    const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
@@ -106,16 +109,17 @@ static inline __m512 block_int4(const uint8_t *w, const float *params, const int
             _mm_prefetch((const char *)(wg + c * 64 + INT4_PREFETCH_BYTES + 64), _MM_HINT_T0);
             __m512i r0 = _mm512_loadu_si512(wg + c * 64), r1 = _mm512_loadu_si512(wg + (c + 1) * 64);
             a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(r0, low), bcast4(xg + 8 * c));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(r0, 4), low), bcast4(xg + 8 * c + 4));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(r0, high), bcast4(xg + 8 * c + 4));
             a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(r1, low), bcast4(xg + 8 * c + 8));
-            a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(_mm512_srli_epi16(r1, 4), low), bcast4(xg + 8 * c + 12));
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(r1, high), bcast4(xg + 8 * c + 12));
         }
         for (; c < chunks; c++) {
             __m512i r0 = _mm512_loadu_si512(wg + c * 64);
             a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(r0, low), bcast4(xg + 8 * c));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(r0, 4), low), bcast4(xg + 8 * c + 4));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(r0, high), bcast4(xg + 8 * c + 4));
         }
-        __m512i a = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
+        const __m512i lo = _mm512_add_epi32(a0, a2), hi16 = _mm512_add_epi32(a1, a3);
+        const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(lo, 4), hi16); /* 16 x the group's sum */
         const float *p = params + g * 32;
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_loadu_ps(p), acc);
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), _mm512_set1_ps(xsum[g]), acc);
