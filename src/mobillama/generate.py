@@ -214,8 +214,22 @@ class FastDecoder:
         self.config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, _compute_dtype(model)
-        # fp32 attention on CPU (bf16 SDPA is slow there); the model's dtype elsewhere.
-        self.cache_dtype = cache_dtype or (torch.float32 if self.device.type == "cpu" else self.dtype)
+        # One-token attention through the project's fused CPU kernel where it runs (eager steps only).
+        self.fused_attention = (
+            self.device.type == "cpu"
+            and cache_dtype in (None, torch.float32, torch.bfloat16)
+            and self.config.head_dim % 16 == 0
+            and not compile
+            and kernels.available()
+        )
+        # The cache: fp32 attention math on CPU (bf16 SDPA is slow there). With the fused kernel, a model
+        # that is not fp32 (bf16, or quantized) stores keys/values in bf16 - half the bytes each step
+        # reads - and the kernel widens them to fp32; an fp32 model keeps an fp32 cache.
+        low_precision = model.model.embed_tokens.weight.dtype != torch.float32 or self.dtype != torch.float32
+        low_precision = low_precision or quant.quantized_module_count(model) > 0
+        if cache_dtype is None and self.device.type == "cpu":
+            cache_dtype = torch.bfloat16 if self.fused_attention and low_precision else torch.float32
+        self.cache_dtype = cache_dtype or self.dtype
         self.cache: StaticKVCache | None = None
         self.compiled = compile
         self._decode_fn = torch.compile(self._decode_static, dynamic=False) if compile else None
@@ -229,14 +243,6 @@ class FastDecoder:
         ]
         joined = {id(f): quant.joined_projection([f.gate_proj, f.up_proj]) for f in model.model.ffns}
         self.gate_up_for_layer = [joined[id(f)] for f in self.ffn_for_layer]
-        # One-token attention through the project's fused CPU kernel where it runs (fp32 cache, eager).
-        self.fused_attention = (
-            self.device.type == "cpu"
-            and self.cache_dtype == torch.float32
-            and self.config.head_dim % 16 == 0
-            and not compile
-            and kernels.available()
-        )
         # RMS norm and silu(gate) * up as one kernel call each when activations are fp32.
         self.fused_elementwise = self.fused_attention and self.dtype == torch.float32
 
@@ -305,15 +311,23 @@ class FastDecoder:
         """PyTorch attention over the cache (prefill, compiled decode, no fused kernel): [B, T, H*D]."""
         B, T, _ = q.shape
         nh, nkv, hd = self.config.num_attention_heads, self.config.num_key_value_heads, self.config.head_dim
-        q = q.reshape(B, T, nh, hd).transpose(1, 2).to(self.cache_dtype)
-        k = k.reshape(B, T, nkv, hd).transpose(1, 2).to(self.cache_dtype)
-        v = v.reshape(B, T, nkv, hd).transpose(1, 2).to(self.cache_dtype)
+        math = (
+            torch.float32
+            if self.cache_dtype == torch.bfloat16 and q.device.type == "cpu"
+            else self.cache_dtype
+        )
+        q = q.reshape(B, T, nh, hd).transpose(1, 2).to(math)
+        k = k.reshape(B, T, nkv, hd).transpose(1, 2).to(math)
+        v = v.reshape(B, T, nkv, hd).transpose(1, 2).to(math)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k_cache, v_cache = self.cache.keys[i], self.cache.values[i]
-        k_cache.index_copy_(2, input_pos, k)
-        v_cache.index_copy_(2, input_pos, v)
-        keys, values = k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]
+        k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+        if k_cache.dtype == math:
+            keys, values = k_cache[:, :, :attend_len], v_cache[:, :, :attend_len]
+        else:  # a bf16 cache under fp32 math: as the fused kernel reads it (widened, exact)
+            keys, values = k_cache[:, :, :attend_len].to(math), v_cache[:, :, :attend_len].to(math)
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=is_causal, enable_gqa=nkv != nh
         )

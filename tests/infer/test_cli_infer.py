@@ -129,3 +129,32 @@ def test_bench_preset_table(capsys):
         assert label in out
     assert main(["bench", "nope-preset"]) == 2
     assert "neither a preset" in capsys.readouterr().err
+
+
+def test_bench_kernel_choices_and_a_kernel_that_cannot_run(tiny_checkpoint, capsys, monkeypatch):
+    base = [
+        "bench",
+        str(tiny_checkpoint),
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "3",
+        "--no-roofline",
+        "--json",
+    ]
+    assert main([*base, "--bits", "4", "--group-size", "32", "--int4-kernel", "stock"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["bits"], result["int4_kernel"], result["int8_kernel"]) == (4, "stock", None)
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main([*base, "--bits", "4", "--group-size", "32", "--int4-kernel", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+    monkeypatch.setenv("MOBILLAMA_KERNELS", "0")
+    for extra in (
+        ["--bits", "8", "--int8-kernel", "vnni"],
+        ["--bits", "4", "--group-size", "32", "--int4-kernel", "vnni"],
+    ):
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        assert "vnni kernel cannot run here: disabled by MOBILLAMA_KERNELS=0" in err and err.count("\n") == 1
+    assert main([*base, "--bits", "4", "--group-size", "32"]) == 0  # auto falls back to PyTorch's kernel
+    assert json.loads(capsys.readouterr().out)["decode_tok_s"] > 0

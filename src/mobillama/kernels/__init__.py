@@ -118,8 +118,8 @@ def _library() -> ctypes.CDLL:
     lib.mb_attn_decode.restype = ctypes.c_int
     lib.mb_attn_decode.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
         ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     return lib
@@ -244,8 +244,8 @@ def attention_decode(
 ) -> torch.Tensor:
     """One-token attention for every row: rotary on q [B, H*D] and k [B, Hkv*D], k/v [B, Hkv*D] written
     to the caches [B, Hkv, S, D] at ``slot``, attention over slots 0..slot (those ``valid`` [B, S] allows).
-    Everything fp32 and on the CPU; q, k, v may be column slices of one [B, (H+2Hkv)*D] tensor.
-    Returns [B, H*D]."""
+    q, k, v fp32 on the CPU (they may be column slices of one [B, (H+2Hkv)*D] tensor); the caches fp32 or
+    bf16 (both the same; arithmetic is fp32 either way). Returns [B, H*D] fp32."""
     B, Hkv, S, D = k_cache.shape
     H = q.shape[-1] // D
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -253,13 +253,15 @@ def attention_decode(
             raise ValueError(f"{name} must be a [B, heads*D] fp32 tensor with unit column stride")
     if k.stride(0) != v.stride(0) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k and v must share a row stride and the caches must be contiguous")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError("the caches must both be fp32 or both bf16")
     out = torch.empty(B, H * D, dtype=torch.float32)
     valid_u8 = None if valid is None else valid.to(torch.uint8).contiguous()
     cos, sin = cos.float().contiguous(), sin.float().contiguous()  # named: a temporary would be freed
     rc = _library().mb_attn_decode(
         q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
         cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        S, slot, None if valid_u8 is None else valid_u8.data_ptr(), B, H, Hkv, D, D**-0.5,
+        k_cache.dtype == torch.bfloat16, S, slot, None if valid_u8 is None else valid_u8.data_ptr(), B, H, Hkv, D, D**-0.5,
         out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:

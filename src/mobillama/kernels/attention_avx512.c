@@ -7,7 +7,9 @@
  *
  * Layouts: q [B, H, D] and k, v [B, Hkv, D] at the given row strides (floats between batch rows);
  * cos, sin [B, D] for each row's position (rotate-half convention, as Hugging Face Llama);
- * caches [B, Hkv, S, D]; valid [B, S] (1 = the slot may be attended) or NULL; out [B, H * D].
+ * caches [B, Hkv, S, D], fp32 or bf16 (half the bytes to read per step; rounded to nearest even when
+ * written, widened exactly when read; all arithmetic in fp32); valid [B, S] (1 = the slot may be
+ * attended) or NULL; out [B, H * D].
  * Head h reads kv head h / (H / Hkv) (grouped-query attention). D must be a multiple of 16.
  */
 #include <immintrin.h>
@@ -32,6 +34,28 @@ static inline __m512 exp_nonpos(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 16 cached values from fp32 or bf16 storage, as fp32. */
+static inline __m512 load_kv(const void *base, int64_t i, int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)base + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline uint16_t to_bf16(float f) { /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static void store_row(void *cache, int64_t at, const float *x, int64_t D, int bf16) {
+    if (!bf16) {
+        memcpy((float *)cache + at, x, (size_t)D * sizeof(float));
+        return;
+    }
+    for (int64_t d = 0; d < D; d++) ((uint16_t *)cache)[at + d] = to_bf16(x[d]);
+}
+
 static void rope(const float *x, const float *cos, const float *sin, int64_t D, float *out) {
     const int64_t half = D / 2;
     for (int64_t d = 0; d < half; d++) {
@@ -42,25 +66,23 @@ static void rope(const float *x, const float *cos, const float *sin, int64_t D, 
 
 /* Attention of one query head over L cached rows of K and V ([L, D] each, contiguous). Rows are read in
  * order, four at a time, with prefetches a few rows ahead: the cache comes from DRAM at every step. */
-static inline __attribute__((always_inline)) void head(const float *q, const float *K, const float *V,
+static inline __attribute__((always_inline)) void head(const float *q, const void *K, const void *V, int bf16,
                                                        const uint8_t *ok, int64_t L, int64_t Lpad, int64_t D,
                                                        float scale, float *sc, float *o) {
-    const int64_t ahead = 16 * D;
+    const int64_t ahead = 16 * D, esize = bf16 ? 2 : 4;
+    const char *Kb = (const char *)K, *Vb = (const char *)V;
     float best = -INFINITY;
     int64_t l = 0;
     for (; l + 4 <= L; l += 4) {
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (int64_t d = 0; d < D; d += 16) {
             const __m512 qd = _mm512_loadu_ps(q + d);
-            const float *r = K + l * D + d;
-            _mm_prefetch((const char *)(r + ahead), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r + ahead + D), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r + ahead + 2 * D), _MM_HINT_T0);
-            _mm_prefetch((const char *)(r + ahead + 3 * D), _MM_HINT_T0);
-            a0 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(r), a0);
-            a1 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(r + D), a1);
-            a2 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(r + 2 * D), a2);
-            a3 = _mm512_fmadd_ps(qd, _mm512_loadu_ps(r + 3 * D), a3);
+            const int64_t i = l * D + d;
+            for (int j = 0; j < 4; j++) _mm_prefetch(Kb + (i + ahead + j * D) * esize, _MM_HINT_T0);
+            a0 = _mm512_fmadd_ps(qd, load_kv(K, i, bf16), a0);
+            a1 = _mm512_fmadd_ps(qd, load_kv(K, i + D, bf16), a1);
+            a2 = _mm512_fmadd_ps(qd, load_kv(K, i + 2 * D, bf16), a2);
+            a3 = _mm512_fmadd_ps(qd, load_kv(K, i + 3 * D, bf16), a3);
         }
         sc[l] = _mm512_reduce_add_ps(a0) * scale;
         sc[l + 1] = _mm512_reduce_add_ps(a1) * scale;
@@ -70,7 +92,7 @@ static inline __attribute__((always_inline)) void head(const float *q, const flo
     for (; l < L; l++) {
         __m512 a = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), _mm512_loadu_ps(K + l * D + d), a);
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load_kv(K, l * D + d, bf16), a);
         sc[l] = _mm512_reduce_add_ps(a) * scale;
     }
     for (l = 0; l < L; l++) {
@@ -97,23 +119,23 @@ static inline __attribute__((always_inline)) void head(const float *q, const flo
         for (int64_t j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
         for (l = 0; l < L; l++) {
             const __m512 p = _mm512_set1_ps(sc[l]);
-            const float *r = V + l * D + d0;
-            for (int64_t j = 0; j < width / 16; j++) _mm_prefetch((const char *)(r + ahead + 16 * j), _MM_HINT_T0);
-            for (int64_t j = 0; j < width / 16; j++) acc[j] = _mm512_fmadd_ps(p, _mm512_loadu_ps(r + 16 * j), acc[j]);
+            const int64_t i = l * D + d0;
+            for (int64_t j = 0; j < width / 16; j++) _mm_prefetch(Vb + (i + ahead + 16 * j) * esize, _MM_HINT_T0);
+            for (int64_t j = 0; j < width / 16; j++) acc[j] = _mm512_fmadd_ps(p, load_kv(V, i + 16 * j, bf16), acc[j]);
         }
         for (int64_t j = 0; j < width / 16; j++) _mm512_storeu_ps(o + d0 + 16 * j, _mm512_mul_ps(acc[j], inv));
     }
 }
 
 int mb_attn_decode(const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride,
-                   const float *cos, const float *sin, float *kcache, float *vcache, int64_t S, int64_t slot,
+                   const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S, int64_t slot,
                    const uint8_t *valid, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale, float *out,
                    int threads) {
     const int64_t L = slot + 1, group = H / Hkv, Lpad = (L + 15) / 16 * 16;
-    float *qr = (float *)malloc((size_t)(B * H * D) * sizeof(float));
+    float *qr = (float *)malloc((size_t)(B * H * D) * sizeof(float)), *kr = (float *)malloc((size_t)D * sizeof(float));
     float *scores = (float *)malloc((size_t)(B * H * Lpad) * sizeof(float));
-    if (!qr || !scores) {
-        free(qr); free(scores);
+    if (!qr || !kr || !scores) {
+        free(qr); free(kr); free(scores);
         return -1;
     }
     for (int64_t b = 0; b < B; b++) {
@@ -121,25 +143,28 @@ int mb_attn_decode(const float *q, int64_t q_stride, const float *k, const float
         for (int64_t h = 0; h < H; h++) rope(q + b * q_stride + h * D, c, s, D, qr + (b * H + h) * D);
         for (int64_t h = 0; h < Hkv; h++) {
             const int64_t at = ((b * Hkv + h) * S + slot) * D;
-            rope(k + b * kv_stride + h * D, c, s, D, kcache + at);
-            memcpy(vcache + at, v + b * kv_stride + h * D, (size_t)D * sizeof(float));
+            rope(k + b * kv_stride + h * D, c, s, D, kr);
+            store_row(kcache, at, kr, D, kv_bf16);
+            store_row(vcache, at, v + b * kv_stride + h * D, D, kv_bf16);
         }
     }
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {
-            const int64_t kv = (b * Hkv + h / group) * S * D;
+            const int64_t kv = (b * Hkv + h / group) * S * D * (kv_bf16 ? 2 : 4); /* bytes */
+            const void *K = (const char *)kcache + kv, *V = (const char *)vcache + kv;
             const uint8_t *ok = valid ? valid + b * S : NULL;
+            const float *qh = qr + (b * H + h) * D;
             float *o = out + b * H * D + h * D;
             float *sc = scores + (b * H + h) * Lpad;
-            if (D == 64) /* the common head size: a constant lets the compiler keep rows in registers */
-                head(qr + (b * H + h) * D, kcache + kv, vcache + kv, ok, L, Lpad, 64, scale, sc, o);
-            else if (D == 128)
-                head(qr + (b * H + h) * D, kcache + kv, vcache + kv, ok, L, Lpad, 128, scale, sc, o);
-            else
-                head(qr + (b * H + h) * D, kcache + kv, vcache + kv, ok, L, Lpad, D, scale, sc, o);
+            /* constant head sizes and storage let the compiler specialise the inner loops */
+            if (D == 64 && kv_bf16) head(qh, K, V, 1, ok, L, Lpad, 64, scale, sc, o);
+            else if (D == 64) head(qh, K, V, 0, ok, L, Lpad, 64, scale, sc, o);
+            else if (D == 128 && kv_bf16) head(qh, K, V, 1, ok, L, Lpad, 128, scale, sc, o);
+            else if (D == 128) head(qh, K, V, 0, ok, L, Lpad, 128, scale, sc, o);
+            else head(qh, K, V, kv_bf16, ok, L, Lpad, D, scale, sc, o);
         }
     }
-    free(qr); free(scores);
+    free(qr); free(kr); free(scores);
     return 0;
 }
