@@ -12,7 +12,7 @@ random weights (seeded), batch 1, greedy, with the same thread count:
 
 The machine is shared: only ratios measured in one run mean anything. The load average is printed.
 
-    python benchmarks/decode.py [--threads 2] [--prompt-len 128] [--new-tokens 128] [--json OUT]
+    python benchmarks/decode.py [--rounds 3] [--threads 2] [--prompt-len 128] [--new-tokens 128] [--json OUT]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -106,11 +107,74 @@ def subprocess_json(args: list[str]) -> dict:
     return json.loads(proc.stdout)
 
 
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def print_table(rounds: list[dict[str, dict]], args: argparse.Namespace) -> None:
+    """Medians over rounds; ratios are taken within each round (same machine state), then the median."""
+    base_label, tuned_label = "transformers bf16 (defaults)", "transformers bf16 (mkldnn off)"
+    labels = list(rounds[0])
+    print(
+        f"{PRESET}, batch 1, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+        f"greedy; median of {len(rounds)} round(s), every variant once per round"
+    )
+    header = (
+        f"{'variant':<34} {'decode tok/s':>12} {'x HF':>6} {'x HF tuned':>10} {'x HF per round':>16} "
+        f"{'% roofline':>10} {'prefill tok/s':>13} {'TTFT ms':>8} {'RSS/weights':>11}"
+    )
+    print(header)
+    print("-" * len(header))
+    for label in labels:
+        runs = [r[label] for r in rounds if "error" not in r[label]]
+        if not runs:
+            print(f"{label:<34} error: {rounds[0][label].get('error')}")
+            continue
+        ok = [r for r in rounds if "error" not in r[label]]
+        ratios = [
+            r[label]["decode_tok_s"] / r[base_label]["decode_tok_s"]
+            for r in ok
+            if "error" not in r[base_label]
+        ]
+        tuned = [
+            r[label]["decode_tok_s"] / r[tuned_label]["decode_tok_s"]
+            for r in ok
+            if "error" not in r[tuned_label]
+        ]
+        roof = [100 * x["fraction_of_roofline"] for x in runs if "fraction_of_roofline" in x]
+        per_round = " ".join(f"{x:.2f}" for x in ratios)
+        print(
+            f"{label:<34} {median([x['decode_tok_s'] for x in runs]):>12.2f} {median(ratios):>6.2f} "
+            f"{median(tuned):>10.2f} {per_round:>16} {(f'{median(roof):.0f}%' if roof else '-'):>10} "
+            f"{median([x['prefill_tok_s'] for x in runs]):>13.1f} {median([1000 * x['ttft_s'] for x in runs]):>8.0f} "
+            f"{median([x['peak_rss_bytes'] / x['model_bytes'] for x in runs]):>11.2f}"
+        )
+    bws = [r["roofline_gb_s"] for rnd in rounds for r in rnd.values() if "roofline_gb_s" in r]
+    if bws:
+        print(f"measured read bandwidth: {min(bws):.1f}-{max(bws):.1f} GB/s across runs")
+    for label in labels:
+        runs = [r[label] for r in rounds if "bytes_per_token" in r[label]]
+        if runs:
+            r = runs[0]
+            print(
+                f"  {label}: {r['bytes_per_token'] / 1e9:.3f} GB read/token "
+                f"(FFN once: {r['unique_bytes_per_token'] / 1e9:.3f}), weights {r['model_bytes'] / 1e9:.3f} GB, "
+                f"peak RSS {median([x['peak_rss_bytes'] for x in runs]) / 1e9:.3f} GB"
+            )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every variant")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every variant this many times, one after another per round, and report medians "
+        "(ratios are taken within a round); the machine's speed drifts, so 3 or more is advisable",
+    )
     p.add_argument("--json", help="also write all results to this JSON file")
     p.add_argument("--peer", choices=["default", "tuned"], help=argparse.SUPPRESS)  # internal: one peer run
     args = p.parse_args()
@@ -126,50 +190,23 @@ def main() -> int:
         str(args.new_tokens),
     ]
     load_before = os.getloadavg()
-    results: dict[str, dict] = {}
-    for label, mkldnn in (
-        ("transformers bf16 (defaults)", "default"),
-        ("transformers bf16 (mkldnn off)", "tuned"),
-    ):
-        results[label] = subprocess_json([__file__, "--peer", mkldnn, *common])
-        print(f"done: {label}", file=sys.stderr)
-    for label, extra in VARIANTS:
-        results[label] = subprocess_json(["-m", "mobillama", "bench", PRESET, "--json", *common, *extra])
-        print(f"done: {label}", file=sys.stderr)
+    peers = [("transformers bf16 (defaults)", "default"), ("transformers bf16 (mkldnn off)", "tuned")]
+    rounds: list[dict[str, dict]] = []
+    for number in range(1, args.rounds + 1):
+        results: dict[str, dict] = {}
+        for label, mkldnn in peers:
+            results[label] = subprocess_json([__file__, "--peer", mkldnn, *common])
+            print(f"round {number}: done {label}", file=sys.stderr)
+        for label, extra in VARIANTS:
+            results[label] = subprocess_json(["-m", "mobillama", "bench", PRESET, "--json", *common, *extra])
+            print(f"round {number}: done {label}", file=sys.stderr)
+        rounds.append(results)
     load_after = os.getloadavg()
-
-    base = results["transformers bf16 (defaults)"].get("decode_tok_s")
-    tuned = results["transformers bf16 (mkldnn off)"].get("decode_tok_s")
-    header = f"{'variant':<34} {'decode tok/s':>12} {'x HF':>6} {'x HF tuned':>10} {'% roofline':>10} {'prefill tok/s':>13} {'TTFT ms':>8} {'RSS/weights':>11}"
-    print(
-        f"{PRESET}, batch 1, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy"
-    )
-    print(header)
-    print("-" * len(header))
-    for label, r in results.items():
-        if "error" in r:
-            print(f"{label:<34} error: {r['error']}")
-            continue
-        d = r["decode_tok_s"]
-        roof = f"{100 * r['fraction_of_roofline']:.0f}%" if "fraction_of_roofline" in r else "-"
-        print(
-            f"{label:<34} {d:>12.2f} {d / base if base else float('nan'):>6.2f} {d / tuned if tuned else float('nan'):>10.2f}"
-            f" {roof:>10} {r['prefill_tok_s']:>13.1f} {1000 * r['ttft_s']:>8.0f} {r['peak_rss_bytes'] / r['model_bytes']:>11.2f}"
-        )
-    bws = [r["roofline_gb_s"] for r in results.values() if "roofline_gb_s" in r]
-    if bws:
-        print(f"measured read bandwidth: {min(bws):.1f}-{max(bws):.1f} GB/s across runs")
-    for label, r in results.items():
-        if "bytes_per_token" in r:
-            print(
-                f"  {label}: {r['bytes_per_token'] / 1e9:.3f} GB read/token "
-                f"(FFN once: {r['unique_bytes_per_token'] / 1e9:.3f}), roofline {r['roofline_tok_s']:.1f} tok/s, "
-                f"weights {r['model_bytes'] / 1e9:.3f} GB, peak RSS {r['peak_rss_bytes'] / 1e9:.3f} GB"
-            )
+    print_table(rounds, args)
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (2 vCPUs shared with others)")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"results": results, "load_before": load_before, "load_after": load_after}, f, indent=2)
+            json.dump({"rounds": rounds, "load_before": load_before, "load_after": load_after}, f, indent=2)
     return 0
 
 
