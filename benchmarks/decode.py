@@ -6,9 +6,11 @@ random weights (seeded), batch 1, greedy, with the same thread count:
 - transformers ``LlamaForCausalLM.generate`` in bf16 with PyTorch defaults, and "tuned" with oneDNN
   disabled (the fair peer, REFERENCE.md section 6); the shared FFN is one ``LlamaMLP`` object reused by
   every layer, so the peer holds the same weights in the same memory;
-- this project (``mobillama bench``): bf16; int8 and int4 (group 128) on the project's AVX-512 VNNI
-  kernels (``mobillama.kernels``) and on PyTorch's stock ones (fbgemm dynamic int8, the stock int4
-  kernel); the vnni variants also with the FFN duplicated per layer, to see whether sharing speeds decode.
+- this project (``mobillama bench``), loading the same weights from checkpoints written once at the
+  start (bf16, and int8 / int4 group 128 by ``mobillama quantize``), as a user would: bf16; int8 and int4
+  on the project's AVX-512 VNNI kernels (``mobillama.kernels``) and on PyTorch's stock ones (fbgemm
+  dynamic int8, the stock int4 kernel); the vnni variants also with the FFN duplicated per layer, to see
+  whether sharing speeds decode.
 
 The machine is shared: only ratios measured in one run mean anything. The load average is printed.
 
@@ -23,22 +25,40 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 PRESET = "mobillama-0.5b"
 
-VARIANTS = [  # (label, extra `mobillama bench` arguments)
-    ("mobillama bf16", []),
-    ("mobillama int8 vnni", ["--bits", "8", "--int8-kernel", "vnni"]),
-    ("mobillama int8 vnni, FFN x22", ["--bits", "8", "--int8-kernel", "vnni", "--duplicate-ffn"]),
-    ("mobillama int8 fbgemm dynamic", ["--bits", "8", "--int8-kernel", "dynamic"]),
-    ("mobillama int4 g128 vnni", ["--bits", "4", "--group-size", "128", "--int4-kernel", "vnni"]),
-    (
-        "mobillama int4 g128 vnni, FFN x22",
-        ["--bits", "4", "--group-size", "128", "--int4-kernel", "vnni", "--duplicate-ffn"],
-    ),
-    ("mobillama int4 g128 stock", ["--bits", "4", "--group-size", "128", "--int4-kernel", "stock"]),
+# (label, which checkpoint, extra `mobillama bench` arguments). The checkpoints hold the preset's seeded
+# random weights: "bf16" as saved, "int8"/"int4" written by `mobillama quantize` from it, so every variant
+# loads its weights the way a user's would (speed does not depend on the values).
+VARIANTS = [
+    ("mobillama bf16", "bf16", []),
+    ("mobillama int8 vnni", "int8", ["--int8-kernel", "vnni"]),
+    ("mobillama int8 vnni, FFN x22", "int8", ["--int8-kernel", "vnni", "--duplicate-ffn"]),
+    ("mobillama int8 fbgemm dynamic", "int8", ["--int8-kernel", "dynamic"]),
+    ("mobillama int4 g128 vnni", "int4", ["--int4-kernel", "vnni"]),
+    ("mobillama int4 g128 vnni, FFN x22", "int4", ["--int4-kernel", "vnni", "--duplicate-ffn"]),
+    ("mobillama int4 g128 stock", "int4", ["--int4-kernel", "stock"]),
 ]
+
+
+def write_checkpoints(root: str) -> dict[str, str]:
+    """The preset's seeded weights as a bf16 checkpoint and its int8 / int4 (group 128) quantizations."""
+    from mobillama.checkpoint import save_checkpoint
+    from mobillama.generate import load_for_inference
+
+    dirs = {name: os.path.join(root, name) for name in ("bf16", "int8", "int4")}
+    model = load_for_inference(PRESET, dtype="bf16", seed=0)
+    save_checkpoint(model.state_dict(), model.config, dirs["bf16"])
+    del model
+    for name, extra in (("int8", ["--bits", "8"]), ("int4", ["--bits", "4", "--group-size", "128"])):
+        cmd = ["-m", "mobillama", "quantize", dirs["bf16"], *extra, "--out", dirs[name]]
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=_env())
+        if proc.returncode != 0:
+            raise SystemExit(f"quantize failed: {proc.stderr.strip()}")
+    return dirs
 
 
 def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> dict:
@@ -90,14 +110,17 @@ def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> di
     }
 
 
-def subprocess_json(args: list[str]) -> dict:
-    env = {
+def _env() -> dict[str, str]:
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
             p for p in [os.path.abspath("src"), os.environ.get("PYTHONPATH", "")] if p
         ),
     }
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env)
+
+
+def subprocess_json(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_env())
     if proc.returncode != 0:
         return {
             "error": proc.stderr.strip().splitlines()[-1]
@@ -189,6 +212,9 @@ def main() -> int:
         "--new-tokens",
         str(args.new_tokens),
     ]
+    workdir = tempfile.TemporaryDirectory(prefix="mobillama-decode-")
+    checkpoints = write_checkpoints(workdir.name)
+    print("checkpoints written", file=sys.stderr)
     load_before = os.getloadavg()
     peers = [("transformers bf16 (defaults)", "default"), ("transformers bf16 (mkldnn off)", "tuned")]
     rounds: list[dict[str, dict]] = []
@@ -197,11 +223,13 @@ def main() -> int:
         for label, mkldnn in peers:
             results[label] = subprocess_json([__file__, "--peer", mkldnn, *common])
             print(f"round {number}: done {label}", file=sys.stderr)
-        for label, extra in VARIANTS:
-            results[label] = subprocess_json(["-m", "mobillama", "bench", PRESET, "--json", *common, *extra])
+        for label, source, extra in VARIANTS:
+            cmd = ["-m", "mobillama", "bench", checkpoints[source], "--json", *common, *extra]
+            results[label] = subprocess_json(cmd)
             print(f"round {number}: done {label}", file=sys.stderr)
         rounds.append(results)
     load_after = os.getloadavg()
+    workdir.cleanup()
     print_table(rounds, args)
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (2 vCPUs shared with others)")
     if args.json:

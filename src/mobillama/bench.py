@@ -39,11 +39,11 @@ def _module_bytes(module: nn.Module) -> int:
     return weight_bytes(module)
 
 
-def bytes_per_decode_token(model: nn.Module, context_len: int) -> tuple[int, int]:
+def bytes_per_decode_token(model: nn.Module, context_len: int, kv_bytes: int = 4) -> tuple[int, int]:
     """(bytes read per decoded token with each layer re-reading its FFN, the same with each FFN once).
 
-    Weights of every layer, the final norm, the LM head and one embedding row, plus the fp32 KV cache
-    read at ``context_len`` tokens.
+    Weights of every layer, the final norm, the LM head and one embedding row, plus the KV cache
+    (``kv_bytes`` per value: 4 for fp32, 2 for bf16) read at ``context_len`` tokens.
     """
     c = model.config
     layers = model.model.layers
@@ -53,7 +53,7 @@ def bytes_per_decode_token(model: nn.Module, context_len: int) -> tuple[int, int
     head = _module_bytes(model.lm_head) + _module_bytes(model.model.norm)
     emb = model.model.embed_tokens.weight
     row = emb.shape[1] * emb.element_size()
-    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * context_len
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * kv_bytes * context_len
     common = attn + head + row + kv
     return common + ffn_per_use, common + ffn_unique
 
@@ -106,7 +106,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Time one prefill and ``new_tokens`` greedy decode steps on a preset (random weights) or checkpoint."""
     from mobillama import quant
-    from mobillama.generate import Generator, load_for_inference, parse_dtype
+    from mobillama.generate import Generator, load_for_inference, parse_dtype, serve_embedding_from_file
 
     for name, value, low in (
         ("prompt_len", prompt_len, 1),
@@ -127,6 +127,7 @@ def run_bench(
         if duplicate:
             duplicate_ffn(model)
         quant.pack_for_inference(model)
+        serve_embedding_from_file(model, spec)  # as load_for_inference does
     else:
         model = load_for_inference(spec, dtype=torch_dtype, seed=seed)
         if duplicate:
@@ -159,7 +160,9 @@ def run_bench(
     rss_reset = _reset_peak_rss()
     prefill_s, decode_s = one_run(prompt_len, new_tokens)
     peak_kb = _status_kb("VmHWM") if rss_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    per_token, unique_per_token = bytes_per_decode_token(model, prompt_len + new_tokens // 2)
+    per_token, unique_per_token = bytes_per_decode_token(
+        model, prompt_len + new_tokens // 2, dec.cache_dtype.itemsize
+    )
     decode_tps = (new_tokens - 1) * batch / decode_s
     bits = bits if bits is not None else getattr(model, "quantization", {}).get("bits")
     result: dict[str, Any] = {

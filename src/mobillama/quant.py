@@ -547,9 +547,16 @@ def load_quantized(
     if extra:
         raise MobiLlamaError(f"{source}: unexpected tensor {extra[0]!r}")
     quantized_keys = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
+    # Copies, not views of the mapped file, except the embedding table (which inference may read from
+    # the file row by row instead): once the portable weights are repacked and freed, nothing keeps the
+    # file mapped, so the pages read while packing do not stay resident next to the packed copy.
     for key, tensor in state.items():
-        if tensor.is_floating_point():
-            state[key] = tensor.to(torch.float32 if key in quantized_keys else dtype)
+        if key == "model.embed_tokens.weight":
+            state[key] = tensor.to(dtype)
+        elif tensor.is_floating_point():
+            state[key] = tensor.to(torch.float32 if key in quantized_keys else dtype, copy=True)
+        else:
+            state[key] = tensor.clone()
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -272,3 +272,34 @@ def test_generate_text_with_a_real_tokenizer_checkpoint(tiny_checkpoint):
     assert [o.finish_reason for o in outs] == ["length", "length"]
     assert all(o.completion_tokens == 6 and isinstance(o.text, str) for o in outs)
     assert isinstance(model, MobiLlama)
+
+
+def test_embedding_rows_are_read_from_the_checkpoint_file(tiny_checkpoint, tmp_path):
+    from mobillama.checkpoint import load_model, safetensors_location
+    from mobillama.generate import FileRowEmbedding, load_for_inference
+
+    model = load_for_inference(tiny_checkpoint, dtype="fp32")
+    assert isinstance(model.model.embed_tokens, FileRowEmbedding)
+    reference = load_model(tiny_checkpoint, dtype=torch.float32)
+    table = reference.model.embed_tokens.weight
+    embed = model.model.embed_tokens
+    assert embed.weight.shape == table.shape and embed.weight.dtype == table.dtype
+    assert embed.weight.untyped_storage().nbytes() <= 8  # a stand-in: nothing keeps the file mapped
+    ids = torch.tensor([[5, 0, 5, table.shape[0] - 1], [7, 7, 1, 2]])
+    assert torch.equal(embed(ids), table[ids])
+    assert embed(torch.zeros(0, dtype=torch.long)).shape == (0, table.shape[1])
+    for bad in (-1, table.shape[0]):
+        with pytest.raises(IndexError, match="out of range"):
+            embed(torch.tensor([bad]))
+    with pytest.raises(MobiLlamaError, match="cannot be saved|to save it"):
+        model.state_dict()
+    out = Generator(model).generate_ids([[5, 6, 7]], SamplingParams(max_new_tokens=6, stop_at_eos=False))
+    assert out[0].token_ids == reference_greedy(reference, [5, 6, 7], 6)
+    # a dtype other than the stored one keeps the table in memory (converted), as before
+    assert not isinstance(
+        load_for_inference(tiny_checkpoint, dtype="bf16").model.embed_tokens, FileRowEmbedding
+    )
+    assert safetensors_location(tmp_path / "missing.safetensors", "x") is None
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    assert safetensors_location(garbage, "model.embed_tokens.weight") is None
