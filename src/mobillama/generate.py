@@ -683,7 +683,9 @@ def load_for_inference(
             raise MobiLlamaError(
                 f"{path} is already quantized to {quant.read_quantization(path)['bits']} bits"
             )
-        model = quant.load_quantized(path, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
+        model = quant.load_quantized(
+            path, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel
+        )
         serve_embedding_from_file(model, path)
         return model
     if str(spec) in PRESETS and not path.exists():

@@ -375,7 +375,8 @@ def joined_projection(layers: list[nn.Module]):
     key = {(type(m), m.in_features, getattr(m, "group_size", None)) for m in layers}
     if len(key) != 1 or any(m.out_features % kernels.BLOCK_ROWS for m in layers):
         return None
-    packed = torch.cat([m._vnni[0] for m in layers])
+    parts = [m._vnni[0] for m in layers]
+    packed = torch.cat(parts, out=kernels.weight_buffer(sum(p.numel() for p in parts)))
     params = torch.cat([m._vnni[1] for m in layers])
     offsets = [0, 0]
     for m in layers:
