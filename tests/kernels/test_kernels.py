@@ -3,6 +3,8 @@ plain PyTorch, and the way they report that they cannot run."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -166,6 +168,17 @@ def test_elementwise_kernels_reject_what_they_cannot_read():
         kernels.rmsnorm(torch.zeros(2, 16, dtype=torch.bfloat16), torch.ones(16), 1e-5)
     with pytest.raises(ValueError, match="same shape"):
         kernels.silu_mul(torch.zeros(2, 16), torch.zeros(2, 32)[:, :16].contiguous()[:1])
+
+
+def test_weight_buffers_are_huge_page_aligned_and_hold_what_is_written():
+    small = kernels.weight_buffer(1000)
+    assert small.shape == (1000,) and small.dtype == torch.uint8
+    big = kernels.weight_buffer(5 * kernels.HUGE_PAGE + 123)
+    assert big.shape == (5 * kernels.HUGE_PAGE + 123,) and big.is_contiguous()
+    if sys.platform.startswith("linux"):
+        assert big.data_ptr() % kernels.HUGE_PAGE == 0
+    big.copy_(torch.arange(big.numel()) % 251)
+    assert torch.equal(big[-5:], (torch.arange(big.numel() - 5, big.numel()) % 251).to(torch.uint8))
 
 
 @pytest.fixture
