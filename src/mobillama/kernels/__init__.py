@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).with_name(n) for n in ("gemv_avx512.c", "attention_avx512.c", "layer_avx512.c")]
+HEADERS = [Path(__file__).with_name("simd_math.h")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 BLOCK_ROWS = 16
 
@@ -88,7 +89,7 @@ def _library() -> ctypes.CDLL:
     if compiler is None:
         raise KernelUnavailable("no C compiler (cc, gcc or clang) found to build the int8/int4 kernels")
     digest = hashlib.sha256(compiler.encode())
-    for source in SOURCES:
+    for source in [*SOURCES, *HEADERS]:
         digest.update(source.read_bytes())
     target = cache_dir() / f"mobillama_kernels-{digest.hexdigest()[:16]}.so"
     if not target.is_file():

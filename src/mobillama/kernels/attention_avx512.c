@@ -18,21 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* e^x for x <= 0 (scores minus their max): 2^n * e^r with |r| <= ln2/2, degree-6 Taylor (rel. err ~1e-7). */
-static inline __m512 exp_nonpos(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945f));
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
+#include "simd_math.h"
 
 /* 16 cached values from fp32 or bf16 storage, as fp32. */
 static inline __m512 load_kv(const void *base, int64_t i, int bf16) {
@@ -108,7 +94,7 @@ static inline __attribute__((always_inline)) void head(const float *q, const voi
     const __m512 vbest = _mm512_set1_ps(best), ninf = _mm512_set1_ps(-INFINITY);
     for (l = 0; l < Lpad; l += 16) {
         const __m512 x = _mm512_loadu_ps(sc + l);
-        const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ), exp_nonpos(_mm512_sub_ps(x, vbest)));
+        const __m512 e = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ), exp_ps(_mm512_sub_ps(x, vbest)));
         _mm512_storeu_ps(sc + l, e);
         total = _mm512_add_ps(total, e);
     }

@@ -5,21 +5,7 @@
 #include <math.h>
 #include <stdint.h>
 
-/* e^x for any x (clamped to [-87, 88]): 2^n * e^r, |r| <= ln2/2, degree-6 Taylor (rel. err ~1e-7). */
-static inline __m512 exp_any(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945f));
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
+#include "simd_math.h"
 
 static inline __m512 load_weight(const void *w, int bf16, int64_t d, __mmask16 m) {
     if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)w + d);
@@ -53,7 +39,7 @@ void mb_silu_mul(const float *gate, const float *up, int64_t stride, int64_t M, 
         for (int64_t n = 0; n < N; n += 16) {
             const __mmask16 k = tail(N - n);
             const __m512 g = _mm512_maskz_loadu_ps(k, gate + m * stride + n);
-            const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_any(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            const __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
             _mm512_mask_storeu_ps(out + m * N + n, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, up + m * stride + n)));
         }
     }
