@@ -226,8 +226,9 @@ class FastDecoder:
         # The cache: fp32 attention math on CPU (bf16 SDPA is slow there). With the fused kernel, a model
         # that is not fp32 (bf16, or quantized) stores keys/values in bf16 - half the bytes each step
         # reads - and the kernel widens them to fp32; an fp32 model keeps an fp32 cache.
-        low_precision = model.model.embed_tokens.weight.dtype != torch.float32 or self.dtype != torch.float32
-        low_precision = low_precision or quant.quantized_module_count(model) > 0
+        low_precision = (
+            model.model.embed_tokens.weight.dtype != torch.float32 or quant.quantized_module_count(model) > 0
+        )
         if cache_dtype is None and self.device.type == "cpu":
             cache_dtype = torch.bfloat16 if self.fused_attention and low_precision else torch.float32
         self.cache_dtype = cache_dtype or self.dtype
@@ -410,7 +411,7 @@ class FileRowEmbedding(torch.nn.Module):
         for i, token in enumerate(unique.tolist()):
             chunk = view[i * self.row_bytes : (i + 1) * self.row_bytes]
             if os.preadv(self._fd, [chunk], self.offset + token * self.row_bytes) != self.row_bytes:
-                raise OSError(f"{self.file}: short read for embedding row {token} (file truncated?)")
+                raise MobiLlamaError(f"{self.file}: embedding row {token} is past the end (file truncated?)")
         return rows[inverse].reshape(*ids.shape, self.embedding_dim)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -299,6 +302,13 @@ def test_embedding_rows_are_read_from_the_checkpoint_file(tiny_checkpoint, tmp_p
     assert not isinstance(
         load_for_inference(tiny_checkpoint, dtype="bf16").model.embed_tokens, FileRowEmbedding
     )
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    truncated = load_for_inference(copy, dtype="fp32")
+    os.truncate(copy / "model.safetensors", embed.offset + 3 * embed.row_bytes)  # rows 0-2 survive
+    assert torch.equal(truncated.model.embed_tokens(torch.tensor([2])), table[[2]])
+    with pytest.raises(MobiLlamaError, match="past the end"):
+        truncated.model.embed_tokens(torch.tensor([9]))
     assert safetensors_location(tmp_path / "missing.safetensors", "x") is None
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
