@@ -352,12 +352,9 @@ def release_freed_memory() -> None:
     (its mmap threshold grows after the first large free), so without this the process's resident size
     stays near its conversion peak for the rest of its life. A no-op where glibc is not the allocator.
     """
-    import contextlib
-    import ctypes
-    import ctypes.util
-
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    c = kernels.libc()
+    if c is not None and hasattr(c, "malloc_trim"):
+        c.malloc_trim(0)
 
 
 def joined_projection(layers: list[nn.Module]):

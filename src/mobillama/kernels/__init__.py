@@ -44,6 +44,16 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+@functools.lru_cache(maxsize=1)
+def libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (for ``madvise`` and ``malloc_trim``); None where it cannot be found."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
@@ -148,9 +158,10 @@ def weight_buffer(nbytes: int) -> torch.Tensor:
     base = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = -base.data_ptr() % HUGE_PAGE
     buffer = base[start : start + nbytes]  # keeps ``base`` alive through its storage
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        libc.madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(nbytes // 4096 * 4096), 14)
+    c = libc()
+    if c is not None:
+        with contextlib.suppress(AttributeError):
+            c.madvise(ctypes.c_void_p(buffer.data_ptr()), ctypes.c_size_t(nbytes // 4096 * 4096), 14)
     return buffer
 
 
