@@ -1,18 +1,19 @@
 """Training throughput: this engine's train step against a plain loop over transformers.LlamaForCausalLM.
 
 Same shape (a ~20M-parameter Llama at seq 256: 8 layers, hidden 384, FFN 1024, 6 heads, vocab 8192),
-same batch (8 x 256 tokens per step), same dtype (fp32), same optimizer (AdamW 0.9/0.95, wd 0.1, clip 1.0).
-Variants, each in its own process so peak RSS is its own:
+same batch (8 x 256 tokens per step), same precision (fp32, or bf16 autocast with fp32 weights and loss:
+``--precision``), same optimizer settings (AdamW 0.9/0.95, wd 0.1, clip 1.0). Variants:
 
-    hf-llama          plain loop: model(input_ids, labels=...) -> loss.backward() -> clip -> AdamW step
+    hf-llama          plain loop: model(input_ids) -> fp32 cross-entropy -> backward -> clip -> AdamW
+                      (torch.optim.AdamW as a user writes it, i.e. PyTorch's default implementation)
     engine            mobillama Trainer.train_step, ffn_sharing none (the identical model)
-    engine-compiled   the same with model.compile (recipe key model.compile: each layer torch.compile'd)
+    engine-compiled   the same with recipe key model.compile (each layer and the cross-entropy compiled)
     engine-shared     the MobiLlama variant (one shared FFN: same compute, fewer parameters)
 
-MFU is reported against a peak measured in the same run (a large fp32 matmul on this machine), since a
-shared VM has no reliable spec-sheet peak. Usage::
+MFU is reported against a peak measured in the same run (a large matmul in the run's precision on this
+machine), since a shared VM has no reliable spec-sheet peak. Usage::
 
-    python benchmarks/train_throughput.py [--steps 5] [--warmup 2] [--batch 8] [--threads 2]
+    python benchmarks/train_throughput.py [--steps 5] [--warmup 2] [--batch 8] [--threads 2] [--precision bf16]
 
 Throughput comes from one process that runs one step of each variant in turn (so load changes on a
 shared machine hit all variants alike; medians reported); peak RSS from a fresh process per variant.
@@ -21,6 +22,7 @@ shared machine hit all variants alike; medians reported); peak RSS from a fresh 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -40,6 +42,7 @@ SHAPE = dict(
     max_position_embeddings=256,
 )
 SEQ, BATCH = 256, 8
+PRECISION = "fp32"  # or "bf16": autocast to bfloat16 with fp32 master weights and fp32 loss, in every variant
 VARIANTS = ["hf-llama", "engine", "engine-compiled", "engine-shared"]
 
 
@@ -53,10 +56,11 @@ def _batches(steps: int):
 
 
 def peak_matmul_flops(seconds: float = 3.0) -> float:
-    """Achieved fp32 GEMM FLOP/s (2048^3): the practical peak of this machine right now."""
+    """Achieved GEMM FLOP/s (2048^3) in the run's precision: the practical peak of this machine right now."""
     import torch
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    dtype = torch.bfloat16 if PRECISION == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     a @ b
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -79,7 +83,8 @@ def build_step(name: str, total_steps: int):
 
         def step(batch):
             # the same targets as the engine (labels already shifted), loss in fp32
-            logits = model(input_ids=batch["input_ids"]).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "bf16"):
+                logits = model(input_ids=batch["input_ids"]).logits
             loss = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
             )
@@ -93,17 +98,21 @@ def build_step(name: str, total_steps: int):
         from mobillama.config import ModelConfig
         from mobillama.model import MobiLlama
         from mobillama.train.distributed import DistContext
-        from mobillama.train.loop import Trainer
+        from mobillama.train.loop import Trainer, compile_for_training, lm_loss_sum
         from mobillama.train.recipe import recipe_from_dict
 
         sharing = "all" if name == "engine-shared" else "none"
         config = ModelConfig(**SHAPE, ffn_sharing=sharing)
         model = MobiLlama(config)
-        if name == "engine-compiled":
-            for layer in model.model.layers:
-                layer.compile()
+        loss_fn = lm_loss_sum
+        if name == "engine-compiled":  # what recipe key model.compile does: layers and cross-entropy
+            loss_fn = functools.partial(lm_loss_sum, cross_entropy=compile_for_training(model))
         recipe = recipe_from_dict(
-            {"model": {"preset": "tiny"}, "optim": {"warmup_steps": 0}, "train": {"max_steps": total_steps}}
+            {
+                "model": {"preset": "tiny"},
+                "optim": {"warmup_steps": 0},
+                "train": {"max_steps": total_steps, "precision": PRECISION},
+            }
         )
 
         class Source:  # the trainer pulls this step's micro-batches from here
@@ -113,7 +122,7 @@ def build_step(name: str, total_steps: int):
                 return [self.batch]
 
         source = Source()
-        trainer = Trainer(model, recipe, source, ctx=DistContext(), run_dir="/tmp/unused")
+        trainer = Trainer(model, recipe, source, ctx=DistContext(), run_dir="/tmp/unused", loss_fn=loss_fn)
 
         def step(batch):
             source.batch = batch
@@ -138,7 +147,7 @@ def peak_rss(name: str, warmup: int) -> float:
 
 
 def main() -> None:
-    global BATCH
+    global BATCH, PRECISION
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--steps", type=int, default=5, help="measured rounds (one step of every variant each)"
@@ -148,12 +157,18 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every variant")
     parser.add_argument("--batch", type=int, default=BATCH, help="samples of 256 tokens per step")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=PRECISION,
+        help="fp32, or bf16 autocast (fp32 master weights and loss) in every variant",
+    )
     parser.add_argument("--no-rss", action="store_true", help="skip the per-variant peak-RSS processes")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
-    BATCH = args.batch
+    BATCH, PRECISION = args.batch, args.precision
     torch.set_num_threads(args.threads)
     if args.variant:
         print(json.dumps({"peak_rss_mb": peak_rss(args.variant, args.warmup)}))
@@ -179,13 +194,16 @@ def main() -> None:
     if not args.no_rss:
         for v in VARIANTS:
             cmd = [sys.executable, __file__, "--variant", v, "--warmup", "1", "--threads", str(args.threads)]
+            cmd += ["--precision", PRECISION, "--batch", str(BATCH)]
             out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), check=True).stdout
             rss[v] = json.loads(out.strip().splitlines()[-1])["peak_rss_mb"]
     fpt = flops_per_token(ModelConfig(**SHAPE, ffn_sharing="none"), SEQ)
     tps = {v: BATCH * SEQ / statistics.median(t) for v, t in times.items()}
     base = tps["hf-llama"]
-    print(f"shape {SHAPE}, batch {BATCH}x{SEQ}, fp32, {args.steps} measured rounds, {args.threads} threads")
-    print(f"measured fp32 GEMM peak: {peak / 1e9:.1f} GFLOP/s; training FLOPs/token {fpt / 1e6:.1f} M")
+    print(
+        f"shape {SHAPE}, batch {BATCH}x{SEQ}, {PRECISION}, {args.steps} measured rounds, {args.threads} threads"
+    )
+    print(f"measured {PRECISION} GEMM peak: {peak / 1e9:.1f} GFLOP/s; training FLOPs/token {fpt / 1e6:.1f} M")
     print(f"{'variant':<16} {'params':>11} {'tokens/s':>10} {'vs hf':>7} {'MFU':>7} {'peak RSS MB':>12}")
     for v in VARIANTS:
         mem = f"{rss[v]:>12.0f}" if v in rss else f"{'-':>12}"

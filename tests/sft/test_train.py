@@ -155,6 +155,27 @@ def test_epochs_and_packing_derive_the_schedule(base_checkpoint, small_data, tmp
     assert summary["step"] == 3 and recipe.optim.warmup_steps == 1
 
 
+def test_compiled_sft_trains_like_eager(base_checkpoint, small_data, tmp_path):
+    """Recipe key model.compile (layers and cross-entropy compiled) on packed rows: eager's losses."""
+    from mobillama.train.metrics import read_metrics
+
+    losses = {}
+    for flag in (False, True):
+        recipe = recipe_for(
+            tmp_path,
+            base_checkpoint,
+            small_data,
+            name=f"compile-{flag}",
+            train={"max_steps": 2},
+            model={"compile": flag},
+            data={"packing": True},
+            checkpoint={"every_steps": 100},
+        )
+        run_sft(recipe, say=lambda _m: None)
+        losses[flag] = [r["loss"] for r in read_metrics(tmp_path / f"compile-{flag}") if "loss" in r]
+    assert len(losses[True]) == 2 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 # --- LoRA ---------------------------------------------------------------------------------------------------
 
 TARGETS = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]

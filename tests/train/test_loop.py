@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import pytest
@@ -11,7 +13,17 @@ from mobillama.config import get_preset
 from mobillama.data.loader import StepBatches, TokenSplit
 from mobillama.model import MobiLlama
 from mobillama.train.distributed import DistContext
-from mobillama.train.loop import Trainer, decay_category, lm_loss_sum, lr_at, param_groups
+from mobillama.train.loop import (
+    Trainer,
+    build_optimizer,
+    compile_for_training,
+    decay_category,
+    lm_loss_sum,
+    lr_at,
+    param_groups,
+)
+from mobillama.train.metrics import read_metrics
+from mobillama.train.pretrain import run_pretrain
 from mobillama.train.recipe import OptimSection, recipe_from_dict
 
 
@@ -142,3 +154,53 @@ def test_activation_checkpointing_and_bf16_autocast(shard_dir, tmp_path):
     a, b = bf16.train_step(), fp32.train_step()
     assert a["loss"] == pytest.approx(b["loss"], rel=2e-2) and a["loss"] != b["loss"]  # bf16 matmuls ran
     assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # master weights stay fp32
+
+
+def test_optimizer_is_fused_adamw_with_the_foreach_update():
+    """Plain parameters get PyTorch's fused AdamW; its steps equal the foreach implementation's."""
+    torch.manual_seed(0)
+    model = MobiLlama(get_preset("micro"))
+    twin = copy.deepcopy(model)
+    optim = OptimSection(lr=1e-2)
+    fused = build_optimizer(model, optim)
+    assert fused.defaults["fused"] and not fused.defaults["foreach"]
+    reference = torch.optim.AdamW(
+        param_groups(twin, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=True
+    )
+    ids = torch.randint(3, 256, (2, 12))
+    batch = {"input_ids": ids, "labels": ids.roll(-1, 1)}
+    for _ in range(3):
+        for net, opt in ((model, fused), (twin, reference)):
+            opt.zero_grad()
+            lm_loss_sum(net, batch).backward()
+            opt.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(model.lm_head.weight, MobiLlama(get_preset("micro")).lm_head.weight)
+
+
+def test_compile_for_training_compiles_layers_and_loss_and_trains_alike(helpers, shard_dir, tmp_path):
+    """Recipe key model.compile: the same losses as eager (fp32), same parameter names."""
+    torch.manual_seed(0)
+    model = MobiLlama(get_preset("micro"))
+    names = [n for n, _ in model.named_parameters()]
+    ids = torch.randint(3, 256, (2, 12))
+    batch = {"input_ids": ids, "labels": ids.roll(-1, 1)}
+    with torch.no_grad():
+        eager = lm_loss_sum(model, batch)
+    cross_entropy = compile_for_training(model)
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+    assert [n for n, _ in model.named_parameters()] == names  # checkpoints keep their keys
+    with torch.no_grad():
+        compiled = functools.partial(lm_loss_sum, cross_entropy=cross_entropy)(model, batch)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+    losses = {}
+    for flag in (False, True):
+        run = tmp_path / f"compile-{flag}"
+        recipe = helpers.micro_recipe(
+            shard_dir, run, model={"compile": flag}, train={"max_steps": 3}, checkpoint={"every_steps": 3}
+        )
+        run_pretrain(recipe_from_dict(recipe), say=lambda _msg: None)
+        losses[flag] = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -19,23 +19,27 @@ import functools
 import json
 import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mobillama.checkpoint import TOKENIZER_FILES, atomic_directory, sha256_file, write_json
 from mobillama.errors import MobiLlamaError
 from mobillama.sft.masking import IGNORE_INDEX, Example, collate, tokenize_conversation, truncate
 from mobillama.sft.recipe import SFTRecipe
-from mobillama.train.loop import Trainer
+from mobillama.train.loop import Trainer, compile_for_training, summed_cross_entropy
 
 UNLIMITED = 1 << 30
 
 
-def sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def sft_loss_sum(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = summed_cross_entropy,
+) -> torch.Tensor:
     """Summed cross-entropy over assistant tokens (labels already shifted; -100 ignored).
 
     Works for the plain model (returns logits) and the HF/peft model (returns an output with ``.logits``);
@@ -46,13 +50,7 @@ def sft_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
     else:
         kwargs = {"attention_mask": batch.get("attention_mask")}
     out = model(input_ids=batch["input_ids"], **kwargs)
-    logits = getattr(out, "logits", out)
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        batch["labels"].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
+    return cross_entropy(getattr(out, "logits", out), batch["labels"])
 
 
 def check_base(base: str | Path) -> Path:
@@ -345,6 +343,9 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
             hf_model.model.gradient_checkpointing = recipe.model.gradient_checkpointing
             model = apply_lora(hf_model, recipe.lora)
         model.to(ctx.device)
+        loss_fn = sft_loss_sum
+        if recipe.model.compile:
+            loss_fn = functools.partial(sft_loss_sum, cross_entropy=compile_for_training(model))
         trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         model = wrap_model(model, ctx)
 
@@ -422,7 +423,7 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
             ctx=ctx,
             run_dir=run_dir,
             val_batches=val,
-            loss_fn=sft_loss_sum,
+            loss_fn=loss_fn,
             tokenizer_dir=tokenizer_dir,
             extra_state={"lineage": lineage},
             say=say,

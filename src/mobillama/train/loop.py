@@ -41,15 +41,42 @@ IGNORE_INDEX = -100
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-def lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy in fp32 (labels already shifted; -100 ignored)."""
-    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the target tokens, computed in fp32 whatever the logits' dtype."""
     return F.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]),
-        batch["labels"].reshape(-1),
+        labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def lm_loss_sum(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = summed_cross_entropy,
+) -> torch.Tensor:
+    """Summed next-token cross-entropy in fp32 (labels already shifted; -100 ignored)."""
+    logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    return cross_entropy(logits, batch["labels"])
+
+
+def compile_for_training(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Recipe key ``model.compile``: ``torch.compile`` each decoder layer in place, and the cross-entropy.
+
+    Layers are compiled one by one, in place, so parameter names (and checkpoints) are unchanged and FSDP2
+    and activation checkpointing wrap the same modules as without compilation. Returns the compiled
+    cross-entropy for the loss function (``lm_loss_sum(..., cross_entropy=...)``): eager cross-entropy
+    makes several passes over the [tokens, vocab] logits (an fp32 copy, log-softmax, the same again
+    backward), compiled they fuse into one pass each way. Measured for 2048 tokens x 8192 vocab on a
+    2-core CPU, forward + backward: 62 -> 29 ms from fp32 logits, 102 -> 22 ms from bf16 (autocast).
+    """
+    from mobillama.model import DecoderLayer
+
+    for module in model.modules():
+        if isinstance(module, DecoderLayer):
+            module.compile()
+    return torch.compile(summed_cross_entropy)
 
 
 def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
@@ -91,8 +118,19 @@ def param_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, as PyTorch's fused kernel where it applies.
+
+    The fused kernel updates each parameter in one pass where ``foreach`` makes about ten elementwise
+    passes over all of them (a 20M-parameter CPU step: ~6% faster overall in bf16). FSDP2's sharded
+    (DTensor) parameters keep ``foreach``, the path PyTorch tests with them; the update is the same
+    AdamW either way, up to float rounding.
+    """
+    groups = param_groups(model, optim)
+    fused = all(
+        type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]
+    )
     return torch.optim.AdamW(
-        param_groups(model, optim), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, foreach=True
+        groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, fused=fused, foreach=not fused
     )
 
 

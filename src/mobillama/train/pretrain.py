@@ -22,7 +22,7 @@ from mobillama.checkpoint import sha256_file, write_json
 from mobillama.data.loader import StepBatches, TokenSplit, check_vocab, eval_batches
 from mobillama.errors import MobiLlamaError
 from mobillama.train.distributed import init_distributed, shutdown, wrap_model
-from mobillama.train.loop import Trainer
+from mobillama.train.loop import Trainer, compile_for_training, lm_loss_sum
 from mobillama.train.recipe import Recipe, save_recipe
 
 
@@ -82,9 +82,9 @@ def run_pretrain(
             load_init_weights(model, init_from)
         model.model.gradient_checkpointing = recipe.model.gradient_checkpointing
         model.to(ctx.device)
+        loss_fn = lm_loss_sum
         if recipe.model.compile:
-            for layer in model.model.layers:  # in place: parameter names stay unchanged for checkpoints
-                layer.compile()
+            loss_fn = functools.partial(lm_loss_sum, cross_entropy=compile_for_training(model))
         wrapped = wrap_model(model, ctx)
 
         batches = StepBatches(
@@ -138,6 +138,7 @@ def run_pretrain(
             ctx=ctx,
             run_dir=run_dir,
             val_batches=val,
+            loss_fn=loss_fn,
             flops_per_token=flops_per_token(config, seq_len),
             tokenizer_dir=find_tokenizer_dir(data_dir, train_split.manifest),
             extra_state={"lineage": lineage},
