@@ -13,6 +13,7 @@ State-dict names follow Hugging Face Llama wherever a layer owns the weight
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -94,6 +95,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    # Plain causal attention that needs gradients may run on a training kernel instead of SDPA (set by
+    # mobillama.kernels.causal_attention.enable_for_training where the CPU has one); None: always SDPA.
+    causal_kernel: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -125,7 +130,10 @@ class Attention(nn.Module):
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         # mask None means "plain causal over the whole sequence" (training, prefill without padding).
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        if self.causal_kernel is not None and mask is None and cache is None and T > 1 and q.requires_grad:
+            out = self.causal_kernel(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

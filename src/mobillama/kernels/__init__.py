@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(n) for n in ("gemv_avx512.c", "attention_avx512.c", "layer_avx512.c")]
+SOURCES = [
+    Path(__file__).with_name(n)
+    for n in ("gemv_avx512.c", "attention_avx512.c", "attention_train_avx512.c", "layer_avx512.c")
+]
 HEADERS = [Path(__file__).with_name("simd_math.h")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 BLOCK_ROWS = 16
@@ -97,7 +100,7 @@ def _library() -> ctypes.CDLL:
     """Compile (once per source version and compiler) and load the shared library."""
     compiler = _compiler()
     if compiler is None:
-        raise KernelUnavailable("no C compiler (cc, gcc or clang) found to build the int8/int4 kernels")
+        raise KernelUnavailable("no C compiler (cc, gcc or clang) found to build the CPU kernels")
     digest = hashlib.sha256(compiler.encode())
     for source in [*SOURCES, *HEADERS]:
         digest.update(source.read_bytes())
@@ -136,7 +139,23 @@ def _library() -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
         ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
+    strides = [_Strides] * 1
+    lib.mb_attn_train_fwd.restype = ctypes.c_int
+    lib.mb_attn_train_fwd.argtypes = [
+        *(ctypes.c_void_p, *strides) * 4, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_attn_train_bwd.restype = ctypes.c_int
+    lib.mb_attn_train_bwd.argtypes = [
+        *(ctypes.c_void_p, *strides) * 5, ctypes.c_void_p, *(ctypes.c_void_p, *strides) * 3,
+        *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
     return lib
+
+
+class _Strides(ctypes.Structure):
+    """Element strides of a [B, H, T, D] tensor along batch, head and token (D has unit stride)."""
+
+    _fields_ = [("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,7 +325,61 @@ def attention_decode(
     return out
 
 
+def _bhtd(t: torch.Tensor, name: str) -> tuple[int, _Strides]:
+    if t.dtype != torch.float32 or t.dim() != 4 or t.stride(-1) != 1:
+        raise ValueError(f"{name} must be a [B, H, T, D] fp32 tensor with unit stride along D")
+    return t.data_ptr(), _Strides(t.stride(0), t.stride(1), t.stride(2))
+
+
+def _like_projection(t: torch.Tensor) -> torch.Tensor:
+    """An empty [B, H, T, D] tensor stored as [B, T, H, D] (the layout the projections produce)."""
+    B, H, T, D = t.shape
+    return torch.empty(B, T, H, D, dtype=torch.float32).transpose(1, 2)
+
+
+def attention_train_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax(q k^T / sqrt(D)) v for fp32 [B, H, T, D] q, k, v (any batch/head/token strides);
+    returns the output (stored [B, T, H, D]) and the rows' log-sum-exp [B, H, T] for the backward."""
+    B, H, T, D = q.shape
+    if k.shape != q.shape or v.shape != q.shape or D % 16:
+        raise ValueError(f"q, k, v must share one [B, H, T, D] shape with D a multiple of 16, got {q.shape}")
+    out = _like_projection(q)
+    lse = torch.empty(B, H, T, dtype=torch.float32)
+    rc = _library().mb_attn_train_fwd(
+        *_bhtd(q, "q"), *_bhtd(k, "k"), *_bhtd(v, "v"), *_bhtd(out, "out"), lse.data_ptr(),
+        B, H, T, D, D**-0.5, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("attention kernel: could not allocate its per-head buffers")
+    return out, lse
+
+
+def attention_train_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`attention_train_forward` with respect to q, k, v, given the output's gradient."""
+    B, H, T, D = q.shape
+    dq, dk, dv = _like_projection(q), _like_projection(k), _like_projection(v)
+    rc = _library().mb_attn_train_bwd(
+        *_bhtd(q, "q"), *_bhtd(k, "k"), *_bhtd(v, "v"), *_bhtd(out, "out"), *_bhtd(dout, "dout"),
+        lse.contiguous().data_ptr(), *_bhtd(dq, "dq"), *_bhtd(dk, "dk"), *_bhtd(dv, "dv"),
+        B, H, T, D, D**-0.5, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("attention kernel: could not allocate its per-head buffers")
+    return dq, dk, dv
+
+
 __all__ = [
+    "attention_train_backward",
+    "attention_train_forward",
     "attention_decode",
     "rmsnorm",
     "weight_buffer",
