@@ -19,7 +19,6 @@ import functools
 import json
 import math
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from mobillama.checkpoint import TOKENIZER_FILES, atomic_directory, sha256_file,
 from mobillama.errors import MobiLlamaError
 from mobillama.sft.masking import IGNORE_INDEX, Example, collate, tokenize_conversation, truncate
 from mobillama.sft.recipe import SFTRecipe
-from mobillama.train.loop import Trainer, compile_for_training, summed_cross_entropy
+from mobillama.train.loop import CrossEntropyFn, Trainer, compile_for_training, summed_cross_entropy
 
 UNLIMITED = 1 << 30
 
@@ -38,7 +37,7 @@ UNLIMITED = 1 << 30
 def sft_loss_sum(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
-    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = summed_cross_entropy,
+    cross_entropy: CrossEntropyFn = summed_cross_entropy,
 ) -> torch.Tensor:
     """Summed cross-entropy over assistant tokens (labels already shifted; -100 ignored).
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+CrossEntropyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> summed loss
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,14 +56,14 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 def lm_loss_sum(
     model: nn.Module,
     batch: dict[str, torch.Tensor],
-    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = summed_cross_entropy,
+    cross_entropy: CrossEntropyFn = summed_cross_entropy,
 ) -> torch.Tensor:
     """Summed next-token cross-entropy in fp32 (labels already shifted; -100 ignored)."""
     logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
     return cross_entropy(logits, batch["labels"])
 
 
-def compile_for_training(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def compile_for_training(model: nn.Module) -> CrossEntropyFn:
     """Recipe key ``model.compile``: ``torch.compile`` each decoder layer in place, and the cross-entropy.
 
     Layers are compiled one by one, in place, so parameter names (and checkpoints) are unchanged and FSDP2
@@ -169,7 +170,8 @@ class Trainer:
         self.say = say if ctx.is_main else (lambda _msg: None)
         self.optimizer = build_optimizer(model, recipe.optim)
         # causal attention on the CPU kernel where it can run (1.7x PyTorch's flash kernel, fwd + bwd)
-        enable_for_training(model)
+        if enable_for_training(model):
+            self.say("attention: the project's CPU training kernel (MOBILLAMA_KERNELS=0 for PyTorch's SDPA)")
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.step = 0
         self.tokens_seen = 0
