@@ -122,7 +122,15 @@ def build_step(name: str, total_steps: int):
                 return [self.batch]
 
         source = Source()
-        trainer = Trainer(model, recipe, source, ctx=DistContext(), run_dir="/tmp/unused", loss_fn=loss_fn)
+        trainer = Trainer(
+            model,
+            recipe,
+            source,
+            ctx=DistContext(),
+            run_dir="/tmp/unused",
+            loss_fn=loss_fn,
+            say=lambda _m: None,
+        )
 
         def step(batch):
             source.batch = batch
@@ -204,11 +212,18 @@ def main() -> None:
         f"shape {SHAPE}, batch {BATCH}x{SEQ}, {PRECISION}, {args.steps} measured rounds, {args.threads} threads"
     )
     print(f"measured {PRECISION} GEMM peak: {peak / 1e9:.1f} GFLOP/s; training FLOPs/token {fpt / 1e6:.1f} M")
-    print(f"{'variant':<16} {'params':>11} {'tokens/s':>10} {'vs hf':>7} {'MFU':>7} {'peak RSS MB':>12}")
+    print(
+        f"{'variant':<16} {'params':>11} {'tokens/s':>10} {'vs hf':>7} {'per round':>13} {'MFU':>7} "
+        f"{'peak RSS MB':>12}"
+    )
     for v in VARIANTS:
         mem = f"{rss[v]:>12.0f}" if v in rss else f"{'-':>12}"
+        # the ratio within each round (both steps under the same load), lowest and highest
+        ratios = [hf / t for hf, t in zip(times["hf-llama"], times[v])]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}x"
         print(
-            f"{v:<16} {steps[v][1]:>11,} {tps[v]:>10.0f} {tps[v] / base:>6.2f}x {tps[v] * fpt / peak:>6.1%} {mem}"
+            f"{v:<16} {steps[v][1]:>11,} {tps[v]:>10.0f} {tps[v] / base:>6.2f}x {spread:>13} "
+            f"{tps[v] * fpt / peak:>6.1%} {mem}"
         )
 
 
