@@ -113,26 +113,32 @@ static void probabilities(float *s, int64_t ld, int nr, int64_t i0, float scale,
     for (int r = 0; r < R; r++) {
         float *row = s + r * ld;
         const int64_t n = r < nr ? i0 + r + 1 : 0;
-        float lse = 0.0f;
-        if (n && lse_in) {
-            lse = lse_in[r];
-        } else if (n) {
+        if (n && lse_in) { /* backward: p = exp(scale * s - lse) */
+            const __m512 sc = _mm512_set1_ps(scale), l = _mm512_set1_ps(lse_in[r]);
+            for (int64_t j = 0; j < n; j += 16) {
+                const __mmask16 k = lanes(n - j);
+                _mm512_mask_storeu_ps(row + j, k, exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, row + j), sc, l)));
+            }
+        } else if (n) { /* forward: e = exp(scale * s - max) kept, then scaled by 1 / sum */
             __m512 mx = _mm512_set1_ps(-INFINITY);
             for (int64_t j = 0; j < n; j += 16)
                 mx = _mm512_mask_max_ps(mx, lanes(n - j), mx, _mm512_loadu_ps(row + j));
             const float top = _mm512_reduce_max_ps(mx) * scale;
+            const __m512 sc = _mm512_set1_ps(scale), t = _mm512_set1_ps(top);
             __m512 sum = _mm512_setzero_ps();
             for (int64_t j = 0; j < n; j += 16) {
-                const __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(scale), _mm512_set1_ps(top)));
-                sum = _mm512_mask_add_ps(sum, lanes(n - j), sum, e);
+                const __mmask16 k = lanes(n - j);
+                const __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, row + j), sc, t));
+                _mm512_mask_storeu_ps(row + j, k, e);
+                sum = _mm512_mask_add_ps(sum, k, sum, e);
             }
-            lse = top + logf(_mm512_reduce_add_ps(sum));
-            lse_out[r] = lse;
-        }
-        for (int64_t j = 0; j < n; j += 16) {
-            const __mmask16 k = lanes(n - j);
-            const __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, row + j), _mm512_set1_ps(scale), _mm512_set1_ps(lse)));
-            _mm512_mask_storeu_ps(row + j, k, e);
+            const float total = _mm512_reduce_add_ps(sum);
+            lse_out[r] = top + logf(total);
+            const __m512 inv = _mm512_set1_ps(1.0f / total);
+            for (int64_t j = 0; j < n; j += 16) {
+                const __mmask16 k = lanes(n - j);
+                _mm512_mask_storeu_ps(row + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + j), inv));
+            }
         }
         for (int64_t j = n; j < i0 + R; j++) row[j] = 0.0f; /* past the diagonal, within the block's columns */
     }
