@@ -331,10 +331,11 @@ def _bhtd(t: torch.Tensor, name: str) -> tuple[int, _Strides]:
     return t.data_ptr(), _Strides(t.stride(0), t.stride(1), t.stride(2))
 
 
-def _like_projection(t: torch.Tensor) -> torch.Tensor:
-    """An empty [B, H, T, D] tensor stored as [B, T, H, D] (the layout the projections produce)."""
+def projection_layout(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty tensor of ``t``'s [B, H, T, D] shape stored as [B, T, H, D] (how the projections lay out
+    q, k, v, so the attention output reshapes to [B, T, H*D] without a copy)."""
     B, H, T, D = t.shape
-    return torch.empty(B, T, H, D, dtype=torch.float32).transpose(1, 2)
+    return t.new_empty(B, T, H, D, dtype=dtype).transpose(1, 2)
 
 
 def attention_train_forward(
@@ -345,7 +346,7 @@ def attention_train_forward(
     B, H, T, D = q.shape
     if k.shape != q.shape or v.shape != q.shape or D % 16:
         raise ValueError(f"q, k, v must share one [B, H, T, D] shape with D a multiple of 16, got {q.shape}")
-    out = _like_projection(q)
+    out = projection_layout(q)
     lse = torch.empty(B, H, T, dtype=torch.float32)
     rc = _library().mb_attn_train_fwd(
         *_bhtd(q, "q"), *_bhtd(k, "k"), *_bhtd(v, "v"), *_bhtd(out, "out"), lse.data_ptr(),
@@ -366,7 +367,7 @@ def attention_train_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`attention_train_forward` with respect to q, k, v, given the output's gradient."""
     B, H, T, D = q.shape
-    dq, dk, dv = _like_projection(q), _like_projection(k), _like_projection(v)
+    dq, dk, dv = projection_layout(q), projection_layout(k), projection_layout(v)
     rc = _library().mb_attn_train_bwd(
         *_bhtd(q, "q"), *_bhtd(k, "k"), *_bhtd(v, "v"), *_bhtd(out, "out"), *_bhtd(dout, "dout"),
         lse.contiguous().data_ptr(), *_bhtd(dq, "dq"), *_bhtd(dk, "dk"), *_bhtd(dv, "dv"),

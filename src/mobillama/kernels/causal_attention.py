@@ -18,11 +18,6 @@ from torch import nn
 from mobillama import kernels
 
 
-def _projection_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    B, H, T, D = t.shape
-    return t.new_empty(B, T, H, D, dtype=dtype).transpose(1, 2)
-
-
 @torch.library.custom_op("mobillama::causal_attention", mutates_args=())
 def causal_attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -35,7 +30,7 @@ def causal_attention_with_lse(
 @causal_attention_with_lse.register_fake
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, T, _ = q.shape
-    return _projection_layout(q, q.dtype), q.new_empty(B, H, T, dtype=torch.float32)
+    return kernels.projection_layout(q, q.dtype), q.new_empty(B, H, T, dtype=torch.float32)
 
 
 @torch.library.custom_op("mobillama::causal_attention_backward", mutates_args=())
@@ -57,7 +52,11 @@ def causal_attention_backward(
 
 @causal_attention_backward.register_fake
 def _(q, k, v, out, lse, dout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _projection_layout(q, q.dtype), _projection_layout(k, k.dtype), _projection_layout(v, v.dtype)
+    return (
+        kernels.projection_layout(q, q.dtype),
+        kernels.projection_layout(k, k.dtype),
+        kernels.projection_layout(v, v.dtype),
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
