@@ -63,6 +63,11 @@ def test_kernel_rejects_what_it_cannot_read():
         kernels.attention_train_forward(q, k[:, :1], v)
     with pytest.raises(ValueError, match="fp32"):
         kernels.attention_train_forward(q.double(), k.double(), v.double())
+    out, lse = kernels.attention_train_forward(q, k, v)
+    with pytest.raises(ValueError, match="lse must be"):
+        kernels.attention_train_backward(q, k, v, out, lse[:, :, :-1], out)
+    with pytest.raises(ValueError, match="share one"):
+        kernels.attention_train_backward(q, k, v, out, lse, out[:, :, :-1])
     with pytest.raises(ValueError, match="unit stride"):
         kernels.attention_train_forward(*(torch.randn(1, 2, 32, 8).transpose(-1, -2) for _ in range(3)))
 

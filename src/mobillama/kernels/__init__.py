@@ -367,10 +367,17 @@ def attention_train_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`attention_train_forward` with respect to q, k, v, given the output's gradient."""
     B, H, T, D = q.shape
+    if any(t.shape != q.shape for t in (k, v, out, dout)) or D % 16:
+        raise ValueError(
+            f"{q.shape}: q, k, v, out, dout must share one [B, H, T, D] shape with D a multiple of 16"
+        )
+    if lse.shape != (B, H, T) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be the forward's fp32 [B, H, T] = {[B, H, T]} log-sum-exp")
     dq, dk, dv = projection_layout(q), projection_layout(k), projection_layout(v)
+    lse = lse.contiguous()  # named: a temporary's memory would be freed before the call
     rc = _library().mb_attn_train_bwd(
         *_bhtd(q, "q"), *_bhtd(k, "k"), *_bhtd(v, "v"), *_bhtd(out, "out"), *_bhtd(dout, "dout"),
-        lse.contiguous().data_ptr(), *_bhtd(dq, "dq"), *_bhtd(dk, "dk"), *_bhtd(dv, "dv"),
+        lse.data_ptr(), *_bhtd(dq, "dq"), *_bhtd(dk, "dk"), *_bhtd(dv, "dv"),
         B, H, T, D, D**-0.5, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:

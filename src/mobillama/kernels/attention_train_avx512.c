@@ -156,6 +156,7 @@ int mb_attn_train_fwd(const float *q, strides_t qs, const float *k, strides_t ks
         const int64_t b = bh / H, h = bh % H;
         float *kt = calloc((size_t)(D * T + R * Tp + 2 * D + R), sizeof(float));
         if (!kt) {
+#pragma omp atomic write
             failed = 1;
             continue;
         }
@@ -195,6 +196,7 @@ int mb_attn_train_bwd(const float *q, strides_t qs, const float *k, strides_t ks
         const int64_t b = bh / H, h = bh % H;
         float *kt = calloc((size_t)(2 * D * T + 2 * R * Tp + 2 * T * D + T + 2 * D + R), sizeof(float));
         if (!kt) {
+#pragma omp atomic write
             failed = 1;
             continue;
         }
