@@ -196,11 +196,18 @@ def test_compile_for_training_compiles_layers_and_loss_and_trains_alike(helpers,
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
     losses = {}
-    for flag in (False, True):
-        run = tmp_path / f"compile-{flag}"
+    for compile_, checkpointing in ((False, False), (True, False), (True, True)):
+        run = tmp_path / f"compile-{compile_}-{checkpointing}"
         recipe = helpers.micro_recipe(
-            shard_dir, run, model={"compile": flag}, train={"max_steps": 3}, checkpoint={"every_steps": 3}
+            shard_dir,
+            run,
+            model={"compile": compile_, "gradient_checkpointing": checkpointing},
+            train={"max_steps": 3},
+            checkpoint={"every_steps": 3},
         )
         run_pretrain(recipe_from_dict(recipe), say=lambda _msg: None)
-        losses[flag] = [r["loss"] for r in read_metrics(run) if "loss" in r]
-    assert len(losses[True]) == 3 and losses[True] == pytest.approx(losses[False], rel=1e-4)
+        losses[compile_, checkpointing] = [r["loss"] for r in read_metrics(run) if "loss" in r]
+    eager = losses[False, False]
+    assert len(eager) == 3
+    assert losses[True, False] == pytest.approx(eager, rel=1e-4)
+    assert losses[True, True] == pytest.approx(eager, rel=1e-4)  # compiled layers under checkpointing
