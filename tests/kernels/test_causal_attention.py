@@ -63,6 +63,8 @@ def test_kernel_rejects_what_it_cannot_read():
         kernels.attention_train_forward(q, k[:, :1], v)
     with pytest.raises(ValueError, match="fp32"):
         kernels.attention_train_forward(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match=r"\[B, H, T, D\]"):
+        kernels.attention_train_forward(q[0], k[0], v[0])  # 3-d
     out, lse = kernels.attention_train_forward(q, k, v)
     with pytest.raises(ValueError, match="lse must be"):
         kernels.attention_train_backward(q, k, v, out, lse[:, :, :-1], out)

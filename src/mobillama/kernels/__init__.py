@@ -1,6 +1,7 @@
-"""The project's own CPU kernels for decode: int8/int4 x int8 matrix-vector products with AVX-512 VNNI
+"""The project's own CPU kernels. For decode: int8/int4 x int8 matrix-vector products with AVX-512 VNNI
 (``gemv_avx512.c``), a fused one-token attention step (``attention_avx512.c``), and RMS norm and
-SwiGLU's silu-times-up as one call each (``layer_avx512.c``).
+SwiGLU's silu-times-up as one call each (``layer_avx512.c``). For training: causal attention forward and
+backward (``attention_train_avx512.c``; the autograd operator is in :mod:`.causal_attention`).
 
 Why they exist: see the head of each C file. The C files are compiled on first use with the system C compiler
 (``cc``; gcc and clang both work) into ``~/.cache/mobillama/kernels`` and loaded with ``ctypes``: no torch
@@ -139,14 +140,13 @@ def _library() -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
         ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
-    strides = [_Strides] * 1
     lib.mb_attn_train_fwd.restype = ctypes.c_int
     lib.mb_attn_train_fwd.argtypes = [
-        *(ctypes.c_void_p, *strides) * 4, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
+        *(ctypes.c_void_p, _Strides) * 4, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
     lib.mb_attn_train_bwd.restype = ctypes.c_int
     lib.mb_attn_train_bwd.argtypes = [
-        *(ctypes.c_void_p, *strides) * 5, ctypes.c_void_p, *(ctypes.c_void_p, *strides) * 3,
+        *(ctypes.c_void_p, _Strides) * 5, ctypes.c_void_p, *(ctypes.c_void_p, _Strides) * 3,
         *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
     return lib
@@ -343,6 +343,7 @@ def attention_train_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal softmax(q k^T / sqrt(D)) v for fp32 [B, H, T, D] q, k, v (any batch/head/token strides);
     returns the output (stored [B, T, H, D]) and the rows' log-sum-exp [B, H, T] for the backward."""
+    _bhtd(q, "q")  # one-line error for a tensor that is not [B, H, T, D] fp32 with unit stride along D
     B, H, T, D = q.shape
     if k.shape != q.shape or v.shape != q.shape or D % 16:
         raise ValueError(f"q, k, v must share one [B, H, T, D] shape with D a multiple of 16, got {q.shape}")
@@ -366,6 +367,7 @@ def attention_train_backward(
     dout: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`attention_train_forward` with respect to q, k, v, given the output's gradient."""
+    _bhtd(q, "q")  # one-line error for a tensor that is not [B, H, T, D] fp32 with unit stride along D
     B, H, T, D = q.shape
     if any(t.shape != q.shape for t in (k, v, out, dout)) or D % 16:
         raise ValueError(
