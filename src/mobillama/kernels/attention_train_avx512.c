@@ -108,7 +108,7 @@ static void transpose(const float *src, int64_t st, int64_t T, int64_t D, float 
 
 /* Row i of a block starting at i0 sees columns 0..i. s ([R][ld]) holds raw scores; on return the
  * probabilities exp(scale * s - lse), zero past the diagonal and in rows past nr. Computes lse when
- * lse_in is NULL (forward). */
+ * lse_in is NULL (forward). Only the block's first nr entries of lse_in / lse_out are touched. */
 static void probabilities(float *s, int64_t ld, int nr, int64_t i0, float scale, const float *lse_in, float *lse_out) {
     for (int r = 0; r < R; r++) {
         float *row = s + r * ld;
@@ -154,13 +154,13 @@ int mb_attn_train_fwd(const float *q, strides_t qs, const float *k, strides_t ks
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t b = bh / H, h = bh % H;
-        float *kt = calloc((size_t)(D * T + R * Tp + 2 * D + R), sizeof(float));
+        float *kt = calloc((size_t)(D * T + R * Tp + 2 * D), sizeof(float));
         if (!kt) {
 #pragma omp atomic write
             failed = 1;
             continue;
         }
-        float *s = kt + D * T, *zero = s + R * Tp, *scratch = zero + D, *lse_pad = scratch + D;
+        float *s = kt + D * T, *zero = s + R * Tp, *scratch = zero + D;
         const float *qb = q + b * qs.sb + h * qs.sh, *kb = k + b * ks.sb + h * ks.sh, *vb = v + b * vs.sb + h * vs.sh;
         float *ob = out + b * os.sb + h * os.sh;
         transpose(kb, ks.st, T, D, kt);
@@ -175,8 +175,7 @@ int mb_attn_train_fwd(const float *q, strides_t qs, const float *k, strides_t ks
                 orow[r] = r < nr ? ob + (i0 + r) * os.st : scratch;
             }
             rows_dot(qr, kt, T, D, i0 + nr, sr);
-            probabilities(s, Tp, nr, i0, scale, NULL, nr == R ? lse + bh * T + i0 : lse_pad);
-            if (nr < R) memcpy(lse + bh * T + i0, lse_pad, sizeof(float) * (size_t)nr);
+            probabilities(s, Tp, nr, i0, scale, NULL, lse + bh * T + i0);
             rows_combine(pr, i0 + nr, vb, vs.st, D, orow);
         }
         free(kt);
@@ -194,14 +193,14 @@ int mb_attn_train_bwd(const float *q, strides_t qs, const float *k, strides_t ks
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t bh = 0; bh < B * H; bh++) {
         const int64_t b = bh / H, h = bh % H;
-        float *kt = calloc((size_t)(2 * D * T + 2 * R * Tp + 2 * T * D + T + 2 * D + R), sizeof(float));
+        float *kt = calloc((size_t)(2 * D * T + 2 * R * Tp + 2 * T * D + T + 2 * D), sizeof(float));
         if (!kt) {
 #pragma omp atomic write
             failed = 1;
             continue;
         }
         float *vt = kt + D * T, *p = vt + D * T, *dp = p + R * Tp, *dkb = dp + R * Tp, *dvb = dkb + T * D;
-        float *delta = dvb + T * D, *zero = delta + T, *scratch = zero + D, *lse_pad = scratch + D;
+        float *delta = dvb + T * D, *zero = delta + T, *scratch = zero + D;
         const float *qb = q + b * qs.sb + h * qs.sh, *kb = k + b * ks.sb + h * ks.sh, *vb = v + b * vs.sb + h * vs.sh;
         const float *ob = out + b * os.sb + h * os.sh, *gb = dout + b * dos.sb + h * dos.sh;
         float *dqb = dq + b * dqs.sb + h * dqs.sh;
@@ -226,11 +225,9 @@ int mb_attn_train_bwd(const float *q, strides_t qs, const float *k, strides_t ks
                 pr[r] = prow[r];
                 dsr[r] = dprow[r];
                 dqrow[r] = r < nr ? dqb + (i0 + r) * dqs.st : scratch;
-                if (r >= nr) lse_pad[r] = 0.0f;
             }
-            if (nr < R) memcpy(lse_pad, lse + bh * T + i0, sizeof(float) * (size_t)nr);
             rows_dot(qr, kt, T, D, n, prow);
-            probabilities(p, Tp, nr, i0, scale, nr == R ? lse + bh * T + i0 : lse_pad, NULL);
+            probabilities(p, Tp, nr, i0, scale, lse + bh * T + i0, NULL);
             rows_dot(gr, vt, T, D, n, dprow);
             for (int r = 0; r < R; r++) { /* ds = p * (dp - delta) * scale, kept in dp (zero where p is) */
                 const __m512 dl = _mm512_set1_ps(r < nr ? delta[i0 + r] : 0.0f), sc = _mm512_set1_ps(scale);
