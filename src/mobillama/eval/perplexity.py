@@ -123,3 +123,54 @@ def evaluate_perplexity(
         "perplexity": math.exp(loss),
         "bits_per_byte": total_nll / math.log(2) / n_bytes if n_bytes else None,
     }
+
+
+def windowed_perplexity(
+    model: torch.nn.Module,
+    ids: list[int],
+    *,
+    ctx: int = 512,
+    bos_id: int | None = None,
+    batch_size: int = 4,
+    max_windows: int | None = None,
+) -> dict:
+    """Perplexity of a token stream scored the way llama.cpp's ``llama-perplexity`` scores it.
+
+    The stream is cut into windows of ``ctx`` tokens (a tail shorter than a window is dropped); where the
+    tokenizer adds BOS (``bos_id``), each window's first token is replaced by it; only the second half of
+    each window is scored (positions ``ctx/2 .. ctx-2`` predicting the next token), so every scored token
+    has at least ``ctx/2`` tokens of context. Using the same cut and the same scored positions is what
+    makes the figure comparable with llama.cpp's on the same text. The ± is the standard error of the
+    mean token loss carried through ``exp`` (llama.cpp reports the same quantity).
+    """
+    if ctx < 4 or ctx % 2:
+        raise MobiLlamaError(f"context {ctx} must be an even number of at least 4 tokens")
+    n_windows = len(ids) // ctx
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows < 1:
+        raise MobiLlamaError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}")
+    rows = torch.tensor(ids[: n_windows * ctx], dtype=torch.long).reshape(n_windows, ctx)
+    if bos_id is not None:
+        rows[:, 0] = bos_id
+    first = ctx // 2
+    losses = []
+    param = next(model.parameters())
+    with torch.inference_mode():
+        for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", disable=None):
+            batch = rows[start : start + batch_size].to(param.device)
+            logits = model(batch)[:, first:-1].float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, first + 1 :].reshape(-1),
+                                  reduction="none")
+            losses.append(nll.cpu().double())
+    nll = torch.cat(losses)
+    mean = float(nll.mean())
+    stderr = float(nll.std(unbiased=True) / math.sqrt(nll.numel())) if nll.numel() > 1 else 0.0
+    return {
+        "perplexity": math.exp(mean),
+        "perplexity_stderr": math.exp(mean) * stderr,
+        "loss": mean,
+        "windows": n_windows,
+        "ctx": ctx,
+        "scored_tokens": int(nll.numel()),
+    }

@@ -1,0 +1,341 @@
+"""Import a llama.cpp GGUF file of the ``llama`` architecture (``mobillama convert from-gguf``).
+
+GGUF is how most small pretrained Llama-family models are shared for CPUs, and the one real pretrained
+model that installs offline here (SmolLM2-135M-Instruct) comes as GGUF only. The file is read with the
+``gguf`` package (the reader llama.cpp itself ships):
+
+- weights of every type the package can dequantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants, ...)
+  become float32; q/k rows are put back from GGML's interleaved RoPE layout to Hugging Face's
+  rotate-half layout (:func:`~mobillama.convert.to_gguf.unpermute_from_gguf`); a file without
+  ``output.weight`` has tied embeddings;
+- ``llama.*`` metadata becomes the model config (grouped-query heads, rope theta, RMS eps, context);
+- ``tokenizer.ggml.*`` becomes a Hugging Face tokenizer that tokenizes exactly as llama.cpp does
+  (:mod:`mobillama.convert.gguf_vocab`), with the chat template, special tokens and add-BOS/EOS flags.
+
+The rest (per-layer FFNs checked for identity, config validation, atomic write) is the Hugging Face
+importer's, so a GGUF file and the same model in Hugging Face format give the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mobillama.checkpoint import GENERATION_CONFIG_NAME, save_checkpoint
+from mobillama.convert.from_hf import DTYPES, ImportReport, _to_project
+from mobillama.convert.gguf_vocab import (
+    ADD_BOS_BY_DEFAULT,
+    backend_from_gguf_bpe,
+    spm_model_from_gguf,
+)
+from mobillama.convert.to_llama import llama_tensor_names
+from mobillama.errors import MobiLlamaError
+
+ARCH = "llama"
+GGUF_MAGIC = b"GGUF"
+
+
+class GGUFFile:
+    """A validated, memory-mapped GGUF file with typed metadata access (errors name the file and key)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise MobiLlamaError(f"GGUF file not found: {self.path}")
+        if not self.path.is_file():
+            raise MobiLlamaError(f"{self.path} is not a file (expected a .gguf file)")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != GGUF_MAGIC:
+            raise MobiLlamaError(f"{self.path}: not a GGUF file (it does not start with 'GGUF')")
+        try:
+            self.reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # struct/numpy/ValueError for cut or corrupt headers
+            raise MobiLlamaError(
+                f"{self.path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
+            ) from None
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+                raise MobiLlamaError(
+                    f"{self.path}: truncated: tensor {t.name!r} ends at byte {t.data_offset + t.n_bytes}, "
+                    f"the file has {size}"
+                )
+
+    def get(self, key: str, default: Any = None) -> Any:
+        field = self.reader.get_field(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as e:
+            raise MobiLlamaError(f"{self.path}: unreadable metadata {key!r} ({e})") from None
+
+    def require(self, key: str, kind: type | tuple[type, ...]) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise MobiLlamaError(f"{self.path}: missing GGUF metadata {key!r}")
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise MobiLlamaError(f"{self.path}: GGUF metadata {key!r} has unexpected value {value!r:.80}")
+        return value
+
+
+def import_gguf(
+    src: str | Path, out: str | Path, *, dtype: str | None = None, overwrite: bool = False
+) -> ImportReport:
+    """Convert the ``llama``-architecture GGUF file ``src`` into a project checkpoint at ``out``.
+
+    ``dtype`` ("float32", "bfloat16", "float16") casts the weights; the default float32 holds every
+    dequantized GGUF value exactly.
+    """
+    src, out = Path(src), Path(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise MobiLlamaError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if out.exists() and not overwrite:
+        raise MobiLlamaError(f"output {out} already exists (choose another path or remove it)")
+    gf = GGUFFile(src)
+    raw = hf_config_from_gguf(gf)
+    state = llama_state_from_gguf(gf, raw)
+    config, state, report = _to_project(raw, state, src, None, source=str(src), collapse_hint=False)
+    report.source_format = "gguf"
+    report.weight_files = [src.name]
+    types = sorted({t.tensor_type.name for t in gf.reader.tensors})
+    report.notices.append(f"dequantized {len(gf.reader.tensors)} tensors ({', '.join(types)}) to float32")
+
+    with tempfile.TemporaryDirectory(prefix="mobillama-gguf-tok-") as tok_dir:
+        extra: dict[str, dict] = {"conversion.json": {}}
+        vocab = write_tokenizer_from_gguf(gf, Path(tok_dir), report.notices)
+        if vocab is not None:
+            report.tokenizer_files = sorted(os.listdir(tok_dir))
+            stop = [config.eos_token_id, *[i for i in vocab["stop_ids"] if i != config.eos_token_id]]
+            extra[GENERATION_CONFIG_NAME] = {
+                "bos_token_id": config.bos_token_id,
+                "eos_token_id": stop if len(stop) > 1 else stop[0],
+            }
+        extra["conversion.json"] = report.to_dict()
+        save_checkpoint(
+            state,
+            config,
+            out,
+            tokenizer_dir=tok_dir if vocab is not None else None,
+            extra_files=extra,
+            overwrite=overwrite,
+            dtype=DTYPES[dtype] if dtype else None,
+        )
+    return report
+
+
+# --- config ----------------------------------------------------------------------------------------------
+
+
+def _one_per_model(gf: GGUFFile, key: str) -> int:
+    """An int field that some files store per layer (an array): all layers must agree."""
+    value = gf.get(key)
+    if isinstance(value, list):
+        if not value or any(v != value[0] for v in value):
+            raise MobiLlamaError(f"{gf.path}: {key} differs between layers, which is not supported")
+        value = value[0]
+    if value is None:
+        raise MobiLlamaError(f"{gf.path}: missing GGUF metadata {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MobiLlamaError(f"{gf.path}: GGUF metadata {key!r} has unexpected value {value!r:.80}")
+    return value
+
+
+def _float32_value(value: float) -> float:
+    """GGUF stores floats as float32: 1e-5 arrives as 9.99999974e-06; keep the decimal it was written as."""
+    return float(f"{float(value):.7g}")
+
+
+def hf_config_from_gguf(gf: GGUFFile) -> dict[str, Any]:
+    """The ``llama.*`` metadata as a Hugging Face Llama ``config.json`` mapping (checked)."""
+    arch = gf.get("general.architecture")
+    if arch != ARCH:
+        raise MobiLlamaError(
+            f"{gf.path}: architecture {arch!r} is not supported (only {ARCH!r}: Llama, SmolLM, TinyLlama, "
+            "Mistral-style dense models)"
+        )
+    if (gf.get(f"{ARCH}.expert_count") or 0) > 0:
+        raise MobiLlamaError(f"{gf.path}: mixture-of-experts models are not supported")
+    scaling = gf.get(f"{ARCH}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise MobiLlamaError(f"{gf.path}: RoPE scaling {scaling!r} is not supported (only plain RoPE)")
+    if any(t.name == "rope_freqs.weight" for t in gf.reader.tensors):
+        raise MobiLlamaError(f"{gf.path}: RoPE frequency factors (rope_freqs) are not supported")
+    hidden = gf.require(f"{ARCH}.embedding_length", int)
+    n_heads = _one_per_model(gf, f"{ARCH}.attention.head_count")
+    n_kv = _one_per_model(gf, f"{ARCH}.attention.head_count_kv") if gf.get(
+        f"{ARCH}.attention.head_count_kv"
+    ) is not None else n_heads
+    if n_heads <= 0 or hidden % n_heads:
+        raise MobiLlamaError(f"{gf.path}: embedding_length {hidden} is not divisible by head_count {n_heads}")
+    head_dim = hidden // n_heads
+    for key in (f"{ARCH}.rope.dimension_count", f"{ARCH}.attention.key_length", f"{ARCH}.attention.value_length"):
+        value = gf.get(key)
+        if value is not None and value != head_dim:
+            raise MobiLlamaError(
+                f"{gf.path}: {key} is {value}, but the head size is {head_dim}; partial rotary or "
+                "differently sized heads are not supported"
+            )
+    embd = next((t for t in gf.reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise MobiLlamaError(f"{gf.path}: missing tensor 'token_embd.weight'")
+    vocab = gf.get(f"{ARCH}.vocab_size") or int(embd.shape[-1])
+    names = {t.name for t in gf.reader.tensors}
+    raw: dict[str, Any] = {
+        "model_type": "llama",
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": _one_per_model(gf, f"{ARCH}.feed_forward_length"),
+        "num_hidden_layers": gf.require(f"{ARCH}.block_count", int),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "max_position_embeddings": gf.require(f"{ARCH}.context_length", int),
+        "rms_norm_eps": _float32_value(gf.require(f"{ARCH}.attention.layer_norm_rms_epsilon", (int, float))),
+        "rope_theta": _float32_value(gf.get(f"{ARCH}.rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in names,
+    }
+    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
+        value = gf.get(f"tokenizer.ggml.{name}")
+        if value is not None:
+            raw[key] = int(value)
+    return raw
+
+
+# --- tensors ---------------------------------------------------------------------------------------------
+
+
+def llama_state_from_gguf(gf: GGUFFile, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every tensor, dequantized to float32, under Hugging Face Llama names with q/k un-permuted."""
+    import gguf
+    from gguf.quants import dequantize
+
+    from mobillama.convert.to_gguf import unpermute_from_gguf
+
+    n_layers = raw["num_hidden_layers"]
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    llama_name = {name_map.get_name(k, try_suffixes=(".weight",)): k for k in llama_tensor_names(n_layers)}
+    state: dict[str, torch.Tensor] = {}
+    for t in tqdm(gf.reader.tensors, desc="dequantizing", unit="tensor", disable=None):
+        if t.name not in llama_name:
+            raise MobiLlamaError(f"{gf.path}: unexpected tensor {t.name!r} for a 'llama' model")
+        shape = [int(d) for d in reversed(t.shape.tolist())]  # GGUF lists dimensions innermost first
+        try:
+            array = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise MobiLlamaError(
+                f"{gf.path}: tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package "
+                "cannot dequantize"
+            ) from None
+        w = torch.from_numpy(np.array(array, dtype=np.float32)).reshape(shape)  # a writable copy
+        key = llama_name[t.name]
+        if key.endswith("self_attn.q_proj.weight"):
+            w = unpermute_from_gguf(w, raw["num_attention_heads"])
+        elif key.endswith("self_attn.k_proj.weight"):
+            w = unpermute_from_gguf(w, raw["num_key_value_heads"])
+        state[key] = w
+    return state
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------
+
+
+def write_tokenizer_from_gguf(gf: GGUFFile, out_dir: Path, notices: list[str]) -> dict[str, Any] | None:
+    """Write the file's tokenizer as Hugging Face tokenizer files into ``out_dir``.
+
+    Returns what the checkpoint needs beside the files (the ids generation stops at), or None, with a
+    notice, when the file carries no vocabulary.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    from mobillama.checkpoint import write_json
+    from mobillama.convert.from_hf import read_json_object
+    from mobillama.tokenizer import Tokenizer, sentencepiece_to_hf
+
+    model = gf.get("tokenizer.ggml.model")
+    if model in (None, "no_vocab"):
+        notices.append(f"{gf.path} has no vocabulary (tokenizer.ggml.model {model!r}): weights only")
+        return None
+    tokens = gf.require("tokenizer.ggml.tokens", list)
+    n = len(tokens)
+    types = gf.get("tokenizer.ggml.token_type") or [1] * n
+    if len(types) != n:
+        raise MobiLlamaError(f"{gf.path}: tokenizer.ggml.token_type has {len(types)} entries for {n} tokens")
+
+    def special_id(name: str) -> int | None:
+        value = gf.get(f"tokenizer.ggml.{name}_token_id")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n:
+            raise MobiLlamaError(f"{gf.path}: tokenizer.ggml.{name}_token_id {value!r} is not a token id")
+        return value
+
+    ids = {name: special_id(name) for name in ("bos", "eos", "unknown", "padding", "eot")}
+    text = {name: (tokens[i] if i is not None else None) for name, i in ids.items()}
+    pre = None
+    if model == "gpt2":
+        pre = gf.get("tokenizer.ggml.pre")
+        if pre is None:
+            pre = "default"
+            notices.append(f"{gf.path} names no pre-tokenizer: llama.cpp's 'default' split is used")
+        add_bos = bool(gf.get("tokenizer.ggml.add_bos_token", pre in ADD_BOS_BY_DEFAULT))
+        add_eos = bool(gf.get("tokenizer.ggml.add_eos_token", False))
+        merges = gf.require("tokenizer.ggml.merges", list)
+        backend = backend_from_gguf_bpe(
+            tokens, types, merges, pre, bos=text["bos"], eos=text["eos"], add_bos=add_bos, add_eos=add_eos
+        )
+        specials = {
+            "bos_token": text["bos"],
+            "eos_token": text["eos"],
+            "unk_token": text["unknown"],
+            "pad_token": text["padding"],
+        }
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            clean_up_tokenization_spaces=False,
+            **{k: v for k, v in specials.items() if v is not None},
+        )
+        tok = Tokenizer(hf, origin=str(gf.path))
+    elif model == "llama":
+        add_bos = bool(gf.get("tokenizer.ggml.add_bos_token", True))
+        add_eos = bool(gf.get("tokenizer.ggml.add_eos_token", False))
+        scores = gf.get("tokenizer.ggml.scores") or [0.0] * n
+        sp_bytes = spm_model_from_gguf(
+            tokens,
+            scores,
+            types,
+            unk=ids["unknown"],
+            bos=ids["bos"],
+            eos=ids["eos"],
+            pad=ids["padding"],
+            add_space_prefix=bool(gf.get("tokenizer.ggml.add_space_prefix", True)),
+        )
+        tok = Tokenizer(sentencepiece_to_hf(sp_bytes, str(gf.path)), origin=str(gf.path), sp_model=sp_bytes)
+        if text["padding"] is not None:
+            tok.hf.pad_token = text["padding"]
+    else:
+        raise MobiLlamaError(
+            f"{gf.path}: tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' or "
+            "SentencePiece 'llama')"
+        )
+    template = gf.get("tokenizer.chat_template")
+    if template is not None:
+        tok.hf.chat_template = template
+    elif model == "gpt2":
+        notices.append(f"{gf.path} has no chat template: chat uses the MobiLlama-Chat format")
+    tok.save_files(out_dir, metadata={"gguf": {"model": model, "pre": pre, "source": gf.path.name}})
+    # The add-BOS/EOS flags in the form transformers and this project read them.
+    config_path = out_dir / "tokenizer_config.json"
+    tok_config = read_json_object(config_path)
+    tok_config.update({"add_bos_token": add_bos, "add_eos_token": add_eos})
+    write_json(config_path, tok_config)
+    stop_ids = [i for i in (ids["eos"], ids["eot"]) if i is not None]
+    return {"stop_ids": list(dict.fromkeys(stop_ids))}
