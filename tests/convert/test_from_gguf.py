@@ -34,7 +34,10 @@ TEXTS = [
 def _checkpoint(tmp_path, rel, *, tie=False, sharing="all", bytelevel=False, seed=0):
     torch.manual_seed(seed)
     config = get_preset("micro").replace(
-        vocab_size=512 if bytelevel else 384, intermediate_size=128, tie_word_embeddings=tie, ffn_sharing=sharing
+        vocab_size=512 if bytelevel else 384,
+        intermediate_size=128,
+        tie_word_embeddings=tie,
+        ffn_sharing=sharing,
     )
     model = MobiLlama(config)
     with torch.no_grad():  # random norms and a larger scale make any layout mistake visible in the logits
@@ -118,7 +121,7 @@ def test_byte_level_vocabulary_keeps_pre_tokenizer_flags_and_template(tmp_path, 
         assert after.encode(text) == before.encode(text), text
         assert after.decode(after.encode(text)) == text
     assert after.encode("12345") == [after.encode(d)[0] for d in "12345"]  # one token per digit
-    assert after.encode("<|im_start|>user") [0] == 1  # control tokens are matched in prompts
+    assert after.encode("<|im_start|>user")[0] == 1  # control tokens are matched in prompts
     messages = [{"role": "user", "content": "hi"}]
     assert after.apply_chat_template(messages) == before.apply_chat_template(messages)
     cfg = json.loads((tmp_path / "back" / "tokenizer_config.json").read_text())
@@ -127,8 +130,14 @@ def test_byte_level_vocabulary_keeps_pre_tokenizer_flags_and_template(tmp_path, 
     # exported again, the file says the same things
     export_gguf(tmp_path / "back", tmp_path / "again.gguf")
     again = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "again.gguf").fields.items()}
-    for key in ("tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
-                "tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+    for key in (
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.chat_template",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.merges",
+        "tokenizer.ggml.token_type",
+    ):
         assert again[key] == fields[key], key
 
 

@@ -172,13 +172,19 @@ def hf_config_from_gguf(gf: GGUFFile) -> dict[str, Any]:
         raise MobiLlamaError(f"{gf.path}: RoPE frequency factors (rope_freqs) are not supported")
     hidden = gf.require(f"{ARCH}.embedding_length", int)
     n_heads = _one_per_model(gf, f"{ARCH}.attention.head_count")
-    n_kv = _one_per_model(gf, f"{ARCH}.attention.head_count_kv") if gf.get(
-        f"{ARCH}.attention.head_count_kv"
-    ) is not None else n_heads
+    n_kv = (
+        _one_per_model(gf, f"{ARCH}.attention.head_count_kv")
+        if gf.get(f"{ARCH}.attention.head_count_kv") is not None
+        else n_heads
+    )
     if n_heads <= 0 or hidden % n_heads:
         raise MobiLlamaError(f"{gf.path}: embedding_length {hidden} is not divisible by head_count {n_heads}")
     head_dim = hidden // n_heads
-    for key in (f"{ARCH}.rope.dimension_count", f"{ARCH}.attention.key_length", f"{ARCH}.attention.value_length"):
+    for key in (
+        f"{ARCH}.rope.dimension_count",
+        f"{ARCH}.attention.key_length",
+        f"{ARCH}.attention.value_length",
+    ):
         value = gf.get(key)
         if value is not None and value != head_dim:
             raise MobiLlamaError(

@@ -160,8 +160,9 @@ def windowed_perplexity(
         for start in tqdm(range(0, n_windows, batch_size), desc="perplexity", unit="batch", disable=None):
             batch = rows[start : start + batch_size].to(param.device)
             logits = model(batch)[:, first:-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, first + 1 :].reshape(-1),
-                                  reduction="none")
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch[:, first + 1 :].reshape(-1), reduction="none"
+            )
             losses.append(nll.cpu().double())
     nll = torch.cat(losses)
     mean = float(nll.mean())
