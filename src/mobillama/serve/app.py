@@ -649,7 +649,10 @@ class _API:
         images = []
         for param, url in urls:
             try:
-                images.append(await asyncio.to_thread(read_image_url, url, self.settings.max_image_bytes))
+                image = await asyncio.to_thread(
+                    read_image_url, url, self.settings.max_image_bytes, image_dir=self.settings.image_dir
+                )
+                images.append(image)
             except MobiLlamaError as e:
                 raise APIError(400, f"{param}: {e}", param=param, code="invalid_image") from None
         messages = req.rendered_messages(image_placeholder=IMAGE_PLACEHOLDER)
@@ -792,6 +795,7 @@ def create_app(
     The engine is ``app.state.engine`` (the CLI uses it to drain on SIGTERM).
     """
     settings = settings or ServeSettings()
+    HostPolicy(settings.host, tuple(settings.allowed_hosts))  # a bad allowed host fails here, not per request
     loader = (lambda: generator_or_loader) if _is_generator(generator_or_loader) else generator_or_loader
     engine = Engine(loader, max_concurrency=settings.max_concurrency, queue_size=settings.queue_size)
     api = _API(engine, settings)

@@ -22,6 +22,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from mobillama.errors import MobiLlamaError
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 ANY_HOST = "*"
@@ -81,7 +83,9 @@ class HostPolicy:
         extra = {split_host(h) for h in self.allowed_hosts if h.strip() != ANY_HOST}
         if None in extra:
             bad = next(h for h in self.allowed_hosts if h.strip() != ANY_HOST and split_host(h) is None)
-            raise ValueError(f"allowed host {bad!r} is not a host name or address (with an optional :PORT)")
+            raise MobiLlamaError(
+                f"allowed host {bad!r} is not a host name or address (with an optional :PORT)"
+            )
         object.__setattr__(self, "any_host", any(h.strip() == ANY_HOST for h in self.allowed_hosts))
         object.__setattr__(self, "own_names", frozenset(names))
         object.__setattr__(self, "extra", frozenset(extra))
