@@ -108,7 +108,8 @@ class ImageURL(BaseModel):
 
 
 class ImagePart(BaseModel):
-    """An image (MobiLlama-V checkpoints only): a base64 data URL or a local file path."""
+    """An image (MobiLlama-V checkpoints only): a base64 data URL, or a local file path when the server
+    has an image directory (see :func:`mobillama.serve.vision.read_image_url`)."""
 
     model_config = ConfigDict(extra="forbid")
 
