@@ -81,6 +81,13 @@ CASES = [
     ("two-prompts", COMP, {"prompt": ["a", "b"]}, 400, "prompt"),
     ("token-id-out-of-vocab", COMP, {"prompt": [5, 10**9]}, 400, "prompt"),
     ("invalid-utf8", CHAT, b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),
+    # bodies the JSON parser cannot take (more in test_security.py): 400, never a 500
+    ("deep-arrays", CHAT, b"[" * 5000, 400, None),
+    ("deep-objects", COMP, b'{"a":' * 100_000, 400, None),
+    ("float-overflow", CHAT, b'{"messages": [], "temperature": 1e999999}', 400, None),
+    ("nan", CHAT, b'{"messages": [], "temperature": NaN}', 400, None),
+    ("lone-surrogate", CHAT, b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, None),
+    ("seed-past-range", CHAT, {**OK_CHAT, "seed": 2**64}, 400, "seed"),
 ]
 
 

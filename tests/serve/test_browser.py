@@ -1,9 +1,13 @@
 """The chat page in a real headless Chromium (Debian's chromium + chromedriver, driven by selenium;
-nothing is downloaded): send a message, watch the reply stream in, stop it, keep the conversation."""
+nothing is downloaded): send a message, watch the reply stream in, stop it, keep the conversation. And
+what a page on another site, or a DNS-rebinding page, can do to the server from the same browser: run
+nothing and read nothing."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -12,9 +16,10 @@ import pytest
 
 from mobillama.generate import Generator
 
-from .conftest import live, wait_until
+from .conftest import FakeGenerator, live, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
+REBIND_NAME = "rebind.test"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 pytestmark = pytest.mark.skipif(
@@ -63,6 +68,7 @@ def browser(tmp_path):
         "--disable-sync",
         "--disable-dev-shm-usage",
         f"--user-data-dir={tmp_path / 'profile'}",
+        f"--host-resolver-rules=MAP {REBIND_NAME} 127.0.0.1",  # a DNS-rebinding name, without DNS
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -131,3 +137,65 @@ def test_page_shows_errors_from_the_server(browser, real_generator):
         browser.find_element(By.ID, "send").click()
         assert wait_until(lambda: bool(browser.find_elements(By.CSS_SELECTOR, ".msg.error")), 20)
         assert "incorrect API key" in browser.find_element(By.CSS_SELECTOR, ".msg.error").text
+
+
+ATTACK = """
+const [target, done] = arguments;
+const body = JSON.stringify({messages: [{role: "user", content: "hi"}], max_tokens: 3});
+const url = target + "/v1/chat/completions";
+const out = {};
+(async () => {
+  try {  // a CORS "simple request": no preflight, the browser sends it and hides the answer
+    out.simple = (await fetch(url, {method: "POST", body, mode: "no-cors"})).type;
+  } catch (e) { out.simple = "blocked"; }
+  try {  // JSON needs a preflight, which the server does not grant
+    out.json = await (await fetch(url, {method: "POST", body, headers: {"Content-Type": "application/json"}})).text();
+  } catch (e) { out.json = "blocked"; }
+  try { out.read = await (await fetch(target + "/v1/models")).text(); } catch (e) { out.read = "blocked"; }
+  const frame = document.createElement("iframe");  // a plain HTML form, posted into a hidden frame
+  frame.name = "sink";
+  document.body.appendChild(frame);
+  const form = document.createElement("form");
+  Object.assign(form, {method: "POST", action: url, enctype: "text/plain", target: "sink"});
+  const field = document.createElement("input");
+  Object.assign(field, {name: body.slice(0, -1) + ', "user": "', value: '"}'});  // body: {...,"user": "="}
+  form.appendChild(field);
+  document.body.appendChild(form);
+  form.submit();
+  done(out);
+})();
+"""
+
+
+def _chat_statuses(caplog) -> list[tuple[str, int]]:
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mobillama.serve.access"]
+    return [(r["method"], r["status"]) for r in records if r["path"] == "/v1/chat/completions"]
+
+
+def test_a_page_on_another_site_cannot_drive_the_server(browser, caplog):
+    caplog.set_level(logging.INFO, logger="mobillama.serve.access")
+    target = FakeGenerator()
+    with live(target) as s, live(FakeGenerator()) as other:
+        browser.get(other.url + "/")  # another origin (another port): the attacker's page
+        out = browser.execute_async_script(ATTACK, s.url)
+        assert out["json"] == "blocked" and out["read"] == "blocked", out
+        # the simple request and the form reached the server and were refused; the preflight too
+        assert wait_until(lambda: [m for m, _ in _chat_statuses(caplog)].count("POST") == 2, 10)
+        assert all(status in (403, 415) for _, status in _chat_statuses(caplog)), _chat_statuses(caplog)
+        assert target.started == []  # nothing was generated
+
+
+def test_a_dns_rebinding_page_is_refused(browser, caplog):
+    target = FakeGenerator()
+    with live(target) as s:
+        browser.get(f"http://{REBIND_NAME}:{s.port}/")  # the name now resolves to 127.0.0.1
+        assert "host_not_allowed" in browser.page_source
+        # from that page the server is "same-origin", so the browser would let it read the answers
+        out = browser.execute_async_script(
+            "const done = arguments[0];"
+            "fetch('/v1/models').then(r => r.text()).then(done, e => done('blocked'));"
+        )
+        assert "host_not_allowed" in out
+        assert target.started == []
+        browser.get(s.url + "/")  # the same server under its own address: the chat page
+        assert browser.title == "mobillama chat"

@@ -90,7 +90,7 @@ def test_access_log_is_json_without_prompts_by_default(caplog, log_prompts):
         body = {"messages": [{"role": "user", "content": "SECRET-PROMPT"}], "max_tokens": 4}
         assert httpx.post(s.url + "/v1/chat/completions", json=body).status_code == 200
         httpx.post(s.url + "/v1/completions", json={"prompt": "SECRET-2", "max_tokens": 2})
-        httpx.post(s.url + "/v1/completions", content=b"{bad")
+        httpx.post(s.url + "/v1/completions", content=b"{bad", headers={"Content-Type": "application/json"})
     records = _access_records(caplog)
     chat = next(r for r in records if r["path"] == "/v1/chat/completions")
     assert chat["method"] == "POST" and chat["status"] == 200

@@ -1,6 +1,7 @@
-"""Serving a MobiLlama-V checkpoint: image_url content parts (data URLs and local paths) answered as
-``chat_with_images`` answers them, through the engine's queue; bad images are one-line 400s and the
-server keeps serving; a text-only model refuses images."""
+"""Serving a MobiLlama-V checkpoint: image_url content parts (data URLs, and local paths inside the
+server's image directory) answered as ``chat_with_images`` answers them, through the engine's queue; bad
+images are one-line 400s and the server keeps serving; a text-only model refuses images. Local paths
+refused by default or outside the directory: tests/serve/test_security.py."""
 
 from __future__ import annotations
 
@@ -50,8 +51,10 @@ def ask(server, messages, **extra) -> httpx.Response:
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("vserve")
     vision, text = save_tiny_checkpoints(root, build_tokenizer())
-    draw_shape("red", "circle").save(root / "red.png")
-    return vision, text, root
+    images = root / "images"  # the server's --image-dir
+    images.mkdir()
+    draw_shape("red", "circle").save(images / "red.png")
+    return vision, text, images
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +65,7 @@ def direct(checkpoints):
 @pytest.fixture(scope="module")
 def server(checkpoints):
     generator = load_generator(checkpoints[0], dtype="fp32")
-    with live(generator, max_image_bytes=MAX_IMAGE_BYTES) as s:
+    with live(generator, max_image_bytes=MAX_IMAGE_BYTES, image_dir=str(checkpoints[2])) as s:
         yield s
 
 
@@ -157,9 +160,9 @@ def _bad_cases(root):
         ("not-image-media", [image_message(data_url(b"hello", "text/plain"))], "not an image type"),
         ("not-an-image", [image_message(data_url(b"hello world"))], "not a recognised image format"),
         ("unsupported-mode", [image_message(data_url(_deep_png()))], "unsupported mode 'I;16'"),
-        ("missing-file", [image_message(str(root / "missing.png"))], "image file not found"),
-        ("missing-file-url", [image_message(f"file://{root}/missing.png")], "image file not found"),
-        ("relative-path", [image_message("red.png")], "is not absolute"),
+        ("missing-file", [image_message(str(root / "missing.png"))], "image not found or not allowed"),
+        ("missing-file-url", [image_message(f"file://{root}/missing.png")], "image not found or not allowed"),
+        ("relative-path", [image_message("red.png")], "must be absolute"),
         ("huge-data-url", [image_message(big)], f"larger than the limit of {MAX_IMAGE_BYTES} bytes"),
         ("remote-url", [image_message("https://example.com/cat.png")], "remote image URLs are not fetched"),
         ("other-scheme", [image_message("ftp2://host/cat.png")], "unsupported image URL scheme"),
@@ -226,7 +229,7 @@ def test_image_requests_share_the_queue_limits(checkpoints):
 
     generator.iter_ids = gated
     messages = [image_message(str(checkpoints[2] / "red.png"))]
-    with live(generator, max_concurrency=1, queue_size=0) as s:
+    with live(generator, max_concurrency=1, queue_size=0, image_dir=str(checkpoints[2])) as s:
         first: list[httpx.Response] = []
         t = threading.Thread(target=lambda: first.append(ask(s, messages)))
         t.start()
@@ -276,3 +279,65 @@ def test_serve_cli_options_for_a_vision_checkpoint(checkpoints, monkeypatch):
     assert seen["settings"].max_body_bytes == 1_000_000
     with pytest.raises(MobiLlamaError, match="--bits: not supported for a MobiLlama-V checkpoint"):
         load_generator(vision, dtype="fp32", bits=8)
+
+
+# ---- local image paths: opt-in, inside --image-dir only, errors that reveal nothing about the host ----
+def _refusal(response: httpx.Response) -> str:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_image"
+    return error["message"]
+
+
+def test_local_paths_are_refused_by_default(checkpoints):
+    generator = load_generator(checkpoints[0], dtype="fp32")
+    path = checkpoints[2] / "red.png"
+    with live(generator) as s:  # no image_dir
+        for url in (str(path), f"file://{path}", str(checkpoints[2] / "missing.png"), "/etc/passwd"):
+            message = _refusal(ask(s, [image_message(url)]))
+            assert "local image paths are not enabled on this server" in message
+            assert str(checkpoints[2]) not in message and "/etc" not in message
+        good = ask(s, [image_message(data_url(path.read_bytes()))])  # data: URLs keep working
+        assert good.status_code == 200, good.text
+
+
+def test_paths_outside_the_image_dir_are_refused_alike(server, checkpoints, tmp_path):
+    images = checkpoints[2]
+    outside = tmp_path / "secret.png"
+    draw_shape("blue", "square").save(outside)
+    (images / "escape.png").unlink(missing_ok=True)
+    (images / "escape.png").symlink_to(outside)  # a link inside the directory to a file outside it
+    (images / "sub").mkdir(exist_ok=True)
+    urls = [
+        str(outside),  # exists, outside
+        str(tmp_path / "missing.png"),  # missing, outside
+        str(images / "missing.png"),  # missing, inside
+        str(images / "escape.png"),  # symlink escaping the directory
+        f"file://{images}/../{outside.parent.name}/secret.png",
+        f"{images}/../../{images.parent.name}/{images.name}/../images.png",
+        str(images / "sub"),  # a directory, not a file
+        str(images) + "/red.png\x00.txt",  # NUL byte
+        f"file://{images}/red%00.png",
+        "/etc/passwd",
+        "/",
+    ]
+    messages = {_refusal(ask(server, [image_message(url)])) for url in urls}
+    assert messages == {"messages.0.content.1.image_url.url: image not found or not allowed"}
+    # ... while a path inside it, and a symlink that stays inside it, work
+    (images / "inner-link.png").unlink(missing_ok=True)
+    (images / "inner-link.png").symlink_to(images / "red.png")
+    for url in (str(images / "red.png"), f"file://{images}/sub/../red.png", str(images / "inner-link.png")):
+        r = ask(server, [image_message(url)])
+        assert r.status_code == 200, (url, r.text)
+
+
+def test_image_file_errors_name_no_path(server, checkpoints):
+    images = checkpoints[2]
+    (images / "not-an-image.png").write_bytes(b"hello")
+    (images / "big.png").write_bytes(b"\0" * (MAX_IMAGE_BYTES + 1))
+    for name, fragment in [
+        ("not-an-image.png", "cannot read the image file (not a recognised image format)"),
+        ("big.png", f"larger than the limit of {MAX_IMAGE_BYTES} bytes"),
+    ]:
+        message = _refusal(ask(server, [image_message(str(images / name))]))
+        assert fragment in message and str(images) not in message and name not in message, message

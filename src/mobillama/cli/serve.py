@@ -15,7 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "non-loopback --host needs --api-key (or --insecure). Access log: one JSON line per request on "
         "stdout. SIGTERM drains: running requests get --shutdown-timeout seconds, then end with "
         "finish_reason 'abort'. A MobiLlama-V checkpoint (with vision_config.json) also takes "
-        "image_url content parts (base64 data URLs or local file paths) in chat messages.",
+        "image_url content parts (base64 data URLs; local file paths only under --image-dir) in chat "
+        "messages. Browser defences: requests whose Host is not this server's (DNS rebinding) get 421, "
+        "a foreign Origin 403, a body that is not application/json 415; no CORS headers are sent.",
     )
     p.add_argument(
         "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
@@ -31,6 +33,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "key out of the process list)",
     )
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="also answer requests whose Host header is HOST (a name or address, optionally HOST:PORT; "
+        "repeatable). Always answered: the --host address, localhost, 127.0.0.1 and [::1] with --port or "
+        "no port, and the address a connection arrived on. Any other Host is refused (421) so a web page "
+        "cannot reach the server through DNS rebinding. With --host 0.0.0.0 or :: the machine's names are "
+        "unknown: list them here; '*' accepts any Host and turns this protection off",
+    )
+    p.add_argument(
+        "--image-dir",
+        metavar="DIR",
+        help="MobiLlama-V: let image_url name local files (file:// URLs or absolute paths) whose real path, "
+        "symlinks resolved, lies inside DIR (default: local paths are refused; data: URLs always work)",
+    )
     p.add_argument("--max-concurrency", type=int, default=1, help="generations running at once (default 1)")
     p.add_argument(
         "--queue-size",
@@ -85,6 +104,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from mobillama.errors import MobiLlamaError
     from mobillama.serve.app import ServeSettings
+    from mobillama.serve.security import ANY_HOST, split_host
     from mobillama.serve.server import check_bind, load_generator, run_server
     from mobillama.vision.chat import is_vision_checkpoint
 
@@ -98,6 +118,16 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.shutdown_timeout < 0:
         raise MobiLlamaError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
     check_bind(args.host, args.api_key, args.insecure)  # before loading anything
+    for host in args.allowed_host:
+        if host.strip() != ANY_HOST and split_host(host) is None:
+            raise MobiLlamaError(
+                f"--allowed-host {host!r} is not a host name or address (with an optional :PORT)"
+            )
+    image_dir = None
+    if args.image_dir is not None:
+        if not os.path.isdir(args.image_dir):
+            raise MobiLlamaError(f"--image-dir: not a directory: {args.image_dir}")
+        image_dir = os.path.realpath(args.image_dir)
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_dir():
         raise MobiLlamaError(f"checkpoint not found: {checkpoint}")
@@ -119,6 +149,9 @@ def run_serve(args: argparse.Namespace) -> int:
         max_image_bytes=args.max_image_bytes,
         log_prompts=args.log_prompts,
         default_max_tokens=args.default_max_tokens,
+        host=args.host,
+        allowed_hosts=tuple(args.allowed_host),
+        image_dir=image_dir,
     )
     loader = partial(load_generator, checkpoint, dtype=args.dtype, bits=args.bits)
     run_server(

@@ -2,10 +2,15 @@
 
 Layers, outside in:
 
-- :class:`Gate` (a plain ASGI middleware, so it runs before any parsing): one JSON access-log line per
-  request, the bearer-key check (``hmac.compare_digest``, constant time) on ``/v1/*``, and the body size
-  limit (``Content-Length`` checked first, then the bytes actually received are counted).
-- the routes: bodies are decoded (strict UTF-8) and parsed here, then validated by the pydantic models
+- :class:`Gate` (a plain ASGI middleware, so it runs before any parsing and covers every route): one JSON
+  access-log line per request; the browser defences (a ``Host`` this server does not answer to is a 421,
+  against DNS rebinding; a foreign ``Origin`` is a 403; a body that is not ``application/json`` is a 415,
+  so no page can send a CORS "simple request" without a preflight, and no CORS header is ever sent, so
+  preflights fail); the bearer-key check (``hmac.compare_digest``, constant time) on ``/v1/*``; and the
+  body size limit (``Content-Length`` checked first, then the bytes actually received are counted).
+- the routes: bodies are decoded (strict UTF-8), checked for nesting depth (:data:`MAX_JSON_DEPTH`,
+  so the parser cannot hit Python's recursion limit) and parsed here (NaN/Infinity and non-finite numbers
+  refused, as in standard JSON), then validated by the pydantic models
   of :mod:`mobillama.serve.schemas`, so every failure is one OpenAI-style error object
   ``{"error": {"message", "type", "param", "code"}}``.
 - :class:`~mobillama.serve.engine.Engine`: worker threads that call the generation module.
@@ -27,12 +32,16 @@ import contextlib
 import hmac
 import json
 import logging
+import math
+import re
 import time
 import uuid
+from array import array
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from itertools import accumulate
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +53,7 @@ from mobillama.errors import MobiLlamaError
 from mobillama.generate import CHAT_STOP_STRINGS, SamplingParams
 from mobillama.serve.engine import Engine, Event, Job, NotReady, QueueFull
 from mobillama.serve.schemas import ChatCompletionRequest, CompletionRequest
+from mobillama.serve.security import HostPolicy, is_json, same_origin
 from mobillama.serve.vision import MAX_IMAGE_BYTES, MAX_IMAGES_PER_REQUEST, read_image_url
 
 access_log = logging.getLogger("mobillama.serve.access")
@@ -65,6 +75,9 @@ class ServeSettings:
     default_max_tokens: int = 256
     retry_after_s: int = 1
     max_image_bytes: int = MAX_IMAGE_BYTES  # per image (decoded data URL or file); vision models only
+    host: str = "127.0.0.1"  # the bound address: a Host header the server answers to
+    allowed_hosts: tuple[str, ...] = ()  # more Host names to answer to ("*": any; see serve.security)
+    image_dir: str | None = None  # local image paths are read only inside it (None: refused)
 
 
 class APIError(Exception):
@@ -93,7 +106,7 @@ class _ClientGone(Exception):
 
 
 # --------------------------------------------------------------------------------------------------
-# The gate: access log, API key, body size (before any parsing)
+# The gate: access log, browser defences, API key, body size (before any parsing)
 # --------------------------------------------------------------------------------------------------
 class Gate:
     """Pure ASGI middleware: see the module docstring. The body is read here (bounded) and replayed."""
@@ -102,6 +115,7 @@ class Gate:
         self.app = app
         self.settings = settings
         self.key = settings.api_key.encode() if settings.api_key else None
+        self.hosts = HostPolicy(settings.host, tuple(settings.allowed_hosts))
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -117,10 +131,14 @@ class Gate:
             await send(message)
 
         try:
-            error = self._authorize(scope)
+            headers = _headers(scope)
+            with_body = scope["method"] in ("POST", "PUT", "PATCH")
+            error = self._check_browser(scope, headers) or self._authorize(headers, scope["path"])
+            if error is None and with_body:
+                error = self._check_content_type(headers)
             body = b""
-            if error is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                body, error = await self._read_body(scope, receive)
+            if error is None and with_body:
+                body, error = await self._read_body(headers, receive)
             if error is not None:
                 await error.response()(scope, receive, logged_send)
                 return
@@ -131,10 +149,43 @@ class Gate:
         finally:
             self._log(scope, state, status["code"], time.perf_counter() - start)
 
-    def _authorize(self, scope) -> APIError | None:
-        if self.key is None or not scope["path"].startswith("/v1/"):
+    def _check_browser(self, scope, headers: dict[str, str]) -> APIError | None:
+        """421 for a Host this server does not answer to (DNS rebinding), 403 for a foreign Origin."""
+        host = headers.get("host")
+        if not self.hosts.allows(host, scope.get("server")):
+            return APIError(
+                421,
+                f"this server does not answer to the host {_shown(host)} (a web page may be trying to reach "
+                "it through DNS rebinding); start the server with --allowed-host NAME to accept that name",
+                code="host_not_allowed",
+            )
+        origin = headers.get("origin")
+        if origin is not None and not same_origin(origin, host):
+            return APIError(
+                403,
+                f"cross-origin request refused: origin {_shown(origin)} is not this server's own origin",
+                code="origin_not_allowed",
+            )
+        return None
+
+    @staticmethod
+    def _check_content_type(headers: dict[str, str]) -> APIError | None:
+        """415 unless the body is declared JSON: a cross-site page can send text/plain, form or multipart
+        bodies without a CORS preflight, but not application/json."""
+        content_type = headers.get("content-type")
+        if is_json(content_type):
             return None
-        header = dict(scope["headers"]).get(b"authorization", b"")
+        return APIError(
+            415,
+            "the request body must be JSON: send the header 'Content-Type: application/json' (got "
+            f"{_shown(content_type) if content_type is not None else 'none'})",
+            code="unsupported_media_type",
+        )
+
+    def _authorize(self, headers: dict[str, str], path: str) -> APIError | None:
+        if self.key is None or not path.startswith("/v1/"):
+            return None
+        header = headers.get("authorization", "").encode("latin-1")
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer" or not token.strip():
             return APIError(
@@ -149,12 +200,12 @@ class Gate:
             )
         return None
 
-    async def _read_body(self, scope, receive) -> tuple[bytes, APIError | None]:
+    async def _read_body(self, headers: dict[str, str], receive) -> tuple[bytes, APIError | None]:
         limit = self.settings.max_body_bytes
         too_large = APIError(
             413, f"request body is larger than the limit of {limit} bytes", code="request_too_large"
         )
-        declared = dict(scope["headers"]).get(b"content-length")
+        declared = headers.get("content-length")
         if declared is not None:
             try:
                 if int(declared) > limit:
@@ -188,6 +239,20 @@ class Gate:
         access_log.info(json.dumps(record, ensure_ascii=False))
 
 
+def _headers(scope) -> dict[str, str]:
+    """The request's headers by lower-case name (latin-1, as HTTP carries them; the first of repeats)."""
+    headers: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+    return headers
+
+
+def _shown(value: str | None, limit: int = 100) -> str:
+    """A client-sent header value quoted for an error message, cut to ``limit`` characters."""
+    value = value or ""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
 def _replay(body: bytes, receive):
     """A receive() that hands the already-read body to the app once, then the client's own events
     (so ``http.disconnect`` still reaches the app)."""
@@ -213,14 +278,32 @@ def _parse(body: bytes, model: type[BaseModel]) -> Any:
         raise APIError(
             400, f"request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding"
         ) from None
+    if _too_deep(body):
+        raise APIError(
+            400,
+            f"request body is nested more than {MAX_JSON_DEPTH} levels deep (arrays and objects)",
+            code="json_too_deep",
+        )
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise APIError(
             400,
             f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
             code="invalid_json",
         ) from None
+    except _BadNumber as e:
+        raise APIError(400, f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except ValueError:  # an integer past Python's digit limit for int()
+        raise APIError(400, "request body has a number with too many digits", code="invalid_json") from None
+    except RecursionError:  # a backstop: _too_deep should have refused it
+        raise APIError(400, "request body is nested too deeply", code="json_too_deep") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(data):
+        raise APIError(
+            400,
+            "request body has a string with an unpaired surrogate escape (such as \\ud800): not text",
+            code="invalid_encoding",
+        )
     if not isinstance(data, dict):
         raise APIError(
             400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json"
@@ -237,6 +320,59 @@ def _parse(body: bytes, model: type[BaseModel]) -> Any:
         extra = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
         message = first["msg"] if first["type"] != "extra_forbidden" else "unknown or unsupported parameter"
         raise APIError(400, f"{param}: {message}{extra}", param=param, code=first["type"]) from None
+
+
+MAX_JSON_DEPTH = 64  # far more than any request needs; far less than the parser's recursion limit
+# A JSON string in UTF-8 bytes (no multibyte character contains a '"' or '\\' byte).
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")  # +1 / -1 as signed bytes
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays/objects nest deeper than ``limit``, from the running count of brackets outside
+    strings. Not recursive, so a body of thousands of ``[`` is a 400 rather than the parser's
+    RecursionError; each step runs in C (the event loop is not held up by a body of a million
+    brackets), and a body with fewer brackets than the limit is not scanned at all."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    steps = _JSON_STRING.sub(b"", body).translate(_STEPS, _NOT_BRACKETS)
+    return max(accumulate(array("b", steps)), default=0) > limit
+
+
+class _BadNumber(ValueError):
+    """A number standard JSON does not have (NaN, Infinity) or that overflows a float (1e999999)."""
+
+
+def _refuse_constant(name: str) -> float:
+    raise _BadNumber(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadNumber(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is out of range")
+    return value
+
+
+def _has_lone_surrogate(data: Any) -> bool:
+    """Whether a parsed body holds a string with an unpaired surrogate (a ``\\ud800`` escape): not text,
+    and it would fail later when the string is encoded (tokenizer, log line)."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -513,7 +649,10 @@ class _API:
         images = []
         for param, url in urls:
             try:
-                images.append(await asyncio.to_thread(read_image_url, url, self.settings.max_image_bytes))
+                image = await asyncio.to_thread(
+                    read_image_url, url, self.settings.max_image_bytes, image_dir=self.settings.image_dir
+                )
+                images.append(image)
             except MobiLlamaError as e:
                 raise APIError(400, f"{param}: {e}", param=param, code="invalid_image") from None
         messages = req.rendered_messages(image_placeholder=IMAGE_PLACEHOLDER)
@@ -656,6 +795,7 @@ def create_app(
     The engine is ``app.state.engine`` (the CLI uses it to drain on SIGTERM).
     """
     settings = settings or ServeSettings()
+    HostPolicy(settings.host, tuple(settings.allowed_hosts))  # a bad allowed host fails here, not per request
     loader = (lambda: generator_or_loader) if _is_generator(generator_or_loader) else generator_or_loader
     engine = Engine(loader, max_concurrency=settings.max_concurrency, queue_size=settings.queue_size)
     api = _API(engine, settings)

@@ -40,7 +40,7 @@ class _Request(BaseModel):
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
     top_k: Annotated[StrictInt, Field(ge=0)] | None = None
     repetition_penalty: Annotated[Number, Field(gt=0)] | None = None
-    seed: StrictInt | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None  # torch's seed range
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
@@ -108,7 +108,8 @@ class ImageURL(BaseModel):
 
 
 class ImagePart(BaseModel):
-    """An image (MobiLlama-V checkpoints only): a base64 data URL or a local file path."""
+    """An image (MobiLlama-V checkpoints only): a base64 data URL, or a local file path when the server
+    has an image directory (see :func:`mobillama.serve.vision.read_image_url`)."""
 
     model_config = ConfigDict(extra="forbid")
 

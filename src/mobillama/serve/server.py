@@ -9,6 +9,7 @@ its partial text with the same finish reason. The process then exits with status
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -94,6 +95,8 @@ def run_server(
     import uvicorn
 
     check_bind(host, settings.api_key, insecure)
+    if settings.host != host:  # the Host check must know the address actually bound
+        settings = dataclasses.replace(settings, host=host)
     configure_logging()
     failure: list[BaseException] = []
 

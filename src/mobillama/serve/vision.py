@@ -8,14 +8,19 @@ requests wait in the same queue, under the same concurrency limit, as every othe
 shutdown) stops only after that generation. Stop strings are applied to the finished text;
 ``repetition_penalty`` is refused by the HTTP layer.
 
-Image URLs (:func:`read_image_url`): ``data:image/...;base64,...`` and local files (``file://`` URLs or
-absolute paths, read with the server's permissions). Remote URLs are refused: the server never fetches.
+Image URLs (:func:`read_image_url`): ``data:image/...;base64,...``, and local files (``file://`` URLs or
+absolute paths) only when the server was given an image directory (``--image-dir``) and only files whose
+real path (symlinks resolved) lies inside it: otherwise any client, or any web page able to reach the
+server, could read image files anywhere the server's user can. Errors about local paths never say whether
+a path exists, where it points or how large it is. Remote URLs are refused: the server never fetches.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import os
+import stat
 from collections.abc import Generator as PyGenerator
 from pathlib import Path
 from typing import Any
@@ -87,8 +92,21 @@ class VisionGenerator:
         return [Completion(text, answer.token_ids, reason, length, len(answer.token_ids))]
 
 
-def read_image_url(url: str, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS):
-    """An RGB Pillow image from an OpenAI ``image_url.url``; bad input is a one-line MobiLlamaError."""
+NO_LOCAL_PATHS = "local image paths are not enabled on this server (send a data: URL)"
+NOT_ALLOWED = "image not found or not allowed"
+
+
+def read_image_url(
+    url: str,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    image_dir: str | os.PathLike | None = None,
+):
+    """An RGB Pillow image from an OpenAI ``image_url.url``; bad input is a one-line MobiLlamaError.
+
+    A local path (``file://`` or absolute) is read only when ``image_dir`` is given and the path's real
+    location is inside it; every refusal of an existing or missing path is the same message.
+    """
     from mobillama.vision.data import decode_image
 
     too_big = f"the image is larger than the limit of {max_bytes} bytes"
@@ -113,24 +131,50 @@ def read_image_url(url: str, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int =
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme in ("http", "https", "ftp"):
-        raise MobiLlamaError("remote image URLs are not fetched; send a data: URL or a local file path")
+        raise MobiLlamaError("remote image URLs are not fetched; send a data: URL")
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise MobiLlamaError(f"file URL host {parts.netloc!r} is not this machine")
-        path = Path(unquote(parts.path))
+            raise MobiLlamaError("a file: URL must name this machine (file:///path)")
+        path = unquote(parts.path)
     elif url.startswith("/"):
-        path = Path(url)
+        path = url
     elif scheme:
-        raise MobiLlamaError(
-            f"unsupported image URL scheme {scheme!r} (use data:, file:// or an absolute path)"
-        )
+        raise MobiLlamaError(f"unsupported image URL scheme {scheme[:20]!r} (use data:)")
     else:
-        raise MobiLlamaError(f"image path {url!r} is not absolute")
-    if not path.is_file():
-        raise MobiLlamaError(f"image file not found: {path}")
-    if path.stat().st_size > max_bytes:
+        raise MobiLlamaError("an image path must be absolute")
+    if image_dir is None:
+        raise MobiLlamaError(NO_LOCAL_PATHS)
+    data = _read_inside(path, image_dir, max_bytes)
+    return decode_image(data, "", "the image file", max_pixels=max_pixels)
+
+
+def _read_inside(path: str, image_dir: str | os.PathLike, max_bytes: int) -> bytes:
+    """The bytes of the regular file ``path`` if its real path is inside ``image_dir``; any other case
+    (missing, outside, a symlink out, a directory, unreadable) is the one message :data:`NOT_ALLOWED`.
+    The file is opened once by its resolved path and checked through that descriptor."""
+    too_big = f"the image is larger than the limit of {max_bytes} bytes"
+    try:
+        root = os.path.realpath(image_dir)
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            raise MobiLlamaError(NOT_ALLOWED)
+        # O_NOFOLLOW: the real path has no link left, so a link put there since is refused;
+        # O_NONBLOCK: a FIFO cannot hold the open.
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise MobiLlamaError(NOT_ALLOWED)
+            if info.st_size > max_bytes:
+                raise MobiLlamaError(too_big)
+            data = f.read(max_bytes + 1)
+    except MobiLlamaError:
+        raise
+    except (OSError, ValueError):  # missing, no permission, a NUL in the path, another drive
+        raise MobiLlamaError(NOT_ALLOWED) from None
+    if len(data) > max_bytes:  # it grew since fstat
         raise MobiLlamaError(too_big)
-    return decode_image(path, "", f"image {path}", max_pixels=max_pixels)
+    return data
 
 
 __all__ = ["MAX_IMAGE_BYTES", "MAX_IMAGES_PER_REQUEST", "VisionGenerator", "read_image_url"]
