@@ -176,3 +176,32 @@ def test_a_quantized_checkpoint_missing_a_scale_is_a_one_line_error(tied_checkpo
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "missing tensor 'model.ffns.0.down_proj.scales'" in err
+
+
+def test_out_into_missing_nested_folders(checkpoint, tmp_path, capsys):
+    make_shards(tmp_path / "shards", checkpoint)
+    out = tmp_path / "reports" / "a" / "b" / "p.json"
+    assert main(["eval", str(checkpoint), "--perplexity", str(tmp_path / "shards"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text()) == json.loads(capsys.readouterr().out)
+    assert [p.name for p in out.parent.iterdir()] == ["p.json"]  # written atomically: no temporary left
+
+
+@pytest.mark.parametrize("perplexity", [True, False])
+def test_a_bad_out_path_fails_before_the_run(checkpoint, tmp_path, capsys, monkeypatch, perplexity):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the run started before --out was checked")
+
+    monkeypatch.setattr("mobillama.eval.perplexity.evaluate_perplexity", must_not_run)
+    monkeypatch.setattr("mobillama.eval.suites.run_suite", must_not_run)
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "a-dir").mkdir()
+    mode = ["--perplexity", str(tmp_path)] if perplexity else ["--tasks", "piqa", "--data-dir", str(tmp_path)]
+    for out, message in (
+        (tmp_path / "a-file" / "sub" / "r.json", f"{tmp_path / 'a-file'} is a file"),
+        (tmp_path / "a-dir", "is a directory"),
+        (tmp_path / "a-file", "already exists"),
+    ):
+        assert main(["eval", str(checkpoint), *mode, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "a-file").is_dir()
