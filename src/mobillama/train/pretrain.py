@@ -13,6 +13,7 @@ Run directory layout (docs/training.md)::
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,10 @@ def find_tokenizer_dir(data_dir: Path, manifest: dict[str, Any]) -> Path | None:
 
 
 def choose_tokenizer_dir(
-    data_dir: Path, manifest: dict[str, Any], init_from: str | Path | None, say=print
+    data_dir: Path,
+    manifest: dict[str, Any],
+    init_from: str | Path | None,
+    say: Callable[[str], None] = print,
 ) -> Path | None:
     """The tokenizer the run's checkpoints carry. Continuing from a checkpoint that has one: that one,
     unless the data names another of the same vocabulary size (then the data's, with a notice: the shards
