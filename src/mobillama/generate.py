@@ -247,6 +247,12 @@ class FastDecoder:
         self.gate_up_for_layer = [joined[id(f)] for f in self.ffn_for_layer]
         # RMS norm and silu(gate) * up as one kernel call each when activations are fp32.
         self.fused_elementwise = self.fused_attention and self.dtype == torch.float32
+        # A float LM head in another dtype than the activations: the head tied to the embedding table of
+        # a quantized model (bf16 table, fp32 activations from the int8/int4 kernels). The last position
+        # is cast to the head's dtype (a few KB) instead of the table to fp32 (twice its bytes, per step).
+        head = model.lm_head
+        head_dtype = head.weight.dtype if isinstance(head, torch.nn.Linear) else self.dtype
+        self.head_dtype = head_dtype if head_dtype != self.dtype else None
 
     # ---- request setup -------------------------------------------------------------------------
     def start(self, pad_lens: Sequence[int], total_len: int) -> None:
@@ -344,7 +350,13 @@ class FastDecoder:
         return self.ffn_for_layer[i].down_proj(act)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(self._norm(self.model.model.norm, x[:, -1:].contiguous()))[:, -1].float()
+        h = self._norm(self.model.model.norm, x[:, -1:].contiguous())
+        if self.head_dtype is None:
+            return self.model.lm_head(h)[:, -1].float()
+        # Matrix-vector product in the head's own dtype (bf16: PyTorch's kernel, as for a bf16 model).
+        off = self.head_dtype == torch.bfloat16 and self.device.type == "cpu" and not self.compiled
+        with _mkldnn_disabled() if off else contextlib.nullcontext():
+            return self.model.lm_head(h.to(self.head_dtype))[:, -1].float()
 
     def _decode_static(self, ids: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = self.model.model.embed_tokens(ids).to(self.dtype)
@@ -427,11 +439,15 @@ class FileRowEmbedding(torch.nn.Module):
 
 def serve_embedding_from_file(model: MobiLlama, checkpoint_dir: str | Path) -> bool:
     """Swap the input embedding for a :class:`FileRowEmbedding` when the checkpoint's table can be read
-    as is (same dtype, not tied to the LM head, CPU, Linux/macOS); returns whether it was swapped."""
+    as is (same dtype, not tied to the LM head, CPU, Linux/macOS); returns whether it was swapped.
+
+    A tied table is left in memory: the head reads all of it at every step anyway, and the head and the
+    embedding keep sharing that one tensor (reading rows from the file would save nothing)."""
     from mobillama.checkpoint import WEIGHTS_NAME, safetensors_location
 
     embed = model.model.embed_tokens
-    if model.config.tie_word_embeddings or embed.weight.device.type != "cpu" or not hasattr(os, "preadv"):
+    tied = model.config.tie_word_embeddings or getattr(model.lm_head, "weight", None) is embed.weight
+    if tied or embed.weight.device.type != "cpu" or not hasattr(os, "preadv"):
         return False
     file = Path(checkpoint_dir) / WEIGHTS_NAME
     where = safetensors_location(file, "model.embed_tokens.weight")

@@ -458,7 +458,7 @@ def quantize_checkpoint(
     ``quantization.json``; the safetensors file holds the packed weights and their scales, a shared
     FFN once. Returns a summary (bytes before/after, module counts).
     """
-    from mobillama.checkpoint import load_model, save_checkpoint
+    from mobillama.checkpoint import load_model, save_checkpoint, unique_state_dict
 
     _check_bits(bits, group_size)
     model = load_model(checkpoint, dtype=torch.float32)
@@ -468,9 +468,10 @@ def quantize_checkpoint(
     # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
     # stored in bf16, the compute dtype the quantized kernels use.
     qparams = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
+    # A tied LM head is the embedding table: unquantized and stored once (under the embedding's name).
     state = {
         k: v.to(torch.bfloat16) if v.is_floating_point() and k not in qparams else v
-        for k, v in model.state_dict().items()
+        for k, v in unique_state_dict(model.state_dict(), model.config).items()
     }
     save_checkpoint(
         state,
@@ -515,6 +516,12 @@ def load_quantized(
     unknown = [m for m in info["modules"] if m not in linears]
     if unknown:
         raise MobiLlamaError(f"{path / QUANT_FILE}: {unknown[0]!r} is not a Linear layer of this model")
+    if config.tie_word_embeddings and "lm_head" in info["modules"]:
+        # The tied head is the embedding table itself (stored once, unquantized), not a layer of its own.
+        raise MobiLlamaError(
+            f"{path / QUANT_FILE}: 'lm_head' is listed as quantized, but config.json ties it to the "
+            "embedding (tie_word_embeddings: true), which stays unquantized"
+        )
     for name in info["modules"]:
         linear = model.get_submodule(name)
         with torch.device("meta"):
@@ -545,11 +552,12 @@ def load_quantized(
     if extra:
         raise MobiLlamaError(f"{source}: unexpected tensor {extra[0]!r}")
     quantized_keys = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
-    # Copies, not views of the mapped file, except the embedding table (which inference may read from
-    # the file row by row instead): once the portable weights are repacked and freed, nothing keeps the
-    # file mapped, so the pages read while packing do not stay resident next to the packed copy.
+    # Copies, not views of the mapped file, except an untied embedding table (which inference may read
+    # from the file row by row instead): once the portable weights are repacked and freed, nothing keeps
+    # the file mapped, so the pages read while packing do not stay resident next to the packed copy. A
+    # tied table is the LM head too, read whole at every step: it is copied like the rest (held once).
     for key, tensor in state.items():
-        if key == "model.embed_tokens.weight":
+        if key == "model.embed_tokens.weight" and not config.tie_word_embeddings:
             state[key] = tensor.to(dtype)
         elif tensor.is_floating_point():
             state[key] = tensor.to(torch.float32 if key in quantized_keys else dtype, copy=True)

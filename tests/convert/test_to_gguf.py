@@ -259,6 +259,33 @@ def test_tied_embeddings_have_no_output_tensor(tmp_path):
     assert "token_embd.weight" in names and "output.weight" not in names  # llama.cpp then reuses token_embd
 
 
+@pytest.mark.parametrize("sharing", ["none", "all"])
+def test_a_tied_export_reads_back_as_a_tied_llama_with_the_same_logits(tmp_path, sharing):
+    """SmolLM2-like (tied, GQA): the file's weights in a stock tied LlamaForCausalLM (whose head is
+    its token embedding, as llama.cpp's fallback makes it) give the checkpoint's logits."""
+    from transformers import LlamaForCausalLM
+
+    from mobillama.convert import llama_config
+
+    torch.manual_seed(0)
+    config = get_preset("micro").replace(tie_word_embeddings=True, ffn_sharing=sharing)
+    model = MobiLlama(config).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(20)
+    save_checkpoint(model, config, tmp_path / "ckpt")
+    export_gguf(tmp_path / "ckpt", tmp_path / "m.gguf")
+    state = read_gguf_weights(tmp_path / "m.gguf")
+    assert "lm_head.weight" not in state
+    llama = LlamaForCausalLM(llama_config(config, torch.float32)).eval()
+    missing, unexpected = llama.load_state_dict(state, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    assert llama.lm_head.weight.data_ptr() == llama.model.embed_tokens.weight.data_ptr()
+    ids = torch.randint(0, config.vocab_size, (1, 9))
+    with torch.no_grad():
+        want, got = model(ids), llama(ids).logits
+    assert (got - want).abs().max().item() < 1e-2 * want.abs().max().item()  # f16 weights
+
+
 def test_failure_mid_write_leaves_nothing(tmp_path, ckpt, rel, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")

@@ -40,16 +40,22 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
     return out_dir
 
 
-def build_checkpoint(root: Path, *, max_len: int = 256, seed: int = 0, name: str = "ckpt") -> Path:
+def build_checkpoint(
+    root: Path, *, max_len: int = 256, seed: int = 0, name: str = "ckpt", embed_scale: float = 1.0, **changes
+) -> Path:
+    """``changes``: ModelConfig fields over the micro preset; ``embed_scale`` widens the embedding (and a
+    tied head's) spread beyond the 0.02 init, so the model has clear preferences to score."""
     from mobillama.checkpoint import save_checkpoint
     from mobillama.config import get_preset
     from mobillama.model import MobiLlama
 
     tok_dir = build_tokenizer(root / f"{name}-tok")
     vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    config = get_preset("micro").replace(vocab_size=max(vocab, 8), max_position_embeddings=max_len)
+    config = get_preset("micro").replace(vocab_size=max(vocab, 8), max_position_embeddings=max_len, **changes)
     torch.manual_seed(seed)
     model = MobiLlama(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(embed_scale)
     return save_checkpoint(model, config, root / name, tokenizer_dir=tok_dir)
 
 
@@ -62,3 +68,24 @@ def checkpoint(tmp_path_factory) -> Path:
 def short_checkpoint(tmp_path_factory) -> Path:
     """max_position_embeddings 24: long contexts must be left-truncated."""
     return build_checkpoint(tmp_path_factory.mktemp("eval-short"), max_len=24, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tied_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A SmolLM2-shaped tiny model (tied embeddings, GQA, one FFN per layer) in float ("float") and
+    quantized by ``mobillama quantize`` ("int8", "int4")."""
+    from mobillama.quant import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("eval-tied")
+    tied = build_checkpoint(
+        root,
+        name="float",
+        embed_scale=5.0,
+        tie_word_embeddings=True,
+        ffn_sharing="none",
+        intermediate_size=192,
+    )
+    out = {"float": tied}
+    for bits in (8, 4):
+        out[f"int{bits}"] = Path(quantize_checkpoint(tied, root / f"int{bits}", bits)["out"])
+    return out

@@ -198,3 +198,20 @@ def test_few_shot_sampling_is_deterministic_given_seed(checkpoint, data_dir):
     assert first == prompts(1)
     assert first != prompts(2)
     assert all(p.count("Question:") == 3 for p in first)  # two shots + the document itself
+
+
+def test_quick_task_on_a_quantized_checkpoint(tied_checkpoints, data_dir, tmp_path, capsys):
+    """A benchmark through the lm-eval model on an int8 checkpoint of a tied-embedding model, report
+    written into folders that do not exist yet."""
+    out = tmp_path / "runs" / "new" / "int8.json"
+    argv = ["eval", str(tied_checkpoints["int8"]), "--tasks", "piqa", "--data-dir", str(data_dir),
+            "--limit", "4", "--batch-size", "2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = load_report(out)
+    assert report["tasks"]["piqa"]["status"] == "ok" and report["tasks"]["piqa"]["n"] == 4
+    assert report["settings"]["quantization"] == {"bits": 8, "group_size": None}
+    assert out.with_suffix(".md").is_file() and "| piqa | ok |" in capsys.readouterr().out
+    float_report = suites.run_suite(
+        tied_checkpoints["float"], suites.get_tasks(["piqa"]), data_dir=data_dir, limit=4, batch_size=2
+    )
+    assert float_report["settings"]["quantization"] is None

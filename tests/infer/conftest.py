@@ -157,3 +157,41 @@ def held_out_blocks(tokenizer_dir) -> torch.Tensor:
 @pytest.fixture
 def ppl():
     return perplexity
+
+
+@pytest.fixture(scope="session")
+def tied_checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """Untrained tiny checkpoints shaped like SmolLM2 (tied embeddings, GQA) with the BPE tokenizer, one
+    per FFN sharing ("none": a plain Llama, "all": MobiLlama)."""
+    from mobillama.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("tied")
+    out = {}
+    for sharing in ("none", "all"):
+        torch.manual_seed(0)
+        config = get_preset("micro").replace(
+            intermediate_size=192, tie_word_embeddings=True, ffn_sharing=sharing, **BPE_CONFIG
+        )
+        model = MobiLlama(config)
+        with torch.no_grad():  # a larger logit spread than the 0.02 init, so greedy choices are clear-cut
+            model.model.embed_tokens.weight.mul_(20)
+        out[sharing] = save_checkpoint(model, config, root / f"tied-{sharing}", tokenizer_dir=tokenizer_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tied_quantized(tmp_path_factory, tied_checkpoints):
+    """``tied_quantized(sharing, bits)``: the tied checkpoint quantized (written once per session)."""
+    from mobillama.quant import quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("tied-q")
+    done: dict[tuple[str, int], Path] = {}
+
+    def get(sharing: str, bits: int) -> Path:
+        if (sharing, bits) not in done:
+            out = root / f"{sharing}-int{bits}"
+            quantize_checkpoint(tied_checkpoints[sharing], out, bits)
+            done[sharing, bits] = out
+        return done[sharing, bits]
+
+    return get

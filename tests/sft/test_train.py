@@ -381,3 +381,25 @@ def test_build_data_cli(tmp_path, capsys):
     assert "held-out" in capsys.readouterr().out
     first = json.loads((tmp_path / "d" / "heldout.jsonl").read_text().splitlines()[0])
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+
+
+def test_sft_takes_shape_and_tokenizer_from_a_tied_base(project_tokenizer, small_data, tmp_path):
+    """A SmolLM2-like base (tied embeddings, GQA, one FFN per layer): no shape is stated in the recipe;
+    the run's checkpoints keep the base's config, store the tied table once and carry its tokenizer."""
+    from mobillama.checkpoint import load_checkpoint, save_checkpoint
+    from mobillama.config import get_preset
+    from mobillama.model import MobiLlama
+
+    tok, tok_dir = project_tokenizer
+    config = get_preset("micro").replace(
+        vocab_size=tok.vocab_size, max_position_embeddings=256, num_hidden_layers=2, num_key_value_heads=1,
+        ffn_sharing="none", tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = save_checkpoint(MobiLlama(config), config, tmp_path / "tied-base", tokenizer_dir=tok_dir)
+    recipe = recipe_for(tmp_path, base, small_data, train={"max_steps": 2})
+    assert run_sft(recipe, say=lambda _m: None)["step"] == 2
+    final = tmp_path / "run" / "checkpoints" / "step-00000002"
+    trained_config, state = load_checkpoint(final)
+    assert trained_config == config and "lm_head.weight" not in state
+    assert (final / "tokenizer.json").is_file()

@@ -100,21 +100,23 @@ def run_eval(args: argparse.Namespace) -> int:
         raise MobiLlamaError(f"--limit must be a positive integer, got {args.limit}")
     if args.batch_size < 1:
         raise MobiLlamaError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise MobiLlamaError(f"output {args.out} already exists (pass --overwrite to replace it)")
+    if args.out:  # before the run: a path that cannot be written fails now, in one line
+        from mobillama.eval.report import prepare_out_path
+
+        prepare_out_path(args.out, overwrite=args.overwrite, with_markdown=not args.perplexity)
     if args.perplexity:
         import torch
 
+        from mobillama.checkpoint import write_json
         from mobillama.eval.perplexity import evaluate_perplexity
 
         result = evaluate_perplexity(
             args.checkpoint, args.perplexity, split=args.split, batch_size=args.batch_size, limit=args.limit,
             dtype=getattr(torch, args.dtype),
         )  # fmt: skip
-        text = json.dumps(result, indent=2)
         if args.out:
-            Path(args.out).write_text(text + "\n", encoding="utf-8")
-        print(text)
+            write_json(args.out, result)
+        print(json.dumps(result, indent=2))
         return 0
 
     from mobillama.eval.report import format_markdown, write_report

@@ -128,8 +128,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write a weight-only int8/int4 quantized checkpoint",
         description="Quantize a checkpoint's Linear layers (attention, the FFN(s), LM head) to int8 per "
         "output channel or int4 per group and write a checkpoint directory: safetensors with packed "
-        "weights and scales (a shared FFN stored once) plus quantization.json. 'mobillama generate', "
-        "'chat' and 'bench' load it directly.",
+        "weights and scales (a shared FFN stored once) plus quantization.json. An LM head tied to the "
+        "embedding stays unquantized and is stored once, as the embedding. 'mobillama generate', "
+        "'chat', 'bench' and 'eval' load it directly.",
     )
     q.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory to quantize")
     q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 (per channel) or 4 (per group)")

@@ -121,7 +121,7 @@ class MobiLlamaLM(TemplateLM):
         **_ignored,
     ) -> None:
         super().__init__()
-        from mobillama.checkpoint import load_model
+        from mobillama.eval.loading import load_eval_model
 
         if dtype not in _DTYPES:
             raise MobiLlamaError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -132,7 +132,8 @@ class MobiLlamaLM(TemplateLM):
             print(f"mobillama: device {device!r} not available, using cpu", file=sys.stderr)
             device = "cpu"
         self._device = torch.device(device or "cpu")
-        self.model = load_model(pretrained, dtype=_DTYPES[dtype], device=self._device)
+        # A quantized checkpoint is scored as quantized, through the loader generation uses.
+        self.model = load_eval_model(pretrained, dtype=_DTYPES[dtype], device=self._device)
         self.batch_size_per_gpu = _parse_batch_size(batch_size)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)

@@ -72,11 +72,14 @@ def evaluate_perplexity(
     limit: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict:
-    """Mean next-token loss (nats), perplexity, bits per byte and counts on ``split``."""
-    from mobillama.checkpoint import load_model
+    """Mean next-token loss (nats), perplexity, bits per byte and counts on ``split``.
+
+    A quantized checkpoint is scored as quantized (see :mod:`mobillama.eval.loading`).
+    """
+    from mobillama.eval.loading import load_eval_model, quantization_of
 
     manifest, arrays = read_split(data_dir, split)
-    model = load_model(checkpoint, dtype=dtype)
+    model = load_eval_model(checkpoint, dtype=dtype)
     vocab = model.config.vocab_size
     width = arrays[0].shape[1]
     if width - 1 > model.config.max_position_embeddings:
@@ -113,6 +116,7 @@ def evaluate_perplexity(
     loss = total_nll / total_tokens
     return {
         "checkpoint": str(checkpoint),
+        "quantization": quantization_of(checkpoint),
         "data_dir": str(data_dir),
         "split": split,
         "samples": int(len(rows)),

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
+from mobillama.checkpoint import write_json
 from mobillama.errors import MobiLlamaError
 from mobillama.eval import stats
 
@@ -143,15 +145,39 @@ def format_markdown(report: dict, label: str = "this checkpoint") -> str:
     return "\n".join(lines) + "\n"
 
 
+def prepare_out_path(out: str | Path, *, overwrite: bool = False, with_markdown: bool = True) -> Path:
+    """Check ``--out`` and create its missing parent folders *before* a run, so that a path that cannot
+    be written fails at once in one line instead of after hours of scoring."""
+    out = Path(out)
+    targets = [out, out.with_suffix(".md")] if with_markdown else [out]
+    for path in targets:
+        if path.is_dir():
+            raise MobiLlamaError(f"--out {out}: {path} is a directory; give a file name such as report.json")
+    if out.exists() and not overwrite:
+        raise MobiLlamaError(f"output {out} already exists (pass --overwrite to replace it)")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), parent)
+        raise MobiLlamaError(f"--out {out}: cannot create folder {parent}: {blocker} is a file") from None
+    except OSError as e:
+        raise MobiLlamaError(f"--out {out}: cannot create folder {parent} ({e.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MobiLlamaError(f"--out {out}: folder {parent} is not writable")
+    return out
+
+
 def write_report(report: dict, out: str | Path) -> tuple[Path, Path]:
-    """Write ``out`` (JSON) and the markdown table beside it (same name, ``.md``); atomic per file."""
+    """Write ``out`` (JSON) and the markdown table beside it (same name, ``.md``); atomic per file, and
+    parent folders are created."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = out.with_suffix(".md")
-    for path, text in ((out, json.dumps(report, indent=1) + "\n"), (md, format_markdown(report))):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+    write_json(out, report)
+    tmp = md.with_name(f".{md.name}.tmp-{os.getpid()}")
+    tmp.write_text(format_markdown(report), encoding="utf-8")
+    os.replace(tmp, md)
     return out, md
 
 

@@ -218,6 +218,7 @@ def run_suite(
     Every task appears in the report: evaluated ones with metrics, the others with a status and reason.
     """
     from mobillama.eval.data import DEFAULT_DATA_DIR
+    from mobillama.eval.loading import quantization_of
     from mobillama.eval.report import build_report
 
     if lm is None and not Path(checkpoint).is_dir():
@@ -245,7 +246,8 @@ def run_suite(
         raw=raw,
         statuses=statuses,
         settings={"limit": limit, "batch_size": batch_size, "seed": seed, "online": online,
-                  "data_dir": str(data_root) if data_root else None},
+                  "data_dir": str(data_root) if data_root else None,
+                  "quantization": quantization_of(checkpoint)},
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ Run directory layout (docs/training.md)::
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,38 @@ def find_tokenizer_dir(data_dir: Path, manifest: dict[str, Any]) -> Path | None:
     return None
 
 
+def choose_tokenizer_dir(
+    data_dir: Path,
+    manifest: dict[str, Any],
+    init_from: str | Path | None,
+    say: Callable[[str], None] = print,
+) -> Path | None:
+    """The tokenizer the run's checkpoints carry. Continuing from a checkpoint that has one: that one,
+    unless the data names another of the same vocabulary size (then the data's, with a notice: the shards
+    were encoded with it); another size is an error, since the ids would mean other tokens."""
+    data_tok = find_tokenizer_dir(data_dir, manifest)
+    ckpt = Path(init_from) if init_from else None
+    if ckpt is None or not any((ckpt / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        return data_tok
+    if data_tok is None:
+        return ckpt
+    from mobillama.tokenizer import load_tokenizer
+
+    theirs, ours = load_tokenizer(ckpt), load_tokenizer(data_tok)
+    if theirs.sha256 == ours.sha256:
+        return ckpt
+    if theirs.vocab_size != ours.vocab_size:
+        raise MobiLlamaError(
+            f"{data_dir}: the shards were made with a tokenizer of {ours.vocab_size} tokens ({data_tok}) but "
+            f"--init-from {ckpt} carries one of {theirs.vocab_size}: prepare the data with the checkpoint's"
+        )
+    say(
+        f"note: the data's tokenizer {data_tok} differs from --init-from {ckpt}'s (same vocab size "
+        f"{ours.vocab_size}); the run's checkpoints carry the data's"
+    )
+    return data_tok
+
+
 def run_pretrain(
     recipe: Recipe, *, resume: str | None = None, init_from: str | None = None, say=print
 ) -> dict[str, Any]:
@@ -58,7 +91,17 @@ def run_pretrain(
     init_from = init_from or recipe.model.init_from
     ctx = init_distributed(recipe.train.strategy, recipe.train.device)
     try:
-        config = recipe.model_config()
+        if init_from:  # continued training: the shape is the checkpoint's, not the recipe's preset
+            config = recipe.init_model_config(init_from)
+            if ctx.is_main:
+                say(
+                    f"model: shape from --init-from {init_from} ({config.num_hidden_layers}L/"
+                    f"{config.hidden_size}h, ffn_sharing={config.ffn_sharing}, tie_word_embeddings="
+                    f"{config.tie_word_embeddings}); recipe preset {recipe.model.preset!r} not used"
+                )
+            recipe.model.init_from = str(init_from)  # the run directory's recipe.yaml reproduces the run
+        else:
+            config = recipe.model_config()
         data_dir = Path(recipe.data.path)
         train_split = TokenSplit(data_dir, recipe.data.train_split, verify=recipe.data.verify_hashes)
         check_vocab(train_split, config.vocab_size)
@@ -75,6 +118,9 @@ def run_pretrain(
                 say(f"note: validation split has only {len(val_split)} samples; no evaluation")
                 val_split = None
         accum = grad_accumulation(recipe, seq_len, ctx.world_size)
+        tokenizer_dir = choose_tokenizer_dir(
+            data_dir, train_split.manifest, init_from, say if ctx.is_main else (lambda _: None)
+        )
 
         torch.manual_seed(recipe.train.seed)
         model = MobiLlama(config)
@@ -115,6 +161,7 @@ def run_pretrain(
                 "train_samples": len(train_split),
             },
             "init_from": str(init_from) if init_from else None,
+            "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None,
             "world_size": ctx.world_size,
             "strategy": ctx.strategy,
             "grad_accum": accum,
@@ -140,7 +187,7 @@ def run_pretrain(
             val_batches=val,
             loss_fn=loss_fn,
             flops_per_token=flops_per_token(config, seq_len),
-            tokenizer_dir=find_tokenizer_dir(data_dir, train_split.manifest),
+            tokenizer_dir=tokenizer_dir,
             extra_state={"lineage": lineage},
             say=say,
         )

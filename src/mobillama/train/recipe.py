@@ -199,6 +199,35 @@ class Recipe:
         base.update(self.model.overrides)
         return ModelConfig.from_dict(base, source="recipe key 'model.overrides'", strict=True)
 
+    def init_model_config(self, init_from: str | Path):
+        """The ModelConfig when training continues from a checkpoint (``--init-from``/``model.init_from``):
+        the checkpoint's own config.json, so its shape never has to be copied into the recipe.
+
+        ``model.preset`` is not used then. A ``model.overrides`` field that contradicts the checkpoint is an
+        error naming the field (weights of one shape cannot train as another); one that agrees is fine.
+        """
+        from mobillama.checkpoint import CONFIG_NAME
+        from mobillama.config import ModelConfig
+
+        path = Path(init_from)
+        if not path.exists():
+            raise MobiLlamaError(f"--init-from: checkpoint not found: {path}")
+        if not (path / CONFIG_NAME).is_file():
+            raise MobiLlamaError(f"--init-from {path} is not a checkpoint directory (no {CONFIG_NAME})")
+        if (path / "quantization.json").is_file():
+            raise MobiLlamaError(
+                f"--init-from {path} is a quantized checkpoint; training needs the full-precision one"
+            )
+        config = ModelConfig.load(path / CONFIG_NAME)
+        stated = config.to_dict()
+        for key, value in self.model.overrides.items():
+            if stated[key] != value:
+                raise MobiLlamaError(
+                    f"recipe key 'model.overrides.{key}' is {value!r} but --init-from {path} has {key} "
+                    f"{stated[key]!r}: the model's shape comes from the checkpoint (drop the override)"
+                )
+        return config
+
 
 # --- strict (de)serialisation ---------------------------------------------------------------------------
 

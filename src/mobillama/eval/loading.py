@@ -1,0 +1,47 @@
+"""The model that evaluation scores: a plain or a quantized checkpoint, through the inference loaders.
+
+Benchmarks (``harness``) and perplexity load the same way, so a quantized checkpoint (``mobillama
+quantize``: ``quantization.json`` beside the weights) is scored exactly as ``generate`` runs it:
+:func:`mobillama.quant.load_quantized`, with the CPU kernels chosen as there (``auto``). On another
+device the quantized layers stay in their portable form and run the dequantizing reference path there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mobillama.errors import MobiLlamaError
+
+
+def load_eval_model(
+    checkpoint: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """A model in eval mode on ``device``; ``dtype`` is the activations' (and float weights') dtype.
+
+    Quantized layers keep their int8/int4 weights (scored as quantized, not re-expanded); everything else
+    is loaded as :func:`mobillama.checkpoint.load_model` does.
+    """
+    from mobillama import quant
+    from mobillama.checkpoint import load_model
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise MobiLlamaError(f"checkpoint not found: {path}")
+    if not (path.is_dir() and quant.is_quantized_checkpoint(path)):
+        return load_model(path, dtype=dtype, device=device)
+    device = torch.device(device)
+    model = quant.load_quantized(path, dtype=dtype, pack=device.type == "cpu")
+    return model.to(device).eval()
+
+
+def quantization_of(checkpoint: str | Path) -> dict | None:
+    """``bits``/``group_size`` of a quantized checkpoint (for reports), None for a plain one."""
+    from mobillama import quant
+
+    if not (Path(checkpoint).is_dir() and quant.is_quantized_checkpoint(checkpoint)):
+        return None
+    info = quant.read_quantization(checkpoint)
+    return {"bits": info["bits"], "group_size": info["group_size"]}

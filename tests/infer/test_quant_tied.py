@@ -1,0 +1,230 @@
+"""Quantized models with tied embeddings (SmolLM2-like: the LM head is the embedding table).
+
+The head stays unquantized, stored once in the checkpoint and held once in memory, in the checkpoint's
+float dtype; the decode path runs it in that dtype whatever the activations' dtype. Greedy output is
+checked against the *dequantized-float* model: the same numbers held as plain float weights.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mobillama import generate, kernels, quant
+from mobillama.cli import main
+from mobillama.errors import MobiLlamaError
+from mobillama.generate import FastDecoder, FileRowEmbedding, Generator, SamplingParams, load_for_inference
+from mobillama.model import MobiLlama
+
+PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42]]  # two rows of different length: the batch is left-padded
+PARAMS = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+VNNI = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
+
+
+def dequantized_float(qdir, dtype: torch.dtype = torch.bfloat16) -> MobiLlama:
+    """The quantized checkpoint's numbers as a float model: every quantized layer becomes an nn.Linear
+    holding its dequantized weight in ``dtype``; the tied table is loaded as stored."""
+    model = quant.load_quantized(
+        qdir, dtype=dtype, int8_kernel="reference", int4_kernel="reference", pack=False
+    )
+    for name in model.quantization["modules"]:
+        layer = model.get_submodule(name)
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=False)
+        linear.weight = nn.Parameter(layer.dequantize().to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    return model.eval()
+
+
+def prefill_logits(model: MobiLlama) -> torch.Tensor:
+    decoder = FastDecoder(model)
+    decoder.start([0], 8)
+    return decoder.prefill(torch.tensor([PROMPTS[0]]))
+
+
+def tokens(model: MobiLlama) -> list[list[int]]:
+    return [c.token_ids for c in Generator(model).generate_ids(PROMPTS, PARAMS)]
+
+
+@pytest.mark.parametrize("sharing", ["none", "all"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_tied_matrix_is_stored_once_and_held_once(tied_checkpoints, tied_quantized, sharing, bits):
+    qdir = tied_quantized(sharing, bits)
+    with safe_open(str(qdir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())  # noqa: SIM118
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16  # unquantized, bf16
+        stored = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in keys)
+    assert not [k for k in keys if k.startswith("lm_head.")]
+    assert keys.count("model.embed_tokens.weight") == 1
+    info = json.loads((qdir / "quantization.json").read_text())
+    assert "lm_head" not in info["modules"] and "model.layers.0.self_attn.q_proj" in info["modules"]
+    model = load_for_inference(qdir)
+    embed = model.model.embed_tokens
+    assert not isinstance(embed, FileRowEmbedding)  # the head needs the whole table in memory anyway
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is embed.weight
+    assert embed.weight.dtype == torch.bfloat16
+    # the summary counts the table once too (what the file holds)
+    summary = quant.quantize_checkpoint(
+        tied_checkpoints[sharing], qdir.parent / f"again-{sharing}{bits}", bits
+    )
+    assert summary["bytes_after"] == stored
+
+
+@pytest.mark.parametrize("sharing", ["none", "all"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_reference_kernel_equals_the_dequantized_float_model_exactly(tied_quantized, sharing, bits):
+    qdir = tied_quantized(sharing, bits)
+    q = load_for_inference(qdir, int8_kernel="reference", int4_kernel="reference")
+    ref = dequantized_float(qdir)
+    assert torch.equal(prefill_logits(q), prefill_logits(ref))
+    assert tokens(q) == tokens(ref)
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("sharing", ["none", "all"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_default_kernels_stay_close_to_the_dequantized_float_model(tied_quantized, sharing, bits):
+    """Default kernels quantize activations (fbgemm int8, vnni) or compute in bf16 (stock int4): the
+    logits differ a little: measured on a 2-core AVX2 CPU (fbgemm int8, stock int4, bf16) at most 0.25%
+    of the largest logit; the bound is four times that."""
+    qdir = tied_quantized(sharing, bits)
+    q = load_for_inference(qdir)
+    ref = dequantized_float(qdir)
+    err = _relative_error(prefill_logits(q), prefill_logits(ref))
+    print(f"int{bits} sharing {sharing}: max logit error {err:.4f} of the largest logit")
+    assert err < 0.01
+    out = Generator(q).generate_ids(PROMPTS, PARAMS)
+    assert [c.completion_tokens for c in out] == [8, 8]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fp32_activations_with_a_bf16_tied_head(tied_quantized, monkeypatch, bits):
+    """Where the project's int8/int4 kernels run, activations are fp32 while the tied table stays bf16:
+    this used to fail with 'expected m1 and m2 to have the same dtype' in the head. Forced here on any
+    CPU (the reference kernel computes in the activations' dtype)."""
+    qdir = tied_quantized("none", bits)
+    ref = dequantized_float(qdir, torch.float32)
+    ref.lm_head.weight = ref.model.embed_tokens.weight = nn.Parameter(
+        ref.model.embed_tokens.weight.to(torch.bfloat16).float(), requires_grad=False
+    )
+    monkeypatch.setattr(generate, "_compute_dtype", lambda model: torch.float32)
+    q = load_for_inference(qdir, int8_kernel="reference", int4_kernel="reference")
+    decoder = FastDecoder(q)
+    assert decoder.dtype == torch.float32 and decoder.head_dtype == torch.bfloat16
+    # the only difference to the fp32 float model: the last hidden state rounded to bf16 for the head
+    err = _relative_error(prefill_logits(q), prefill_logits(ref))
+    print(f"int{bits} fp32 activations, bf16 head: max logit error {err:.4f} of the largest logit")
+    assert err < 0.02
+    assert [c.completion_tokens for c in Generator(q).generate_ids(PROMPTS, PARAMS)] == [8, 8]
+
+
+@VNNI
+@pytest.mark.parametrize("bits", [8, 4])
+def test_vnni_kernels_with_a_tied_head(tied_quantized, bits):
+    """The real case on an AVX-512 VNNI CPU (not measured on the development machine, which lacks it:
+    the bound allows for int8 activations per token, ten times fbgemm's measured 0.25%)."""
+    qdir = tied_quantized("none", bits)
+    q = load_for_inference(qdir, int8_kernel="vnni", int4_kernel="vnni")
+    assert FastDecoder(q).head_dtype == torch.bfloat16
+    err = _relative_error(prefill_logits(q), prefill_logits(dequantized_float(qdir, torch.float32)))
+    assert err < 0.025
+    assert [c.completion_tokens for c in Generator(q).generate_ids(PROMPTS, PARAMS)] == [8, 8]
+
+
+@pytest.mark.parametrize("bits", ["8", "4"])
+def test_on_the_fly_quantization_of_a_tied_checkpoint(tied_checkpoints, bits, capsys):
+    args = ["generate", str(tied_checkpoints["none"]), "--prompt", "def", "--max-new-tokens", "4", "--json"]
+    assert main([*args, "--bits", bits]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["completion_tokens"] >= 1
+    model = load_for_inference(tied_checkpoints["none"], bits=int(bits))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("kernel", ["auto", "reference"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cli_generate_chat_bench_and_info_on_a_tied_quantized_checkpoint(
+    tied_quantized, bits, kernel, capsys, monkeypatch
+):
+    qdir = str(tied_quantized("all", bits))
+    kernels_ = ["--int8-kernel", kernel, "--int4-kernel", kernel]
+    assert main(["generate", qdir, "--prompt", "def", "--max-new-tokens", "4", "--json", *kernels_]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["completion_tokens"] >= 1
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nbye\n/exit\n"))
+    assert main(["chat", qdir, "--max-new-tokens", "3", "--seed", "0", *kernels_]) == 0
+    assert capsys.readouterr().out.count(">>> ") == 3
+    bench = ["bench", qdir, "--prompt-len", "8", "--new-tokens", "3", "--no-roofline", "--json", *kernels_]
+    assert main(bench) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bits"] == bits and result["decode_tok_s"] > 0
+    assert main(["info", qdir, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["parameters"]["lm_head"] == 0 and report["config"]["tie_word_embeddings"] is True
+
+
+def test_chat_function_on_a_tied_quantized_model(tied_quantized, tokenizer_dir):
+    from mobillama.chat import chat_loop
+    from mobillama.generate import load_checkpoint_tokenizer
+
+    qdir = tied_quantized("none", 4)
+    generator = Generator(load_for_inference(qdir), load_checkpoint_tokenizer(qdir))
+    out = io.StringIO()
+    history = chat_loop(generator, SamplingParams(max_new_tokens=4, seed=0), io.StringIO("hi\n"), out)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+
+
+def test_a_tied_float_checkpoint_keeps_one_table_in_memory(tied_checkpoints):
+    for dtype in ("fp32", "bf16"):
+        model = load_for_inference(tied_checkpoints["none"], dtype=dtype)
+        assert not isinstance(model.model.embed_tokens, FileRowEmbedding)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert not generate.serve_embedding_from_file(model, tied_checkpoints["none"])
+        assert [c.completion_tokens for c in Generator(model).generate_ids(PROMPTS, PARAMS)] == [8, 8]
+
+
+def _edit(qdir, tmp_path, edit_weights=None, edit_info=None):
+    import shutil
+
+    copy = tmp_path / "q"
+    shutil.copytree(qdir, copy)
+    if edit_weights:
+        state = load_file(copy / "model.safetensors")
+        edit_weights(state)
+        save_file(state, copy / "model.safetensors")
+    if edit_info:
+        info = json.loads((copy / "quantization.json").read_text())
+        edit_info(info)
+        (copy / "quantization.json").write_text(json.dumps(info))
+    return copy
+
+
+def test_bad_tied_quantized_checkpoints_are_one_line_errors(tied_quantized, tmp_path, capsys):
+    qdir = tied_quantized("none", 8)
+    bad = _edit(qdir, tmp_path, edit_weights=lambda s: s.pop("model.layers.1.self_attn.k_proj.scales"))
+    with pytest.raises(MobiLlamaError, match="missing tensor 'model.layers.1.self_attn.k_proj.scales'"):
+        load_for_inference(bad)
+    assert main(["generate", str(bad), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "k_proj.scales" in err
+    import shutil
+
+    shutil.rmtree(bad)
+    bad = _edit(qdir, tmp_path, edit_info=lambda i: i["modules"].append("lm_head"))
+    with pytest.raises(MobiLlamaError, match="'lm_head' is listed as quantized.*ties it to the embedding"):
+        load_for_inference(bad)
+    shutil.rmtree(bad)
+    bad = _edit(
+        qdir,
+        tmp_path,
+        edit_weights=lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}),
+    )
+    with pytest.raises(MobiLlamaError, match="unexpected tensor 'lm_head.weight'"):
+        load_for_inference(bad)
