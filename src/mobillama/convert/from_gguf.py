@@ -89,12 +89,18 @@ class GGUFFile:
 
 
 def import_gguf(
-    src: str | Path, out: str | Path, *, dtype: str | None = None, overwrite: bool = False
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    source_name: str | None = None,
 ) -> ImportReport:
     """Convert the ``llama``-architecture GGUF file ``src`` into a project checkpoint at ``out``.
 
     ``dtype`` ("float32", "bfloat16", "float16") casts the weights; the default float32 holds every
-    dequantized GGUF value exactly.
+    dequantized GGUF value exactly. ``source_name`` is what the lineage records as the source (default:
+    the file's path).
     """
     src, out = Path(src), Path(out)
     if dtype is not None and dtype not in DTYPES:
@@ -105,7 +111,7 @@ def import_gguf(
     raw = hf_config_from_gguf(gf)
     state = llama_state_from_gguf(gf, raw)
     config, state, report = _to_project(raw, state, src, None, source=str(src), collapse_hint=False)
-    report.source_format = "gguf"
+    report.source, report.source_format = source_name or str(src), "gguf"
     report.weight_files = [src.name]
     types = sorted({t.tensor_type.name for t in gf.reader.tensors})
     report.notices.append(f"dequantized {len(gf.reader.tensors)} tensors ({', '.join(types)}) to float32")
