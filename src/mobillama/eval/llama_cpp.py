@@ -55,7 +55,7 @@ def tokenize(gguf_file: str | Path, text: str, *, add_bos: bool = False, parse_s
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as f:
         f.write(text)
     try:
-        args = [str(tool("llama-tokenize")), "-m", str(gguf_file), "-f", f.name, "--ids", "--log-disable"]
+        args = [str(tool("llama-tokenize")), "-m", str(gguf_file), "-f", f.name, "--ids", "--log-disable", "--no-escape"]
         if not add_bos:
             args.append("--no-bos")
         if not parse_special:
