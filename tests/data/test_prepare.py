@@ -150,13 +150,15 @@ def test_validation_split_is_by_whole_document(tmp_path, text_corpus, tokenizer_
 
 def test_dtype_is_uint16_when_the_vocab_fits_else_uint32(tmp_path):
     from tokenizers import Tokenizer as Backend
-    from tokenizers import models, pre_tokenizers
+    from tokenizers import models, pre_tokenizers, processors
 
     assert shard_dtype(65536) == np.uint16 and shard_dtype(65537) == np.uint32
     # a word-level tokenizer with 70k words: ids above 65535 must survive in the shards
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(70000)}}
     backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    # Llama's convention: the post-processor puts <s> first, so documents are framed <s> ... </s>
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "in.txt").write_text("w5 w69999 w65536 " * 40)
     out = tmp_path / "shards"
