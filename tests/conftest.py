@@ -114,3 +114,44 @@ def smol_checkpoint(tmp_path_factory, smol_tokenizer_dir) -> Path:
 def smol_builders():
     """The builders themselves, for tests that need a variant (another template, a checkpoint elsewhere)."""
     return {"tokenizer": build_smol_tokenizer, "checkpoint": build_smol_checkpoint}
+
+
+class ScriptedDecoder:
+    """Stands in for a Generator's FastDecoder: every row's logits pick the next id of ``script`` (greedy),
+    and the prompts it was given are recorded, so stop handling is tested without a trained model."""
+
+    def __init__(self, script: list[int], vocab: int) -> None:
+        self.script, self.vocab = script, vocab
+        self.device = torch.device("cpu")
+        self.prompts: list[list[int]] = []
+        self.step = 0
+
+    def start(self, pad_lens, total_len: int) -> None:
+        self.step = 0
+
+    def _logits(self, batch: int) -> torch.Tensor:
+        logits = torch.zeros(batch, self.vocab)
+        logits[:, self.script[min(self.step, len(self.script) - 1)]] = 100.0  # wins even when sampling
+        self.step += 1
+        return logits
+
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        self.prompts += ids.tolist()
+        return self._logits(ids.shape[0])
+
+    def decode(self, token: torch.Tensor, slot: int) -> torch.Tensor:
+        return self._logits(token.shape[0])
+
+
+@pytest.fixture
+def scripted_generator():
+    """Factory: a real Generator over ``model`` and ``tokenizer`` whose decoder emits ``script`` (greedy);
+    ``generator.decoder.prompts`` records the prompt ids it was given."""
+    from mobillama.generate import Generator
+
+    def make(model, tokenizer, script: list[int]) -> Generator:
+        generator = Generator(model, tokenizer)
+        generator.decoder = ScriptedDecoder(script, model.config.vocab_size)
+        return generator
+
+    return make

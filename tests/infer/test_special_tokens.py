@@ -8,7 +8,6 @@ import io
 import json
 
 import pytest
-import torch
 
 from mobillama.chat import chat_loop, fit_history
 from mobillama.generate import (
@@ -23,44 +22,18 @@ from mobillama.generate import (
 IM_START, IM_END, END_OF_TEXT = 1, 2, 0
 
 
-class ScriptedDecoder:
-    """Stands in for the FastDecoder: every row's logits pick the next id of ``script`` (greedy), and the
-    prompts it was given are recorded, so stop handling is tested without a trained model."""
-
-    def __init__(self, script: list[int], vocab: int) -> None:
-        self.script, self.vocab = script, vocab
-        self.device = torch.device("cpu")
-        self.prompts: list[list[int]] = []
-        self.step = 0
-
-    def start(self, pad_lens, total_len: int) -> None:
-        self.step = 0
-
-    def _logits(self, batch: int) -> torch.Tensor:
-        logits = torch.zeros(batch, self.vocab)
-        logits[:, self.script[min(self.step, len(self.script) - 1)]] = 1.0
-        self.step += 1
-        return logits
-
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        self.prompts += ids.tolist()
-        return self._logits(ids.shape[0])
-
-    def decode(self, token: torch.Tensor, slot: int) -> torch.Tensor:
-        return self._logits(token.shape[0])
-
-
 @pytest.fixture(scope="module")
 def smol(smol_checkpoint):
     model = load_for_inference(smol_checkpoint, dtype="fp32")
     return model, load_checkpoint_tokenizer(smol_checkpoint)
 
 
-def scripted(smol, script: list[int]) -> Generator:
-    model, tok = smol
-    gen = Generator(model, tok)
-    gen.decoder = ScriptedDecoder(script, model.config.vocab_size)
-    return gen
+@pytest.fixture
+def scripted(scripted_generator):
+    def make(smol, script: list[int]) -> Generator:
+        return scripted_generator(*smol, script)
+
+    return make
 
 
 def test_plain_prompts_get_no_bos_for_a_chatml_tokenizer_and_bos_for_a_project_one(smol, tiny_checkpoint):
@@ -83,7 +56,7 @@ def test_a_rendered_chat_prompt_starts_with_exactly_one_im_start(smol):
     assert tok.decode(ids).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
 
 
-def test_generation_stops_at_im_end_and_does_not_show_it(smol):
+def test_generation_stops_at_im_end_and_does_not_show_it(smol, scripted):
     _, tok = smol
     hello, more = tok.encode("Hello there"), tok.encode(" and more")
     gen = scripted(smol, [*hello, IM_END, *more])
@@ -100,21 +73,21 @@ def test_generation_stops_at_im_end_and_does_not_show_it(smol):
     assert free.finish_reason == "length" and free.token_ids[len(hello)] == IM_END
 
 
-def test_generation_config_eos_ids_stop_generation(smol_tokenizer_dir, smol_builders, tmp_path):
+def test_generation_config_eos_ids_stop_generation(
+    smol_tokenizer_dir, smol_builders, scripted_generator, tmp_path
+):
     ckpt = smol_builders["checkpoint"](tmp_path / "ckpt", smol_tokenizer_dir)
     config = json.loads((ckpt / "generation_config.json").read_text())
     (ckpt / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [IM_END, 7]}))
     tok = load_checkpoint_tokenizer(ckpt)
     assert 7 in tok.stop_ids
-    model = load_for_inference(ckpt, dtype="fp32")
-    gen = Generator(model, tok)
     hello = tok.encode("Hello")
-    gen.decoder = ScriptedDecoder([*hello, 7, *hello], model.config.vocab_size)
+    gen = scripted_generator(load_for_inference(ckpt, dtype="fp32"), tok, [*hello, 7, *hello])
     out = gen.generate("hi", SamplingParams(max_new_tokens=10))[0]
     assert (out.token_ids, out.finish_reason) == (hello, "stop")
 
 
-def test_chat_loop_with_chatml_stops_at_im_end_without_the_mobillama_stop_string(smol):
+def test_chat_loop_with_chatml_stops_at_im_end_without_the_mobillama_stop_string(smol, scripted):
     _, tok = smol
     assert chat_stop_strings(tok) == () and CHAT_STOP_STRINGS[0] == "### Human:"
     # "### Human:" is ordinary text for a ChatML model: the reply keeps it and ends at <|im_end|>
