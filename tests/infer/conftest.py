@@ -89,7 +89,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator([stdlib_text(TRAIN_FILES)], trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])  # Llama's
+    # Llama's convention: <s> in front of text (what decides BOS for prompts, see mobillama.tokenizer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     out = tmp_path_factory.mktemp("tokenizer")
     PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
