@@ -136,7 +136,7 @@ def direct_peer(checkpoint: Path, n: int, max_tokens: int, threads: int | None) 
     """Tokens/s of the same generation called in-process, one request at a time (no HTTP)."""
     import torch
 
-    from mobillama.generate import CHAT_STOP_STRINGS, SamplingParams
+    from mobillama.generate import SamplingParams, chat_stop_strings
     from mobillama.serve.server import load_generator
 
     if threads:
@@ -146,8 +146,9 @@ def direct_peer(checkpoint: Path, n: int, max_tokens: int, threads: int | None) 
     tokens, start = 0, time.perf_counter()
     for i in range(n):
         messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
-        ids = tok.encode(tok.apply_chat_template(messages), add_bos=True)
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=0.7, seed=i, stop=CHAT_STOP_STRINGS)
+        ids = tok.encode_prompt(tok.apply_chat_template(messages))  # as the server encodes it
+        stop = chat_stop_strings(tok)
+        params = SamplingParams(max_new_tokens=max_tokens, temperature=0.7, seed=i, stop=stop)
         tokens += generator.generate_ids([ids], params)[0].completion_tokens
     return tokens / (time.perf_counter() - start)
 

@@ -22,6 +22,8 @@ from mobillama.tokenizer import (
     BYTE_TOKENS,
     DEFAULT_SYSTEM_PROMPT,
     MOBILLAMA_CHAT_TEMPLATE,
+    conventions,
+    encode_prompt,
     load_tokenizer,
     train_tokenizer,
 )
@@ -209,6 +211,7 @@ def test_sentencepiece_tokenizer_saves_to_an_auto_tokenizer_directory(sp_model_p
     assert (tmp_path / "tok" / "tokenizer.model").read_bytes() == sp_model_path.read_bytes()
     auto = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert auto(TRICKY[0]).input_ids == tok.encode(TRICKY[0], add_bos=True)
+    assert tok.add_bos and tok.encode_prompt(TRICKY[0]) == auto(TRICKY[0]).input_ids
     reloaded = load_tokenizer(tmp_path / "tok")
     assert reloaded.sha256 == tok.sha256
     only_model = tmp_path / "only"
@@ -248,6 +251,94 @@ def test_a_tokenizer_without_bos_and_eos_is_usable_but_cannot_separate_documents
     with pytest.raises(MobiLlamaError, match="has no EOS token"):
         tok.encode("a", add_eos=True)
     (tmp_path / "in.txt").write_text("a b " * 100)
-    with pytest.raises(MobiLlamaError, match="needs BOS and EOS tokens"):
+    with pytest.raises(MobiLlamaError, match="token to separate documents"):
         prepare_corpus([tmp_path / "in.txt"], tmp_path / "tokenizer.json", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ---- special-token conventions: the project's (Llama) and SmolLM2's (GPT-2 byte level, ChatML) ---------------
+def test_a_project_tokenizer_puts_bos_before_prompts_once_and_stops_at_eos(trained):
+    tok, _ = trained
+    assert tok.add_bos and tok.end_of_text_id == tok.eos_id == 2 and tok.stop_ids == (2,)
+    assert tok.encode_prompt("hello") == [1, *tok.encode("hello")]
+    assert tok.encode_prompt("<s>hello") == tok.encode("<s>hello")  # already there: not a second one
+    assert tok.uses_mobillama_chat
+    prompt = tok.encode_prompt(tok.apply_chat_template([{"role": "user", "content": "hi"}]))
+    assert prompt[0] == 1 and prompt.count(1) == 1
+
+
+def test_a_template_that_writes_bos_itself_gets_no_second_bos(trained):
+    tok, out = trained
+    llama2 = "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}"
+    again = load_tokenizer(out)
+    again.hf.chat_template = llama2
+    ids = again.encode_prompt(again.apply_chat_template([{"role": "user", "content": "hi"}]))
+    assert ids[0] == 1 and ids.count(1) == 1 and not again.uses_mobillama_chat
+
+
+def test_a_smollm2_style_tokenizer_adds_no_bos_and_separates_with_endoftext(smol_tokenizer_dir):
+    tok = load_tokenizer(smol_tokenizer_dir)
+    assert (tok.bos_id, tok.eos_id, tok.end_of_text_id) == (1, 2, 0)
+    assert not tok.add_bos and not tok.uses_mobillama_chat
+    assert tok.stop_ids == (2, 0)  # <|im_end|> (EOS and end of turn), <|endoftext|> (end of a document)
+    assert tok.encode_prompt("hello world") == tok.encode("hello world")
+    text = tok.apply_chat_template([{"role": "user", "content": "hello"}])
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok.encode_prompt(text)
+    assert ids[0] == 1 and ids[1] != 1 and ids.count(1) == 3  # one <|im_start|> per turn, none doubled
+    # a bare transformers tokenizer of the same directory gets the same rules (the vision and eval code)
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(smol_tokenizer_dir))
+    assert conventions(auto) == tok.conventions and encode_prompt(auto, text) == ids
+
+
+def test_the_convention_survives_save_and_the_post_processor_decides_without_a_config(
+    smol_tokenizer_dir, tmp_path
+):
+    tok = load_tokenizer(smol_tokenizer_dir)
+    tok.save(tmp_path / "saved")  # transformers drops add_bos_token when saving; save() writes it back
+    config = json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())
+    assert config["add_bos_token"] is False and not load_tokenizer(tmp_path / "saved").add_bos
+    # no config field: a ByteLevel post-processor adds no BOS, Llama's TemplateProcessing does
+    assert not load_tokenizer(smol_tokenizer_dir / "tokenizer.json").add_bos
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import processors
+
+    backend = Backend.from_file(str(smol_tokenizer_dir / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
+    )
+    backend.save(str(tmp_path / "with_bos.json"))
+    with_bos = load_tokenizer(tmp_path / "with_bos.json")
+    with_bos.hf.bos_token = "<|im_start|>"
+    from mobillama.tokenizer import derive_conventions
+
+    assert derive_conventions(with_bos.hf).add_bos
+
+
+def test_generation_config_eos_ids_are_stop_ids(smol_tokenizer_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(smol_tokenizer_dir, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5, 99999]}))
+    assert load_tokenizer(tmp_path / "ckpt").stop_ids == (2, 0, 5)  # ids outside the vocabulary are dropped
+    (tmp_path / "ckpt" / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert load_tokenizer(tmp_path / "ckpt").stop_ids == (2, 0, 7)
+
+
+@pytest.mark.parametrize(
+    "template, message",
+    [
+        ("{{ raise_exception('Conversation roles must alternate user/assistant') }}", "roles must alternate"),
+        ("{% for m in messages %}{{ m['content'] }", "chat template"),
+        ("{{ messages[5]['content'] + 1 }}", "chat template"),
+    ],
+)
+def test_a_template_that_fails_is_one_line_error(smol_tokenizer_dir, template, message):
+    tok = load_tokenizer(smol_tokenizer_dir)
+    tok.hf.chat_template = template
+    with pytest.raises(MobiLlamaError, match=message) as e:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert "\n" not in str(e.value) and str(e.value).startswith("the chat template failed")

@@ -7,8 +7,10 @@ vision model's generate does not stream), and the same context guard with the im
 The loop reads lines from any text stream and writes to any text stream, so it runs the same in a
 terminal and in a test that feeds stdin. The prompt is rendered by the tokenizer's
 ``apply_chat_template`` (the MobiLlama-Chat "### Human / ### Assistant" format unless the tokenizer
-carries its own template). When the conversation no longer fits the context with room for the reply,
-the oldest turns are dropped, with a notice.
+carries its own template) and tokenized with the tokenizer's BOS rule (a ChatML prompt that begins with
+``<|im_start|>`` gets no BOS in front); the reply ends at the tokenizer's stop tokens, and at the
+"### Human:" stop string only for the MobiLlama-Chat template. When the conversation no longer fits the
+context with room for the reply, the oldest turns are dropped, with a notice.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import CHAT_STOP_STRINGS, Generator, SamplingParams
+from mobillama.generate import Generator, SamplingParams, chat_stop_strings
+from mobillama.tokenizer import encode_prompt
 
 HELP = "commands: /reset clears the conversation, /exit quits"
 VISION_HELP = "commands: /image PATH switches the image (and clears the conversation), /reset, /exit"
@@ -35,7 +38,7 @@ def fit_history(
     tok = generator.tokenizer
 
     def render(messages: list[dict[str, str]]) -> tuple[list[int], int]:
-        ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_bos=True)
+        ids = encode_prompt(tok, tok.apply_chat_template(messages, add_generation_prompt=True))
         return ids, len(ids)
 
     return _drop_oldest_until_fits(history, system, render, generator.context - room)
@@ -109,11 +112,17 @@ def chat_loop(
     prompt: str = ">>> ",
 ) -> list[dict[str, str]]:
     """Run the chat until ``/exit`` or end of input; returns the final history."""
-    params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop, *CHAT_STOP_STRINGS))))
+    extra = chat_stop_strings(generator.tokenizer)
+    params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop, *extra))))
     history: list[dict[str, str]] = []
     for message in _user_messages(stdin, stdout, prompt, HELP, history):
         history.append({"role": "user", "content": message})
-        ids, dropped = fit_history(generator, history, system, room=params.max_new_tokens)
+        try:
+            ids, dropped = fit_history(generator, history, system, room=params.max_new_tokens)
+        except MobiLlamaError as e:  # the chat template refused the conversation
+            history.pop()
+            print(f"[{e}; not sent]", file=stdout)
+            continue
         if dropped:
             print(f"[context full: dropped the {dropped} oldest message(s)]", file=stdout)
         if ids is None:
@@ -168,7 +177,7 @@ def vision_chat_loop(
     from mobillama.vision.chat import generate_from_ids
     from mobillama.vision.data import read_image_file
 
-    stops = tuple(dict.fromkeys((*params.stop, *CHAT_STOP_STRINGS)))
+    stops = tuple(dict.fromkeys((*params.stop, *chat_stop_strings(tokenizer))))
     history: list[dict[str, str]] = []
     current = {"image": image}
 

@@ -34,11 +34,25 @@ import torch.nn.functional as F
 from mobillama import kernels, quant
 from mobillama.errors import MobiLlamaError
 from mobillama.model import MobiLlama, rope_cos_sin, rotate_half
-from mobillama.tokenizer import DEFAULT_SYSTEM_PROMPT, render_chat
+from mobillama.tokenizer import (
+    DEFAULT_SYSTEM_PROMPT,
+    encode_prompt,
+    is_mobillama_template,
+    render_chat,
+    stop_ids,
+)
 
 # The MobiLlama-Chat prompt format (REFERENCE.md section 3) is defined once, in mobillama.tokenizer.
 MOBILLAMA_CHAT_SYSTEM = DEFAULT_SYSTEM_PROMPT
 CHAT_STOP_STRINGS = ("### Human:",)
+
+
+def chat_stop_strings(tokenizer: Any) -> tuple[str, ...]:
+    """The stop strings a chat adds: MobiLlama-Chat's ``### Human:`` only for a tokenizer whose template is
+    MobiLlama-Chat (or that has none, and so is rendered with it). A ChatML model ends its turn with a
+    stop token instead, and "### Human:" may be ordinary text in its answer."""
+    template = getattr(getattr(tokenizer, "hf", tokenizer), "chat_template", None)
+    return CHAT_STOP_STRINGS if is_mobillama_template(template) else ()
 
 
 def render_mobillama_chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -51,13 +65,20 @@ def render_mobillama_chat(messages: Sequence[dict[str, str]], add_generation_pro
 
 
 class TokenizerLike(Protocol):
-    """The part of ``mobillama.tokenizer.Tokenizer`` generation uses (the data stage's contract)."""
+    """The part of ``mobillama.tokenizer.Tokenizer`` generation uses (the data stage's contract).
+
+    ``encode_prompt`` and ``stop_ids`` may be missing from a minimal stand-in: prompts then get BOS and
+    generation stops at ``eos_id`` (see :func:`mobillama.tokenizer.encode_prompt`).
+    """
 
     eos_id: int
     bos_id: int
     pad_id: int | None
+    stop_ids: tuple[int, ...]
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]: ...
+
+    def encode_prompt(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -77,7 +98,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    stop_at_eos: bool = True
+    stop_at_eos: bool = True  # stop at the tokenizer's stop tokens (EOS, end of turn, ...)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -118,7 +139,7 @@ class SamplingParams:
 
 @dataclass
 class Completion:
-    """One prompt's result. ``finish_reason`` is "stop" (EOS or a stop string) or "length"."""
+    """One prompt's result. ``finish_reason`` is "stop" (a stop token or string) or "length"."""
 
     text: str
     token_ids: list[int]
@@ -474,7 +495,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
-    generated: int = 0  # tokens produced, EOS included (ids excludes it)
+    generated: int = 0  # tokens produced, the stop token included (ids excludes it)
     finish_reason: str | None = None
 
 
@@ -504,7 +525,9 @@ class Generator:
         self.context = model.config.max_position_embeddings
 
     # ---- input checks --------------------------------------------------------------------------
-    def encode_prompts(self, prompts: str | Sequence[str], add_bos: bool = True) -> list[list[int]]:
+    def encode_prompts(self, prompts: str | Sequence[str], add_bos: bool | None = None) -> list[list[int]]:
+        """Token ids of text prompts. ``add_bos=None`` follows the tokenizer's rule (BOS only where it adds
+        one to plain text, never twice, see :func:`mobillama.tokenizer.encode_prompt`); True/False force it."""
         if self.tokenizer is None:
             raise MobiLlamaError("this generator has no tokenizer: pass token ids instead of text")
         if isinstance(prompts, str):
@@ -517,7 +540,10 @@ class Generator:
                 raise MobiLlamaError(f"prompt {i} must be a string, got {type(p).__name__}")
             if not p:
                 raise MobiLlamaError(f"prompt {i} is empty")
-            out.append(self.tokenizer.encode(p, add_bos=add_bos))
+            if add_bos is None:
+                out.append(encode_prompt(self.tokenizer, p))
+            else:
+                out.append(self.tokenizer.encode(p, add_bos=add_bos))
         return out
 
     def _check_ids(self, prompt_ids: Sequence[Sequence[int]]) -> None:
@@ -546,7 +572,9 @@ class Generator:
 
         Stop strings are matched on the decoded text, so one that spans several tokens is found; text
         that could still turn into a stop string (or is an incomplete UTF-8 sequence) is held back
-        until it is decided. Without a tokenizer no text is produced (ids only; EOS still stops).
+        until it is decided. Without a tokenizer no text is produced (ids only; the model's EOS still
+        stops). With one, any of its stop tokens (EOS, the chat template's end-of-turn token, the
+        checkpoint's generation_config ids) ends a row; the stop token is in neither ids nor text.
         """
         if not isinstance(params, SamplingParams):
             raise MobiLlamaError("params must be a SamplingParams")
@@ -554,7 +582,7 @@ class Generator:
         if params.stop and self.tokenizer is None:
             raise MobiLlamaError("stop strings need a tokenizer")
         tok = self.tokenizer
-        eos = tok.eos_id if tok is not None else self.model.config.eos_token_id
+        stops = frozenset(stop_ids(tok) if tok is not None else (self.model.config.eos_token_id,))
         pad_id = (getattr(tok, "pad_id", None) if tok is not None else None) or 0
         lengths = [len(p) for p in prompt_ids]
         T = max(lengths)
@@ -585,7 +613,7 @@ class Generator:
                 row = rows[b]
                 if row.finish_reason is not None:
                     continue
-                delta = self._advance(row, t, eos, params, last=step == new_tokens - 1)
+                delta = self._advance(row, t, stops, params, last=step == new_tokens - 1)
                 if delta:
                     yield b, delta
             if all(r.finish_reason is not None for r in rows):
@@ -595,11 +623,13 @@ class Generator:
             Completion(r.text, r.ids, r.finish_reason or "length", r.prompt_tokens, r.generated) for r in rows
         ]
 
-    def _advance(self, row: _Row, token: int, eos: int, params: SamplingParams, last: bool) -> str:
+    def _advance(
+        self, row: _Row, token: int, stops: frozenset[int], params: SamplingParams, last: bool
+    ) -> str:
         """Append one token to a row, decide whether it finished, and return the text now final."""
         row.generated += 1
-        if params.stop_at_eos and token == eos:
-            row.finish_reason = "stop"  # EOS is counted but is not part of ids or text
+        if params.stop_at_eos and token in stops:
+            row.finish_reason = "stop"  # the stop token is counted but is not part of ids or text
         else:
             row.ids.append(token)
             if self.tokenizer is not None:
@@ -638,13 +668,14 @@ class Generator:
         prompts: str | Sequence[str],
         params: SamplingParams | None = None,
         on_text: Callable[[int, str], None] | None = None,
-        add_bos: bool = True,
+        add_bos: bool | None = None,
     ) -> list[Completion]:
-        """Generate for one or several text prompts (several are batched with left padding)."""
+        """Generate for one or several text prompts (several are batched with left padding); BOS as
+        :meth:`encode_prompts` puts it."""
         return self.generate_ids(self.encode_prompts(prompts, add_bos), params or SamplingParams(), on_text)
 
     def stream(
-        self, prompt: str, params: SamplingParams | None = None, add_bos: bool = True
+        self, prompt: str, params: SamplingParams | None = None, add_bos: bool | None = None
     ) -> Iterator[str]:
         """Yield the text of one prompt's completion as it is produced."""
         for _, delta in self.iter_ids(self.encode_prompts(prompt, add_bos), params or SamplingParams()):
@@ -727,55 +758,14 @@ def load_for_inference(
 
 
 def load_checkpoint_tokenizer(path: str | Path) -> TokenizerLike:
-    """The tokenizer stored in a checkpoint directory, through the project's ``load_tokenizer``.
+    """The tokenizer stored in a checkpoint directory, with the checkpoint's generation_config.json stop ids
+    (:func:`mobillama.tokenizer.load_tokenizer` reads them from the same directory)."""
+    from mobillama.tokenizer import load_tokenizer
 
-    Until ``mobillama.tokenizer`` exists this falls back to an adapter over transformers'
-    ``AutoTokenizer`` with the same interface.
-    """
     path = Path(path)
     if not path.is_dir() or not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
         raise MobiLlamaError(f"{path} has no tokenizer files (tokenizer.json or tokenizer.model)")
-    try:
-        from mobillama.tokenizer import load_tokenizer  # type: ignore[import-not-found]
-    except ImportError:
-        return HFTokenizerAdapter.from_dir(path)
     return load_tokenizer(path)
-
-
-class HFTokenizerAdapter:
-    """The :class:`TokenizerLike` interface over a transformers tokenizer (bridge to ``mobillama.tokenizer``)."""
-
-    def __init__(self, hf) -> None:
-        self.hf = hf
-        self.bos_id = hf.bos_token_id if hf.bos_token_id is not None else 1
-        self.eos_id = hf.eos_token_id if hf.eos_token_id is not None else 2
-        self.pad_id = hf.pad_token_id
-        self.vocab_size = len(hf)
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> HFTokenizerAdapter:
-        from transformers import AutoTokenizer
-
-        try:
-            return cls(AutoTokenizer.from_pretrained(str(path)))
-        except (OSError, ValueError) as e:
-            raise MobiLlamaError(
-                f"{path}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})"
-            ) from None
-
-    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False)
-        return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=True)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        if getattr(self.hf, "chat_template", None):
-            return self.hf.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
-        return render_mobillama_chat(messages, add_generation_prompt)
 
 
 __all__ = [
@@ -784,11 +774,11 @@ __all__ = [
     "Completion",
     "FastDecoder",
     "Generator",
-    "HFTokenizerAdapter",
     "SamplingParams",
     "StaticKVCache",
     "TokenizerLike",
     "apply_repetition_penalty",
+    "chat_stop_strings",
     "load_checkpoint_tokenizer",
     "load_for_inference",
     "reference_greedy",

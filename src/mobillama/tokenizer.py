@@ -12,16 +12,24 @@ Why HF ``tokenizers`` rather than ``sentencepiece`` for training: its ``tokenize
 object encodes in batches from Rust, and one runtime serves trained and converted tokenizers alike.
 A SentencePiece model would need a conversion step on every load and a second code path for encoding.
 
-Conventions (Llama's): ``<unk>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then the 256 byte-fallback pieces
-``<0x00>``..``<0xFF>``, so any byte sequence is encodable and decoding is lossless. Text is normalised the
-SentencePiece way: a ``▁`` is prepended and every space becomes ``▁``.
+Conventions of the tokenizers trained here (Llama's): ``<unk>`` = 0, ``<s>`` = 1, ``</s>`` = 2, then the 256
+byte-fallback pieces ``<0x00>``..``<0xFF>``, so any byte sequence is encodable and decoding is lossless. Text is
+normalised the SentencePiece way: a ``▁`` is prepended and every space becomes ``▁``.
+
+Imported tokenizers keep their own special-token conventions, read from their files (never guessed from a model
+name), see :class:`Conventions`: whether plain text gets BOS (SmolLM2's ChatML tokenizer: no), which token separates
+documents (``<|endoftext|>`` in the GPT-2 family, else EOS) and which tokens end generation (EOS plus the chat
+template's end-of-turn token, such as ``<|im_end|>``, plus the checkpoint's ``generation_config.json`` ids).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +40,13 @@ BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 SPIECE_UNDERLINE = "▁"
 METADATA_FILE = "mobillama_tokenizer.json"
 SP_MODEL_FILE = "tokenizer.model"
+CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# The GPT-2 family's document separator (SmolLM2, Qwen, ...): used between documents when it is a special token.
+END_OF_TEXT = "<|endoftext|>"
+# End-of-turn tokens of common chat templates (ChatML, Llama-3, Gemma, Phi-3): generation stops at any of them
+# that the vocabulary holds as a special token, besides EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 DEFAULT_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -74,16 +89,29 @@ _WORD_SPLIT = r"\n+|▁+(?=▁)|▁?[^▁\n]+|▁+"
 class Tokenizer:
     """One interface over any tokenizer the project loads; the wrapped HF object is :attr:`hf`."""
 
-    def __init__(self, hf: Any, *, origin: str = "", sp_model: bytes | None = None) -> None:
+    def __init__(
+        self,
+        hf: Any,
+        *,
+        origin: str = "",
+        sp_model: bytes | None = None,
+        add_bos_token: bool | None = None,
+        extra_stop_ids: Sequence[int] = (),
+    ) -> None:
+        """``add_bos_token`` is tokenizer_config.json's field when the files have one (else the post-processor
+        decides, see :func:`derive_conventions`); ``extra_stop_ids`` come from a checkpoint's
+        generation_config.json."""
         self.hf = hf
         self.origin = origin
         self._sp_model = sp_model  # the original tokenizer.model bytes, kept so save() can copy it
         self._backend = hf.backend_tokenizer
         self._plain_backend: Any = None  # a copy that reads special-token text as plain text (lazy)
+        self._add_bos_token = add_bos_token  # kept so save() writes it back (transformers drops it)
         if hf.chat_template is None:
             hf.chat_template = MOBILLAMA_CHAT_TEMPLATE
         if hf.pad_token is None and hf.unk_token is not None:
             hf.pad_token = hf.unk_token  # Llama has no pad token; <unk> (id 0) is never a real target
+        self.conventions = derive_conventions(hf, add_bos_token, extra_stop_ids)
 
     # ---- ids -------------------------------------------------------------------------------------
     @property
@@ -106,6 +134,25 @@ class Tokenizer:
     @property
     def unk_id(self) -> int | None:
         return self.hf.unk_token_id
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.hf.bos_token
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether this tokenizer puts BOS in front of plain text (its own convention, from its files)."""
+        return self.conventions.add_bos
+
+    @property
+    def end_of_text_id(self) -> int:
+        """The document separator for corpus preparation: ``<|endoftext|>`` where special, else EOS."""
+        return self._require(self.conventions.end_of_text_id, "end-of-text or EOS")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end generation: EOS, the chat template's end-of-turn token, generation_config's ids."""
+        return self.conventions.stop_ids
 
     # ---- encode / decode -------------------------------------------------------------------------
     def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
@@ -152,6 +199,14 @@ class Tokenizer:
         encodings = self._encoder(parse_special).encode_batch(list(texts), add_special_tokens=False)
         return [self._wrap(e.ids, add_bos, add_eos) for e in encodings]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt (plain text or a rendered chat template), BOS by the tokenizer's rule.
+
+        BOS goes first only where this tokenizer adds it to plain text (:attr:`add_bos`) and the text does
+        not already start with it (a chat template that writes ``bos_token`` itself): never twice.
+        """
+        return self._wrap(self.encode(text), bool(bos_prefix(self, text)), False)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
@@ -160,12 +215,15 @@ class Tokenizer:
     def chat_template(self) -> str:
         return self.hf.chat_template
 
+    @property
+    def uses_mobillama_chat(self) -> bool:
+        """Whether the template is MobiLlama-Chat's (whose replies end at a "### Human:" stop string)."""
+        return is_mobillama_template(self.chat_template)
+
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
         """Render a conversation as prompt text with the tokenizer's template (MobiLlama-Chat by default)."""
         check_messages(messages)
-        return self.hf.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return render_template(self.hf, list(messages), add_generation_prompt=add_generation_prompt)
 
     # ---- identity and files ----------------------------------------------------------------------
     @property
@@ -188,6 +246,9 @@ class Tokenizer:
         directory = Path(directory)
         # save_jinja_files=False keeps the chat template inside tokenizer_config.json
         self.hf.save_pretrained(str(directory), save_jinja_files=False)
+        if self._add_bos_token is not None:  # transformers does not write it back; it decides add_bos
+            config = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
+            write_json(directory / CONFIG_FILE, {**config, "add_bos_token": self._add_bos_token})
         if self._sp_model is not None:
             (directory / SP_MODEL_FILE).write_bytes(self._sp_model)
         from mobillama import __version__
@@ -217,6 +278,163 @@ def plain_text_backend(tokenizer_json: str) -> Any:
     backend = Backend.from_str(tokenizer_json)
     backend.encode_special_tokens = True
     return backend
+
+
+# ---- special-token conventions -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Conventions:
+    """A tokenizer's special-token rules, derived from its files (see :func:`derive_conventions`)."""
+
+    add_bos: bool  # BOS goes in front of plain text (prompts, documents)
+    bos_id: int | None
+    bos_token: str | None
+    end_of_text_id: int | None  # the document separator of corpus preparation
+    stop_ids: tuple[int, ...]  # ids that end generation
+
+
+def special_token_ids(hf: Any) -> dict[str, int]:
+    """Content → id of the vocabulary's special tokens (added tokens marked special)."""
+    return {t.content: i for i, t in hf.added_tokens_decoder.items() if t.special}
+
+
+def derive_conventions(
+    hf: Any, add_bos_token: bool | None = None, extra_stop_ids: Sequence[int] = ()
+) -> Conventions:
+    """The special-token rules of an HF tokenizer.
+
+    - ``add_bos``: tokenizer_config.json's ``add_bos_token`` when the files have it (``add_bos_token``);
+      else whether the post-processor puts BOS first when encoding with special tokens (Llama's
+      TemplateProcessing does; GPT-2's ByteLevel does not).
+    - ``end_of_text_id``: ``<|endoftext|>`` where it is a special token (GPT-2 convention), else EOS.
+    - ``stop_ids``: EOS, the end-of-turn tokens of :data:`END_OF_TURN_TOKENS` that are special tokens,
+      the end-of-text separator (a document ends there), then ``extra_stop_ids`` inside the vocabulary.
+    """
+    bos_id = hf.bos_token_id
+    if isinstance(add_bos_token, bool):
+        add_bos = add_bos_token and bos_id is not None
+    elif bos_id is None:
+        add_bos = False
+    else:
+        probe = hf.backend_tokenizer.encode("x", add_special_tokens=True).ids
+        add_bos = bool(probe) and probe[0] == bos_id
+    special = special_token_ids(hf)
+    eos_id = hf.eos_token_id
+    end_of_text = special.get(END_OF_TEXT, eos_id)
+    vocab = len(hf)
+    stops = [eos_id, *(special.get(t) for t in END_OF_TURN_TOKENS), end_of_text, *extra_stop_ids]
+    stop_ids = tuple(dict.fromkeys(i for i in stops if isinstance(i, int) and 0 <= i < vocab))
+    return Conventions(add_bos, bos_id, hf.bos_token, end_of_text, stop_ids)
+
+
+_HF_CONVENTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def conventions(tokenizer: Any) -> Conventions:
+    """:class:`Conventions` of a :class:`Tokenizer` or of a bare transformers tokenizer.
+
+    A transformers tokenizer loaded from a directory (``AutoTokenizer``, as the vision and eval code do)
+    gets the same rules as :func:`load_tokenizer` would give: its directory's tokenizer_config.json and
+    generation_config.json are read (once; the result is cached per object).
+    """
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer.conventions
+    hf = getattr(tokenizer, "hf", tokenizer)
+    try:
+        return _HF_CONVENTIONS[hf]
+    except (KeyError, TypeError):
+        pass
+    directory = Path(str(getattr(hf, "name_or_path", "") or ""))
+    add_bos, extra = None, ()
+    if str(directory) not in ("", ".") and directory.is_dir():
+        add_bos = read_add_bos_token(directory)
+        extra = read_generation_stop_ids(directory)
+    result = derive_conventions(hf, add_bos, extra)
+    with contextlib.suppress(TypeError):  # not weak-referenceable: computed again next time
+        _HF_CONVENTIONS[hf] = result
+    return result
+
+
+def bos_prefix(tokenizer: Any, text: str) -> list[int]:
+    """``[bos_id]`` when a prompt or document ``text`` needs BOS in front by the tokenizer's rule, else ``[]``.
+
+    BOS is added only where the tokenizer adds it to plain text, and never to text that already starts
+    with the BOS token (a chat template that writes ``bos_token`` itself), so there is never a second one.
+    """
+    c = conventions(tokenizer)
+    if not c.add_bos or c.bos_id is None or (c.bos_token and text.startswith(c.bos_token)):
+        return []
+    return [c.bos_id]
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Prompt ids for any tokenizer the project handles, BOS by the tokenizer's own rule.
+
+    A :class:`Tokenizer` (or a test double with ``encode_prompt``) encodes it itself; a transformers
+    tokenizer encodes without its post-processor and gets :func:`bos_prefix`.
+    """
+    own = getattr(tokenizer, "encode_prompt", None)
+    if own is not None:
+        return own(text)
+    if hasattr(tokenizer, "added_tokens_decoder"):  # a transformers tokenizer
+        return bos_prefix(tokenizer, text) + list(tokenizer.encode(text, add_special_tokens=False))
+    return tokenizer.encode(text, add_bos=True)  # a minimal double: the Llama convention
+
+
+def stop_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end generation for any tokenizer (a double without ``stop_ids``: its EOS)."""
+    own = getattr(tokenizer, "stop_ids", None)
+    if own is not None:
+        return tuple(own)
+    if hasattr(tokenizer, "added_tokens_decoder"):
+        return conventions(tokenizer).stop_ids
+    eos = getattr(tokenizer, "eos_id", None)
+    return () if eos is None else (eos,)
+
+
+def read_add_bos_token(directory: str | Path) -> bool | None:
+    """tokenizer_config.json's ``add_bos_token`` in ``directory`` (None when absent or not a boolean)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("add_bos_token")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise MobiLlamaError(f"{path}: not a valid JSON object ({e})") from None
+    return value if isinstance(value, bool) else None
+
+
+def read_generation_stop_ids(directory: str | Path) -> tuple[int, ...]:
+    """The ``eos_token_id`` (an id or a list of ids) of ``directory``'s generation_config.json, if any."""
+    path = Path(directory) / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return ()
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise MobiLlamaError(f"{path}: not a valid JSON object ({e})") from None
+    values = value if isinstance(value, list) else [value]
+    return tuple(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+
+
+def is_mobillama_template(template: str | None) -> bool:
+    """Whether a chat template is MobiLlama-Chat's "### Human: / ### Assistant:" format (or none at all,
+    which the project renders as MobiLlama-Chat)."""
+    return not template or "### Human:" in template
+
+
+def render_template(hf: Any, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """A transformers tokenizer's chat template rendered as text (as ``apply_chat_template`` renders it).
+
+    A template that fails (a Jinja error, its own ``raise_exception``) is one MobiLlamaError line
+    naming the template, not a traceback from inside Jinja.
+    """
+    try:
+        return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except MobiLlamaError:
+        raise
+    except Exception as e:  # jinja2.TemplateError, and whatever else a template's expressions raise
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MobiLlamaError(f"the chat template failed to render these messages: {detail}") from None
 
 
 def check_messages(messages: Sequence[dict]) -> None:
@@ -374,17 +592,17 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         if (path / "tokenizer.json").is_file():
             return _load_hf_dir(path)
         if (path / SP_MODEL_FILE).is_file():
-            return _load_sp_file(path / SP_MODEL_FILE)
+            return _load_sp_file(path / SP_MODEL_FILE, **_conventions_from_dir(path))
         raise MobiLlamaError(f"{path}: no tokenizer.json or {SP_MODEL_FILE} in this directory")
     if path.suffix == ".json":
         return _load_json_file(path)
     return _load_sp_file(path)
 
 
-def _load_sp_file(path: Path) -> Tokenizer:
+def _load_sp_file(path: Path, **conventions: Any) -> Tokenizer:
     data = path.read_bytes()
     hf = sentencepiece_to_hf(data, str(path))
-    return Tokenizer(hf, origin=str(path), sp_model=data)
+    return Tokenizer(hf, origin=str(path), sp_model=data, **conventions)
 
 
 def _read_backend(path: Path) -> Any:
@@ -400,6 +618,14 @@ def _read_backend(path: Path) -> Any:
 
 def _load_json_file(path: Path) -> Tokenizer:
     return Tokenizer(_wrap_backend(_read_backend(path)), origin=str(path))
+
+
+def _conventions_from_dir(path: Path) -> dict:
+    """Constructor arguments that a directory's config files decide (see :func:`derive_conventions`)."""
+    return {
+        "add_bos_token": read_add_bos_token(path),
+        "extra_stop_ids": read_generation_stop_ids(path),
+    }
 
 
 def _load_hf_dir(path: Path) -> Tokenizer:
@@ -422,7 +648,12 @@ def _load_hf_dir(path: Path) -> Tokenizer:
             if tok in vocab:
                 setattr(hf, attr, tok)
     sp_file = path / SP_MODEL_FILE
-    return Tokenizer(hf, origin=str(path), sp_model=sp_file.read_bytes() if sp_file.is_file() else None)
+    return Tokenizer(
+        hf,
+        origin=str(path),
+        sp_model=sp_file.read_bytes() if sp_file.is_file() else None,
+        **_conventions_from_dir(path),
+    )
 
 
 # ---- training -----------------------------------------------------------------------------------------

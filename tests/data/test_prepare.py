@@ -11,7 +11,9 @@ import pytest
 from mobillama.checkpoint import sha256_file
 from mobillama.data.prepare import (
     MANIFEST,
+    inspect_shards,
     load_manifest,
+    manifest_layout,
     open_split,
     prepare_corpus,
     shard_dtype,
@@ -61,20 +63,14 @@ def test_same_inputs_and_seed_give_byte_identical_output_for_any_worker_count(
     assert dir_bytes(tmp_path / "d")["train-00000.bin"] != a["train-00000.bin"]  # the seed matters
 
 
-def test_rows_are_documents_wrapped_in_bos_eos_packed_in_shuffled_order(tmp_path, text_corpus, tokenizer_dir):
-    out = tmp_path / "shards"
-    m = prep([text_corpus], tokenizer_dir, out, chunks=2)
-    tok = load_tokenizer(tokenizer_dir)
+def check_packing(out: Path, m: dict, tok, head: list[int], tail: list[int]) -> None:
+    """Every split's stream is its documents, each ``head + tokens + tail``, in the index's order."""
     sources = {s["id"]: s for s in m["sources"]}
     for split in ("train", "val"):
         index = np.load(out / m["splits"][split]["doc_index"]["path"])
         expected = []
         for source_id, locator, start, length in index.tolist():
-            ids = [
-                tok.bos_id,
-                *tok.encode(document_text(sources[source_id], locator), parse_special=False),
-                tok.eos_id,
-            ]
+            ids = [*head, *tok.encode(document_text(sources[source_id], locator), parse_special=False), *tail]
             assert start == len(expected) and length == len(ids)
             expected += ids
         got = split_stream(out, split)
@@ -85,6 +81,43 @@ def test_rows_are_documents_wrapped_in_bos_eos_packed_in_shuffled_order(tmp_path
         # shuffled: not the order the sources were listed in
         if split == "train":
             assert index[:, :2].tolist() != sorted(index[:, :2].tolist())
+
+
+def test_rows_are_documents_wrapped_in_bos_eos_packed_in_shuffled_order(tmp_path, text_corpus, tokenizer_dir):
+    out = tmp_path / "shards"
+    m = prep([text_corpus], tokenizer_dir, out, chunks=2)
+    tok = load_tokenizer(tokenizer_dir)
+    assert (m["add_bos"], m["separator_id"]) == (True, tok.eos_id)
+    assert m["document_layout"].startswith("<s> document tokens </s>")
+    check_packing(out, m, tok, [tok.bos_id], [tok.eos_id])
+    assert manifest_layout(m) == {"bos_id": 1, "separator_id": 2}
+
+
+def test_a_smollm2_style_tokenizer_separates_documents_with_endoftext_and_no_bos(
+    tmp_path, text_corpus, smol_tokenizer_dir
+):
+    out = tmp_path / "shards"
+    m = prep([text_corpus], smol_tokenizer_dir, out, chunks=2)
+    tok = load_tokenizer(smol_tokenizer_dir)
+    assert (m["add_bos"], m["separator_id"], m["bos_id"], m["eos_id"]) == (False, 0, 1, 2)
+    assert m["document_layout"].startswith("document tokens <|endoftext|>")
+    check_packing(out, m, tok, [], [0])
+    stream = split_stream(out, "train")
+    assert 1 not in stream.tolist() and 2 not in stream.tolist()  # no <|im_start|>, no <|im_end|>
+    assert manifest_layout(m) == {"bos_id": None, "separator_id": 0}
+    assert load_tokenizer(out / "tokenizer").add_bos is False  # the copy keeps the convention
+    assert "each document: tokens, then separator id 0" in inspect_shards(out)
+
+
+def test_manifests_written_before_the_layout_fields_still_read_as_bos_eos(
+    tmp_path, text_corpus, tokenizer_dir
+):
+    out = tmp_path / "shards"
+    m = prep([text_corpus], tokenizer_dir, out)
+    old = {k: v for k, v in m.items() if k not in ("add_bos", "separator_id")}
+    (out / MANIFEST).write_text(json.dumps(old))
+    assert manifest_layout(load_manifest(out)) == {"bos_id": 1, "separator_id": 2}
+    assert "BOS id 1, tokens, then separator id 2" in inspect_shards(out)
 
 
 def test_manifest_names_every_source_shard_and_setting(tmp_path, text_corpus, tokenizer_dir):
@@ -150,13 +183,15 @@ def test_validation_split_is_by_whole_document(tmp_path, text_corpus, tokenizer_
 
 def test_dtype_is_uint16_when_the_vocab_fits_else_uint32(tmp_path):
     from tokenizers import Tokenizer as Backend
-    from tokenizers import models, pre_tokenizers
+    from tokenizers import models, pre_tokenizers, processors
 
     assert shard_dtype(65536) == np.uint16 and shard_dtype(65537) == np.uint32
     # a word-level tokenizer with 70k words: ids above 65535 must survive in the shards
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(70000)}}
     backend = Backend(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    # Llama's convention: the post-processor puts <s> first, so documents are framed <s> ... </s>
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "in.txt").write_text("w5 w69999 w65536 " * 40)
     out = tmp_path / "shards"

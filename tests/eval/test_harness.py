@@ -238,3 +238,15 @@ def test_shared_prefix_cache_equals_gathered_concatenation():
     assert torch.equal(jk, torch.cat([k[idx], new_k], dim=2))
     assert torch.equal(jv, torch.cat([v[idx], new_v], dim=2))
     assert cache.get_seq_length() == 5 and len(cache.spans) == 5
+
+
+def test_bos_follows_the_tokenizers_convention(ours, smol_checkpoint):
+    """Contexts get BOS where the tokenizer adds it (the Llama-style fixture: <s>) and not for a
+    SmolLM2-style tokenizer (add_bos_token false); ``add_bos_token`` overrides either way."""
+    assert ours.add_bos_token and ours.tok_encode("The quick")[0] == 1
+    smol = MobiLlamaLM(pretrained=str(smol_checkpoint), batch_size=2)
+    plain = smol.tokenizer.encode("hello world", add_special_tokens=False)
+    assert not smol.add_bos_token and smol.tok_encode("hello world") == plain
+    assert smol.tok_encode("<|im_start|>user\nhi")[0] == 1 and smol.tok_encode("<|im_start|>user\nhi")[1] != 1
+    forced = MobiLlamaLM(pretrained=str(smol_checkpoint), batch_size=2, add_bos_token=True)
+    assert forced.tok_encode("hello world") == [1, *plain]

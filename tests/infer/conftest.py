@@ -74,8 +74,9 @@ HELD_OUT_FILES = ["colorsys.py", "keyword.py"]
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """A byte-level BPE (HF tokenizers, vocab 512, <unk>=0 <s>=1 </s>=2) saved for AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE (HF tokenizers, vocab 512, <unk>=0 <s>=1 </s>=2, <s> in front of text as in Llama)
+    saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -88,6 +89,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator([stdlib_text(TRAIN_FILES)], trainer)
+    # Llama's convention: <s> in front of text (what decides BOS for prompts, see mobillama.tokenizer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     out = tmp_path_factory.mktemp("tokenizer")
     PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
@@ -110,9 +113,9 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
 
 
 def token_blocks(tokenizer_dir: Path, files: list[str], length: int) -> torch.Tensor:
-    from mobillama.generate import HFTokenizerAdapter
+    from mobillama.tokenizer import load_tokenizer
 
-    ids = HFTokenizerAdapter.from_dir(tokenizer_dir).encode(stdlib_text(files))
+    ids = load_tokenizer(tokenizer_dir).encode(stdlib_text(files))
     n = len(ids) // length
     return torch.tensor(ids[: n * length]).view(n, length)
 

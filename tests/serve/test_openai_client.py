@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from mobillama.generate import SamplingParams
+from mobillama.generate import SamplingParams, chat_stop_strings
 
 from .conftest import live
 
@@ -57,10 +57,10 @@ def test_chat_uses_the_template_and_counts_tokens(client, real_generator):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
     result = client.chat.completions.create(model="micro", messages=messages, max_tokens=10, temperature=0)
     tok = real_generator.tokenizer
-    prompt_ids = tok.encode(tok.apply_chat_template(messages), add_bos=True)
-    assert result.usage.prompt_tokens == len(prompt_ids)
+    prompt_ids = tok.encode_prompt(tok.apply_chat_template(messages))
+    assert prompt_ids[0] == tok.bos_id and result.usage.prompt_tokens == len(prompt_ids)
     expected = real_generator.generate_ids(
-        [prompt_ids], SamplingParams(max_new_tokens=10, stop=("### Human:",))
+        [prompt_ids], SamplingParams(max_new_tokens=10, stop=chat_stop_strings(tok))
     )[0]
     assert result.choices[0].message.role == "assistant"
     assert result.choices[0].message.content == expected.text

@@ -15,7 +15,7 @@ TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def chat_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -32,6 +32,8 @@ def chat_tokenizer():
         "### Assistant: Serialize obj to a JSON formatted str.",
     ] * 20
     tok.train_from_iterator(corpus, trainer)
+    # Llama's convention: <s> in front of text (what decides BOS for prompts, see mobillama.tokenizer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
     )

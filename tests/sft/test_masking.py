@@ -75,3 +75,43 @@ def test_collate_padding_and_packing(chat_tokenizer):
     assert torch.equal(packed["input_ids"][0, : len(a.input_ids)], torch.tensor(a.input_ids))
     with pytest.raises(ValueError, match="does not fit"):
         collate([b], pad_id=0, pack_to=3)
+
+
+def test_chatml_masks_have_one_im_start_in_front_and_label_the_im_end(smol_tokenizer_dir):
+    """SmolLM2's conventions: the template starts with <|im_start|> (the BOS token) and the tokenizer adds
+    no BOS to text, so nothing is put in front; each reply is labelled through its <|im_end|>."""
+    from mobillama.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smol_tokenizer_dir)
+    ex = tokenize_conversation(tok, MULTI, max_length=512)
+    assert ex.input_ids[0] == tok.bos_id == 1 and ex.input_ids[1] != 1 and ex.labels[0] == IGNORE_INDEX
+    assert ex.input_ids == tok.encode(tok.apply_chat_template(MULTI, add_generation_prompt=False))
+    assert labelled_text(tok.hf, ex) == (
+        "Serialize obj to a JSON formatted str.<|im_end|>\nDeserialize a str to a Python object.<|im_end|>\n"
+    )
+    # the prompt up to the first reply is exactly what inference feeds the model (encode_prompt)
+    prompt = tok.encode_prompt(tok.apply_chat_template(SINGLE[:1]))
+    assert ex.input_ids[: len(prompt)] == prompt
+
+
+def test_a_project_tokenizer_mask_has_one_bos_even_when_the_template_writes_it(project_tokenizer):
+    tok, _ = project_tokenizer
+    ex = tokenize_conversation(tok, SINGLE, max_length=512)
+    assert ex.input_ids[0] == tok.bos_id and ex.input_ids.count(tok.bos_id) == 1
+    original = tok.hf.chat_template
+    try:
+        tok.hf.chat_template = "{{ bos_token }}" + original
+        ex = tokenize_conversation(tok, SINGLE, max_length=512)
+        assert ex.input_ids[0] == tok.bos_id and ex.input_ids.count(tok.bos_id) == 1
+    finally:
+        tok.hf.chat_template = original
+
+
+def test_a_template_that_raises_is_a_one_line_error(smol_tokenizer_dir):
+    from mobillama.errors import MobiLlamaError
+    from mobillama.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(smol_tokenizer_dir)
+    tok.hf.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(MobiLlamaError, match="chat template failed to render these messages: roles must"):
+        tokenize_conversation(tok, SINGLE, max_length=512)

@@ -19,7 +19,7 @@ SHAPES = ("circle", "square")
 
 def build_tokenizer():
     """The byte-level BPE tokenizer (vocab 320) with the chat template, trained on the shape captions."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -33,6 +33,8 @@ def build_tokenizer():
     corpus = ["A chat.", "### Human: What is in the picture?", "### Assistant: a red circle"]
     corpus += [f"a {c} {s}" for c in COLORS for s in SHAPES]
     tok.train_from_iterator(corpus * 10, trainer)
+    # Llama's convention: <s> in front of text (what decides BOS for prompts, see mobillama.tokenizer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
     )

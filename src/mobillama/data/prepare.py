@@ -11,7 +11,9 @@ The pipeline, and why each step is the way it is:
 3. **Split by document**: a seeded permutation of the document list; its first ``val_fraction`` of
    documents form the validation split, the rest train. A document is never cut between splits.
 4. **Pack**: each split's documents, in that shuffled order, are written as ``<s> tokens </s>`` one
-   after the other and cut into rows of ``seq_len + 1`` tokens (Amber's 2049 layout: inputs are
+   after the other (the tokenizer's conventions decide: BOS in front only where the tokenizer adds BOS to
+   text, and the separator after each document is ``<|endoftext|>`` where the vocabulary has it as a
+   special token, else EOS; a SmolLM2-style tokenizer gives ``tokens <|endoftext|>``) and cut into rows of ``seq_len + 1`` tokens (Amber's 2049 layout: inputs are
    ``row[:-1]``, targets ``row[1:]``). The incomplete last row is dropped (counted in the manifest).
    Train rows are divided into ``chunks`` shards of near-equal size (Amber used 360); val is one shard.
    Each shard is a raw little-endian uint16 (vocab ≤ 65536) or uint32 array; its sha256 is computed while
@@ -44,7 +46,7 @@ import numpy as np
 from mobillama.checkpoint import atomic_directory, sha256_file, write_json
 from mobillama.data.sources import DEFAULT_MAX_DOC_BYTES, SkipLog, Source, iter_documents, resolve_sources
 from mobillama.errors import MobiLlamaError
-from mobillama.tokenizer import Tokenizer, load_tokenizer, plain_text_backend
+from mobillama.tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer, plain_text_backend
 
 FORMAT = "mobillama-token-shards"
 FORMAT_VERSION = 1
@@ -286,16 +288,17 @@ def pack_split(
     seq_len: int,
     n_shards: int,
     dtype: np.dtype,
-    bos_id: int,
-    eos_id: int,
+    bos_id: int | None,
+    separator_id: int,
 ) -> dict:
     """Write one split's shards and document index; return its manifest entry.
 
-    ``tokens`` is the temporary token file (all documents, in reading order) opened for reading.
+    ``tokens`` is the temporary token file (all documents, in reading order) opened for reading. Each
+    document is written as ``[bos_id] tokens separator_id`` (no BOS when ``bos_id`` is None).
     """
     source_ids, locators, lengths, offsets = table
     sample_len = seq_len + 1
-    doc_lengths = lengths[doc_ids] + 2  # <s> ... </s>
+    doc_lengths = lengths[doc_ids] + (bos_id is not None) + 1  # [<s>] ... separator
     total = int(doc_lengths.sum())
     n_samples = total // sample_len
     if n_samples == 0:
@@ -315,7 +318,8 @@ def pack_split(
     np.save(directory / index_name, index, allow_pickle=False)
 
     writer = _ShardWriter(directory, name, sizes, sample_len, dtype)
-    bos, eos = np.array([bos_id], dtype), np.array([eos_id], dtype)
+    bos = np.array([] if bos_id is None else [bos_id], dtype)
+    eos = np.array([separator_id], dtype)
     try:
         for d in doc_ids.tolist():
             if writer.done:
@@ -399,8 +403,10 @@ def prepare_corpus(
     workers = default_workers() if workers is None else workers
     _check_options(seq_len, val_fraction, chunks, workers, max_doc_bytes)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    if tok.bos_id is None or tok.eos_id is None:
-        raise MobiLlamaError(f"tokenizer {tok.origin}: needs BOS and EOS tokens to separate documents")
+    if tok.conventions.end_of_text_id is None:
+        raise MobiLlamaError(
+            f"tokenizer {tok.origin}: needs an EOS (or {END_OF_TEXT}) token to separate documents"
+        )
     dtype = shard_dtype(tok.vocab_size)
     sources = resolve_sources(inputs, source=source, text_field=text_field, split=split)
     out_dir = Path(out_dir)
@@ -425,7 +431,8 @@ def prepare_corpus(
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skips.by_reason.items())) or "no documents"
             raise MobiLlamaError(f"no usable documents in the input ({reasons})")
         train_docs, val_docs = split_documents(n_docs, val_fraction, seed)
-        common = {"seq_len": seq_len, "dtype": dtype, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+        layout = document_layout(tok)
+        common = {"seq_len": seq_len, "dtype": dtype, **layout}
         with open(tokens_path, "rb") as tokens:
             splits = {
                 "train": pack_split("train", train_docs, arrays, tokens, tmp, n_shards=chunks, **common)
@@ -450,6 +457,33 @@ def prepare_corpus(
     return manifest
 
 
+def document_layout(tok: Tokenizer) -> dict[str, int | None]:
+    """How documents are framed in the shards, by the tokenizer's conventions: ``bos_id`` in front (None
+    where the tokenizer adds no BOS to text) and ``separator_id`` after (``<|endoftext|>`` or EOS)."""
+    if tok.add_bos and tok.bos_id is None:
+        raise MobiLlamaError(f"tokenizer {tok.origin}: adds BOS to text but has no BOS token")
+    return {"bos_id": tok.bos_id if tok.add_bos else None, "separator_id": tok.end_of_text_id}
+
+
+def _layout_text(tok: Tokenizer) -> str:
+    layout = document_layout(tok)
+    name = tok.hf.convert_ids_to_tokens
+    head = f"{name(layout['bos_id'])} " if layout["bos_id"] is not None else ""
+    return (
+        f"{head}document tokens {name(layout['separator_id'])}, concatenated and cut into rows of sample_len"
+    )
+
+
+def manifest_layout(manifest: dict) -> dict[str, int | None]:
+    """:func:`document_layout` as a manifest records it; manifests written before the fields existed
+    framed every document as ``<s> ... </s>`` (``bos_id`` and ``eos_id``)."""
+    add_bos = manifest.get("add_bos", True)
+    return {
+        "bos_id": manifest["bos_id"] if add_bos else None,
+        "separator_id": manifest.get("separator_id", manifest["eos_id"]),
+    }
+
+
 def build_manifest(
     tok: Tokenizer,
     dtype: np.dtype,
@@ -472,9 +506,11 @@ def build_manifest(
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
         "pad_id": tok.pad_id,
+        "add_bos": tok.add_bos,
+        "separator_id": tok.end_of_text_id,
         "tokenizer_sha256": tok.sha256,
         "tokenizer": {"origin": tok.origin, "dir": TOKENIZER_SUBDIR},
-        "document_layout": "<s> document tokens </s>, concatenated and cut into rows of sample_len",
+        "document_layout": _layout_text(tok),
         "seed": settings["seed"],
         "val_fraction": settings["val_fraction"],
         "chunks": settings["chunks"],
@@ -634,6 +670,10 @@ def inspect_shards(
         f"{directory}: {m['format']} v{m['format_version']}, seq_len {m['seq_len']}, {m['dtype']}, vocab {m['vocab_size']}",
         f"tokenizer sha256 {m['tokenizer_sha256'][:16]}…, seed {m['seed']}, {len(m['sources'])} source file(s)",
         f"documents: {m['documents']['used']} used, {m['skipped']['total']} skipped {m['skipped']['by_reason'] or ''}".rstrip(),
+        "each document: {}tokens, then separator id {}".format(
+            "" if (layout := manifest_layout(m))["bos_id"] is None else f"BOS id {layout['bos_id']}, ",
+            layout["separator_id"],
+        ),
     ]
     for name, s in m["splits"].items():
         lines.append(

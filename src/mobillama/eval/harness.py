@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from mobillama.errors import MobiLlamaError
 from mobillama.model import KVCache
+from mobillama.tokenizer import conventions
 
 DEFAULT_BATCH_SIZE = 16
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,7 +138,9 @@ class MobiLlamaLM(TemplateLM):
         self.batch_size_per_gpu = _parse_batch_size(batch_size)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
-        self.add_bos_token = add_bos_token
+        # BOS in front of contexts: the tokenizer's own convention (tokenizer_config's add_bos_token, else its
+        # post-processor; see mobillama.tokenizer.conventions) unless the caller says otherwise.
+        self.add_bos_token = conventions(self.tokenizer).add_bos if add_bos_token is None else add_bos_token
         self._generator = None
         self._bos_text = self.tokenizer.decode(self.prefix_token_id)
         self._encode_cached = functools.lru_cache(maxsize=8192)(self._encode)
@@ -177,20 +180,24 @@ class MobiLlamaLM(TemplateLM):
     def tok_encode(
         self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **_
     ) -> list[int]:
-        """Encode like HFLM: the tokenizer's own special-token default, unless overridden or BOS is present."""
+        """Encode like HFLM: BOS by ``add_bos_token`` (the tokenizer's convention by default) unless the text
+        already starts with it; an explicit ``add_special_tokens`` is the tokenizer's own."""
         ids = list(self._encode_cached(string, add_special_tokens))
         return ids[-left_truncate_len:] if left_truncate_len else ids
 
     def _encode(self, string: str, add_special_tokens: bool | None) -> tuple[int, ...]:
         # Cached (see __init__): lm-eval encodes each choice's context again, and few-shot contexts are long.
-        kwargs = {}
         if add_special_tokens is not None:
-            kwargs["add_special_tokens"] = add_special_tokens
-        elif self.add_bos_token is not None:
-            kwargs["add_special_tokens"] = self.add_bos_token
-        if add_special_tokens is None and self._bos_text and string.startswith(self._bos_text):
-            kwargs["add_special_tokens"] = False
-        return tuple(self.tokenizer.encode(string, **kwargs))
+            return tuple(self.tokenizer.encode(string, add_special_tokens=add_special_tokens))
+        ids = self.tokenizer.encode(string, add_special_tokens=False)
+        bos = self.tokenizer.bos_token_id
+        if (
+            self.add_bos_token
+            and bos is not None
+            and not (self._bos_text and string.startswith(self._bos_text))
+        ):
+            ids = [bos, *ids]
+        return tuple(ids)
 
     def tok_decode(self, tokens: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)

@@ -50,11 +50,12 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import CHAT_STOP_STRINGS, SamplingParams
+from mobillama.generate import SamplingParams, chat_stop_strings
 from mobillama.serve.engine import Engine, Event, Job, NotReady, QueueFull
 from mobillama.serve.schemas import ChatCompletionRequest, CompletionRequest
 from mobillama.serve.security import HostPolicy, is_json, same_origin
 from mobillama.serve.vision import MAX_IMAGE_BYTES, MAX_IMAGES_PER_REQUEST, read_image_url
+from mobillama.tokenizer import encode_prompt
 
 access_log = logging.getLogger("mobillama.serve.access")
 log = logging.getLogger("mobillama.serve")
@@ -420,7 +421,7 @@ class _API:
                 400,
                 f"the prompt has {n_prompt} tokens but the model's context is {context} "
                 "tokens (leave room for at least one new token)",
-                param="messages" if extra_stop else "prompt",
+                param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
                 code="context_length_exceeded",
             )
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
@@ -570,7 +571,7 @@ class _API:
         generator = self._generator()
         if isinstance(req.prompt, str):
             request.state.log = {"prompt": req.prompt}
-            ids = await asyncio.to_thread(generator.tokenizer.encode, req.prompt, add_bos=True)
+            ids = await asyncio.to_thread(encode_prompt, generator.tokenizer, req.prompt)
         else:
             ids = list(req.prompt)
             config = getattr(getattr(generator, "model", None), "config", None)
@@ -604,9 +605,9 @@ class _API:
         try:
             prompt = await asyncio.to_thread(tok.apply_chat_template, messages, add_generation_prompt=True)
         except Exception as e:  # a template may raise on a conversation it does not accept
-            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        ids = await asyncio.to_thread(tok.encode, prompt, add_bos=True)
-        params = self._params(req, len(ids), extra_stop=CHAT_STOP_STRINGS)
+            raise APIError(400, _template_error(e), param="messages") from None
+        ids = await asyncio.to_thread(encode_prompt, tok, prompt)  # BOS by the tokenizer's rule, never twice
+        params = self._params(req, len(ids), extra_stop=chat_stop_strings(tok))
         request.state.log = {"prompt": messages}
         return await self._run(request, req, ids, params, _ChatShape(self.settings.model_name, len(ids)))
 
@@ -659,8 +660,8 @@ class _API:
         try:
             ids, length = await asyncio.to_thread(generator.chat_prompt, messages, len(images))
         except Exception as e:  # a template may raise on a conversation it does not accept
-            raise APIError(400, f"the chat template rejected the messages: {e}", param="messages") from None
-        params = self._params(req, length, extra_stop=CHAT_STOP_STRINGS)
+            raise APIError(400, _template_error(e), param="messages") from None
+        params = self._params(req, length, extra_stop=chat_stop_strings(generator.hf))
         request.state.log = {"prompt": messages}
         shape = _ChatShape(self.settings.model_name, length)
         return await self._run(request, req, ids, params, shape, images=images)
@@ -684,6 +685,14 @@ class _API:
 
 
 _STARTED = int(time.time())
+
+
+def _template_error(e: Exception) -> str:
+    """One line for a chat template that failed on the messages (the tokenizer's own message if it has one)."""
+    if isinstance(e, MobiLlamaError):
+        return str(e)
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return f"the chat template rejected the messages: {detail}"
 
 
 def _sse(obj: dict) -> str:

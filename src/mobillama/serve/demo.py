@@ -20,8 +20,9 @@ TRAIN_FILES = ("textwrap.py", "shlex.py", "fnmatch.py")
 
 
 def build_tokenizer(out_dir: str | Path, vocab_size: int = 320) -> Path:
-    """A byte-level BPE (Llama ids: <unk>=0, <s>=1, </s>=2) with a chat template, saved for AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A byte-level BPE (Llama ids: <unk>=0, <s>=1, </s>=2, and Llama's <s> in front of text) with a chat
+    template, saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -36,6 +37,7 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 320) -> Path:
         show_progress=False,
     )
     tok.train_from_iterator([text], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(str(out_dir))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mobillama.errors import MobiLlamaError
+from mobillama.tokenizer import bos_prefix, render_template
 
 IGNORE_INDEX = -100
 
@@ -32,13 +33,13 @@ def _hf(tokenizer):
 def assistant_spans(tokenizer, conversation: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant replies."""
     hf = _hf(tokenizer)
-    text = hf.apply_chat_template(conversation, tokenize=False)
+    text = render_template(hf, conversation, add_generation_prompt=False)
     spans = []
     for k, turn in enumerate(conversation):
         if turn["role"] != "assistant":
             continue
-        before = hf.apply_chat_template(conversation[:k], tokenize=False, add_generation_prompt=True)
-        through = hf.apply_chat_template(conversation[: k + 1], tokenize=False)
+        before = render_template(hf, conversation[:k], add_generation_prompt=True)
+        through = render_template(hf, conversation[: k + 1], add_generation_prompt=False)
         if not (through.startswith(before) and text.startswith(through)):
             raise MobiLlamaError(
                 "the chat template does not render conversations as a stable prefix; "
@@ -63,8 +64,9 @@ def tokenize_conversation(tokenizer, conversation: list[dict[str, str]], max_len
     for token, (start, end) in zip(ids, offsets):
         inside = any(start < s_end and end > s_start for s_start, s_end in spans)
         labels.append(token if inside else IGNORE_INDEX)
-    if hf.bos_token_id is not None and not text.startswith(hf.bos_token or "\0"):
-        ids, labels = [hf.bos_token_id, *ids], [IGNORE_INDEX, *labels]
+    # BOS as at inference (mobillama.tokenizer.bos_prefix): only where the tokenizer adds it, never twice
+    bos = bos_prefix(tokenizer, text)
+    ids, labels = [*bos, *ids], [IGNORE_INDEX] * len(bos) + labels
     return truncate(Example(ids, labels), max_length)
 
 

@@ -44,7 +44,9 @@ def load_vision_chat(checkpoint: str | Path, device: str = "cpu", dtype: str | t
 def render_image_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     """The prompt text with the tokenizer's chat template (MobiLlama-Chat's format when it has none)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        from mobillama.tokenizer import render_template
+
+        return render_template(getattr(tokenizer, "hf", tokenizer), messages, add_generation_prompt=True)
     from mobillama.generate import render_mobillama_chat
 
     return render_mobillama_chat(messages, add_generation_prompt=True)
@@ -70,14 +72,15 @@ def attach_placeholders(messages: list[dict[str, str]], n_images: int) -> list[d
 
 
 def image_prompt_ids(tokenizer, messages: list[dict[str, str]], n_images: int) -> list[int]:
-    """Prompt token ids (BOS first), one image-placeholder id per image."""
+    """Prompt token ids (BOS first where the tokenizer adds it, never twice), one image-placeholder id per
+    image."""
+    from mobillama.tokenizer import bos_prefix
     from mobillama.vision.data import tokenize_with_placeholders
 
     messages = attach_placeholders(messages, n_images)
-    ids, _ = tokenize_with_placeholders(tokenizer, render_image_prompt(tokenizer, messages))
-    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
-        ids = [tokenizer.bos_token_id, *ids]
-    return ids
+    text = render_image_prompt(tokenizer, messages)
+    ids, _ = tokenize_with_placeholders(tokenizer, text)
+    return bos_prefix(tokenizer, text) + ids
 
 
 def prompt_length(model: MobiLlamaV, ids: list[int]) -> int:
@@ -88,7 +91,7 @@ def prompt_length(model: MobiLlamaV, ids: list[int]) -> int:
 
 @dataclass
 class ImageAnswer:
-    """One generation: the decoded text, the new token ids, and whether it ended on EOS."""
+    """One generation: the decoded text, the new token ids, and whether it ended on a stop token."""
 
     text: str
     token_ids: list[int]
@@ -108,7 +111,11 @@ def generate_from_ids(
     top_p: float = 1.0,
     seed: int | None = None,
 ) -> ImageAnswer:
-    """Generate after prompt ``ids`` (from :func:`image_prompt_ids`) with ``images`` (Pillow images)."""
+    """Generate after prompt ``ids`` (from :func:`image_prompt_ids`) with ``images`` (Pillow images); the
+    answer ends at any of the tokenizer's stop tokens (EOS, a chat template's end of turn), not shown."""
+    from mobillama.tokenizer import stop_ids
+
+    stops = stop_ids(tokenizer)
     device = next(model.parameters()).device
     pixels = (
         processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
@@ -122,10 +129,10 @@ def generate_from_ids(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        eos_id=tokenizer.eos_token_id,
+        eos_id=stops,
         seed=seed,
     )[0]
-    hit_eos = bool(out) and tokenizer.eos_token_id is not None and out[-1] == tokenizer.eos_token_id
+    hit_eos = bool(out) and out[-1] in stops
     return ImageAnswer(tokenizer.decode(out, skip_special_tokens=True).strip(), out, hit_eos)
 
 

@@ -25,6 +25,7 @@ import torch
 
 from mobillama.errors import MobiLlamaError
 from mobillama.sft.masking import IGNORE_INDEX, assistant_spans
+from mobillama.tokenizer import bos_prefix
 from mobillama.vision.model import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
 
 # Modes Pillow converts to RGB without losing meaning (alpha is composited onto white).
@@ -130,10 +131,11 @@ def _image_list(value: Any, base: Path, sample: str) -> list[Path]:
 
 
 def caption_example(tokenizer, name: str, image: Path, caption: str, max_length: int) -> VisionExample:
-    """``<s> <image> caption </s>``, loss on the caption and ``</s>``."""
+    """``<s> <image> caption </s>``, loss on the caption and ``</s>`` (``<s>`` only where the tokenizer puts
+    BOS in front of text: a SmolLM2-style tokenizer gets ``<image> caption <|im_end|>``)."""
     hf = _hf(tokenizer)
     ids = hf.encode(caption.strip(), add_special_tokens=False)
-    head = ([hf.bos_token_id] if hf.bos_token_id is not None else []) + [IMAGE_TOKEN_ID]
+    head = bos_prefix(tokenizer, "") + [IMAGE_TOKEN_ID]
     tail = [hf.eos_token_id] if hf.eos_token_id is not None else []
     body = (ids + tail)[: max(0, max_length - len(head))]
     if not body:
@@ -172,7 +174,6 @@ def conversation_example(
     Returns None when truncation to
     ``max_length`` text tokens would cut an image or leave no assistant token.
     """
-    hf = _hf(tokenizer)
     text, spans = assistant_spans(tokenizer, conversation)
     ids, offsets = tokenize_with_placeholders(tokenizer, text)
     labels = [
@@ -181,8 +182,8 @@ def conversation_example(
         else IGNORE_INDEX
         for token, (s, e) in zip(ids, offsets)
     ]
-    if hf.bos_token_id is not None and not text.startswith(hf.bos_token or "\0"):
-        ids, labels = [hf.bos_token_id, *ids], [IGNORE_INDEX, *labels]
+    bos = bos_prefix(tokenizer, text)  # the tokenizer's rule; never a second BOS after the template's
+    ids, labels = [*bos, *ids], [IGNORE_INDEX] * len(bos) + labels
     ids, labels = ids[:max_length], labels[:max_length]
     if ids.count(IMAGE_TOKEN_ID) != len(images):
         return None

@@ -27,6 +27,7 @@ the loop's optimizer/RNG/data files beside it.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -412,17 +413,22 @@ class MobiLlamaV(nn.Module):
         temperature: float = 0.0,
         top_k: int = 0,
         top_p: float = 1.0,
-        eos_id: int | None = None,
+        eos_id: int | Sequence[int] | None = None,
         seed: int | None = None,
     ) -> list[list[int]]:
         """New token ids per row: prefill the spliced ``inputs_embeds`` (left-padded), then decode with the
-        core KV cache. Token choice is :func:`mobillama.generate.sample_next` (greedy at temperature 0)."""
+        core KV cache. Token choice is :func:`mobillama.generate.sample_next` (greedy at temperature 0).
+        A row ends after ``eos_id`` (one id, or several: EOS and a chat template's end-of-turn token)."""
         from mobillama.generate import SamplingParams, sample_next
         from mobillama.model import KVCache
 
         params = SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
         )
+        stops = None
+        if eos_id is not None:
+            ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
+            stops = torch.tensor(ids, dtype=torch.long, device=input_ids.device) if ids else None
         gen = None
         if seed is not None:
             gen = torch.Generator(device=input_ids.device).manual_seed(seed)
@@ -437,8 +443,8 @@ class MobiLlamaV(nn.Module):
             for b in range(B):
                 if not done[b]:
                     out[b].append(int(token[b]))
-            if eos_id is not None:
-                done |= token == eos_id
+            if stops is not None:
+                done |= torch.isin(token, stops)
             if bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
