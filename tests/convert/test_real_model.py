@@ -80,7 +80,9 @@ def test_special_tokens_in_prompts_are_parsed_like_llama_cpp(real_model, tok, ll
     assert tok.encode(prompt)[0] == 1 and tok.encode(prompt).count(1) == 3  # one <|im_start|> per turn
 
 
-def test_perplexity_within_half_a_percent_of_llama_cpps(tmp_path, real_model, model, tok, llama_cpp_tools, real_text):
+def test_perplexity_within_half_a_percent_of_llama_cpps(
+    tmp_path, real_model, model, tok, llama_cpp_tools, real_text
+):
     text = real_text[:120_000]
     (tmp_path / "text.txt").write_text(text, encoding="utf-8")
     theirs = llama_cpp.perplexity(real_model[0], tmp_path / "text.txt", ctx=512, chunks=PPL_WINDOWS)
@@ -98,16 +100,26 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def f32_gguf(real_model, tmp_path_factory, llama_cpp_tools):
+    """The imported model exported as F32: llama.cpp then computes in float32 as this project does
+    (on the Q4_1 file it rounds activations to 8 bits, which moves near-tied logits by ~0.2)."""
+    from mobillama.convert import export_gguf
+
+    path = tmp_path_factory.mktemp("f32") / "model-f32.gguf"
+    export_gguf(real_model[1], path, gguf_type="f32")
+    return path
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
-def test_greedy_continuation_equals_llama_cpps_for_32_tokens(real_model, model, tok, llama_cpp_tools, prompt):
+def test_greedy_continuation_equals_llama_cpps_for_32_tokens(f32_gguf, model, tok, prompt):
     from mobillama.generate import Generator, SamplingParams
 
-    theirs = llama_cpp.greedy(real_model[0], prompt, 32)
+    theirs = llama_cpp.greedy(f32_gguf, prompt, 32)
     ids = tok.encode(prompt)
-    out = Generator(model, tok).generate_ids([ids], SamplingParams(max_new_tokens=32, stop_at_eos=False))[0]
-    ours = tok.decode(out.token_ids)
-    assert len(tok.encode(theirs, parse_special=False)) >= 24  # llama.cpp really produced a continuation
-    assert ours == theirs
+    out = Generator(model, tok).generate_ids([ids], SamplingParams(max_new_tokens=32))[0]
+    assert len(out.token_ids) >= 8  # a real continuation, not an immediate stop
+    assert out.text == theirs  # both stop at the same end-of-turn token, or run all 32 tokens
 
 
 def test_exported_gguf_runs_in_llama_cpp_at_the_originals_perplexity(

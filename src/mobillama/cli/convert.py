@@ -89,9 +89,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--type",
         dest="gguf_type",
-        choices=("f16", "q8_0", "q4_0"),
+        choices=("f32", "f16", "q8_0", "q4_0"),
         default="f16",
-        help="weight type of the matrices: f16 (default, lossless for bf16/f16 weights up to rounding), "
+        help="weight type of the matrices: f32 (exact; llama.cpp then computes in float32 too), "
+        "f16 (default, lossless for bf16/f16 weights up to rounding), "
         "q8_0 (8-bit blocks of 32) or q4_0 (4-bit blocks of 32), quantized by the gguf package",
     )
     g.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it already exists")

@@ -32,7 +32,7 @@ from mobillama.convert.gguf_vocab import gguf_pre_tokenizer_name
 from mobillama.convert.to_llama import llama_state_dict, llama_tensor_names
 from mobillama.errors import MobiLlamaError
 
-GGUF_TYPES = ("f16", "q8_0", "q4_0")
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
 
 @dataclass
@@ -132,6 +132,7 @@ def export_gguf(
         raise MobiLlamaError(f"output {out} already exists (choose another path or use --overwrite)")
     config, state = load_checkpoint(ckpt)
     qtype = {
+        "f32": gguf.GGMLQuantizationType.F32,
         "f16": gguf.GGMLQuantizationType.F16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
         "q4_0": gguf.GGMLQuantizationType.Q4_0,
@@ -185,6 +186,7 @@ def _write_metadata(writer, config: ModelConfig, name: str, gguf_type: str) -> N
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
         "f16": gguf.LlamaFileType.MOSTLY_F16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
@@ -220,6 +222,8 @@ def _write_tensors(
             array = w.numpy()
             if array.ndim == 1:
                 data, raw_type = array.astype(np.float32), gguf.GGMLQuantizationType.F32
+            elif qtype == gguf.GGMLQuantizationType.F32:
+                data, raw_type = array.astype(np.float32), qtype
             elif qtype != gguf.GGMLQuantizationType.F16 and array.shape[-1] % 32 == 0:
                 data, raw_type = quantize(array, qtype), qtype
             else:

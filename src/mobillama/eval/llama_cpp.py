@@ -50,12 +50,23 @@ def _run(args: list[str], *, timeout: float = 1800) -> subprocess.CompletedProce
     return proc
 
 
-def tokenize(gguf_file: str | Path, text: str, *, add_bos: bool = False, parse_special: bool = False) -> list[int]:
+def tokenize(
+    gguf_file: str | Path, text: str, *, add_bos: bool = False, parse_special: bool = False
+) -> list[int]:
     """llama.cpp's token ids for ``text`` (read verbatim from a file, so no shell or newline handling)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as f:
         f.write(text)
     try:
-        args = [str(tool("llama-tokenize")), "-m", str(gguf_file), "-f", f.name, "--ids", "--log-disable", "--no-escape"]
+        args = [
+            str(tool("llama-tokenize")),
+            "-m",
+            str(gguf_file),
+            "-f",
+            f.name,
+            "--ids",
+            "--log-disable",
+            "--no-escape",
+        ]
         if not add_bos:
             args.append("--no-bos")
         if not parse_special:
@@ -73,7 +84,12 @@ _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
 
 
 def perplexity(
-    gguf_file: str | Path, text_file: str | Path, *, ctx: int = 512, threads: int = 2, chunks: int | None = None
+    gguf_file: str | Path,
+    text_file: str | Path,
+    *,
+    ctx: int = 512,
+    threads: int = 2,
+    chunks: int | None = None,
 ) -> dict:
     """``llama-perplexity`` on ``text_file``: windows of ``ctx`` tokens, second half of each scored."""
     args = [str(tool("llama-perplexity")), "-m", str(gguf_file), "-f", str(text_file), "-c", str(ctx)]
@@ -90,14 +106,15 @@ def perplexity(
 def greedy(gguf_file: str | Path, prompt: str, n_tokens: int) -> str:
     """The text llama.cpp's ``llama-simple`` (greedy sampler) appends to ``prompt`` in ``n_tokens`` steps.
 
-    llama-simple tokenizes the prompt with BOS where the vocabulary adds it and special tokens parsed, and
-    echoes the prompt before the continuation; the echo is cut off here.
+    llama-simple tokenizes the prompt with BOS where the vocabulary adds it and special tokens parsed,
+    echoes the prompt, stops early at an end-of-generation token (not printed) and ends with a newline of
+    its own; the echo and that newline are cut off here.
     """
     out = _run([str(tool("llama-simple")), "-m", str(gguf_file), "-n", str(n_tokens), prompt]).stdout
     start = out.find(prompt)
-    if start < 0:
-        raise MobiLlamaError("llama-simple did not echo the prompt")
-    return out[start + len(prompt) :]
+    if start < 0 or not out.endswith("\n"):
+        raise MobiLlamaError("llama-simple's output is not the echoed prompt and its continuation")
+    return out[start + len(prompt) : -1]
 
 
 def quantize(src: str | Path, out: str | Path, qtype: str, *, threads: int = 2) -> Path:
