@@ -25,8 +25,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "vnni", "dynamic", "weight_only", "reference"],
         help="int8 matmul kernel on CPU: the project's AVX-512 VNNI kernel (int8 activations per token; "
-        "auto picks it where the CPU has it, else fbgemm dynamic int8), fbgemm dynamic int8, weight-only "
-        "int8 with bf16 activations, or the dequantizing reference",
+        "auto picks it where the CPU has it, else weight-only), weight-only int8 with bf16 activations, "
+        "fbgemm dynamic int8 (one activation scale per call: fast, but ~3x perplexity on a real model "
+        "over long prompts), or the dequantizing reference",
     )
     p.add_argument(
         "--int4-kernel",
@@ -79,8 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c = subparsers.add_parser(
         "chat",
         help="interactive chat with a checkpoint",
-        description="Chat in the terminal with history. The prompt uses the tokenizer's chat template, "
-        "by default MobiLlama-Chat's '### Human: / ### Assistant:' format. Commands: /reset, /exit. "
+        description="Chat in the terminal with history. The prompt uses the checkpoint's own chat template "
+        "(ChatML for SmolLM2, ...; MobiLlama-Chat's '### Human: / ### Assistant:' format for a tokenizer "
+        "without one), with BOS only where the tokenizer adds it, and the reply ends at the tokenizer's "
+        "end-of-turn/EOS tokens. Commands: /reset, /exit. "
         "When the conversation outgrows the context the oldest turns are dropped (with a notice). "
         "A MobiLlama-V checkpoint (with vision_config.json) chats about --image (command /image PATH "
         "switches it); its replies are printed when complete.",
@@ -88,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument(
         "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
     )
-    c.add_argument("--system", help="system message (default: the MobiLlama-Chat system line)")
+    c.add_argument("--system", help="system message (default: the chat template's own, e.g. MobiLlama-Chat's system line)")
     c.add_argument(
         "--image",
         metavar="PATH",
