@@ -200,13 +200,15 @@ def make_realistic(model, inner: float = 5.0, head: float = 20.0):
     At the 0.02 init the logits are ~0.6 in size and nearly position-independent, so an absolute 1e-4
     tolerance lets a 10% error in the rotary base through. Here the projections are 5x larger (attention
     that depends on position), the LM head 20x (max |logit| ~14), the norms random in [0.5, 1.5]; the
-    embeddings stay at 0.02 (as in trained Llamas), which keeps the norm epsilon visible.
+    embeddings stay at 0.02 (as in trained Llamas), which keeps the norm epsilon visible, unless they are
+    tied to the head.
     """
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            elif "lm_head" in name:
+            elif "lm_head" in name or (tied and "embed" in name):
                 p.mul_(head)
             elif "embed" not in name:
                 p.mul_(inner)
