@@ -4,7 +4,7 @@ Every variant runs in its own subprocess (clean peak-RSS figures, no allocator c
 random weights (seeded), batch 1, greedy, with the same thread count:
 
 - transformers ``LlamaForCausalLM.generate`` in bf16 with PyTorch defaults, and "tuned" with oneDNN
-  disabled (the fair peer, REFERENCE.md section 6); the shared FFN is one ``LlamaMLP`` object reused by
+  disabled (the fair peer: oneDNN's bf16 matrix-vector path is ~2x slower here); the shared FFN is one ``LlamaMLP`` object reused by
   every layer, so the peer holds the same weights in the same memory;
 - this project (``mobillama bench``), loading the same weights from checkpoints written once at the
   start (bf16, and int8 / int4 group 128 by ``mobillama quantize``), as a user would: bf16; int8 and int4

@@ -192,3 +192,46 @@ def scripted_generator():
         return generator
 
     return make
+
+
+def make_realistic(model, inner: float = 5.0, head: float = 20.0):
+    """Rescale a freshly initialised model in place so its numerics resemble a trained one.
+
+    At the 0.02 init the logits are ~0.6 in size and nearly position-independent, so an absolute 1e-4
+    tolerance lets a 10% error in the rotary base through. Here the projections are 5x larger (attention
+    that depends on position), the LM head 20x (max |logit| ~14), the norms random in [0.5, 1.5]; the
+    embeddings stay at 0.02 (as in trained Llamas), which keeps the norm epsilon visible, unless they are
+    tied to the head.
+    """
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif "lm_head" in name or (tied and "embed" in name):
+                p.mul_(head)
+            elif "embed" not in name:
+                p.mul_(inner)
+    return model
+
+
+@pytest.fixture
+def realistic_model():
+    """Factory: like ``seeded_model`` but with trained-like weight scales (see :func:`make_realistic`)."""
+    from mobillama.model import MobiLlama
+
+    def make(config: ModelConfig, seed: int = 0) -> MobiLlama:
+        torch.manual_seed(seed)
+        return make_realistic(MobiLlama(config).eval())
+
+    return make
+
+
+@pytest.fixture
+def rel_err():
+    """max |a - b| / max |b|: an error relative to the reference's largest logit."""
+
+    def err(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+    return err

@@ -11,6 +11,12 @@ from mobillama.convert.to_llama import llama_config
 from mobillama.model import KVCache, MobiLlama, causal_lm_loss
 
 TOL = 1e-4
+# Parity with stock transformers, relative to the largest logit. On a realistic-scale model (max |logit|
+# ~14, see tests/conftest.py) float32 reordering gives at most ~2e-6 over 64 tokens; a 10% error in the
+# rotary base gives ~0.06 and a norm epsilon of 1e-6 or 1e-4 instead of 1e-5 gives ~0.04 and ~0.3.
+PARITY = 1e-5
+# bf16 against float32, same measure: ~0.03 on the realistic model (bf16 keeps 8 bits of mantissa).
+BF16 = 0.06
 
 
 def stock_llama_like(model: MobiLlama) -> LlamaForCausalLM:
@@ -37,27 +43,33 @@ def stock_llama_like(model: MobiLlama) -> LlamaForCausalLM:
 
 
 @pytest.mark.parametrize("sharing", ["none", "all", "group:2"])
-def test_logits_match_stock_llama(sharing, seeded_model):
+def test_logits_match_stock_llama(sharing, realistic_model, rel_err):
     cfg = get_preset("micro").replace(ffn_sharing=sharing)
-    model = seeded_model(cfg)
+    model = realistic_model(cfg)
     llama = stock_llama_like(model)
-    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        diff = (model(ids) - llama(ids).logits).abs().max().item()
-    assert diff <= TOL
+        ours, theirs = model(ids), llama(ids).logits
+    print(
+        f"{sharing}: max |logit| {theirs.abs().max().item():.3g}, relative error {rel_err(ours, theirs):.3g}"
+    )
+    assert theirs.abs().max().item() > 5  # the scale the tolerance was measured at
+    assert rel_err(ours, theirs) <= PARITY
 
 
-def test_logits_match_stock_llama_with_left_padding(seeded_model):
+def test_logits_match_stock_llama_with_left_padding(realistic_model, rel_err):
     cfg = get_preset("micro").replace(num_key_value_heads=4)
-    model = seeded_model(cfg)
+    model = realistic_model(cfg)
     llama = stock_llama_like(model)
-    ids = torch.randint(3, cfg.vocab_size, (2, 9))
+    ids = torch.randint(3, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    mask[1, :3] = 0
+    mask[1, :13] = 0
     with torch.no_grad():
         ours = model(ids, attention_mask=mask)
         theirs = llama(ids, attention_mask=mask).logits
-    assert (ours - theirs)[mask.bool()].abs().max().item() <= TOL
+    real = mask.bool()
+    print(f"left padding: relative error {rel_err(ours[real], theirs[real]):.3g}")
+    assert rel_err(ours[real], theirs[real]) <= PARITY
 
 
 def test_shared_ffn_is_one_object_and_stored_once():
@@ -143,15 +155,16 @@ def test_batched_left_padded_decode_equals_each_prompt_alone(seeded_model):
             assert (batched[b] - alone[0]).abs().max().item() <= TOL
 
 
-def test_bf16_forward_runs_and_stays_close(seeded_model):
+def test_bf16_forward_runs_and_stays_close(realistic_model, rel_err):
     cfg = get_preset("micro")
-    model = seeded_model(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    model = realistic_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids)
         low = model.to(torch.bfloat16)(ids).float()
-    assert low.dtype == torch.float32 and torch.isfinite(low).all()
-    assert (low - ref).abs().max().item() < 0.1
+    assert torch.isfinite(low).all()
+    print(f"bf16: relative error {rel_err(low, ref):.3g}")
+    assert rel_err(low, ref) < BF16
 
 
 def test_tied_embeddings_share_the_tensor():
@@ -176,14 +189,15 @@ def test_init_std_is_point_zero_two():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_cuda_bf16_forward_matches_cpu(seeded_model):
+def test_cuda_bf16_forward_matches_cpu(realistic_model, rel_err):
     cfg = get_preset("micro")
-    model = seeded_model(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (1, 8))
+    model = realistic_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(ids)
         gpu = model.cuda().to(torch.bfloat16)(ids.cuda()).float().cpu()
-    assert (gpu - ref).abs().max().item() < 0.1
+    print(f"cuda bf16: relative error {rel_err(gpu, ref):.3g}")
+    assert rel_err(gpu, ref) < BF16
 
 
 def test_packed_segments_equal_each_sequence_alone(seeded_model):

@@ -178,12 +178,12 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The paper's models (REFERENCE.md section 1) plus tiny shapes for CPU tests and demos.
+# The paper's models plus tiny shapes for CPU tests and demos.
 PRESETS: dict[str, ModelConfig] = {
     "mobillama-0.5b": ModelConfig(),
     "mobillama-0.8b": ModelConfig(hidden_size=2560, intermediate_size=10240, max_position_embeddings=2560),
     "large-base-1.2b": ModelConfig(ffn_sharing="none"),
-    # The paper's matched-size dedicated-FFN controls; reconstructed (REFERENCE.md section 1).
+    # The paper's matched-size dedicated-FFN controls; reconstructed (the paper only sketches their shapes).
     "baseline1-0.5b": ModelConfig(
         hidden_size=1024, num_attention_heads=16, num_key_value_heads=16, ffn_sharing="none"
     ),

@@ -9,7 +9,7 @@ everything else must get out of the way (gpt-fast's recipe). :class:`FastDecoder
 - runs the model's *own* submodules (no copy of the weights; quantized ``Linear`` replacements from
   :mod:`mobillama.quant` are picked up as they are), with the shared FFN called by every layer;
 - writes keys/values into a static, preallocated cache: one fp32 tensor per layer, no ``torch.cat``
-  per token. fp32 because bf16 SDPA at decode is ~7x slower on CPU (REFERENCE.md section 6); a
+  per token. fp32 because bf16 SDPA at decode is ~7x slower on CPU (measured on 2-vCPU AVX-512); a
   per-layer tensor (not slices of one) because ``torch.compile`` copies a sliced cache whole per step;
 - precomputes the rotary tables and per-row positions (left padding) once per request;
 - disables oneDNN (mkldnn) for bf16 decode on CPU, where PyTorch's own matrix-vector kernel reads
@@ -42,7 +42,7 @@ from mobillama.tokenizer import (
     stop_ids,
 )
 
-# The MobiLlama-Chat prompt format (REFERENCE.md section 3) is defined once, in mobillama.tokenizer.
+# The MobiLlama-Chat prompt format is defined once, in mobillama.tokenizer.
 MOBILLAMA_CHAT_SYSTEM = DEFAULT_SYSTEM_PROMPT
 CHAT_STOP_STRINGS = ("### Human:",)
 
@@ -216,7 +216,7 @@ def _mkldnn_disabled() -> Iterator[None]:
 
 
 def _no_mkldnn_for(dtype: torch.dtype, device: torch.device):
-    """oneDNN's bf16 matrix-vector path is ~2x slower than PyTorch's own on CPU (REFERENCE.md sec. 6)."""
+    """oneDNN's bf16 matrix-vector path is ~2x slower than PyTorch's own on CPU (measured)."""
     if device.type == "cpu" and dtype == torch.bfloat16:
         return _mkldnn_disabled()
     return contextlib.nullcontext()

@@ -53,7 +53,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the human's questions."
 )
 
-# The MobiLlama-Chat prompt format (REFERENCE.md section 3) as a Jinja template, so that our
+# The MobiLlama-Chat prompt format (the released chat model's) as a Jinja template, so that our
 # Tokenizer.apply_chat_template and transformers' apply_chat_template render the identical string:
 #   <system line>\n### Human: {user}\n### Assistant: {reply}</s>\n### Human: ...\n### Assistant:
 # A leading "system" message replaces the default system line. Each finished assistant reply ends with

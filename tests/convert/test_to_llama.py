@@ -15,7 +15,6 @@ from mobillama.checkpoint import load_model, save_checkpoint
 from mobillama.config import get_preset
 from mobillama.convert import export_llama, import_hf
 from mobillama.errors import MobiLlamaError
-from mobillama.model import MobiLlama
 
 # Runs in a fresh interpreter that never imports mobillama: proves a plain transformers install suffices.
 STOCK_LOADER = """
@@ -86,34 +85,32 @@ def test_round_trip_release_to_llama_in_stock_transformers(tmp_path, rel, ids):
 
 
 @pytest.mark.parametrize("sharing", ["none", "group:2"])
-def test_export_dedicated_and_grouped_gqa_models(tmp_path, sharing):
+def test_export_dedicated_and_grouped_gqa_models(tmp_path, sharing, realistic_model):
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
     config = get_preset("micro").replace(ffn_sharing=sharing)  # 2 kv heads: grouped-query attention
-    model = MobiLlama(config).eval()
+    model = realistic_model(config)  # max |logit| ~14: 1e-4 is ~7e-6 of it
     save_checkpoint(model, config, tmp_path / "ckpt")
     export_llama(tmp_path / "ckpt", tmp_path / "llama")
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
     assert llama.config.num_key_value_heads == 2
-    ids = torch.randint(0, config.vocab_size, (2, 9))
+    ids = torch.randint(0, config.vocab_size, (2, 64))
     with torch.no_grad():
         assert (llama(ids).logits - model(ids)).abs().max().item() <= 1e-4
 
 
-def test_tied_embeddings_and_dtype(tmp_path):
+def test_tied_embeddings_and_dtype(tmp_path, realistic_model):
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(0)
     config = get_preset("micro").replace(tie_word_embeddings=True)
-    save_checkpoint(MobiLlama(config), config, tmp_path / "ckpt")
+    save_checkpoint(realistic_model(config), config, tmp_path / "ckpt")
     export_llama(tmp_path / "ckpt", tmp_path / "llama", dtype="bfloat16")
     with safe_open(str(tmp_path / "llama" / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()  # noqa: SIM118
         assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16
     llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
     model = load_model(tmp_path / "ckpt", dtype=torch.bfloat16).float()
-    ids = torch.randint(0, config.vocab_size, (1, 7))
+    ids = torch.randint(0, config.vocab_size, (1, 64))
     with torch.no_grad():
         assert (llama(ids).logits - model(ids)).abs().max().item() <= 1e-4
 

@@ -24,6 +24,10 @@ from mobillama.generate import (
 from mobillama.model import MobiLlama
 
 GREEDY = SamplingParams(max_new_tokens=24, stop_at_eos=False)
+# The fast decoder's bf16 logits against the bf16 forward, relative to the largest logit, on a
+# realistic-scale model and a 56-token prompt: measured <= 0.026 over 8 steps; a 10% error in the fast
+# path's rotary base gives 0.04-0.07 (fails by the second step).
+BF16_FAST_PATH = 0.05
 
 
 @pytest.mark.parametrize("sharing", ["all", "group:2", "none"])
@@ -63,17 +67,18 @@ def test_fused_decode_kernels_give_the_logits_of_the_pytorch_path(byte_model, dt
     torch.testing.assert_close(steps[0], steps[1], rtol=1e-4, atol=1e-4)
 
 
-def test_bf16_fast_path_logits_track_the_bf16_reference(byte_model):
-    model = byte_model().to(torch.bfloat16)
-    prompt = list(range(10, 30))
+def test_bf16_fast_path_logits_track_the_bf16_reference(byte_model, realistic_model, rel_err):
+    model = realistic_model(byte_model().config).to(torch.bfloat16)  # max |logit| ~14
+    prompt = list(range(10, 66))  # long enough that a rotary phase error grows
     decoder = FastDecoder(model)
-    decoder.start([0], 40)
+    decoder.start([0], 80)
     logits = decoder.prefill(torch.tensor([prompt]))
     ids = torch.tensor([prompt])
     for step in range(8):
         with torch.inference_mode():
             ref = model(ids)[0, -1].float()
-        assert (logits[0] - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+        print(f"step {step}: relative error {rel_err(logits[0], ref):.4f}")
+        assert rel_err(logits[0], ref) < BF16_FAST_PATH
         nxt = int(ref.argmax())
         ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
         logits = decoder.decode(torch.tensor([nxt]), len(prompt) + step)

@@ -31,21 +31,25 @@ def _copy(model: MobiLlama, dtype=torch.bfloat16) -> MobiLlama:
     return clone.to(dtype)
 
 
-def test_int8_kernels_match_the_dequantized_reference():
+VNNI = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
+
+
+@pytest.mark.parametrize("kernel", ["weight_only", "dynamic", pytest.param("vnni", marks=VNNI)])
+def test_int8_kernels_match_the_dequantized_reference(kernel):
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 96, bias=False)
     x = torch.randn(3, 5, 128, dtype=torch.bfloat16)
     ref = Int8Linear.from_linear(linear, kernel="reference")
     expected = x.float() @ ref.dequantize().T
-    for kernel in ("weight_only", "dynamic", *(("vnni",) if kernels.available() else ())):
-        q = Int8Linear.from_linear(linear, kernel=kernel)
-        q.pack()
-        err = (q(x).float() - expected).abs().max().item()
-        assert err < 0.05 * expected.abs().max().item(), kernel
+    q = Int8Linear.from_linear(linear, kernel=kernel)
+    q.pack()
+    err = (q(x).float() - expected).abs().max().item()
+    assert err < 0.05 * expected.abs().max().item(), kernel
     assert (ref(x).float() - expected).abs().max().item() < 0.05
 
 
-def test_int4_kernel_matches_the_dequantized_reference_and_quantization_error_is_small():
+@pytest.mark.parametrize("kernel", ["stock", pytest.param("vnni", marks=VNNI)])
+def test_int4_kernel_matches_the_dequantized_reference_and_quantization_error_is_small(kernel):
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 64, bias=False)
     q = Int4Linear.from_linear(linear, group_size=64)
@@ -55,41 +59,10 @@ def test_int4_kernel_matches_the_dequantized_reference_and_quantization_error_is
     assert ((deq - linear.weight).abs() <= step / 2 + 1e-6).all()
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     expected = x.float() @ deq.T
-    for kernel in ("stock", *(("vnni",) if kernels.available() else ())):
-        q = Int4Linear.from_linear(linear, group_size=64, kernel=kernel)
-        q.pack()
-        assert q.packed and q.weight.numel() == 0
-        assert (q(x).float() - expected).abs().max().item() < 0.02 * expected.abs().max().item(), kernel
-
-
-VNNI = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
-
-
-@pytest.mark.parametrize(
-    "bits, kernel",
-    [
-        (8, "dynamic"),
-        (8, "weight_only"),
-        pytest.param(8, "vnni", marks=VNNI),
-        (4, "stock"),
-        pytest.param(4, "vnni", marks=VNNI),
-    ],
-)
-def test_quantized_logits_stay_close_to_bf16(byte_model, bits, kernel):
-    base = _copy(byte_model(), torch.bfloat16)
-    ids = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        ref = base(ids).float()
-        kernel_option = {"int8_kernel": kernel} if bits == 8 else {"int4_kernel": kernel}
-        q = quantize_model(_copy(base), bits, None, **kernel_option)
-        out = q(ids).float()
-    err = (out - ref).abs()
-    scale = ref.abs().mean().item()
-    print(
-        f"int{bits} {kernel}: max err {err.max().item():.4f}, mean err {err.mean().item():.5f}, mean |logit| {scale:.4f}"
-    )
-    assert err.mean().item() < (0.05 if bits == 8 else 0.25) * scale
-    assert err.max().item() < (0.3 if bits == 8 else 1.0) * ref.abs().max().item()
+    q = Int4Linear.from_linear(linear, group_size=64, kernel=kernel)
+    q.pack()
+    assert q.packed and q.weight.numel() == 0
+    assert (q(x).float() - expected).abs().max().item() < 0.02 * expected.abs().max().item(), kernel
 
 
 def test_shared_ffn_is_quantized_once_and_stored_once(byte_model):
@@ -218,25 +191,60 @@ def test_bad_quantize_arguments(byte_model, tiny_checkpoint, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_perplexity_rise_on_a_trained_model(trained_checkpoint, held_out_blocks, ppl):
+@pytest.mark.parametrize(
+    "bits, kernel",
+    [
+        (8, "dynamic"),
+        (8, "weight_only"),
+        (4, "stock"),
+        pytest.param(8, "vnni", marks=VNNI),
+        pytest.param(4, "vnni", marks=VNNI),
+    ],
+)
+def test_perplexity_rise_on_a_trained_model(trained_checkpoint, held_out_blocks, ppl, bits, kernel):
     """The issue's quality bar: held-out perplexity rises <= 1% for int8 and <= 5% for int4 vs bf16."""
-    base = load_model(trained_checkpoint, dtype=torch.bfloat16)
-    ref = ppl(base, held_out_blocks)
-    results = {}
-    variants = [
-        ("int8-dynamic", 8, {"int8_kernel": "dynamic"}),
-        ("int8-weight-only", 8, {"int8_kernel": "weight_only"}),
-        ("int4-stock", 4, {"int4_kernel": "stock"}),
-    ]
-    if kernels.available():
-        variants += [("int8-vnni", 8, {"int8_kernel": "vnni"}), ("int4-vnni", 4, {"int4_kernel": "vnni"})]
-    for name, bits, kernel_option in variants:
-        q = quantize_model(load_model(trained_checkpoint, dtype=torch.bfloat16), bits, None, **kernel_option)
-        results[name] = ppl(q, held_out_blocks) / ref - 1
-    print(
-        f"bf16 perplexity {ref:.3f}; relative rise: "
-        + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in results.items())
-    )
+    ref = ppl(load_model(trained_checkpoint, dtype=torch.bfloat16), held_out_blocks)
+    kernel_option = {"int8_kernel": kernel} if bits == 8 else {"int4_kernel": kernel}
+    q = quantize_model(load_model(trained_checkpoint, dtype=torch.bfloat16), bits, None, **kernel_option)
+    rise = ppl(q, held_out_blocks) / ref - 1
+    print(f"bf16 perplexity {ref:.3f}; int{bits} {kernel}: relative rise {100 * rise:+.2f}%")
     assert ref < 256  # it learned something: a uniform guess over 512 tokens scores 512
-    for name, rise in results.items():
-        assert rise <= (0.01 if name.startswith("int8") else 0.05), name
+    assert rise <= (0.01 if bits == 8 else 0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# Closeness of quantized logits to bf16, with bounds a few times the measured error
+# --------------------------------------------------------------------------------------------------
+# On the briefly trained model (max |logit| ~5.8, 8 held-out rows of 65 tokens), error relative to the
+# bf16 logits, measured: mean |err| / mean |logit| 0.003 (int8 weight-only), 0.006 (int8 dynamic), 0.016
+# (int4 group 32), 0.018 (int4 group 64); max |err| / max |logit| 0.023, 0.041, 0.099, 0.096. Scales off by
+# 10% give a mean of 0.09-0.22 (and a perplexity rise of only 1-4%, which the perplexity test allows).
+# A random model is no use here: its int4 logits differ from bf16 by ~40% of their size whatever the code.
+CLOSENESS = [
+    # bits, kernel, group size, bound on mean error, bound on max error
+    (8, "weight_only", None, 0.01, 0.08),
+    (8, "dynamic", None, 0.02, 0.12),
+    pytest.param(8, "vnni", None, 0.02, 0.12, marks=VNNI),
+    (4, "stock", 32, 0.05, 0.25),
+    (4, "stock", 64, 0.05, 0.25),
+    pytest.param(4, "vnni", 32, 0.05, 0.25, marks=VNNI),
+]
+
+
+@pytest.mark.parametrize("bits, kernel, group, mean_bound, max_bound", CLOSENESS)
+def test_quantized_logits_track_bf16_on_a_trained_model(
+    trained_checkpoint, held_out_blocks, bits, kernel, group, mean_bound, max_bound
+):
+    ids = held_out_blocks[:8]
+    with torch.inference_mode():
+        ref = load_model(trained_checkpoint, dtype=torch.bfloat16)(ids).float()
+        kernel_option = {"int8_kernel": kernel} if bits == 8 else {"int4_kernel": kernel}
+        q = quantize_model(load_model(trained_checkpoint, dtype=torch.bfloat16), bits, group, **kernel_option)
+        out = q(ids).float()
+    err = (out - ref).abs()
+    mean_rel = err.mean().item() / ref.abs().mean().item()
+    max_rel = err.max().item() / ref.abs().max().item()
+    print(f"int{bits} {kernel} group {group}: mean error {mean_rel:.4f}, max error {max_rel:.4f} (relative)")
+    assert ref.abs().max().item() > 2  # the scale the bounds were measured at
+    assert mean_rel < mean_bound
+    assert max_rel < max_bound

@@ -1,5 +1,5 @@
 """Fixtures for the training tests: token-shard directories written here with numpy (the contract of
-docs/formats.md, independent of ``mobillama data prepare``), and small recipe files for the micro preset."""
+docs/data.md "Shard directory format", independent of ``mobillama data prepare``), and small recipe files for the micro preset."""
 
 from __future__ import annotations
 

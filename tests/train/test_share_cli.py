@@ -67,7 +67,7 @@ def test_share_bad_input(large_base, tmp_path, capsys):
         == 2
     )
     err = capsys.readouterr().err
-    assert "below 4" in err and "'mean' or 'layer:K'" in err and "checkpoint not found" in err
+    assert "must be 0..3" in err and "'mean' or 'layer:K'" in err and "checkpoint not found" in err
     main(["share", "--from", str(large_base), "--strategy", "mean", "--out", str(tmp_path / "s")])
     assert (
         main(["share", "--from", str(tmp_path / "s"), "--strategy", "mean", "--out", str(tmp_path / "y")])
@@ -75,6 +75,63 @@ def test_share_bad_input(large_base, tmp_path, capsys):
     )
     assert "already shares its FFN" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("sharing", ["all", "group:2", "group:3"])
+def test_share_layer_k_takes_the_kth_layer_of_every_group(large_base, tmp_path, sharing):
+    """group:3 over 4 layers leaves a last group of one layer: layer:0 works, each group's first layer."""
+    _, base = load_checkpoint(large_base)
+    out = tmp_path / "shared"
+    assert (
+        main(
+            [
+                "share",
+                "--from",
+                str(large_base),
+                "--strategy",
+                "layer:0",
+                "--sharing",
+                sharing,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    config, state = load_checkpoint(out)
+    for g in range(config.num_ffns):
+        first = g * config.ffn_group_size
+        torch.testing.assert_close(
+            state[f"model.ffns.{g}.gate_proj.weight"], base[f"model.ffns.{first}.gate_proj.weight"]
+        )
+    assert (
+        main(
+            [
+                "share",
+                "--from",
+                str(large_base),
+                "--strategy",
+                "mean",
+                "--sharing",
+                sharing,
+                "--out",
+                str(tmp_path / "m"),
+            ]
+        )
+        == 0
+    )
+    config, state = load_checkpoint(tmp_path / "m")
+    last = range((config.num_ffns - 1) * config.ffn_group_size, 4)
+    expected = torch.stack([base[f"model.ffns.{i}.up_proj.weight"] for i in last]).mean(0)
+    torch.testing.assert_close(state[f"model.ffns.{config.num_ffns - 1}.up_proj.weight"], expected)
+
+
+def test_share_layer_k_beyond_an_uneven_last_group_is_a_one_line_error(large_base, tmp_path, capsys):
+    args = ["share", "--from", str(large_base), "--strategy", "layer:1", "--sharing", "group:3"]
+    assert main([*args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "must be 0..0; groups of 3 layers, the last of 1" in err and err.count("\n") == 1
+    assert "IndexError" not in err and not (tmp_path / "x").exists()
 
 
 def test_pretrain_cli_init_from_and_plot(helpers, shard_dir, large_base, tmp_path, capsys):

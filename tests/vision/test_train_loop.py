@@ -1,12 +1,8 @@
-"""Vision stages driven by the project's training loop (mobillama.train, a separate branch until merged)."""
+"""Vision stages driven by the project's training loop (mobillama.train.loop)."""
 
 from __future__ import annotations
 
 import json
-
-import pytest
-
-pytest.importorskip("mobillama.train.loop", reason="the training engine branch is not merged into this build")
 
 
 def test_stage1_and_stage2_through_the_loop(tmp_path, tiny_model, tokenizer, shapes_dir):

@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--strategy",
         required=True,
         metavar="layer:K|mean",
-        help="'layer:K' takes layer K's FFN (0-based, within each group); 'mean' averages the FFNs it replaces",
+        help="'layer:K' takes the FFN of layer K (0-based) of each group sharing an FFN, K below the smallest "
+        "group's size; 'mean' averages the FFNs it replaces",
     )
     s.add_argument(
         "--sharing", default="all", metavar="all|group:K", help="FFN sharing of the result (default: all)"

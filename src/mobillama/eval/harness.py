@@ -54,6 +54,8 @@ def load_eval_tokenizer(checkpoint: str | Path):
             f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); evaluation needs the "
             "tokenizer the model was trained with"
         )
+    import mobillama.hf  # noqa: F401  registers model_type mobillama, else transformers warns reading config.json
+
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -14,7 +14,7 @@ from mobillama.eval import stats
 
 REPORT_FORMAT = "mobillama-eval-report/1"
 
-# REFERENCE.md section 4 (paper Table 4), in the table's column order.
+# The paper's Table 4, in the table's column order.
 PAPER_COLUMNS = ["HS", "TQA", "MMLU", "ARC-C", "CrowS", "PIQA", "RACE", "SIQA", "Wino"]
 PAPER_ROWS = {
     "MobiLlama 0.5B (paper)": [52.52, 38.05, 26.45, 29.52, 64.03, 72.03, 33.68, 40.22, 57.53, 46.00],

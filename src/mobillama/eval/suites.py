@@ -1,6 +1,6 @@
 """Benchmark suites and the offline runner behind ``mobillama eval CKPT --suite NAME``.
 
-``paper`` is the paper's Table 4 with its settings (REFERENCE.md section 4); ``quick`` is a smoke check
+``paper`` is the paper's Table 4 with its settings; ``quick`` is a smoke check
 (three small zero-shot tasks, 100 documents each unless ``--limit`` says otherwise). Offline, each task
 reads the local copy written by ``mobillama eval fetch-data`` through a task YAML in ``tasks/`` that
 includes lm-eval's stock task and swaps only the data source; with ``online=True`` the stock tasks

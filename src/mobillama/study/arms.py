@@ -3,7 +3,7 @@
 The paper (Table 5) compares, at equal parameter count and token budget, a shared-FFN model in the
 "large-base" shape against two dedicated-FFN baselines: baseline1 keeps the depth and thins the hidden
 size, baseline2 keeps the width and drops layers. Its baseline shapes for 0.5B are only sketched
-(REFERENCE.md section 1), so at small scale we *solve* for them: baseline1's hidden size and baseline2's
+in the paper, so at small scale we *solve* for them: baseline1's hidden size and baseline2's
 depth (then its FFN width, for the remainder) are chosen to land within a tolerance of the shared model's
 parameter count. The other arms vary one thing each: the degree of sharing, the initialisation, and the
 width of the shared FFN (the 0.8B recipe's widening).

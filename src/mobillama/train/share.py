@@ -1,10 +1,12 @@
 """Large base -> shared FFN: initialise a MobiLlama from a dedicated-FFN checkpoint by real weight transfer.
 
-The paper describes starting the shared model from a larger base; the public code never transferred
-weights (REFERENCE.md section 1). Here attention, norms, embeddings and head are copied as they are and
-the FFNs are collapsed:
+The paper describes starting the shared model from a larger base; the original release's training code
+starts from random initialisation and never transferred weights. Here attention, norms, embeddings and head
+are copied as they are and the FFNs are collapsed:
 
-- ``layer:K``  every shared FFN takes layer K's FFN (0-based; with ``group:G`` sharing, layer K of each group),
+- ``layer:K``  every shared FFN takes the FFN of the K-th layer it serves (0-based): layer K with ``all``,
+  layer K of each group with ``group:G``. When G does not divide the layer count the last group is
+  shorter, so K must be below the smallest group's size (a one-line error names the valid range).
 - ``mean``     each shared FFN is the element-wise mean of the FFNs of the layers it serves.
 
 The result is an ordinary checkpoint (continue training it with ``mobillama pretrain --init-from``), with
@@ -40,15 +42,20 @@ def share_state(
     kind, k = parse_strategy(strategy)
     out = {name: t for name, t in state.items() if not name.startswith("model.ffns.")}
     group = target.ffn_group_size
-    if kind == "layer" and k >= group:
+    groups = [
+        range(g * group, min((g + 1) * group, target.num_hidden_layers)) for g in range(target.num_ffns)
+    ]
+    smallest = min(len(layers) for layers in groups)
+    if k is not None and k >= smallest:
+        uneven = f"; groups of {group} layers, the last of {smallest}" if smallest < group else ""
         raise MobiLlamaError(
-            f"--strategy layer:{k}: the layer index must be below {group} (layers per shared FFN)"
+            f"--strategy layer:{k}: K indexes the layer within each group sharing an FFN "
+            f"and must be 0..{smallest - 1}{uneven}"
         )
-    for g in range(target.num_ffns):
-        layers = range(g * group, min((g + 1) * group, target.num_hidden_layers))
+    for g, layers in enumerate(groups):
         for w in FFN_WEIGHTS:
             per_layer = [state[f"model.ffns.{source.ffn_index(i)}.{w}.weight"] for i in layers]
-            if kind == "layer":
+            if k is not None:
                 value = per_layer[k].clone()
             else:
                 value = torch.stack([t.float() for t in per_layer]).mean(0).to(per_layer[0].dtype)
