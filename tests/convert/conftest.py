@@ -165,46 +165,6 @@ def make_tokenizer(out: Path, vocab_size: int = 300) -> Path:
     return out
 
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def make_bytelevel_tokenizer(out: Path, vocab_size: int = 400) -> Path:
-    """A SmolLM2-style tokenizer saved as HF files: byte-level BPE that splits digits one by one,
-    ``<|endoftext|>`` = 0, ``<|im_start|>`` = 1 (BOS, not added), ``<|im_end|>`` = 2 (EOS), ChatML."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    text = ["In 1984, the shared feed forward network was used by every layer of the model."] * 20
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|im_end|>",
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    fast.save_pretrained(str(out))
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    config["add_bos_token"] = False
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    return out
-
-
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, TINY["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(1))
@@ -227,6 +187,5 @@ def rel() -> SimpleNamespace:
         release_state=release_state,
         write_release=write_release,
         make_tokenizer=make_tokenizer,
-        make_bytelevel_tokenizer=make_bytelevel_tokenizer,
         leftovers=leftovers,
     )

@@ -20,7 +20,6 @@ from mobillama.convert.from_gguf import import_gguf
 from mobillama.convert.gguf_vocab import PRE_TOKENIZER_REGEXES, gguf_pre_tokenizer_name, pre_tokenizer_for
 from mobillama.convert.to_llama import llama_state_dict
 from mobillama.errors import MobiLlamaError
-from mobillama.model import MobiLlama
 from mobillama.tokenizer import load_tokenizer
 
 TEXTS = [
@@ -31,24 +30,22 @@ TEXTS = [
 ]
 
 
+@pytest.fixture
+def rel(rel, smol_builders, realistic_model):
+    """The converter fixtures plus the shared SmolLM2-style tokenizer builder and trained-like models."""
+    rel.make_bytelevel_tokenizer = smol_builders["tokenizer"]
+    rel.realistic_model = realistic_model
+    return rel
+
+
 def _checkpoint(tmp_path, rel, *, tie=False, sharing="all", bytelevel=False, seed=0):
-    torch.manual_seed(seed)
+    """A tiny checkpoint at trained-like weight scales (a layout mistake shows in the logits)."""
     config = get_preset("micro").replace(
-        vocab_size=512 if bytelevel else 384,
-        intermediate_size=128,
-        tie_word_embeddings=tie,
-        ffn_sharing=sharing,
+        vocab_size=512 if bytelevel else 384, intermediate_size=128, tie_word_embeddings=tie, ffn_sharing=sharing
     )
-    model = MobiLlama(config)
-    with torch.no_grad():  # random norms and a larger scale make any layout mistake visible in the logits
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.mul_(5.0)
     tok = tmp_path / "tok"
     (rel.make_bytelevel_tokenizer if bytelevel else rel.make_tokenizer)(tok)
-    save_checkpoint(model, config, tmp_path / "ckpt", tokenizer_dir=tok)
+    save_checkpoint(rel.realistic_model(config, seed), config, tmp_path / "ckpt", tokenizer_dir=tok)
     return tmp_path / "ckpt"
 
 
