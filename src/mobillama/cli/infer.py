@@ -18,7 +18,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "a quantized checkpoint is used as stored",
     )
     p.add_argument(
-        "--group-size", type=int, help="int4 group size (32, 64, 128 or 256; default: largest that fits)"
+        "--group-size", type=int, help="int4 group size (32, 64, 128 or 256; default 32, llama.cpp's Q4 block: larger groups are faster "
+        "but less accurate on real weights)"
     )
     p.add_argument(
         "--int8-kernel",
@@ -138,7 +139,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory to quantize")
     q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 (per channel) or 4 (per group)")
     q.add_argument(
-        "--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 (default: largest that fits)"
+        "--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 (default 32, llama.cpp's Q4 block: larger groups are "
+        "faster but less accurate on real weights)"
     )
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
