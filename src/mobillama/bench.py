@@ -5,6 +5,10 @@ the bytes a token reads. That ceiling is measured here (a big ``sum``), not assu
 bandwidth is reported against it. Two byte counts are given: ``bytes_per_token`` counts the shared FFN
 once per layer that uses it (what the hardware must stream if nothing stays in cache) and
 ``unique_bytes_per_token`` counts it once (the floor if the FFN stayed cache-resident).
+
+Speed is only worth quoting next to quality: with ``perplexity_text`` the same model object (same bits,
+group size and kernels) also scores a text file the way llama.cpp's ``llama-perplexity`` does, after the
+timing, so the quality cost of each option is reported beside its speed.
 """
 
 from __future__ import annotations
@@ -87,6 +91,62 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def read_perplexity_text(path: str | Path) -> str:
+    """The UTF-8 text of ``path`` for the perplexity figure; a missing, empty or binary file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise MobiLlamaError(f"perplexity text {path} not found")
+    data = path.read_bytes()
+    if not data.strip():
+        raise MobiLlamaError(f"perplexity text {path} is empty")
+    if b"\x00" in data:
+        raise MobiLlamaError(f"perplexity text {path} is a binary file (NUL bytes), not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MobiLlamaError(
+            f"perplexity text {path} is not UTF-8 (byte {e.start}): give a plain text file"
+        ) from None
+
+
+def perplexity_ids(tokenizer: Any, text: str) -> tuple[list[int], int | None]:
+    """(token ids of a plain document, the BOS id each window starts with or None), by the tokenizer's rule.
+
+    Special-token spellings in the document stay characters (``parse_special=False``); BOS goes in front
+    only where the tokenizer adds it to plain text, and then also replaces each window's first token, as
+    ``llama-perplexity`` does, so the figure is comparable with llama.cpp's on the same file.
+    """
+    from mobillama.tokenizer import conventions
+
+    c = conventions(tokenizer)
+    ids = tokenizer.encode(text, parse_special=False)
+    bos = c.bos_id if c.add_bos else None
+    return ([bos] if bos is not None else []) + ids, bos
+
+
+def kernels_in_use(model: nn.Module) -> str | None:
+    """Which matmul kernels the quantized layers actually run (after packing), e.g. ``"vnni"`` or
+    ``"weight_only"``; several joined by ``+`` when layers differ; None for an unquantized model. ``auto``
+    resolves per CPU (the VNNI kernels need AVX-512), so a table must say what ran, not what was asked."""
+    from mobillama.quant import Int4Linear, Int8Linear
+
+    used = set()
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            if m._vnni is not None:
+                used.add("vnni")
+            elif m._dynamic is not None:
+                used.add("dynamic")
+            else:
+                used.add("reference" if m.kernel == "reference" else "weight_only")
+        elif isinstance(m, Int4Linear):
+            if m._vnni is not None:
+                used.add("vnni")
+            else:
+                used.add("stock" if m._kernel_weight is not None else "reference")
+    return "+".join(sorted(used)) or None
+
+
 def run_bench(
     spec: str | Path,
     *,
@@ -103,10 +163,24 @@ def run_bench(
     duplicate: bool = False,
     measure_bandwidth: bool = True,
     seed: int = 0,
+    perplexity_text: str | Path | None = None,
+    perplexity_windows: int = 8,
+    perplexity_ctx: int = 512,
 ) -> dict[str, Any]:
-    """Time one prefill and ``new_tokens`` greedy decode steps on a preset (random weights) or checkpoint."""
+    """Time one prefill and ``new_tokens`` greedy decode steps on a preset (random weights) or checkpoint.
+
+    With ``perplexity_text`` (a checkpoint with its tokenizer only), the timed model then scores that file
+    in up to ``perplexity_windows`` windows of ``perplexity_ctx`` tokens (llama.cpp's method, see
+    :func:`mobillama.eval.perplexity.windowed_perplexity`); the file is checked before the model loads.
+    """
     from mobillama import quant
-    from mobillama.generate import Generator, load_for_inference, parse_dtype, serve_embedding_from_file
+    from mobillama.generate import (
+        Generator,
+        load_checkpoint_tokenizer,
+        load_for_inference,
+        parse_dtype,
+        serve_embedding_from_file,
+    )
 
     for name, value, low in (
         ("prompt_len", prompt_len, 1),
@@ -115,6 +189,28 @@ def run_bench(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise MobiLlamaError(f"{name} must be an integer >= {low}, got {value!r}")
+    ppl_ids: list[int] | None = None
+    ppl_bos: int | None = None
+    if perplexity_text is not None:
+        for name, value in (("perplexity_windows", perplexity_windows), ("perplexity_ctx", perplexity_ctx)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MobiLlamaError(f"{name} must be an integer >= 1, got {value!r}")
+        if perplexity_ctx < 4 or perplexity_ctx % 2:
+            raise MobiLlamaError(
+                f"perplexity_ctx {perplexity_ctx} must be an even number of at least 4 tokens"
+            )
+        text = read_perplexity_text(perplexity_text)
+        if not Path(spec).is_dir():
+            raise MobiLlamaError(
+                f"a perplexity needs a checkpoint directory with its tokenizer; {spec} is not one "
+                "(a preset has random weights and no tokenizer)"
+            )
+        ppl_ids, ppl_bos = perplexity_ids(load_checkpoint_tokenizer(spec), text)
+        if len(ppl_ids) < perplexity_ctx:
+            raise MobiLlamaError(
+                f"perplexity text {perplexity_text} has {len(ppl_ids)} tokens, fewer than one window of "
+                f"{perplexity_ctx}: give a longer text or a smaller perplexity_ctx"
+            )
     if threads is not None:
         if threads < 1:
             raise MobiLlamaError(f"threads must be >= 1, got {threads}")
@@ -135,6 +231,10 @@ def run_bench(
         if bits is not None:
             quant.quantize_model(model, bits, group_size, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
     c = model.config
+    if ppl_ids is not None and perplexity_ctx > c.max_position_embeddings:
+        raise MobiLlamaError(
+            f"perplexity_ctx {perplexity_ctx} exceeds the model's context {c.max_position_embeddings}"
+        )
     if prompt_len + new_tokens > c.max_position_embeddings:
         raise MobiLlamaError(
             f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the context {c.max_position_embeddings}"
@@ -171,6 +271,8 @@ def run_bench(
         "bits": bits,
         "int8_kernel": int8_kernel if (bits == 8) else None,
         "int4_kernel": int4_kernel if (bits == 4) else None,
+        "kernel_used": kernels_in_use(model),
+        "group_size": getattr(model, "quantization", {}).get("group_size") if bits == 4 else None,
         "ffn": "duplicated" if duplicate else c.ffn_sharing,
         "threads": torch.get_num_threads(),
         "batch": batch,
@@ -193,13 +295,32 @@ def run_bench(
         result["roofline_gb_s"] = bw
         result["roofline_tok_s"] = bw * 1e9 / per_token
         result["fraction_of_roofline"] = result["achieved_gb_s"] / bw
+    if ppl_ids is not None:
+        from mobillama.eval.perplexity import windowed_perplexity
+
+        del gen, dec  # the decoder's KV cache is not needed for scoring
+        t0 = time.perf_counter()
+        r = windowed_perplexity(
+            model, ppl_ids, ctx=perplexity_ctx, bos_id=ppl_bos, max_windows=perplexity_windows
+        )
+        result["perplexity"] = {
+            "text": str(perplexity_text),
+            **r,
+            "bos": ppl_bos is not None,
+            "seconds": time.perf_counter() - t0,
+        }
     return result
 
 
 def format_bench(r: dict[str, Any]) -> str:
     """A small human-readable table of one :func:`run_bench` result."""
     gb = 1e9
-    variant = f"{r['dtype']}" + (f" int{r['bits']}" if r.get("bits") else "") + f", FFN {r['ffn']}"
+    variant = f"{r['dtype']}" + (f" int{r['bits']}" if r.get("bits") else "")
+    if r.get("group_size"):
+        variant += f" g{r['group_size']}"
+    if r.get("kernel_used"):
+        variant += f", {r['kernel_used']} kernel"
+    variant += f", FFN {r['ffn']}"
     rows = [
         ("model", f"{r['model']} ({variant})"),
         ("threads / batch", f"{r['threads']} / {r['batch']}"),
@@ -226,8 +347,26 @@ def format_bench(r: dict[str, Any]) -> str:
                 f"achieved {100 * r['fraction_of_roofline']:.0f}%",
             )
         )
+    if "perplexity" in r:
+        p = r["perplexity"]
+        rows.append(
+            (
+                "perplexity",
+                f"{p['perplexity']:.3f} ± {p['perplexity_stderr']:.3f} on {p['text']} ({p['windows']} windows of "
+                f"{p['ctx']} tokens, second half scored, as llama-perplexity)",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-__all__ = ["bytes_per_decode_token", "duplicate_ffn", "format_bench", "measure_read_bandwidth", "run_bench"]
+__all__ = [
+    "bytes_per_decode_token",
+    "duplicate_ffn",
+    "format_bench",
+    "kernels_in_use",
+    "measure_read_bandwidth",
+    "perplexity_ids",
+    "read_perplexity_text",
+    "run_bench",
+]

@@ -107,7 +107,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="measure prefill/decode speed, memory and bandwidth",
         description="Time a prefill and greedy decode on a preset (random weights: speed does not depend "
         "on them) or a checkpoint. Reports prefill and decode tokens/s, time to first token, peak RSS, "
-        "model bytes, and the achieved memory bandwidth against a measured read-bandwidth roofline.",
+        "model bytes, and the achieved memory bandwidth against a measured read-bandwidth roofline; with "
+        "--perplexity-text, the perplexity of the same model on a text file, so the quality cost of "
+        "--bits/--group-size/kernel choices shows next to their speed.",
     )
     b.add_argument(
         "model",
@@ -123,6 +125,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="give every layer its own FFN copy (the unshared control)",
     )
     b.add_argument("--no-roofline", action="store_true", help="skip the memory-bandwidth measurement")
+    b.add_argument(
+        "--perplexity-text",
+        metavar="FILE",
+        help="also score this UTF-8 text file with the same model (same --bits/--group-size/kernels) and "
+        "print its perplexity next to the speed, scored as llama.cpp's llama-perplexity does (windows, "
+        "second half of each scored, BOS by the tokenizer's rule); needs a checkpoint with its tokenizer",
+    )
+    b.add_argument(
+        "--perplexity-windows",
+        type=int,
+        default=8,
+        metavar="N",
+        help="score at most N windows of the text (default 8)",
+    )
+    b.add_argument(
+        "--perplexity-ctx",
+        type=int,
+        default=512,
+        metavar="TOKENS",
+        help="window length in tokens (default 512, as the llama.cpp comparisons use)",
+    )
     b.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_model_options(b)
     b.set_defaults(func=run_bench)
@@ -279,6 +302,9 @@ def run_bench(args: argparse.Namespace) -> int:
         compile=args.compile,
         duplicate=args.duplicate_ffn,
         measure_bandwidth=not args.no_roofline,
+        perplexity_text=args.perplexity_text,
+        perplexity_windows=args.perplexity_windows,
+        perplexity_ctx=args.perplexity_ctx,
     )
     print(json.dumps(result, indent=2) if args.json else format_bench(result))
     return 0
