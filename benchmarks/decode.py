@@ -1,20 +1,41 @@
-"""Decode speed on the mobillama-0.5b shape: this project's decoder vs transformers ``generate``, in one run.
+"""Decode speed next to quality: this project against llama.cpp (and transformers), in one run.
 
-Every variant runs in its own subprocess (clean peak-RSS figures, no allocator carry-over) on the same
-random weights (seeded), batch 1, greedy, with the same thread count:
+Two groups, each run in interleaved rounds (every row once per round, one after another, each in its own
+process: clean peak-RSS figures, no allocator carry-over), batch 1, greedy, the same thread count:
 
-- transformers ``LlamaForCausalLM.generate`` in bf16 with PyTorch defaults, and "tuned" with oneDNN
-  disabled (the fair peer: oneDNN's bf16 matrix-vector path is ~2x slower here); the shared FFN is one ``LlamaMLP`` object reused by
-  every layer, so the peer holds the same weights in the same memory;
-- this project (``mobillama bench``), loading the same weights from checkpoints written once at the
-  start (bf16, and int8 / int4 group 128 by ``mobillama quantize``), as a user would: bf16; int8 and int4
-  on the project's AVX-512 VNNI kernels (``mobillama.kernels``) and on PyTorch's stock ones (fbgemm
-  dynamic int8, the stock int4 kernel); the vnni variants also with the FFN duplicated per layer, to see
-  whether sharing speeds decode.
+- ``--shape 0.5b``: the ``mobillama-0.5b`` shape on seeded random weights (speed does not depend on the
+  values). This project (``mobillama bench`` on a bf16 checkpoint and its ``mobillama quantize`` int8 /
+  int4 g128 / int4 g32 versions, with the kernel ``auto`` picks and the stock ones; int8/int4 g128 also
+  with the FFN duplicated per layer, to see whether sharing speeds decode); llama.cpp's ``llama-bench`` on
+  Q4_0 and Q8_0 files written by ``export_gguf`` from the same checkpoint (GGUF has no shared tensors: the
+  FFN is stored 22 times); transformers ``LlamaForCausalLM.generate`` in bf16 with PyTorch defaults and
+  with oneDNN off (``--no-transformers`` skips them). Random weights have no perplexity.
+- ``--shape real``: SmolLM2-135M-Instruct (``mobillama fetch``, cached). This project in bf16, int8 and
+  int4 (group 32, the default) from ``mobillama quantize``; llama.cpp on the shipped Q4_1 file and on Q8_0
+  and Q4_0 made by ``llama-quantize`` from this project's F16 export, so both tools quantize the same
+  weights. Every row also gets its perplexity on the same real text (Python's ``pydoc_data.topics``, as
+  ``benchmarks/real_quality.py``), ``--perplexity-windows`` windows of 512 tokens scored the way
+  ``llama-perplexity`` does: ``mobillama bench --perplexity-text`` for this project, ``llama-perplexity``
+  for llama.cpp (both once, in the first round, after the timing; perplexity does not vary between runs).
+
+Ratios ("x ref") are the median of per-round ratios of decode (and prefill) tok/s against the reference
+row of the same group: the fastest llama.cpp row of comparable quality in that run. Comparable means:
+where both rows have a perplexity, a llama.cpp row at most 1% worse than this row (so no row is
+flattered by a less accurate peer; if every llama.cpp row is worse, the most accurate one); otherwise
+the same precision class (bf16/int8 against Q8_0, int4 against Q4_0/Q4_1). Without llama.cpp the
+reference is transformers with oneDNN off. llama.cpp rows are skipped, saying why, where its tools are
+not built (``bash scripts/build_llama_cpp.sh``).
+
+What is compared: llama-bench's ``pp`` (prefill of a ``--prompt-len`` prompt) and ``tg`` (``--new-tokens``
+decoded from an empty context); this project's prefill and its decode after the prompt. Peak RSS: for
+this project the decode run's own peak ("run", the kernel's peak mark reset after loading) and the
+whole process's ("max", loading included); llama-bench reports no separate steady state, so its row has
+the whole process's peak only (the tool's own ``ru_maxrss``).
 
 The machine is shared: only ratios measured in one run mean anything. The load average is printed.
 
-    python benchmarks/decode.py [--rounds 3] [--threads 2] [--prompt-len 128] [--new-tokens 128] [--json OUT]
+    python benchmarks/decode.py [--shape 0.5b|real|both] [--rounds 3] [--threads 2] [--prompt-len 128]
+        [--new-tokens 128] [--perplexity-windows 4] [--no-llama-cpp] [--no-transformers] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,38 +48,72 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 PRESET = "mobillama-0.5b"
+REAL = "smollm2-135m-instruct"
+COMPARABLE_PPL = 1.01  # a llama.cpp row at most 1% worse in perplexity counts as comparable quality
 
-# (label, which checkpoint, extra `mobillama bench` arguments). The checkpoints hold the preset's seeded
-# random weights: "bf16" as saved, "int8"/"int4" written by `mobillama quantize` from it, so every variant
-# loads its weights the way a user's would (speed does not depend on the values).
-VARIANTS = [
-    ("mobillama bf16", "bf16", []),
-    ("mobillama int8 vnni", "int8", ["--int8-kernel", "vnni"]),
-    ("mobillama int8 vnni, FFN x22", "int8", ["--int8-kernel", "vnni", "--duplicate-ffn"]),
-    ("mobillama int8 fbgemm dynamic", "int8", ["--int8-kernel", "dynamic"]),
-    ("mobillama int4 g128 vnni", "int4", ["--int4-kernel", "vnni"]),
-    ("mobillama int4 g128 vnni, FFN x22", "int4", ["--int4-kernel", "vnni", "--duplicate-ffn"]),
-    ("mobillama int4 g128 stock", "int4", ["--int4-kernel", "stock"]),
+# (label, which checkpoint, extra `mobillama bench` arguments, precision class). The 0.5b checkpoints hold
+# the preset's seeded random weights: "bf16" as saved, the others written by `mobillama quantize` from it,
+# so every variant loads its weights the way a user's would. "auto" kernels: the table says which ran.
+VARIANTS_05B = [
+    ("mobillama bf16", "bf16", [], "8"),
+    ("mobillama int8", "int8", [], "8"),
+    ("mobillama int8, FFN x22", "int8", ["--duplicate-ffn"], "8"),
+    ("mobillama int8 fbgemm dynamic", "int8", ["--int8-kernel", "dynamic"], "8"),
+    ("mobillama int4 g128", "int4g128", [], "4"),
+    ("mobillama int4 g128, FFN x22", "int4g128", ["--duplicate-ffn"], "4"),
+    ("mobillama int4 g128 stock", "int4g128", ["--int4-kernel", "stock"], "4"),
+    ("mobillama int4 g32", "int4g32", [], "4"),
 ]
+VARIANTS_REAL = [
+    ("mobillama bf16", "bf16", [], "8"),
+    ("mobillama int8", "int8", [], "8"),
+    ("mobillama int4 g32", "int4g32", [], "4"),
+]
+QUANTIZE = {
+    "int8": ["--bits", "8"],
+    "int4g128": ["--bits", "4", "--group-size", "128"],
+    "int4g32": ["--bits", "4", "--group-size", "32"],
+}
+LLAMA_CPP_CLASS = {"F16": "8", "Q8_0": "8", "Q4_0": "4", "Q4_1": "4"}
 
 
-def write_checkpoints(root: str) -> dict[str, str]:
-    """The preset's seeded weights as a bf16 checkpoint and its int8 / int4 (group 128) quantizations."""
-    from mobillama.checkpoint import save_checkpoint
-    from mobillama.generate import load_for_inference
+@dataclass
+class Row:
+    """One line of the table: ``measure(first_round)`` returns its figures (or ``{"error": ...}``)."""
 
-    dirs = {name: os.path.join(root, name) for name in ("bf16", "int8", "int4")}
-    model = load_for_inference(PRESET, dtype="bf16", seed=0)
-    save_checkpoint(model.state_dict(), model.config, dirs["bf16"])
-    del model
-    for name, extra in (("int8", ["--bits", "8"]), ("int4", ["--bits", "4", "--group-size", "128"])):
-        cmd = ["-m", "mobillama", "quantize", dirs["bf16"], *extra, "--out", dirs[name]]
+    label: str
+    tool: str  # "mobillama", "llama.cpp" or "transformers"
+    klass: str  # precision class, "8" (bf16/int8/Q8_0) or "4"
+    measure: Callable[[bool], dict]
+    results: list[dict] = field(default_factory=list)
+
+
+def quantize_checkpoints(src: str, root: str, names: list[str]) -> dict[str, str]:
+    """``mobillama quantize`` of ``src`` into ``root/NAME`` for each of ``names`` (see ``QUANTIZE``)."""
+    dirs = {"bf16": src}
+    for name in names:
+        dirs[name] = os.path.join(root, name)
+        cmd = ["-m", "mobillama", "quantize", src, *QUANTIZE[name], "--out", dirs[name]]
         proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=_env())
         if proc.returncode != 0:
             raise SystemExit(f"quantize failed: {proc.stderr.strip()}")
     return dirs
+
+
+def write_checkpoints(root: str) -> dict[str, str]:
+    """The 0.5b preset's seeded weights as a bf16 checkpoint and its int8 / int4 quantizations."""
+    from mobillama.checkpoint import save_checkpoint
+    from mobillama.generate import load_for_inference
+
+    model = load_for_inference(PRESET, dtype="bf16", seed=0)
+    save_checkpoint(model.state_dict(), model.config, os.path.join(root, "bf16"))
+    del model
+    return quantize_checkpoints(os.path.join(root, "bf16"), root, ["int8", "int4g128", "int4g32"])
 
 
 def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> dict:
@@ -134,68 +189,208 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def print_table(rounds: list[dict[str, dict]], args: argparse.Namespace) -> None:
-    """Medians over rounds; ratios are taken within each round (same machine state), then the median."""
-    base_label, tuned_label = "transformers bf16 (defaults)", "transformers bf16 (mkldnn off)"
-    labels = list(rounds[0])
-    print(
-        f"{PRESET}, batch 1, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-        f"greedy; median of {len(rounds)} round(s), every variant once per round"
-    )
-    header = (
-        f"{'variant':<34} {'decode tok/s':>12} {'x HF':>6} {'x HF tuned':>10} {'x HF per round':>16} "
-        f"{'% roofline':>10} {'prefill tok/s':>13} {'TTFT ms':>8} {'RSS/weights':>11}"
-    )
-    print(header)
-    print("-" * len(header))
-    for label in labels:
-        runs = [r[label] for r in rounds if "error" not in r[label]]
-        if not runs:
-            print(f"{label:<34} error: {rounds[0][label].get('error')}")
-            continue
-        ok = [r for r in rounds if "error" not in r[label]]
-        ratios = [
-            r[label]["decode_tok_s"] / r[base_label]["decode_tok_s"]
-            for r in ok
-            if "error" not in r[base_label]
-        ]
-        tuned = [
-            r[label]["decode_tok_s"] / r[tuned_label]["decode_tok_s"]
-            for r in ok
-            if "error" not in r[tuned_label]
-        ]
-        roof = [100 * x["fraction_of_roofline"] for x in runs if "fraction_of_roofline" in x]
-        per_round = " ".join(f"{x:.2f}" for x in ratios)
-        print(
-            f"{label:<34} {median([x['decode_tok_s'] for x in runs]):>12.2f} {median(ratios):>6.2f} "
-            f"{median(tuned):>10.2f} {per_round:>16} {(f'{median(roof):.0f}%' if roof else '-'):>10} "
-            f"{median([x['prefill_tok_s'] for x in runs]):>13.1f} {median([1000 * x['ttft_s'] for x in runs]):>8.0f} "
-            f"{median([x['peak_rss_bytes'] / x['model_bytes'] for x in runs]):>11.2f}"
+def mobillama_row(
+    label: str, ckpt: str, extra: list[str], klass: str, common: list[str], ppl: list[str]
+) -> Row:
+    """``mobillama bench CKPT --json`` in a subprocess; with ``ppl`` (``--perplexity-text ...``) in the
+    first round only."""
+
+    def measure(first: bool) -> dict:
+        return subprocess_json(
+            ["-m", "mobillama", "bench", ckpt, "--json", *common, *extra, *(ppl if first else [])]
         )
-    bws = [r["roofline_gb_s"] for rnd in rounds for r in rnd.values() if "roofline_gb_s" in r]
-    if bws:
-        print(f"measured read bandwidth: {min(bws):.1f}-{max(bws):.1f} GB/s across runs")
-    for label in labels:
-        runs = [r[label] for r in rounds if "bytes_per_token" in r[label]]
-        if runs:
-            r = runs[0]
-            print(
-                f"  {label}: {r['bytes_per_token'] / 1e9:.3f} GB read/token "
-                f"(FFN once: {r['unique_bytes_per_token'] / 1e9:.3f}), weights {r['model_bytes'] / 1e9:.3f} GB, "
-                f"peak RSS {median([x['peak_rss_bytes'] for x in runs]) / 1e9:.3f} GB"
+
+    return Row(label, "mobillama", klass, measure)
+
+
+def llama_cpp_row(
+    label: str, gguf: Path, klass: str, args: argparse.Namespace, text_file: Path | None
+) -> Row:
+    """``llama-bench`` (one repetition per round: the rounds are the repetitions) and, in the first round
+    and where there is a text, ``llama-perplexity`` on it."""
+    from mobillama.errors import MobiLlamaError
+    from mobillama.eval import llama_cpp
+
+    def measure(first: bool) -> dict:
+        try:
+            r = llama_cpp.bench(gguf, threads=args.threads, n_prompt=args.prompt_len, n_gen=args.new_tokens)
+            r["model_bytes"] = r.get("model_size", gguf.stat().st_size)
+            if first and text_file is not None:
+                r["perplexity"] = llama_cpp.perplexity(
+                    gguf, text_file, threads=args.threads, chunks=args.perplexity_windows
+                )
+            return r
+        except MobiLlamaError as e:
+            return {"error": str(e)}
+
+    return Row(label, "llama.cpp", klass, measure)
+
+
+def llama_cpp_missing(args: argparse.Namespace) -> str | None:
+    """Why the llama.cpp rows are skipped, or None when they run."""
+    if args.no_llama_cpp:
+        return "--no-llama-cpp"
+    from mobillama.eval import llama_cpp
+
+    return None if llama_cpp.tools_dir() is not None else f"llama.cpp tools not built; {llama_cpp.BUILD_HINT}"
+
+
+def group_05b(args: argparse.Namespace, root: str, common: list[str]) -> list[Row]:
+    from mobillama.convert import export_gguf
+
+    checkpoints = write_checkpoints(root)
+    print("0.5b checkpoints written", file=sys.stderr)
+    rows: list[Row] = []
+    if not args.no_transformers:
+        for label, mode in (
+            ("transformers bf16 (defaults)", "default"),
+            ("transformers bf16 (mkldnn off)", "tuned"),
+        ):
+            rows.append(
+                Row(
+                    label,
+                    "transformers",
+                    "8",
+                    lambda _first, m=mode: subprocess_json([__file__, "--peer", m, *common]),
+                )
             )
+    for label, source, extra, klass in VARIANTS_05B:
+        rows.append(mobillama_row(label, checkpoints[source], extra, klass, common, []))
+    if llama_cpp_missing(args) is None:
+        for qtype in ("Q4_0", "Q8_0"):
+            gguf = Path(root) / f"0.5b-{qtype}.gguf"
+            export_gguf(checkpoints["bf16"], gguf, gguf_type=qtype.lower())
+            rows.append(
+                llama_cpp_row(f"llama.cpp {qtype} (FFN x22)", gguf, LLAMA_CPP_CLASS[qtype], args, None)
+            )
+        print("0.5b GGUF files written", file=sys.stderr)
+    return rows
+
+
+def group_real(args: argparse.Namespace, root: str, common: list[str]) -> list[Row]:
+    from real_quality import real_text  # the same text and length rule as benchmarks/real_quality.py
+
+    from mobillama.convert import export_gguf
+    from mobillama.convert.fetch import cached_real_model
+    from mobillama.eval import llama_cpp
+
+    gguf_file, ckpt = cached_real_model(REAL)
+    text_file = Path(root) / "real_text.txt"
+    text_file.write_text(real_text(40_000 * max(1, args.perplexity_windows // 4)), encoding="utf-8")
+    ppl = ["--perplexity-text", str(text_file), "--perplexity-windows", str(args.perplexity_windows)]
+    checkpoints = quantize_checkpoints(str(ckpt), os.path.join(root, "real"), ["int8", "int4g32"])
+    rows = [
+        mobillama_row(label, checkpoints[src], extra, klass, common, ppl)
+        for label, src, extra, klass in VARIANTS_REAL
+    ]
+    if llama_cpp_missing(args) is None:
+        f16 = Path(root) / "real-F16.gguf"
+        export_gguf(ckpt, f16, gguf_type="f16")
+        rows.append(llama_cpp_row("llama.cpp Q4_1 (shipped file)", Path(gguf_file), "4", args, text_file))
+        for qtype in ("Q8_0", "Q4_0"):
+            gguf = llama_cpp.quantize(f16, Path(root) / f"real-{qtype}.gguf", qtype, threads=args.threads)
+            rows.append(
+                llama_cpp_row(f"llama.cpp {qtype} (from F16)", gguf, LLAMA_CPP_CLASS[qtype], args, text_file)
+            )
+    print("real-model files written", file=sys.stderr)
+    return rows
+
+
+def _ok(row: Row) -> list[dict]:
+    return [r for r in row.results if "error" not in r]
+
+
+def _ppl(row: Row) -> float | None:
+    return next((r["perplexity"]["perplexity"] for r in _ok(row) if "perplexity" in r), None)
+
+
+def reference(row: Row, rows: list[Row]) -> Row | None:
+    """The fastest llama.cpp row of comparable quality (see the module doc), else transformers tuned."""
+    peers = [r for r in rows if r.tool == "llama.cpp" and _ok(r)]
+    if not peers:
+        return next((r for r in rows if r.label == "transformers bf16 (mkldnn off)" and _ok(r)), None)
+    mine = _ppl(row)
+    if mine is not None and all(_ppl(p) is not None for p in peers):
+        good = [p for p in peers if _ppl(p) <= mine * COMPARABLE_PPL]
+        if not good:
+            return min(peers, key=_ppl)
+    else:
+        good = [p for p in peers if p.klass == row.klass] or peers
+    return max(good, key=lambda p: median([r["decode_tok_s"] for r in _ok(p)]))
+
+
+def ratios(row: Row, ref: Row, key: str) -> list[float]:
+    """Per-round ratios of ``key`` (rounds where both rows ran)."""
+    return [
+        a[key] / b[key]
+        for a, b in zip(row.results, ref.results, strict=True)
+        if "error" not in a and "error" not in b
+    ]
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    """Medians over rounds; ratios are taken within each round (same machine state), then the median."""
+    print(f"\n{title}\n")
+    print(
+        "| row | kernel | decode tok/s | x ref | x ref per round | prefill tok/s | x ref | "
+        "peak RSS MB run / max | perplexity | reference |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        runs = _ok(row)
+        if not runs:
+            print(f"| {row.label} | error: {row.results[0].get('error', '?')[:150]} |||||||||")
+            continue
+        ref = reference(row, rows)
+        dec = ratios(row, ref, "decode_tok_s") if ref is not None else []
+        pre = ratios(row, ref, "prefill_tok_s") if ref is not None else []
+        is_ref = ref is row
+        kernel = runs[0].get("kernel_used") or ("ggml" if row.tool == "llama.cpp" else "-")
+        rss_run = median([r["peak_rss_bytes"] for r in runs]) / 1e6
+        if row.tool == "mobillama":
+            rss_max = median([max(r["peak_rss_bytes"], r["load_peak_rss_bytes"]) for r in runs]) / 1e6
+            rss = f"{rss_run:.0f} / {rss_max:.0f}"
+        elif row.tool == "llama.cpp":
+            rss = f"- / {rss_run:.0f}"
+        else:
+            rss = f"{rss_run:.0f} / -"
+        ppl = next((r["perplexity"] for r in runs if "perplexity" in r), None)
+        ppl_text = f"{ppl['perplexity']:.3f}" if ppl else "-"
+        print(
+            f"| {row.label} | {kernel} | {median([r['decode_tok_s'] for r in runs]):.2f} | "
+            f"{'(ref)' if is_ref else f'{median(dec):.2f}' if dec else '-'} | "
+            f"{' '.join(f'{x:.2f}' for x in dec) if dec and not is_ref else '-'} | "
+            f"{median([r['prefill_tok_s'] for r in runs]):.1f} | "
+            f"{'(ref)' if is_ref else f'{median(pre):.2f}' if pre else '-'} | {rss} | {ppl_text} | "
+            f"{ref.label if ref is not None and not is_ref else '-'} |"
+        )
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for every variant")
-    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode")
+    p.add_argument(
+        "--shape",
+        choices=["0.5b", "real", "both"],
+        default="both",
+        help="which group runs: the mobillama-0.5b shape (random weights), the real "
+        "SmolLM2-135M-Instruct (with perplexity), or both (default)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for every row")
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (llama-bench -p)")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (llama-bench -n)")
+    p.add_argument(
+        "--perplexity-windows",
+        type=int,
+        default=4,
+        help="512-token windows of the real text scored per real-model row (default 4)",
+    )
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp rows")
+    p.add_argument("--no-transformers", action="store_true", help="skip the transformers rows (0.5b group)")
     p.add_argument(
         "--rounds",
         type=int,
         default=1,
-        help="run every variant this many times, one after another per round, and report medians "
+        help="run every row this many times, one after another per round, and report medians "
         "(ratios are taken within a round); the machine's speed drifts, so 3 or more is advisable",
     )
     p.add_argument("--json", help="also write all results to this JSON file")
@@ -213,28 +408,42 @@ def main() -> int:
         str(args.new_tokens),
     ]
     workdir = tempfile.TemporaryDirectory(prefix="mobillama-decode-")
-    checkpoints = write_checkpoints(workdir.name)
-    print("checkpoints written", file=sys.stderr)
+    skipped = llama_cpp_missing(args)
+    if skipped:
+        print(f"llama.cpp rows skipped: {skipped}")
+    groups: dict[str, list[Row]] = {}
+    if args.shape in ("0.5b", "both"):
+        groups[f"{PRESET} (random weights)"] = group_05b(args, workdir.name, common)
+    if args.shape in ("real", "both"):
+        groups[f"{REAL} (real weights; perplexity on {args.perplexity_windows} windows of 512 tokens)"] = (
+            group_real(args, workdir.name, common)
+        )
     load_before = os.getloadavg()
-    peers = [("transformers bf16 (defaults)", "default"), ("transformers bf16 (mkldnn off)", "tuned")]
-    rounds: list[dict[str, dict]] = []
+    t0 = time.time()
     for number in range(1, args.rounds + 1):
-        results: dict[str, dict] = {}
-        for label, mkldnn in peers:
-            results[label] = subprocess_json([__file__, "--peer", mkldnn, *common])
-            print(f"round {number}: done {label}", file=sys.stderr)
-        for label, source, extra in VARIANTS:
-            cmd = ["-m", "mobillama", "bench", checkpoints[source], "--json", *common, *extra]
-            results[label] = subprocess_json(cmd)
-            print(f"round {number}: done {label}", file=sys.stderr)
-        rounds.append(results)
+        for rows in groups.values():
+            for row in rows:
+                row.results.append(row.measure(number == 1))
+                print(f"round {number}: done {row.label}", file=sys.stderr)
     load_after = os.getloadavg()
     workdir.cleanup()
-    print_table(rounds, args)
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (2 vCPUs shared with others)")
+    for title, rows in groups.items():
+        print_table(
+            f"{title}: batch 1, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+            f"greedy; median of {args.rounds} round(s), every row once per round",
+            rows,
+        )
+    print(
+        f"\nload average before {load_before[0]:.2f}, after {load_after[0]:.2f}; rounds took "
+        f"{time.time() - t0:.0f} s (vCPUs shared with others)"
+    )
     if args.json:
+        out = {
+            title: {r.label: {"tool": r.tool, "class": r.klass, "rounds": r.results} for r in rows}
+            for title, rows in groups.items()
+        }
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"rounds": rounds, "load_before": load_before, "load_after": load_after}, f, indent=2)
+            json.dump({"groups": out, "load_before": load_before, "load_after": load_after}, f, indent=2)
     return 0
 
 
