@@ -336,15 +336,17 @@ def print_table(title: str, rows: list[Row]) -> None:
         "peak RSS MB run / max | perplexity | reference |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    refs = {id(row): reference(row, rows) for row in rows if row.tool != "llama.cpp"}
+    referenced = {id(ref) for ref in refs.values() if ref is not None}
     for row in rows:
         runs = _ok(row)
         if not runs:
             print(f"| {row.label} | error: {row.results[0].get('error', '?')[:150]} |||||||||")
             continue
-        ref = reference(row, rows)
-        dec = ratios(row, ref, "decode_tok_s") if ref is not None else []
-        pre = ratios(row, ref, "prefill_tok_s") if ref is not None else []
-        is_ref = ref is row
+        ref = refs.get(id(row))  # llama.cpp rows are the references, not compared among themselves
+        is_ref = id(row) in referenced
+        dec = ratios(row, ref, "decode_tok_s") if ref is not None and ref is not row else []
+        pre = ratios(row, ref, "prefill_tok_s") if ref is not None and ref is not row else []
         kernel = runs[0].get("kernel_used") or ("ggml" if row.tool == "llama.cpp" else "-")
         rss_run = median([r["peak_rss_bytes"] for r in runs]) / 1e6
         if row.tool == "mobillama":
@@ -356,13 +358,13 @@ def print_table(title: str, rows: list[Row]) -> None:
             rss = f"{rss_run:.0f} / -"
         ppl = next((r["perplexity"] for r in runs if "perplexity" in r), None)
         ppl_text = f"{ppl['perplexity']:.3f}" if ppl else "-"
+        mark = "(ref)" if is_ref else "-"
         print(
             f"| {row.label} | {kernel} | {median([r['decode_tok_s'] for r in runs]):.2f} | "
-            f"{'(ref)' if is_ref else f'{median(dec):.2f}' if dec else '-'} | "
-            f"{' '.join(f'{x:.2f}' for x in dec) if dec and not is_ref else '-'} | "
-            f"{median([r['prefill_tok_s'] for r in runs]):.1f} | "
-            f"{'(ref)' if is_ref else f'{median(pre):.2f}' if pre else '-'} | {rss} | {ppl_text} | "
-            f"{ref.label if ref is not None and not is_ref else '-'} |"
+            f"{f'{median(dec):.2f}' if dec else mark} | {' '.join(f'{x:.2f}' for x in dec) or '-'} | "
+            f"{median([r['prefill_tok_s'] for r in runs]):.1f} | {f'{median(pre):.2f}' if pre else mark} | "
+            f"{rss} | {ppl_text} | "
+            f"{ref.label if ref is not None and ref is not row else '-'} |"
         )
 
 
