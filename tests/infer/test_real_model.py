@@ -19,11 +19,16 @@ def _chat(monkeypatch, capsys, ckpt, lines: str, *extra: str) -> str:
     return capsys.readouterr().out
 
 
+# Questions whose first answer token wins by a clear margin. "What is the capital of France?" is not one
+# for this small model: in fp32 "The" (-> Paris) leads "L" (-> "L'Étoile, la Marseillaise...") by only
+# 0.09 logits, so any rounding (bf16 activations in a 4-bit kernel) can flip it.
+QUESTIONS = "What is the capital of Japan?\n/reset\nHow many days are in a week?\n/exit\n"
+
+
 def test_chat_answers_simple_questions(real_model, monkeypatch, capsys):
-    out = _chat(monkeypatch, capsys, real_model[1], "What is the capital of France?\n/exit\n")
-    assert "Paris" in out
-    out = _chat(monkeypatch, capsys, real_model[1], "What is the capital of Japan?\n/exit\n", "--dtype", "fp32")
-    assert "Tokyo" in out
+    for dtype in ("bf16", "fp32"):
+        out = _chat(monkeypatch, capsys, real_model[1], QUESTIONS, "--dtype", dtype)
+        assert "Tokyo" in out and "7" in out, out
 
 
 def test_generate_continues_a_plain_prompt(real_model, capsys):
@@ -42,8 +47,8 @@ def quantized(request, real_model, tmp_path_factory):
 def test_quantized_tied_model_chats_and_generates(quantized, monkeypatch, capsys):
     """The tied head of a quantized checkpoint (the crash this model exposed) answers as the float one."""
     capsys.readouterr()
-    out = _chat(monkeypatch, capsys, quantized, "What is the capital of France?\n/exit\n")
-    assert "Paris" in out
+    out = _chat(monkeypatch, capsys, quantized, QUESTIONS)
+    assert "Tokyo" in out and "7" in out, out
     assert main(["generate", str(quantized), "--prompt", "The capital of France is", "--temperature", "0",
                  "--max-new-tokens", "8"]) == 0
     assert "Paris" in capsys.readouterr().out

@@ -25,14 +25,14 @@ def real_generator(real_model):
 def test_chat_completion_answers_and_stops_at_end_of_turn(real_generator):
     with live(real_generator) as s:
         body = {
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "messages": [{"role": "user", "content": "What is the capital of Japan?"}],
             "temperature": 0,
             "max_tokens": 60,
         }
         r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=120)
         assert r.status_code == 200, r.text
         choice = r.json()["choices"][0]
-        assert "Paris" in choice["message"]["content"]
+        assert "Tokyo" in choice["message"]["content"]
         assert choice["finish_reason"] == "stop"  # ended at <|im_end|>, not at the token limit
         assert "<|im_end|>" not in choice["message"]["content"]
         assert "<|im_start|>" not in choice["message"]["content"]
@@ -49,7 +49,7 @@ def test_chat_page_answers_in_the_browser(browser, real_generator):  # noqa: F81
         browser.get(s.url + "/")
         browser.find_element(By.ID, "temperature").clear()
         browser.find_element(By.ID, "temperature").send_keys("0")
-        browser.find_element(By.ID, "input").send_keys("What is the capital of France?")
+        browser.find_element(By.ID, "input").send_keys("What is the capital of Japan?")
         browser.find_element(By.ID, "send").click()
 
         def reply():
@@ -57,4 +57,4 @@ def test_chat_page_answers_in_the_browser(browser, real_generator):  # noqa: F81
             return replies[-1] if replies else None
 
         assert wait_until(lambda: reply() is not None and reply().get_attribute("data-state") == "done", 120)
-        assert "Paris" in reply().text
+        assert "Tokyo" in reply().text
