@@ -109,16 +109,20 @@ def import_gguf(
         raise MobiLlamaError(f"output {out} already exists (choose another path or remove it)")
     gf = GGUFFile(src)
     raw = hf_config_from_gguf(gf)
-    state = llama_state_from_gguf(gf, raw)
-    config, state, report = _to_project(raw, state, src, None, source=str(src), collapse_hint=False)
-    report.source, report.source_format = source_name or str(src), "gguf"
-    report.weight_files = [src.name]
-    types = sorted({t.tensor_type.name for t in gf.reader.tensors})
-    report.notices.append(f"dequantized {len(gf.reader.tensors)} tensors ({', '.join(types)}) to float32")
-
     with tempfile.TemporaryDirectory(prefix="mobillama-gguf-tok-") as tok_dir:
-        extra: dict[str, dict] = {"conversion.json": {}}
-        vocab = write_tokenizer_from_gguf(gf, Path(tok_dir), report.notices)
+        notices: list[str] = []
+        # The tokenizer first: an unsupported vocabulary fails before minutes of dequantization.
+        vocab = write_tokenizer_from_gguf(gf, Path(tok_dir), notices)
+        state = llama_state_from_gguf(gf, raw)
+        config, state, report = _to_project(raw, state, src, None, source=str(src), collapse_hint=False)
+        report.source, report.source_format = source_name or str(src), "gguf"
+        report.weight_files = [src.name]
+        types = sorted({t.tensor_type.name for t in gf.reader.tensors})
+        report.notices += [
+            *notices,
+            f"dequantized {len(gf.reader.tensors)} tensors ({', '.join(types)}) to float32",
+        ]
+        extra: dict[str, dict] = {}
         if vocab is not None:
             report.tokenizer_files = sorted(os.listdir(tok_dir))
             stop = [config.eos_token_id, *[i for i in vocab["stop_ids"] if i != config.eos_token_id]]
@@ -178,11 +182,8 @@ def hf_config_from_gguf(gf: GGUFFile) -> dict[str, Any]:
         raise MobiLlamaError(f"{gf.path}: RoPE frequency factors (rope_freqs) are not supported")
     hidden = gf.require(f"{ARCH}.embedding_length", int)
     n_heads = _one_per_model(gf, f"{ARCH}.attention.head_count")
-    n_kv = (
-        _one_per_model(gf, f"{ARCH}.attention.head_count_kv")
-        if gf.get(f"{ARCH}.attention.head_count_kv") is not None
-        else n_heads
-    )
+    has_kv = gf.get(f"{ARCH}.attention.head_count_kv") is not None
+    n_kv = _one_per_model(gf, f"{ARCH}.attention.head_count_kv") if has_kv else n_heads
     if n_heads <= 0 or hidden % n_heads:
         raise MobiLlamaError(f"{gf.path}: embedding_length {hidden} is not divisible by head_count {n_heads}")
     head_dim = hidden // n_heads
