@@ -76,7 +76,7 @@ def test_model_that_fails_to_load_exits_with_a_clear_error(micro_checkpoint, cap
     # int4 needs a group size dividing every layer input; micro's FFN width 176 has none of 128/64/32.
     code = main(["serve", str(micro_checkpoint), "--port", str(_free_port()), "--bits", "4"])
     assert code == 2
-    assert "error: cannot load the model: no int4 group size" in capsys.readouterr().err
+    assert "error: cannot load the model: int4 groups of 32 do not divide" in capsys.readouterr().err
 
 
 def _access_records(caplog) -> list[dict]:
