@@ -268,15 +268,14 @@ def group_05b(args: argparse.Namespace, root: str, common: list[str]) -> list[Ro
 
 
 def group_real(args: argparse.Namespace, root: str, common: list[str]) -> list[Row]:
-    from real_quality import real_text  # the same text and length rule as benchmarks/real_quality.py
-
     from mobillama.convert import export_gguf
     from mobillama.convert.fetch import cached_real_model
     from mobillama.eval import llama_cpp
+    from mobillama.eval.perplexity import reference_text  # the text benchmarks/real_quality.py scores
 
     gguf_file, ckpt = cached_real_model(REAL)
     text_file = Path(root) / "real_text.txt"
-    text_file.write_text(real_text(40_000 * max(1, args.perplexity_windows // 4)), encoding="utf-8")
+    text_file.write_text(reference_text(40_000 * max(1, args.perplexity_windows // 4)), encoding="utf-8")
     ppl = ["--perplexity-text", str(text_file), "--perplexity-windows", str(args.perplexity_windows)]
     checkpoints = quantize_checkpoints(str(ckpt), os.path.join(root, "real"), ["int8", "int4g32"])
     rows = [

@@ -27,7 +27,7 @@ import torch
 from mobillama.convert import export_gguf
 from mobillama.convert.fetch import cached_real_model
 from mobillama.eval import llama_cpp
-from mobillama.eval.perplexity import windowed_perplexity
+from mobillama.eval.perplexity import reference_text, windowed_perplexity
 from mobillama.generate import load_for_inference
 from mobillama.tokenizer import load_tokenizer
 
@@ -44,12 +44,6 @@ OURS = [  # (label, load_for_inference keyword arguments)
 LLAMA_CPP = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
 
 
-def real_text(chars: int) -> str:
-    import pydoc_data.topics as topics
-
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))[:chars]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=16, help="512-token windows scored (default 16)")
@@ -59,7 +53,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     gguf_file, ckpt = cached_real_model("smollm2-135m-instruct")
     tok = load_tokenizer(ckpt)
-    text = real_text(40_000 * max(1, args.windows // 4))
+    text = reference_text(40_000 * max(1, args.windows // 4))
     ids = tok.encode(text, parse_special=False)
     rows = []
     with tempfile.TemporaryDirectory(prefix="mobillama-quality-") as tmp:

@@ -61,9 +61,9 @@ def llama_cpp_tools():
 @pytest.fixture(scope="session")
 def real_text() -> str:
     """Real English prose with code: Python's own reference topics (installed with every Python)."""
-    import pydoc_data.topics as topics
+    from mobillama.eval.perplexity import reference_text
 
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    return reference_text()
 
 
 # ---- a SmolLM2-style tokenizer (the conventions of the first imported model), shared by every folder ----

@@ -129,6 +129,16 @@ def evaluate_perplexity(
     }
 
 
+def reference_text(chars: int | None = None) -> str:
+    """Real English prose with code that every Python install carries: the reference topics of
+    ``pydoc_data`` in a fixed order. One definition for the tests, the benchmarks and the docs' figures,
+    so a perplexity quoted anywhere is measured on the same text."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    return text if chars is None else text[:chars]
+
+
 def windowed_perplexity(
     model: torch.nn.Module,
     ids: list[int],
