@@ -29,7 +29,7 @@ from mobillama.checkpoint import load_checkpoint
 from mobillama.config import ModelConfig
 from mobillama.convert.from_hf import read_json_object
 from mobillama.convert.gguf_vocab import gguf_pre_tokenizer_name
-from mobillama.convert.to_llama import llama_state_dict, llama_tensor_names
+from mobillama.convert.to_llama import llama_state_dict
 from mobillama.errors import MobiLlamaError
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -82,39 +82,10 @@ def read_gguf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     The inverse of the exporter's tensor step, used to check an export against what llama.cpp will read
     (tests compare a stock ``LlamaForCausalLM`` built from these weights with llama.cpp's own logits).
     """
-    import gguf
-    from gguf.quants import dequantize
+    from mobillama.convert.from_gguf import GGUFFile, hf_config_from_gguf, llama_state_from_gguf
 
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct/numpy errors... for bad bytes
-        raise MobiLlamaError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-
-    def meta(key: str) -> int:
-        field_ = reader.get_field(key)
-        if field_ is None:
-            raise MobiLlamaError(f"{path}: missing GGUF metadata {key!r}")
-        return int(field_.contents())
-
-    if reader.get_field("general.architecture").contents() != "llama":
-        raise MobiLlamaError(f"{path}: not a 'llama' architecture GGUF file")
-    n_layers, n_heads = meta("llama.block_count"), meta("llama.attention.head_count")
-    n_kv = meta("llama.attention.head_count_kv")
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
-    llama_name = {name_map.get_name(k, try_suffixes=(".weight",)): k for k in llama_tensor_names(n_layers)}
-    state = {}
-    for t in reader.tensors:
-        if t.name not in llama_name:
-            raise MobiLlamaError(f"{path}: unexpected tensor {t.name!r}")
-        shape = [int(d) for d in reversed(t.shape.tolist())]  # GGUF lists dimensions innermost first
-        w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(shape)
-        key = llama_name[t.name]
-        if key.endswith("self_attn.q_proj.weight"):
-            w = unpermute_from_gguf(w, n_heads)
-        elif key.endswith("self_attn.k_proj.weight"):
-            w = unpermute_from_gguf(w, n_kv)
-        state[key] = w
-    return state
+    gf = GGUFFile(path)  # the importer's reader: the same names, dequantization and un-permutation
+    return llama_state_from_gguf(gf, hf_config_from_gguf(gf))
 
 
 def export_gguf(
