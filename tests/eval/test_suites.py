@@ -10,6 +10,7 @@ import pytest
 
 from mobillama.cli import main
 from mobillama.errors import MobiLlamaError
+from mobillama.eval import report as report_module
 from mobillama.eval import suites
 from mobillama.eval.report import compare_reports, format_markdown, load_report, write_report
 
@@ -103,6 +104,7 @@ def test_offline_run_reports_every_task(checkpoint, data_dir, tmp_path):
     assert piqa["value"] == pytest.approx(piqa["lm_eval_value"])
     assert piqa["ci95"][0] <= piqa["value"] <= piqa["ci95"][1]
     assert piqa["stderr"] is not None
+    assert piqa["chance"] == 0.5  # two solutions per PIQA goal, read off lm-eval's own requests
     assert report["tasks"]["race"]["status"] == "not available offline"
     assert report["tasks"]["truthfulqa_mc2"]["status"] == "missing data"
     assert report["average"] == {"value": piqa["value"], "tasks": 1, "of": 3}
@@ -136,8 +138,47 @@ def test_markdown_marks_missing_columns():
         "average": {"value": 0.5, "tasks": 1, "of": 1},
         "settings": {},
     }
-    row = format_markdown(report, "mine").splitlines()[6]
-    assert row.startswith("| mine | n/a | n/a | n/a | n/a | n/a | 50.00 ±10.0 | n/a")
+    lines = format_markdown(report, "mine").splitlines()
+    assert lines[7].startswith("| mine | n/a | n/a | n/a | n/a | n/a | 50.00 ±10.0 | n/a")
+
+
+def test_markdown_averages_only_the_scored_columns_and_shows_chance():
+    """A 2-task run must not put its 2-task average beside the paper's 9-task averages."""
+    task = {"status": "ok", "ci95": [0.4, 0.6], "metric": "acc", "num_fewshot": 0, "n": 10}
+    report = {
+        "tasks": {
+            "piqa": {**task, "column": "PIQA", "value": 0.6, "chance": 0.5},
+            "siqa": {**task, "column": "SIQA", "value": 0.4, "chance": 1 / 3},
+        },
+        "average": {"value": 0.5, "tasks": 2, "of": 2},
+        "settings": {},
+    }
+    lines = format_markdown(report, "mine").splitlines()
+    assert lines[0].endswith("| avg of the 2 scored |")
+    paper = next(line for line in lines if line.startswith("| MobiLlama 0.5B (paper)"))
+    assert paper.endswith(f"| {(72.03 + 40.22) / 2:.2f} |")  # PIQA and SIQA of the paper's row, not 46.00
+    chance = next(line for line in lines if line.startswith("| chance"))
+    assert "| 50.00 | 33.33 |" in chance.replace("n/a | ", "") and chance.endswith(
+        f"| {(50 + 100 / 3) / 2:.2f} |"
+    )
+    assert lines[7].endswith("| 50.00 |")
+
+
+def test_chance_is_computed_from_the_documents_scored():
+    raw = {
+        "samples": {
+            "offline_piqa": [{"doc_id": 0, "arguments": [1, 2]}, {"doc_id": 1, "arguments": [1, 2]}],
+            "offline_arc": [{"doc_id": 0, "arguments": [1, 2, 3, 4]}, {"doc_id": 1, "arguments": [1, 2, 3]}],
+            "offline_tqa": [
+                {"doc_id": 0, "arguments": [1] * 4, "doc": {"mc2_targets": {"labels": [1, 0, 0, 0]}}}
+            ],
+        }
+    }
+    assert report_module._chance(raw, "offline_piqa", "acc") == 0.5
+    assert report_module._chance(raw, "offline_arc", "acc_norm") == pytest.approx((1 / 4 + 1 / 3) / 2)
+    assert report_module._chance(raw, "offline_tqa", "acc") == 0.25
+    assert report_module._chance(raw, "offline_crows", "pct_stereotype") == 0.5
+    assert report_module._chance(raw, "missing", "acc") is None
 
 
 def test_bad_report_files(tmp_path):

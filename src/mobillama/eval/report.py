@@ -36,6 +36,25 @@ def _samples(raw: dict, lm_task: str, metric: str) -> tuple[list[str], list[floa
     return ids, scores
 
 
+def _chance(raw: dict, lm_task: str, metric: str) -> float | None:
+    """What a model that cannot tell the choices apart scores on the same documents: 1/choices per
+    document for accuracies (WinoGrande's two partial contexts included), the share of true answers for
+    TruthfulQA's mc2 (uniform probabilities), 50% for CrowS-Pairs' stereotype rate."""
+    if metric == "pct_stereotype":
+        return 0.5
+    samples = raw.get("samples", {})
+    names = [lm_task] if lm_task in samples else sorted(k for k in samples if k.startswith(lm_task + "_"))
+    per_doc = []
+    for name in names:
+        for s in samples[name]:
+            labels = (s.get("doc") or {}).get("mc2_targets", {}).get("labels")
+            if metric == "acc" and labels:
+                per_doc.append(sum(labels) / len(labels))
+            elif s.get("arguments"):
+                per_doc.append(1 / len(s["arguments"]))
+    return sum(per_doc) / len(per_doc) if per_doc else None
+
+
 def build_report(*, checkpoint: str, specs, raw: dict | None, statuses: dict, settings: dict) -> dict:
     tasks = {}
     for spec in specs:
@@ -66,6 +85,7 @@ def build_report(*, checkpoint: str, specs, raw: dict | None, statuses: dict, se
             stderr=stderr if isinstance(stderr, float) and math.isfinite(stderr) else None,
             ci95=[ci["ci_low"], ci["ci_high"]],
             n=len(scores),
+            chance=_chance(raw, lm_task, spec.metric),
             metrics={k.removesuffix(",none"): v for k, v in res.items() if k != "alias"},
             samples={"ids": ids, "scores": scores},
         )
@@ -108,34 +128,58 @@ def _cell(task: dict | None) -> str:
 
 
 def format_markdown(report: dict, label: str = "this checkpoint") -> str:
-    """The run beside the paper's rows (scores x100; ± is half the 95% bootstrap interval)."""
+    """The run beside the paper's rows (scores x100; ± is half the 95% bootstrap interval).
+
+    The ``avg`` column of every row is taken over the same columns: the ones this run scored. A paper row's
+    nine-task average next to a three-task average of this run would compare different things. The chance
+    row is what a model that cannot tell the choices apart scores on the documents this run used."""
     by_col = {t["column"]: t for t in report["tasks"].values()}
-    header = "| model | " + " | ".join(PAPER_COLUMNS) + " | avg |"
-    lines = [header, "|" + "---|" * (len(PAPER_COLUMNS) + 2)]
+    scored = [i for i, c in enumerate(PAPER_COLUMNS) if (by_col.get(c) or {}).get("status") == "ok"]
+    avg_name = "avg" if len(scored) == len(PAPER_COLUMNS) else f"avg of the {len(scored)} scored"
+
+    def avg(values: list[float | None]) -> str:
+        picked = [values[i] for i in scored]
+        if not picked or any(v is None for v in picked):
+            return "n/a"
+        return f"{sum(picked) / len(picked):.2f}"
+
+    lines = [
+        "| model | " + " | ".join(PAPER_COLUMNS) + f" | {avg_name} |",
+        "|" + "---|" * (len(PAPER_COLUMNS) + 2),
+    ]
     for name, row in PAPER_ROWS.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
-    avg = report["average"]
-    avg_cell = (
-        "n/a" if avg["value"] is None else f"{100 * avg['value']:.2f} ({avg['tasks']}/{avg['of']} tasks)"
-    )
+        lines.append(
+            f"| {name} | " + " | ".join(f"{v:.2f}" for v in row[: len(PAPER_COLUMNS)]) + f" | {avg(row)} |"
+        )
+    chance = [
+        100 * t["chance"] if t and t.get("status") == "ok" and t.get("chance") is not None else None
+        for t in (by_col.get(c) for c in PAPER_COLUMNS)
+    ]
     lines.append(
-        f"| {label} | " + " | ".join(_cell(by_col.get(c)) for c in PAPER_COLUMNS) + f" | {avg_cell} |"
+        "| chance (same documents) | "
+        + " | ".join("n/a" if v is None else f"{v:.2f}" for v in chance)
+        + f" | {avg(chance)} |"
+    )
+    ours = [100 * by_col[c]["value"] if i in scored else None for i, c in enumerate(PAPER_COLUMNS)]
+    lines.append(
+        f"| {label} | " + " | ".join(_cell(by_col.get(c)) for c in PAPER_COLUMNS) + f" | {avg(ours)} |"
     )
     lines += [
         "",
-        "| task | status | metric | shots | n | value | 95% CI | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | status | metric | shots | n | value | 95% CI | chance | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, t in report["tasks"].items():
         if t["status"] == "ok":
             lo, hi = t["ci95"]
+            ch = "" if t.get("chance") is None else f"{100 * t['chance']:.2f}"
             lines.append(
                 f"| {name} | ok | {t['metric']} | {t['num_fewshot']} | {t['n']} | {100 * t['value']:.2f} | "
-                f"[{100 * lo:.2f}, {100 * hi:.2f}] | |"
+                f"[{100 * lo:.2f}, {100 * hi:.2f}] | {ch} | |"
             )
         else:
             lines.append(
-                f"| {name} | {t['status']} | {t['metric']} | {t['num_fewshot']} | | | | {t.get('reason', '')} |"
+                f"| {name} | {t['status']} | {t['metric']} | {t['num_fewshot']} | | | | | {t.get('reason', '')} |"
             )
     if report["settings"].get("limit"):
         lines += [
