@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from mobillama.data.loader import StepBatches, TokenSplit, check_vocab, eval_batches
+from mobillama.data.loader import StepBatches, TokenSplit, ValidationBatches, check_vocab
 from mobillama.errors import MobiLlamaError
 
 
@@ -80,10 +80,31 @@ def test_interrupted_and_resumed_equals_uninterrupted(shard_dir, cut):
 
 def test_eval_batches_are_fixed_and_rank_disjoint(shard_dir):
     split = TokenSplit(shard_dir, "val")
-    r0 = [b["input_ids"] for b in eval_batches(split, 2, 0, 2)]
-    r1 = [b["input_ids"] for b in eval_batches(split, 2, 1, 2)]
+    r0 = [b["input_ids"] for b in ValidationBatches(split, 2, 0, 2)()]
+    r1 = [b["input_ids"] for b in ValidationBatches(split, 2, 1, 2)()]
     assert len(r0) == len(r1) == 2
     assert not any((x == y).all() for x in r0 for y in r1)
+
+
+def test_limited_validation_is_a_named_fixed_random_subset(shard_dir):
+    """eval.max_batches picks a seeded random subset (not the split's first rows) and says so."""
+    split = TokenSplit(shard_dir, "train")
+    full = ValidationBatches(split, 2, 0, 1)
+    assert full.rows == full.of_rows == len(split) and full.description.startswith("full validation split")
+    sub = ValidationBatches(split, 2, 0, 1, max_batches=3, seed=5)
+    assert sub.rows == 6 and sub.description == f"fixed random subset of 6 of {len(split)} validation rows"
+    assert [b["input_ids"].shape for b in sub()] == [b["input_ids"].shape for b in full()][:3]
+
+    tagged = [[i] * 4 for i in range(40)]  # row i holds i: which rows were picked is readable
+    picked = ValidationBatches(tagged, 2, 0, 1, max_batches=3, seed=5, collate=list)
+    rows = [r[0] for batch in picked() for r in batch]
+    assert rows == sorted(rows) and rows != list(range(6)) and len(set(rows)) == 6
+    assert rows == [r[0] for batch in picked() for r in batch]  # the same rows at every evaluation
+    again = ValidationBatches(tagged, 2, 0, 1, max_batches=3, seed=6, collate=list)
+    assert rows != [r[0] for batch in again() for r in batch]
+    rank1 = ValidationBatches(tagged, 2, 1, 2, max_batches=3, seed=5, collate=list)
+    rank0 = ValidationBatches(tagged, 2, 0, 2, max_batches=3, seed=5, collate=list)
+    assert not {r[0] for b in rank0() for r in b} & {r[0] for b in rank1() for r in b}
 
 
 def test_bad_data(tmp_path, shard_dir):

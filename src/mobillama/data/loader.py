@@ -196,15 +196,45 @@ class StepBatches:
         self.state = LoaderState(int(state["epoch"]), int(state["position"]), int(state["seed"]))
 
 
-def eval_batches(
-    dataset: Any, micro_batch_size: int, rank: int, world_size: int, max_batches: int = 0, collate=lm_collate
-):
-    """Fixed, in-order validation batches for this rank (every rank gets the same number of batches)."""
-    per_round = micro_batch_size * world_size
-    rounds = len(dataset) // per_round
-    if max_batches:
-        rounds = min(rounds, max_batches)
-    for r in range(rounds):
-        start = r * per_round + rank * micro_batch_size
-        ix = list(range(start, start + micro_batch_size))
-        yield collate(dataset.rows(ix) if hasattr(dataset, "rows") else [dataset[i] for i in ix])
+class ValidationBatches:
+    """Fixed validation batches for this rank, re-iterable (every rank gets the same number of batches).
+
+    With ``max_batches`` below the split's size the rows are a fixed random subset (drawn once from
+    ``seed``), not the first rows: the head of a split is one document or one source file, so "the first
+    64 rows" is not a sample of the split. ``rows``/``of_rows`` say what the validation loss is over, so
+    the console, the metrics and the plot can name it."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        micro_batch_size: int,
+        rank: int,
+        world_size: int,
+        max_batches: int = 0,
+        collate=lm_collate,
+        seed: int = 0,
+    ):
+        per_round = micro_batch_size * world_size
+        rounds = len(dataset) // per_round
+        if max_batches:
+            rounds = min(rounds, max_batches)
+        self.of_rows, self.rows = len(dataset), rounds * per_round
+        order = np.arange(self.rows)
+        if self.rows < self.of_rows:
+            order = np.sort(np.random.default_rng(seed).choice(self.of_rows, self.rows, replace=False))
+        self._ix = [
+            [int(i) for i in order[r * per_round + rank * micro_batch_size :][:micro_batch_size]]
+            for r in range(rounds)
+        ]
+        self.dataset, self.collate = dataset, collate
+
+    @property
+    def description(self) -> str:
+        if self.rows == self.of_rows:
+            return f"full validation split ({self.rows} rows)"
+        return f"fixed random subset of {self.rows} of {self.of_rows} validation rows"
+
+    def __call__(self):
+        for ix in self._ix:
+            rows = self.dataset.rows(ix) if hasattr(self.dataset, "rows") else [self.dataset[i] for i in ix]
+            yield self.collate(rows)

@@ -363,11 +363,18 @@ class Trainer:
                 if self.step % recipe.eval.every_steps == 0 or last:
                     val_loss = self.evaluate()
                     if val_loss is not None:
+                        # what the loss is over (a subset or the full split), so no one reads it as more
+                        val_on = getattr(self.val_batches, "description", "validation split")
                         self.metrics.log(
-                            {"step": self.step, "tokens": self.tokens_seen, "val_loss": val_loss}
+                            {
+                                "step": self.step,
+                                "tokens": self.tokens_seen,
+                                "val_loss": val_loss,
+                                "val_on": val_on,
+                            }
                         )
                         if self.ctx.is_main and recipe.log.progress:
-                            bar.write(f"step {self.step}: val_loss {val_loss:.4f}")
+                            bar.write(f"step {self.step}: val_loss {val_loss:.4f} on the {val_on}")
                 if self.step % recipe.checkpoint.every_steps == 0 or last:
                     self.save()
         finally:

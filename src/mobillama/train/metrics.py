@@ -113,7 +113,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
         if train:
             ax.plot(*zip(*train), color=color, alpha=0.8, label=f"{label} train")
         if val:
-            ax.plot(*zip(*val), color=color, linestyle="--", marker="o", markersize=3, label=f"{label} val")
+            val_on = next((r["val_on"] for r in reversed(records) if r.get("val_on")), "validation split")
+            val_label = f"{label} val ({val_on})"
+            ax.plot(*zip(*val), color=color, linestyle="--", marker="o", markersize=3, label=val_label)
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)

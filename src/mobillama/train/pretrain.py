@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mobillama.checkpoint import sha256_file, write_json
-from mobillama.data.loader import StepBatches, TokenSplit, check_vocab, eval_batches
+from mobillama.data.loader import StepBatches, TokenSplit, ValidationBatches, check_vocab
 from mobillama.errors import MobiLlamaError
 from mobillama.train.distributed import init_distributed, shutdown, wrap_model
 from mobillama.train.loop import Trainer, compile_for_training, lm_loss_sum
@@ -143,13 +143,13 @@ def run_pretrain(
         )
         val = None
         if val_split is not None:
-            val = functools.partial(
-                eval_batches,
+            val = ValidationBatches(
                 val_split,
                 recipe.batch.micro_batch_size,
                 ctx.rank,
                 ctx.world_size,
                 recipe.eval.max_batches,
+                seed=recipe.data.seed,
             )
         run_dir = recipe.run_dir
         lineage = {
@@ -159,6 +159,7 @@ def run_pretrain(
                 "tokenizer_sha256": train_split.manifest.get("tokenizer_sha256"),
                 "seq_len": seq_len,
                 "train_samples": len(train_split),
+                "validation": val.description if val is not None else None,
             },
             "init_from": str(init_from) if init_from else None,
             "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None,
