@@ -1,7 +1,8 @@
 """SFT demonstration: pre-train a tiny base on stdlib code, instruction-tune it on the stdlib Q/A set.
 
 Reports the held-out assistant-token loss before and after fine-tuning (same tokenizer, template and
-masking) and greedy answers to held-out prompts from both models. Everything runs through the public
+masking), greedy answers to every held-out prompt from both models, and how many of those answers take
+the assistant format of the training set (`` `signature`: summary`` ended by EOS). Everything runs through the public
 commands (``mobillama tokenizer train``, ``data prepare``, ``pretrain``, ``sft build-data``, ``sft``).
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sft_demo.py --work runs/sft-demo
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import sysconfig
 import time
@@ -70,6 +72,22 @@ def pretrain_base(work: Path, steps: int) -> Path:
     return newest_checkpoint(pre)
 
 
+# The training answers' shape: a back-quoted call signature, a colon, a summary (sft/instructions.py).
+ANSWER_FORMAT = re.compile(r"^`[^`\n]+`: \S")
+
+
+def format_counts(answers_: list[dict]) -> dict[str, int]:
+    """How many answers end on EOS, take the training format, and both (the SFT claim, over all prompts)."""
+    ends = [a["ended_with_eos"] for a in answers_]
+    shaped = [bool(ANSWER_FORMAT.match(a["answer"].strip())) for a in answers_]
+    return {
+        "prompts": len(answers_),
+        "ended_with_eos": sum(ends),
+        "assistant_format": sum(shaped),
+        "both": sum(e and f for e, f in zip(ends, shaped)),
+    }
+
+
 def answers(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> list[dict]:
     from mobillama.generate import Generator, SamplingParams, load_for_inference
     from mobillama.tokenizer import load_tokenizer
@@ -96,7 +114,10 @@ def main() -> int:
     parser.add_argument("--base", default=None, help="fine-tune this checkpoint instead of pre-training one")
     parser.add_argument("--pretrain-steps", type=int, default=400, help="pre-training steps of the tiny base")
     parser.add_argument("--epochs", type=float, default=3.0, help="SFT epochs (train.epochs)")
-    parser.add_argument("--prompts", type=int, default=6, help="held-out prompts to answer")
+    parser.add_argument(
+        "--prompts", type=int, default=0, help="held-out prompts to answer (default 0: all of them)"
+    )
+    parser.add_argument("--show", type=int, default=6, help="answers to print (the JSON keeps them all)")
     args = parser.parse_args()
 
     from mobillama.sft.train import assistant_token_loss
@@ -120,15 +141,18 @@ def main() -> int:
     after = assistant_token_loss(tuned, heldout, max_length=256)
     prompts = [
         json.loads(line)["messages"][0]["content"]
-        for line in heldout.read_text(encoding="utf-8").splitlines()[: args.prompts]
+        for line in heldout.read_text(encoding="utf-8").splitlines()[: args.prompts or None]
     ]
+    answers_before, answers_after = answers(base, prompts, 60), answers(tuned, prompts, 60)
     results = {
         "base": str(base),
         "fine_tuned": str(tuned),
         "heldout_assistant_loss_before": before,
         "heldout_assistant_loss_after": after,
-        "answers_before": answers(base, prompts, 60),
-        "answers_after": answers(tuned, prompts, 60),
+        "format_before": format_counts(answers_before),
+        "format_after": format_counts(answers_after),
+        "answers_before": answers_before,
+        "answers_after": answers_after,
         "seconds": time.perf_counter() - t0,
     }
     (work / "sft_demo.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
@@ -139,7 +163,13 @@ def main() -> int:
         f"ratio after/before: {after['loss'] / before['loss']:.3f} ({before['tokens']} tokens, "
         f"{before['conversations']} held-out conversations)"
     )
-    for b, a in zip(results["answers_before"], results["answers_after"]):
+    for name, key in (("base", "format_before"), ("fine-tuned", "format_after")):
+        c = results[key]
+        print(
+            f"{name}: of {c['prompts']} held-out prompts, {c['ended_with_eos']} answers end on EOS, "
+            f"{c['assistant_format']} take the assistant format, {c['both']} both"
+        )
+    for b, a in list(zip(answers_before, answers_after))[: args.show]:
         print(
             f"\nQ: {a['prompt']}\n  base: {b['answer']!r} (eos: {b['ended_with_eos']})"
             f"\n  sft:  {a['answer']!r} (eos: {a['ended_with_eos']})"
