@@ -71,7 +71,9 @@ def pretrain_base(work: Path, steps: int) -> Path:
 
 
 def answers(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    from mobillama.generate import Generator, SamplingParams, load_for_inference
+    from mobillama.infer.generator import Generator
+    from mobillama.infer.load import load_for_inference
+    from mobillama.infer.sampling import SamplingParams
     from mobillama.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint)

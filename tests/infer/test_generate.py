@@ -10,18 +10,17 @@ import torch
 
 from mobillama import kernels
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import (
+from mobillama.infer.decoder import FastDecoder
+from mobillama.infer.generator import Generator, reference_greedy
+from mobillama.infer.load import load_checkpoint_tokenizer
+from mobillama.infer.sampling import (
     MOBILLAMA_CHAT_SYSTEM,
-    FastDecoder,
-    Generator,
     SamplingParams,
     apply_repetition_penalty,
-    load_checkpoint_tokenizer,
-    reference_greedy,
-    render_mobillama_chat,
     sample_next,
 )
 from mobillama.model import MobiLlama
+from mobillama.tokenizer import render_chat
 
 GREEDY = SamplingParams(max_new_tokens=24, stop_at_eos=False)
 # The fast decoder's bf16 logits against the bf16 forward, relative to the largest logit, on a
@@ -166,11 +165,11 @@ def test_stream_yields_deltas_that_join_to_the_completion(byte_model, byte_token
 
 
 def test_incomplete_utf8_is_held_back_until_complete(byte_tokenizer):
-    from mobillama.generate import _held_back
+    from mobillama.infer.sampling import held_back
 
     partial = byte_tokenizer.decode(byte_tokenizer.encode("aé")[:-1])
-    assert partial.endswith("\ufffd") and _held_back(partial, ()) == 1
-    assert _held_back("abc ##", ("### Human:",)) == 2
+    assert partial.endswith("\ufffd") and held_back(partial, ()) == 1
+    assert held_back("abc ##", ("### Human:",)) == 2
 
 
 def test_eos_stops_and_counts_as_a_generated_token(byte_model, byte_tokenizer):
@@ -236,10 +235,8 @@ def test_chat_template_renders_the_reference_string_exactly():
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions.\n### Human: {message}\n### Assistant:"
     )
-    assert render_mobillama_chat([{"role": "user", "content": "Hi there"}]) == reference.format(
-        message="Hi there"
-    )
-    multi = render_mobillama_chat(
+    assert render_chat([{"role": "user", "content": "Hi there"}]) == reference.format(message="Hi there")
+    multi = render_chat(
         [
             {"role": "user", "content": "a"},
             {"role": "assistant", "content": "b"},
@@ -249,11 +246,11 @@ def test_chat_template_renders_the_reference_string_exactly():
     assert (
         multi == f"{MOBILLAMA_CHAT_SYSTEM}\n### Human: a\n### Assistant: b</s>\n### Human: c\n### Assistant:"
     )
-    assert render_mobillama_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]) == (
+    assert render_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]) == (
         "S\n### Human: u\n### Assistant:"
     )
     with pytest.raises(MobiLlamaError, match="role"):
-        render_mobillama_chat([{"role": "tool", "content": "x"}])
+        render_chat([{"role": "tool", "content": "x"}])
 
 
 def test_checkpoint_tokenizer_round_trip_and_chat_default(tokenizer_dir, tmp_path):
@@ -271,7 +268,7 @@ def test_checkpoint_tokenizer_round_trip_and_chat_default(tokenizer_dir, tmp_pat
 
 
 def test_generate_text_with_a_real_tokenizer_checkpoint(tiny_checkpoint):
-    from mobillama.generate import load_for_inference
+    from mobillama.infer.load import load_for_inference
 
     model = load_for_inference(tiny_checkpoint, dtype="fp32")
     gen = Generator(model, load_checkpoint_tokenizer(tiny_checkpoint))
@@ -283,7 +280,7 @@ def test_generate_text_with_a_real_tokenizer_checkpoint(tiny_checkpoint):
 
 def test_embedding_rows_are_read_from_the_checkpoint_file(tiny_checkpoint, tmp_path):
     from mobillama.checkpoint import load_model, safetensors_location
-    from mobillama.generate import FileRowEmbedding, load_for_inference
+    from mobillama.infer.load import FileRowEmbedding, load_for_inference
 
     model = load_for_inference(tiny_checkpoint, dtype="fp32")
     assert isinstance(model.model.embed_tokens, FileRowEmbedding)

@@ -372,7 +372,8 @@ class MobiLlamaLM(TemplateLM):
 
     def _generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, until: list[str]) -> list[str]:
         """Greedy continuations cut at the first stop string, through the project's generation module."""
-        from mobillama.generate import Generator, SamplingParams
+        from mobillama.infer.generator import Generator
+        from mobillama.infer.sampling import SamplingParams
         from mobillama.tokenizer import load_tokenizer
 
         if self._generator is None:

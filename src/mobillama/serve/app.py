@@ -50,7 +50,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import SamplingParams, chat_stop_strings
+from mobillama.infer.sampling import SamplingParams, chat_stop_strings
 from mobillama.serve.engine import Engine, Event, Job, NotReady, QueueFull
 from mobillama.serve.schemas import ChatCompletionRequest, CompletionRequest
 from mobillama.serve.security import HostPolicy, is_json, same_origin
@@ -797,7 +797,7 @@ def create_app(
     settings: ServeSettings | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """Build the server app around a generator (a :class:`~mobillama.generate.Generator` or anything
+    """Build the server app around a generator (a :class:`~mobillama.infer.generator.Generator` or anything
     with its ``tokenizer``/``context``/``iter_ids``), or a zero-argument loader returning one; a loader
     runs in a background thread at startup so ``/health`` answers while the model loads.
 

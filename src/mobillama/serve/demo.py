@@ -1,6 +1,6 @@
 """A tiny random checkpoint with a real tokenizer and chat template, built in seconds without a hub.
 
-The server's end-to-end tests and its load benchmark need a real :class:`~mobillama.generate.Generator`
+The server's end-to-end tests and its load benchmark need a real :class:`~mobillama.infer.generator.Generator`
 over a real checkpoint directory (so the path ``mobillama serve CKPT`` takes is the one exercised),
 but no model may be downloaded here: this builds one from a preset with random weights and a
 byte-level BPE trained on a few Python standard-library files.

@@ -65,10 +65,10 @@ def _log_to(name: str, stream, fmt: str) -> None:
 def load_generator(checkpoint: str | Path, **load_options: Any):
     """The real model behind the server: the generation module's loader and tokenizer, or for a
     MobiLlama-V checkpoint (vision_config.json) a :class:`~mobillama.serve.vision.VisionGenerator`."""
-    from mobillama.generate import Generator, load_checkpoint_tokenizer, load_for_inference
-    from mobillama.vision.chat import is_vision_checkpoint
+    from mobillama.infer.generator import Generator
+    from mobillama.infer.load import describe_checkpoint, load_checkpoint_tokenizer, load_for_inference
 
-    if is_vision_checkpoint(checkpoint):
+    if describe_checkpoint(checkpoint, presets=False).is_vision:
         from mobillama.serve.vision import VisionGenerator
 
         unsupported = sorted(k for k, v in load_options.items() if k != "dtype" and v is not None)
