@@ -19,10 +19,15 @@ portable tensors, so memory holds each weight once; a packed module can no longe
 
 The model's FFNs live in ``model.model.ffns``; with ``ffn_sharing: all`` that is one module used by every
 layer, so :func:`quantize_model` quantizes it once and the quantized state holds it once.
+
+Quantized checkpoint directories are :mod:`mobillama.infer.quant_checkpoint`'s. (This module is a little
+over the ~450-line guide: the two layer classes and the whole-model functions that know their private
+kernel layouts belong together, so nothing outside reads those layouts.)
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -128,8 +133,6 @@ class Int8Linear(QuantizedLinear):
         if not _fbgemm_available():
             raise MobiLlamaError("--int8-kernel dynamic needs PyTorch's fbgemm/x86 quantized engine")
         zero = torch.zeros(self.out_features, dtype=torch.int64)
-        import warnings
-
         with (
             warnings.catch_warnings()
         ):  # quantized tensor creation is deprecated in 2.13; still the fbgemm API
@@ -295,7 +298,9 @@ def default_group_size(model: nn.Module) -> int:
     sizes = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
     if all(k % DEFAULT_INT4_GROUP == 0 for k in sizes):
         return DEFAULT_INT4_GROUP
-    raise MobiLlamaError(f"int4 groups of {DEFAULT_INT4_GROUP} do not divide the layer input sizes {sorted(sizes)}")
+    raise MobiLlamaError(
+        f"int4 groups of {DEFAULT_INT4_GROUP} do not divide the layer input sizes {sorted(sizes)}"
+    )
 
 
 def check_bits(bits: Any, group_size: Any) -> None:

@@ -33,12 +33,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from mobillama.checkpoint import (
+    TOKENIZER_FILES,
     WEIGHTS_NAME,
     atomic_directory,
     copy_tokenizer_files,
+    load_checkpoint,
+    load_model,
     read_safetensors,
     save_checkpoint,
     write_json,
@@ -392,8 +396,6 @@ class MobiLlamaV(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> MobiLlamaV:
         """Load a directory written by :meth:`save_pretrained` (eval mode); every file is checked."""
-        from mobillama.checkpoint import load_model
-
         path = Path(path)
         vision_config = read_vision_config(path)
         decoder = load_model(path / DECODER_SUBDIR)
@@ -460,8 +462,6 @@ def save_vision_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write a MobiLlama-V directory (see the module docstring) atomically from a full state dict."""
-    from safetensors.torch import save_file
-
     decoder_state = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
     vision_state = {
         k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(("encoder.", "projector."))
@@ -525,8 +525,6 @@ def read_vision_weights(path: str | Path, expected: dict[str, torch.Size]) -> di
 def read_vision_checkpoint(path: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
     """(vision config, full ``decoder.*/encoder.*/projector.*`` state dict, tied weights included) of a
     MobiLlama-V directory, with the same checks as :meth:`MobiLlamaV.from_pretrained`."""
-    from mobillama.checkpoint import load_checkpoint
-
     path = Path(path)
     vision_config = read_vision_config(path)
     config, decoder_state = load_checkpoint(path / DECODER_SUBDIR)
@@ -572,8 +570,6 @@ def init_vision_model(
     seed: int = 0,
 ) -> Path:
     """``mobillama vision init``: decoder checkpoint (or preset) + encoder + fresh projector -> checkpoint."""
-    from mobillama.checkpoint import TOKENIZER_FILES, load_model
-
     torch.manual_seed(seed)
     dec = load_model(decoder)
     if encoder_dir is not None:
