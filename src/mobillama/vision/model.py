@@ -444,8 +444,13 @@ class MobiLlamaV(nn.Module):
             stop_at_eos=bool(stops),
         )
         embeds, lengths = self.prompt_embeds(input_ids, pixel_values, attention_mask)
-        stream = Generator(self.decoder).iter_embeds(embeds, lengths, params, stop_tokens=stops)
-        return [c.token_ids + ([c.stop_token] if c.stop_token is not None else []) for c in drain(stream)]
+        training = self.decoder.training  # the Generator puts the decoder in eval mode; a caller's is kept
+        try:
+            stream = Generator(self.decoder).iter_embeds(embeds, lengths, params, stop_tokens=stops)
+            completions = drain(stream)
+        finally:
+            self.decoder.train(training)
+        return [c.token_ids + ([c.stop_token] if c.stop_token is not None else []) for c in completions]
 
 
 # --------------------------------------------------------------------------------------------------
