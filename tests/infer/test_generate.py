@@ -11,7 +11,7 @@ import torch
 from mobillama import kernels
 from mobillama.errors import MobiLlamaError
 from mobillama.infer.decoder import FastDecoder
-from mobillama.infer.generator import Generator, reference_greedy
+from mobillama.infer.generator import Generator, drain, reference_greedy
 from mobillama.infer.load import load_checkpoint_tokenizer
 from mobillama.infer.sampling import (
     MOBILLAMA_CHAT_SYSTEM,
@@ -44,6 +44,31 @@ def test_batched_left_padded_greedy_equals_each_prompt_alone(byte_model):
     outs = Generator(model).generate_ids(prompts, SamplingParams(max_new_tokens=12, stop_at_eos=False))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == reference_greedy(model, prompt, 12)
+
+
+def test_prompt_embeddings_generate_as_their_token_ids(byte_model, byte_tokenizer):
+    """iter_embeds (how MobiLlama-V prompts enter) runs the same loop as iter_ids: the embeddings of a
+    left-padded batch of token prompts give the same completions, repetition penalty and stop strings
+    included, and the same streamed deltas."""
+    model = byte_model(seed=3)
+    gen = Generator(model, byte_tokenizer)
+    prompts = [byte_tokenizer.encode("def f(x):"), byte_tokenizer.encode("import")]
+    params = SamplingParams(max_new_tokens=10, repetition_penalty=1.3, stop=("e",), stop_at_eos=False)
+    by_ids: list[tuple[int, str]] = []
+    want = drain(gen.iter_ids(prompts, params), lambda *event: by_ids.append(event))
+    width = max(map(len, prompts))
+    padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    with torch.inference_mode():
+        embeds = model.model.embed_tokens(padded)
+    by_embeds: list[tuple[int, str]] = []
+    got = drain(
+        gen.iter_embeds(embeds, [len(p) for p in prompts], params, seen_ids=prompts),
+        lambda *event: by_embeds.append(event),
+    )
+    assert [c.__dict__ for c in got] == [c.__dict__ for c in want]
+    assert by_embeds == by_ids
+    with pytest.raises(MobiLlamaError, match="do not match"):
+        drain(gen.iter_embeds(embeds, [3, 3], params))
 
 
 @pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -140,7 +141,7 @@ class Generator:
             [[pad_id] * (width - len(p)) + list(p) for p in prompt_ids], device=self.decoder.device
         )
         lengths = [len(p) for p in prompt_ids]
-        return (yield from self._loop(lengths, params, lambda: self.decoder.prefill(ids), prompt_ids))
+        return (yield from self._loop(lengths, params, partial(self.decoder.prefill, ids), prompt_ids))
 
     def iter_embeds(
         self,
@@ -161,7 +162,7 @@ class Generator:
         if embeds.shape[0] != len(lengths) or embeds.shape[1] != max(lengths):
             raise MobiLlamaError(f"embeddings of shape {tuple(embeds.shape)} do not match lengths {lengths}")
         seen = seen_ids if seen_ids is not None else [[] for _ in lengths]
-        prefill = lambda: self.decoder.prefill_embeds(embeds)  # noqa: E731
+        prefill = partial(self.decoder.prefill_embeds, embeds)
         return (yield from self._loop(lengths, params, prefill, seen, stop_tokens))
 
     def _check_params(self, params: SamplingParams) -> None:
