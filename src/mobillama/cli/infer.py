@@ -87,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "end-of-turn/EOS tokens. Commands: /reset, /exit. "
         "When the conversation outgrows the context the oldest turns are dropped (with a notice). "
         "A MobiLlama-V checkpoint (with vision_config.json) chats about --image (command /image PATH "
-        "switches it); its replies are printed when complete.",
+        "switches it); its replies stream as text replies do.",
     )
     c.add_argument(
         "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
