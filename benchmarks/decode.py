@@ -108,7 +108,7 @@ def quantize_checkpoints(src: str, root: str, names: list[str]) -> dict[str, str
 def write_checkpoints(root: str) -> dict[str, str]:
     """The 0.5b preset's seeded weights as a bf16 checkpoint and its int8 / int4 quantizations."""
     from mobillama.checkpoint import save_checkpoint
-    from mobillama.generate import load_for_inference
+    from mobillama.infer.load import load_for_inference
 
     model = load_for_inference(PRESET, dtype="bf16", seed=0)
     save_checkpoint(model.state_dict(), model.config, os.path.join(root, "bf16"))
@@ -122,9 +122,9 @@ def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> di
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from mobillama.bench import _reset_peak_rss, _status_kb, measure_read_bandwidth
     from mobillama.convert.to_llama import llama_config
-    from mobillama.generate import load_for_inference
+    from mobillama.infer.bench import _reset_peak_rss, _status_kb, measure_read_bandwidth
+    from mobillama.infer.load import load_for_inference
 
     torch.set_num_threads(threads)
     torch.backends.mkldnn.enabled = mkldnn

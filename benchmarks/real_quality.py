@@ -28,7 +28,7 @@ from mobillama.convert import export_gguf
 from mobillama.convert.fetch import cached_real_model
 from mobillama.eval import llama_cpp
 from mobillama.eval.perplexity import reference_text, windowed_perplexity
-from mobillama.generate import load_for_inference
+from mobillama.infer.load import load_for_inference
 from mobillama.tokenizer import load_tokenizer
 
 OURS = [  # (label, load_for_inference keyword arguments)

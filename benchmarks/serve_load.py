@@ -136,7 +136,7 @@ def direct_peer(checkpoint: Path, n: int, max_tokens: int, threads: int | None) 
     """Tokens/s of the same generation called in-process, one request at a time (no HTTP)."""
     import torch
 
-    from mobillama.generate import SamplingParams, chat_stop_strings
+    from mobillama.infer.sampling import SamplingParams, chat_stop_strings
     from mobillama.serve.server import load_generator
 
     if threads:

@@ -89,7 +89,9 @@ def format_counts(answers_: list[dict]) -> dict[str, int]:
 
 
 def answers(checkpoint: Path, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    from mobillama.generate import Generator, SamplingParams, load_for_inference
+    from mobillama.infer.generator import Generator
+    from mobillama.infer.load import load_for_inference
+    from mobillama.infer.sampling import SamplingParams
     from mobillama.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint)

@@ -184,7 +184,7 @@ class ScriptedDecoder:
 def scripted_generator():
     """Factory: a real Generator over ``model`` and ``tokenizer`` whose decoder emits ``script`` (greedy);
     ``generator.decoder.prompts`` records the prompt ids it was given."""
-    from mobillama.generate import Generator
+    from mobillama.infer.generator import Generator
 
     def make(model, tokenizer, script: list[int]) -> Generator:
         generator = Generator(model, tokenizer)

@@ -17,7 +17,7 @@ import torch
 import mobillama
 from mobillama.checkpoint import save_checkpoint
 from mobillama.config import get_preset
-from mobillama.quant import quantize_checkpoint
+from mobillama.infer.quant_checkpoint import quantize_checkpoint
 
 SRC = str(Path(mobillama.__file__).resolve().parents[1])
 
@@ -47,8 +47,9 @@ loaded = {}
 import mobillama
 loaded["import"] = sorted(m for m in ("transformers", "torch._dynamo") if m in sys.modules)
 from mobillama.checkpoint import load_model
-from mobillama.generate import Generator, SamplingParams
-from mobillama.quant import load_quantized
+from mobillama.infer.generator import Generator
+from mobillama.infer.sampling import SamplingParams
+from mobillama.infer.quant_checkpoint import load_quantized
 model = load_model(sys.argv[1])
 loaded["load_model"] = sorted(m for m in ("transformers", "torch._dynamo") if m in sys.modules)
 params = SamplingParams(max_new_tokens=4, stop_at_eos=False)

@@ -1,8 +1,8 @@
 """MobiLlama: small Llama-style language models whose one feed-forward network is shared by every layer.
 
 ``import mobillama`` does not import transformers (~155 MB resident, ~2.5 s): loading a checkpoint
-(:func:`load_model`), generating (:mod:`mobillama.generate`) and quantized checkpoints
-(:mod:`mobillama.quant`) only need torch, so CPU decode's peak memory stays close to the weights.
+(:func:`load_model`), generating (:mod:`mobillama.infer.generator`) and quantized checkpoints
+(:mod:`mobillama.infer.quant_checkpoint`) only need torch, so CPU decode's peak memory stays close to the weights.
 
 The Hugging Face classes ``MobiLlamaConfig`` / ``MobiLlamaForCausalLM`` are loaded on first use
 (PEP 562 module ``__getattr__``): touching ``mobillama.MobiLlamaForCausalLM``, ``from mobillama import

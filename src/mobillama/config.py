@@ -13,13 +13,36 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mobillama.errors import MobiLlamaError
+
+# The dtype names every command and library entry point accepts: short (fp32) and torch's (float32).
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def parse_dtype(name: str | torch.dtype, allowed: Collection[torch.dtype] | None = None) -> torch.dtype:
+    """A torch dtype from one of :data:`DTYPES`' names (a torch dtype passes through unchanged);
+    ``allowed`` narrows the choice for a caller that supports fewer (inference: fp32 and bf16)."""
+    names = [n for n, d in DTYPES.items() if allowed is None or d in allowed]
+    dtype = name if isinstance(name, torch.dtype) else DTYPES.get(name)
+    if dtype is None or (allowed is not None and dtype not in allowed):
+        raise MobiLlamaError(f"unknown dtype {name!r}; choose one of: {', '.join(names)}")
+    return dtype
+
 
 # Fields a config.json must state explicitly: a default would silently build the wrong shape.
 REQUIRED_IN_CHECKPOINT = (

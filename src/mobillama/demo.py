@@ -166,7 +166,9 @@ def quick_benchmarks(ckpt: Path, settings: DemoSettings, say) -> dict[str, Any]:
 
 
 def generate_samples(ckpt: Path, seed: int) -> list[dict[str, str]]:
-    from mobillama.generate import Generator, SamplingParams, load_for_inference
+    from mobillama.infer.generator import Generator
+    from mobillama.infer.load import load_for_inference
+    from mobillama.infer.sampling import SamplingParams
     from mobillama.tokenizer import load_tokenizer
 
     generator = Generator(load_for_inference(ckpt, dtype="fp32"), load_tokenizer(ckpt))

@@ -113,7 +113,8 @@ def f32_gguf(real_model, tmp_path_factory, llama_cpp_tools):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_continuation_equals_llama_cpps_for_32_tokens(f32_gguf, model, tok, prompt):
-    from mobillama.generate import Generator, SamplingParams
+    from mobillama.infer.generator import Generator
+    from mobillama.infer.sampling import SamplingParams
 
     theirs = llama_cpp.greedy(f32_gguf, prompt, 32)
     ids = tok.encode(prompt)

@@ -74,7 +74,7 @@ def short_checkpoint(tmp_path_factory) -> Path:
 def tied_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """A SmolLM2-shaped tiny model (tied embeddings, GQA, one FFN per layer) in float ("float") and
     quantized by ``mobillama quantize`` ("int8", "int4")."""
-    from mobillama.quant import quantize_checkpoint
+    from mobillama.infer.quant_checkpoint import quantize_checkpoint
 
     root = tmp_path_factory.mktemp("eval-tied")
     tied = build_checkpoint(

@@ -82,7 +82,7 @@ def test_bench_rejects_bad_arguments(kwargs):
 def test_bench_runs_on_a_tiny_exported_gguf(tmp_path, llama_cpp_tools):
     from mobillama.checkpoint import save_checkpoint
     from mobillama.convert import export_gguf
-    from mobillama.generate import load_for_inference
+    from mobillama.infer.load import load_for_inference
 
     model = load_for_inference("micro", dtype="fp32", seed=0)
     save_checkpoint(model.state_dict(), model.config, tmp_path / "micro")

@@ -137,7 +137,7 @@ def _edit(d: Path, fn) -> None:
 def test_quantized_checkpoints_are_scored_as_quantized(tied_checkpoints, tmp_path, bits):
     """A quantized checkpoint (here of a tied-embedding model) loads through the inference loader and
     scores close to its float original; what is scored is the quantized model itself."""
-    from mobillama.quant import load_quantized
+    from mobillama.infer.quant_checkpoint import load_quantized
 
     rows = make_shards(tmp_path / "shards", tied_checkpoints["float"])
     ref = evaluate_perplexity(tied_checkpoints["float"], tmp_path / "shards")

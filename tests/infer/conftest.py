@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from mobillama.config import get_preset
-from mobillama.generate import render_mobillama_chat
 from mobillama.model import MobiLlama, causal_lm_loss
+from mobillama.tokenizer import render_chat
 
 
 class ByteTokenizer:
@@ -33,7 +33,7 @@ class ByteTokenizer:
         return bytes(i - 3 for i in ids if i >= 3).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        return render_mobillama_chat(messages, add_generation_prompt)
+        return render_chat(messages, add_generation_prompt)
 
 
 @pytest.fixture
@@ -185,7 +185,7 @@ def tied_checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tied_quantized(tmp_path_factory, tied_checkpoints):
     """``tied_quantized(sharing, bits)``: the tied checkpoint quantized (written once per session)."""
-    from mobillama.quant import quantize_checkpoint
+    from mobillama.infer.quant_checkpoint import quantize_checkpoint
 
     root = tmp_path_factory.mktemp("tied-q")
     done: dict[tuple[str, int], Path] = {}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mobillama.bench import bytes_per_decode_token, duplicate_ffn, format_bench, run_bench
 from mobillama.errors import MobiLlamaError
+from mobillama.infer.bench import bytes_per_decode_token, duplicate_ffn, format_bench, run_bench
 
 
 @pytest.mark.parametrize("bits", [None, 8, 4])

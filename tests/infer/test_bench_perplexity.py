@@ -7,10 +7,11 @@ import json
 
 import pytest
 
-from mobillama.bench import kernels_in_use, perplexity_ids
 from mobillama.cli import main
 from mobillama.eval.perplexity import windowed_perplexity
-from mobillama.generate import load_checkpoint_tokenizer, load_for_inference
+from mobillama.infer.bench import perplexity_ids
+from mobillama.infer.load import load_checkpoint_tokenizer, load_for_inference
+from mobillama.infer.quant import kernels_in_use
 
 from .conftest import HELD_OUT_FILES, stdlib_text
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 
-from mobillama.chat import chat_loop, fit_history
-from mobillama.generate import Generator, SamplingParams
+from mobillama.infer.chat import chat_loop, fit_history
+from mobillama.infer.generator import Generator
+from mobillama.infer.sampling import SamplingParams
 
 PARAMS = SamplingParams(max_new_tokens=6, stop_at_eos=False)
 

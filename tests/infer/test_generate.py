@@ -10,18 +10,17 @@ import torch
 
 from mobillama import kernels
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import (
+from mobillama.infer.decoder import FastDecoder
+from mobillama.infer.generator import Generator, drain, reference_greedy
+from mobillama.infer.load import load_checkpoint_tokenizer
+from mobillama.infer.sampling import (
     MOBILLAMA_CHAT_SYSTEM,
-    FastDecoder,
-    Generator,
     SamplingParams,
     apply_repetition_penalty,
-    load_checkpoint_tokenizer,
-    reference_greedy,
-    render_mobillama_chat,
     sample_next,
 )
 from mobillama.model import MobiLlama
+from mobillama.tokenizer import render_chat
 
 GREEDY = SamplingParams(max_new_tokens=24, stop_at_eos=False)
 # The fast decoder's bf16 logits against the bf16 forward, relative to the largest logit, on a
@@ -45,6 +44,31 @@ def test_batched_left_padded_greedy_equals_each_prompt_alone(byte_model):
     outs = Generator(model).generate_ids(prompts, SamplingParams(max_new_tokens=12, stop_at_eos=False))
     for prompt, out in zip(prompts, outs):
         assert out.token_ids == reference_greedy(model, prompt, 12)
+
+
+def test_prompt_embeddings_generate_as_their_token_ids(byte_model, byte_tokenizer):
+    """iter_embeds (how MobiLlama-V prompts enter) runs the same loop as iter_ids: the embeddings of a
+    left-padded batch of token prompts give the same completions, repetition penalty and stop strings
+    included, and the same streamed deltas."""
+    model = byte_model(seed=3)
+    gen = Generator(model, byte_tokenizer)
+    prompts = [byte_tokenizer.encode("def f(x):"), byte_tokenizer.encode("import")]
+    params = SamplingParams(max_new_tokens=10, repetition_penalty=1.3, stop=("e",), stop_at_eos=False)
+    by_ids: list[tuple[int, str]] = []
+    want = drain(gen.iter_ids(prompts, params), lambda *event: by_ids.append(event))
+    width = max(map(len, prompts))
+    padded = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    with torch.inference_mode():
+        embeds = model.model.embed_tokens(padded)
+    by_embeds: list[tuple[int, str]] = []
+    got = drain(
+        gen.iter_embeds(embeds, [len(p) for p in prompts], params, seen_ids=prompts),
+        lambda *event: by_embeds.append(event),
+    )
+    assert [c.__dict__ for c in got] == [c.__dict__ for c in want]
+    assert by_embeds == by_ids
+    with pytest.raises(MobiLlamaError, match="do not match"):
+        drain(gen.iter_embeds(embeds, [3, 3], params))
 
 
 @pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
@@ -166,11 +190,11 @@ def test_stream_yields_deltas_that_join_to_the_completion(byte_model, byte_token
 
 
 def test_incomplete_utf8_is_held_back_until_complete(byte_tokenizer):
-    from mobillama.generate import _held_back
+    from mobillama.infer.sampling import held_back
 
     partial = byte_tokenizer.decode(byte_tokenizer.encode("aé")[:-1])
-    assert partial.endswith("\ufffd") and _held_back(partial, ()) == 1
-    assert _held_back("abc ##", ("### Human:",)) == 2
+    assert partial.endswith("\ufffd") and held_back(partial, ()) == 1
+    assert held_back("abc ##", ("### Human:",)) == 2
 
 
 def test_eos_stops_and_counts_as_a_generated_token(byte_model, byte_tokenizer):
@@ -236,10 +260,8 @@ def test_chat_template_renders_the_reference_string_exactly():
         "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the human's questions.\n### Human: {message}\n### Assistant:"
     )
-    assert render_mobillama_chat([{"role": "user", "content": "Hi there"}]) == reference.format(
-        message="Hi there"
-    )
-    multi = render_mobillama_chat(
+    assert render_chat([{"role": "user", "content": "Hi there"}]) == reference.format(message="Hi there")
+    multi = render_chat(
         [
             {"role": "user", "content": "a"},
             {"role": "assistant", "content": "b"},
@@ -249,11 +271,11 @@ def test_chat_template_renders_the_reference_string_exactly():
     assert (
         multi == f"{MOBILLAMA_CHAT_SYSTEM}\n### Human: a\n### Assistant: b</s>\n### Human: c\n### Assistant:"
     )
-    assert render_mobillama_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]) == (
+    assert render_chat([{"role": "system", "content": "S"}, {"role": "user", "content": "u"}]) == (
         "S\n### Human: u\n### Assistant:"
     )
     with pytest.raises(MobiLlamaError, match="role"):
-        render_mobillama_chat([{"role": "tool", "content": "x"}])
+        render_chat([{"role": "tool", "content": "x"}])
 
 
 def test_checkpoint_tokenizer_round_trip_and_chat_default(tokenizer_dir, tmp_path):
@@ -271,7 +293,7 @@ def test_checkpoint_tokenizer_round_trip_and_chat_default(tokenizer_dir, tmp_pat
 
 
 def test_generate_text_with_a_real_tokenizer_checkpoint(tiny_checkpoint):
-    from mobillama.generate import load_for_inference
+    from mobillama.infer.load import load_for_inference
 
     model = load_for_inference(tiny_checkpoint, dtype="fp32")
     gen = Generator(model, load_checkpoint_tokenizer(tiny_checkpoint))
@@ -283,7 +305,7 @@ def test_generate_text_with_a_real_tokenizer_checkpoint(tiny_checkpoint):
 
 def test_embedding_rows_are_read_from_the_checkpoint_file(tiny_checkpoint, tmp_path):
     from mobillama.checkpoint import load_model, safetensors_location
-    from mobillama.generate import FileRowEmbedding, load_for_inference
+    from mobillama.infer.load import FileRowEmbedding, load_for_inference
 
     model = load_for_inference(tiny_checkpoint, dtype="fp32")
     assert isinstance(model.model.embed_tokens, FileRowEmbedding)

@@ -13,16 +13,12 @@ from safetensors.torch import load_file, save_file
 from mobillama import kernels
 from mobillama.checkpoint import load_model
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import FastDecoder, Generator, SamplingParams
+from mobillama.infer.decoder import FastDecoder
+from mobillama.infer.generator import Generator
+from mobillama.infer.quant import Int4Linear, Int8Linear, quantize_model, quantized_module_count
+from mobillama.infer.quant_checkpoint import load_quantized, quantize_checkpoint
+from mobillama.infer.sampling import SamplingParams
 from mobillama.model import MobiLlama
-from mobillama.quant import (
-    Int4Linear,
-    Int8Linear,
-    load_quantized,
-    quantize_checkpoint,
-    quantize_model,
-    quantized_module_count,
-)
 
 
 def _copy(model: MobiLlama, dtype=torch.bfloat16) -> MobiLlama:

@@ -16,10 +16,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mobillama import generate, kernels, quant
+from mobillama import kernels
 from mobillama.cli import main
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import FastDecoder, FileRowEmbedding, Generator, SamplingParams, load_for_inference
+from mobillama.infer import decoder as decoder_module
+from mobillama.infer.decoder import FastDecoder
+from mobillama.infer.generator import Generator
+from mobillama.infer.load import FileRowEmbedding, load_for_inference, serve_embedding_from_file
+from mobillama.infer.quant_checkpoint import load_quantized, quantize_checkpoint
+from mobillama.infer.sampling import SamplingParams
 from mobillama.model import MobiLlama
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42]]  # two rows of different length: the batch is left-padded
@@ -30,9 +35,7 @@ VNNI = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {ker
 def dequantized_float(qdir, dtype: torch.dtype = torch.bfloat16) -> MobiLlama:
     """The quantized checkpoint's numbers as a float model: every quantized layer becomes an nn.Linear
     holding its dequantized weight in ``dtype``; the tied table is loaded as stored."""
-    model = quant.load_quantized(
-        qdir, dtype=dtype, int8_kernel="reference", int4_kernel="reference", pack=False
-    )
+    model = load_quantized(qdir, dtype=dtype, int8_kernel="reference", int4_kernel="reference", pack=False)
     for name in model.quantization["modules"]:
         layer = model.get_submodule(name)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=False)
@@ -70,9 +73,7 @@ def test_the_tied_matrix_is_stored_once_and_held_once(tied_checkpoints, tied_qua
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is embed.weight
     assert embed.weight.dtype == torch.bfloat16
     # the summary counts the table once too (what the file holds)
-    summary = quant.quantize_checkpoint(
-        tied_checkpoints[sharing], qdir.parent / f"again-{sharing}{bits}", bits
-    )
+    summary = quantize_checkpoint(tied_checkpoints[sharing], qdir.parent / f"again-{sharing}{bits}", bits)
     assert summary["bytes_after"] == stored
 
 
@@ -116,7 +117,7 @@ def test_fp32_activations_with_a_bf16_tied_head(tied_quantized, monkeypatch, bit
     ref.lm_head.weight = ref.model.embed_tokens.weight = nn.Parameter(
         ref.model.embed_tokens.weight.to(torch.bfloat16).float(), requires_grad=False
     )
-    monkeypatch.setattr(generate, "_compute_dtype", lambda model: torch.float32)
+    monkeypatch.setattr(decoder_module, "compute_dtype", lambda model: torch.float32)
     q = load_for_inference(qdir, int8_kernel="reference", int4_kernel="reference")
     decoder = FastDecoder(q)
     assert decoder.dtype == torch.float32 and decoder.head_dtype == torch.bfloat16
@@ -171,8 +172,8 @@ def test_cli_generate_chat_bench_and_info_on_a_tied_quantized_checkpoint(
 
 
 def test_chat_function_on_a_tied_quantized_model(tied_quantized, tokenizer_dir):
-    from mobillama.chat import chat_loop
-    from mobillama.generate import load_checkpoint_tokenizer
+    from mobillama.infer.chat import chat_loop
+    from mobillama.infer.load import load_checkpoint_tokenizer
 
     qdir = tied_quantized("none", 4)
     generator = Generator(load_for_inference(qdir), load_checkpoint_tokenizer(qdir))
@@ -186,7 +187,7 @@ def test_a_tied_float_checkpoint_keeps_one_table_in_memory(tied_checkpoints):
         model = load_for_inference(tied_checkpoints["none"], dtype=dtype)
         assert not isinstance(model.model.embed_tokens, FileRowEmbedding)
         assert model.lm_head.weight is model.model.embed_tokens.weight
-        assert not generate.serve_embedding_from_file(model, tied_checkpoints["none"])
+        assert not serve_embedding_from_file(model, tied_checkpoints["none"])
         assert [c.completion_tokens for c in Generator(model).generate_ids(PROMPTS, PARAMS)] == [8, 8]
 
 

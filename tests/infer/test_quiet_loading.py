@@ -12,7 +12,7 @@ import pytest
 
 # A fresh interpreter: in the test process mobillama.hf (the registration) is usually imported already.
 LOADERS = {
-    "generate": "from mobillama.generate import load_checkpoint_tokenizer as f; f(sys.argv[1])",
+    "infer": "from mobillama.infer.load import load_checkpoint_tokenizer as f; f(sys.argv[1])",
     "eval": "from mobillama.eval.harness import load_eval_tokenizer as f; f(sys.argv[1])",
 }
 

@@ -58,7 +58,7 @@ def test_default_quantization_keeps_real_perplexity(real_model, real_text):
     """int8 within 1% and int4 within 5% of fp32 on real text with the default kernels and group size
     (fbgemm's dynamic int8 and int4 groups of 64 were far off on this model: +210% and +34%)."""
     from mobillama.eval.perplexity import windowed_perplexity
-    from mobillama.generate import load_for_inference
+    from mobillama.infer.load import load_for_inference
     from mobillama.tokenizer import load_tokenizer
 
     ids = load_tokenizer(real_model[1]).encode(real_text[:40_000], parse_special=False)

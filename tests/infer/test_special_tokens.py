@@ -9,15 +9,10 @@ import json
 
 import pytest
 
-from mobillama.chat import chat_loop, fit_history
-from mobillama.generate import (
-    CHAT_STOP_STRINGS,
-    Generator,
-    SamplingParams,
-    chat_stop_strings,
-    load_checkpoint_tokenizer,
-    load_for_inference,
-)
+from mobillama.infer.chat import chat_loop, fit_history
+from mobillama.infer.generator import Generator
+from mobillama.infer.load import load_checkpoint_tokenizer, load_for_inference
+from mobillama.infer.sampling import CHAT_STOP_STRINGS, SamplingParams, chat_stop_strings
 
 IM_START, IM_END, END_OF_TEXT = 1, 2, 0
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from mobillama import kernels
 from mobillama.errors import MobiLlamaError
+from mobillama.infer.quant import Int4Linear, Int8Linear, joined_projection
 from mobillama.model import rotate_half
-from mobillama.quant import Int4Linear, Int8Linear, joined_projection
 
 needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason=f"CPU kernels cannot run here: {kernels.unavailable_reason()}"

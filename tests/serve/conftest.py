@@ -13,7 +13,7 @@ import httpx
 import pytest
 import uvicorn
 
-from mobillama.generate import Completion, SamplingParams
+from mobillama.infer.sampling import Completion, SamplingParams
 from mobillama.serve.app import ServeSettings, create_app
 
 

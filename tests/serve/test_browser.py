@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mobillama.generate import Generator
+from mobillama.infer.generator import Generator
 
 from .conftest import FakeGenerator, live, wait_until
 

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from mobillama.generate import SamplingParams, chat_stop_strings
+from mobillama.infer.sampling import SamplingParams, chat_stop_strings
 
 from .conftest import live
 

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from mobillama.generate import load_checkpoint_tokenizer, load_for_inference
+from mobillama.infer.load import load_checkpoint_tokenizer, load_for_inference
 
 from .conftest import live
 

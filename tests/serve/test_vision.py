@@ -1,5 +1,5 @@
 """Serving a MobiLlama-V checkpoint: image_url content parts (data URLs, and local paths inside the
-server's image directory) answered as ``chat_with_images`` answers them, through the engine's queue; bad
+server's image directory) answered as ``chat_with_images`` answers them, through the engine's queue and streamed token by token; bad
 images are one-line 400s and the server keeps serving; a text-only model refuses images. Local paths
 refused by default or outside the directory: tests/serve/test_security.py."""
 
@@ -13,8 +13,9 @@ import threading
 import httpx
 import pytest
 
-from mobillama.chat import cut_at_stop
 from mobillama.errors import MobiLlamaError
+from mobillama.infer.generator import drain
+from mobillama.infer.sampling import SamplingParams, cut_at_stop
 from mobillama.serve.server import load_generator
 from mobillama.serve.vision import read_image_url
 from mobillama.vision.chat import chat_with_images, load_vision_chat
@@ -115,7 +116,7 @@ def test_history_and_text_only_turns(server, checkpoints, direct):
     )
 
 
-def test_stream_is_one_chunk_then_done(server, checkpoints, direct):
+def test_stream_arrives_token_by_token_then_done(server, checkpoints, direct):
     path = checkpoints[2] / "red.png"
     want = expected(direct, [{"role": "user", "content": QUESTION}], [path])
     body = {"messages": [image_message(str(path))], "max_tokens": 4, "temperature": 0, "stream": True}
@@ -124,9 +125,26 @@ def test_stream_is_one_chunk_then_done(server, checkpoints, direct):
         lines = [x.removeprefix("data: ") for x in r.iter_lines() if x.startswith("data: ")]
     assert lines[-1] == "[DONE]"
     chunks = [json.loads(x) for x in lines[:-1]]
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert text == want
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
+    assert "".join(pieces) == want
+    # the answer streams through the text models' generation loop: several content chunks, not one
+    assert len([p for p in pieces if p]) > 1, pieces
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_vision_generator_streams_each_token(checkpoints):
+    generator = load_generator(checkpoints[0], dtype="fp32")
+    ids, length = generator.chat_prompt([{"role": "user", "content": QUESTION}], 1)
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    deltas: list[str] = []
+    completion = drain(
+        generator.iter_ids([ids], params, [draw_shape("red", "circle")]), lambda _, d: deltas.append(d)
+    )[0]
+    assert len(deltas) > 1 and "".join(deltas) == completion.text
+    assert completion.completion_tokens == 8 and completion.prompt_tokens == length
+    # each worker slot gets a generator with its own cache over the same weights
+    other = generator.sibling()
+    assert other.model is generator.model and other.generator.decoder is not generator.generator.decoder
 
 
 def test_models_and_ready_say_images_are_accepted(server):

@@ -116,7 +116,7 @@ def test_bad_init_from_checkpoints(helpers, shard_dir, init_ckpt, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MobiLlamaError, match="not a checkpoint directory"):
         recipe.init_model_config(tmp_path / "empty")
-    from mobillama.quant import quantize_checkpoint
+    from mobillama.infer.quant_checkpoint import quantize_checkpoint
 
     quantize_checkpoint(init_ckpt, tmp_path / "q8", 8)
     with pytest.raises(MobiLlamaError, match="is a quantized checkpoint"):

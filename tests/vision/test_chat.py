@@ -1,4 +1,4 @@
-"""Interactive image chat: ``mobillama chat CKPT --image`` and :func:`mobillama.chat.vision_chat_loop`
+"""Interactive image chat: ``mobillama chat CKPT --image`` and :func:`mobillama.infer.chat.vision_chat_loop`
 (history, /reset, /image, /exit, the context guard with image tokens) against ``chat_with_images``."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import io
 
 import pytest
 
-from mobillama.chat import cut_at_stop, vision_chat_loop
 from mobillama.cli import main
-from mobillama.generate import SamplingParams
+from mobillama.infer.chat import vision_chat_loop
+from mobillama.infer.sampling import SamplingParams, cut_at_stop
 from mobillama.vision.chat import chat_with_images, load_vision_chat
 
 from .conftest import draw_shape, save_tiny_checkpoints
@@ -77,6 +77,31 @@ def test_reset_image_switch_and_exit(loaded, checkpoints):
 def test_text_only_turns_without_an_image(loaded):
     history, _ = run(loaded, "hi there\n")
     assert history[1]["content"] == expected(loaded, history[:1], [])
+
+
+class Writes(io.StringIO):
+    """A stdout that also records each write (one per streamed delta)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_answers_stream_token_by_token(loaded):
+    model, tok, proc = loaded
+    out = Writes()
+    params = SamplingParams(max_new_tokens=8, stop_at_eos=False)
+    history = vision_chat_loop(
+        model, tok, proc, params, io.StringIO("what is it\n"), out, image=draw_shape("red", "circle")
+    )
+    answer = history[1]["content"]
+    first = out.writes.index(">>> ") + 1  # what follows the prompt: the reply's deltas, then a newline
+    deltas = out.writes[first : out.writes.index("\n", first)]
+    assert len(deltas) > 1 and "".join(deltas) == answer
 
 
 def test_context_guard_counts_image_tokens(loaded):

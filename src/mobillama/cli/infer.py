@@ -87,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "end-of-turn/EOS tokens. Commands: /reset, /exit. "
         "When the conversation outgrows the context the oldest turns are dropped (with a notice). "
         "A MobiLlama-V checkpoint (with vision_config.json) chats about --image (command /image PATH "
-        "switches it); its replies are printed when complete.",
+        "switches it); its replies stream as text replies do.",
     )
     c.add_argument(
         "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
@@ -176,7 +176,7 @@ def _threads_and_sampling(args: argparse.Namespace):
     import torch
 
     from mobillama.errors import MobiLlamaError
-    from mobillama.generate import SamplingParams
+    from mobillama.infer.sampling import SamplingParams
 
     if args.threads is not None:
         if args.threads < 1:
@@ -194,9 +194,9 @@ def _threads_and_sampling(args: argparse.Namespace):
 
 
 def _setup(args: argparse.Namespace):
-
     from mobillama.errors import MobiLlamaError
-    from mobillama.generate import Generator, load_checkpoint_tokenizer, load_for_inference
+    from mobillama.infer.generator import Generator
+    from mobillama.infer.load import load_checkpoint_tokenizer, load_for_inference
 
     params = _threads_and_sampling(args)
     if not Path(args.checkpoint).is_dir():
@@ -238,13 +238,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from mobillama.chat import chat_loop
     from mobillama.errors import MobiLlamaError
-    from mobillama.vision.chat import is_vision_checkpoint
+    from mobillama.infer.chat import chat_loop
+    from mobillama.infer.load import describe_checkpoint
 
     if not Path(args.checkpoint).is_dir():
         raise MobiLlamaError(f"checkpoint not found: {args.checkpoint}")
-    if is_vision_checkpoint(args.checkpoint):
+    if describe_checkpoint(args.checkpoint, presets=False).is_vision:
         return _run_vision_chat(args)
     if args.image is not None:
         raise MobiLlamaError(
@@ -258,9 +258,8 @@ def run_chat(args: argparse.Namespace) -> int:
 
 def _run_vision_chat(args: argparse.Namespace) -> int:
     """``chat`` on a MobiLlama-V checkpoint: the image is read before the (slower) model load."""
-
-    from mobillama.chat import vision_chat_loop
     from mobillama.errors import MobiLlamaError
+    from mobillama.infer.chat import vision_chat_loop
     from mobillama.vision.chat import load_vision_chat
     from mobillama.vision.data import read_image_file
 
@@ -286,7 +285,7 @@ def _run_vision_chat(args: argparse.Namespace) -> int:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    from mobillama.bench import format_bench, run_bench
+    from mobillama.infer.bench import format_bench, run_bench
 
     result = run_bench(
         args.model,
@@ -311,7 +310,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from mobillama.quant import quantize_checkpoint
+    from mobillama.infer.quant_checkpoint import quantize_checkpoint
 
     summary = quantize_checkpoint(
         args.checkpoint, args.out, args.bits, args.group_size, overwrite=args.overwrite

@@ -103,10 +103,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from mobillama.errors import MobiLlamaError
+    from mobillama.infer.load import describe_checkpoint
     from mobillama.serve.app import ServeSettings
     from mobillama.serve.security import ANY_HOST, split_host
     from mobillama.serve.server import check_bind, load_generator, run_server
-    from mobillama.vision.chat import is_vision_checkpoint
 
     for name in ("max_concurrency", "max_body_bytes", "default_max_tokens", "max_image_bytes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -139,7 +139,9 @@ def run_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     max_body = args.max_body_bytes
     if max_body is None:  # a base64 data URL is 4/3 of the image, plus the rest of the request
-        max_body = 1_000_000 + (args.max_image_bytes * 4 // 3 if is_vision_checkpoint(checkpoint) else 0)
+        max_body = 1_000_000 + (
+            args.max_image_bytes * 4 // 3 if describe_checkpoint(checkpoint).is_vision else 0
+        )
     settings = ServeSettings(
         model_name=args.model_name or checkpoint.resolve().name,
         api_key=args.api_key or None,

@@ -32,8 +32,11 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from mobillama.errors import MobiLlamaError
+from mobillama.eval.loading import load_eval_model
+from mobillama.infer.generator import Generator
+from mobillama.infer.sampling import SamplingParams
 from mobillama.model import KVCache
-from mobillama.tokenizer import conventions
+from mobillama.tokenizer import conventions, load_tokenizer
 
 DEFAULT_BATCH_SIZE = 16
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,8 +127,6 @@ class MobiLlamaLM(TemplateLM):
         **_ignored,
     ) -> None:
         super().__init__()
-        from mobillama.eval.loading import load_eval_model
-
         if dtype not in _DTYPES:
             raise MobiLlamaError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         self.checkpoint = str(pretrained)
@@ -372,9 +373,6 @@ class MobiLlamaLM(TemplateLM):
 
     def _generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, until: list[str]) -> list[str]:
         """Greedy continuations cut at the first stop string, through the project's generation module."""
-        from mobillama.generate import Generator, SamplingParams
-        from mobillama.tokenizer import load_tokenizer
-
         if self._generator is None:
             self._generator = Generator(self.model, load_tokenizer(self.checkpoint))
         params = SamplingParams(

@@ -2,8 +2,9 @@
 
 Benchmarks (``harness``) and perplexity load the same way, so a quantized checkpoint (``mobillama
 quantize``: ``quantization.json`` beside the weights) is scored exactly as ``generate`` runs it:
-:func:`mobillama.quant.load_quantized`, with the CPU kernels chosen as there (``auto``). On another
-device the quantized layers stay in their portable form and run the dequantizing reference path there.
+:func:`mobillama.infer.quant_checkpoint.load_quantized`, with the CPU kernels chosen as there (``auto``).
+On another device the quantized layers stay in their portable form and run the dequantizing reference
+path there. Which kind a directory is, :func:`mobillama.infer.load.describe_checkpoint` says.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mobillama.errors import MobiLlamaError
+from mobillama.checkpoint import load_model
+from mobillama.infer.load import describe_checkpoint
+from mobillama.infer.quant_checkpoint import load_quantized
 
 
 def load_eval_model(
@@ -24,24 +27,14 @@ def load_eval_model(
     Quantized layers keep their int8/int4 weights (scored as quantized, not re-expanded); everything else
     is loaded as :func:`mobillama.checkpoint.load_model` does.
     """
-    from mobillama import quant
-    from mobillama.checkpoint import load_model
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise MobiLlamaError(f"checkpoint not found: {path}")
-    if not (path.is_dir() and quant.is_quantized_checkpoint(path)):
-        return load_model(path, dtype=dtype, device=device)
+    if not describe_checkpoint(checkpoint, presets=False).is_quantized:
+        return load_model(checkpoint, dtype=dtype, device=device)
     device = torch.device(device)
-    model = quant.load_quantized(path, dtype=dtype, pack=device.type == "cpu")
+    model = load_quantized(checkpoint, dtype=dtype, pack=device.type == "cpu")
     return model.to(device).eval()
 
 
 def quantization_of(checkpoint: str | Path) -> dict | None:
     """``bits``/``group_size`` of a quantized checkpoint (for reports), None for a plain one."""
-    from mobillama import quant
-
-    if not (Path(checkpoint).is_dir() and quant.is_quantized_checkpoint(checkpoint)):
-        return None
-    info = quant.read_quantization(checkpoint)
-    return {"bits": info["bits"], "group_size": info["group_size"]}
+    info = describe_checkpoint(checkpoint, presets=False).quantization
+    return None if info is None else {"bits": info["bits"], "group_size": info["group_size"]}

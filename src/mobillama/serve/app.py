@@ -50,12 +50,13 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import SamplingParams, chat_stop_strings
+from mobillama.infer.sampling import SamplingParams, chat_stop_strings
 from mobillama.serve.engine import Engine, Event, Job, NotReady, QueueFull
 from mobillama.serve.schemas import ChatCompletionRequest, CompletionRequest
 from mobillama.serve.security import HostPolicy, is_json, same_origin
 from mobillama.serve.vision import MAX_IMAGE_BYTES, MAX_IMAGES_PER_REQUEST, read_image_url
 from mobillama.tokenizer import encode_prompt
+from mobillama.vision.model import IMAGE_PLACEHOLDER
 
 access_log = logging.getLogger("mobillama.serve.access")
 log = logging.getLogger("mobillama.serve")
@@ -623,8 +624,6 @@ class _API:
     async def _chat_with_images(self, request: Request, req: ChatCompletionRequest, generator) -> Response:
         """A chat request to a MobiLlama-V model (with or without images): images decoded and checked
         here, the prompt rendered with one placeholder per image, then the engine's queue as usual."""
-        from mobillama.vision.model import IMAGE_PLACEHOLDER
-
         self._check_vision_params(req)
         urls: list[tuple[str, str]] = []  # (param path, url)
         for i, m in enumerate(req.messages):
@@ -797,7 +796,7 @@ def create_app(
     settings: ServeSettings | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """Build the server app around a generator (a :class:`~mobillama.generate.Generator` or anything
+    """Build the server app around a generator (a :class:`~mobillama.infer.generator.Generator` or anything
     with its ``tokenizer``/``context``/``iter_ids``), or a zero-argument loader returning one; a loader
     runs in a background thread at startup so ``/health`` answers while the model loads.
 

@@ -1,6 +1,6 @@
 """A tiny random checkpoint with a real tokenizer and chat template, built in seconds without a hub.
 
-The server's end-to-end tests and its load benchmark need a real :class:`~mobillama.generate.Generator`
+The server's end-to-end tests and its load benchmark need a real :class:`~mobillama.infer.generator.Generator`
 over a real checkpoint directory (so the path ``mobillama serve CKPT`` takes is the one exercised),
 but no model may be downloaded here: this builds one from a preset with random weights and a
 byte-level BPE trained on a few Python standard-library files.
@@ -9,7 +9,14 @@ byte-level BPE trained on a few Python standard-library files.
 from __future__ import annotations
 
 import sysconfig
+import tempfile
 from pathlib import Path
+
+import torch
+
+from mobillama.checkpoint import save_checkpoint
+from mobillama.config import get_preset
+from mobillama.model import MobiLlama
 
 # Jinja trims a literal newline after a {% %} tag, so newlines are emitted as expressions.
 CHAT_TEMPLATE = (
@@ -48,14 +55,6 @@ def make_tiny_checkpoint(
     out_dir: str | Path, preset: str = "micro", context: int = 256, seed: int = 0, vocab_size: int = 320
 ) -> Path:
     """A random-weight checkpoint of ``preset`` (vocabulary resized to the tokenizer) with its tokenizer."""
-    import tempfile
-
-    import torch
-
-    from mobillama.checkpoint import save_checkpoint
-    from mobillama.config import get_preset
-    from mobillama.model import MobiLlama
-
     config = get_preset(preset).replace(vocab_size=vocab_size, max_position_embeddings=context)
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tokenizer_dir:

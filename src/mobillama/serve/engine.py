@@ -1,7 +1,7 @@
 """The bridge between the async HTTP layer and the (synchronous) generation module.
 
 Why a scheduler of its own: the model is plain PyTorch and blocks, so each generation runs in a worker
-thread; a :class:`~mobillama.generate.Generator` owns one static KV cache, so each worker thread owns one
+thread; a :class:`~mobillama.infer.generator.Generator` owns one static KV cache, so each worker thread owns one
 Generator (all of them share the same model weights, read-only). Requests wait in one bounded FIFO queue
 (first come, first served); when the queue is full a submission fails at once (the HTTP layer answers
 429 with ``Retry-After``) instead of piling up latency without bound.
@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mobillama.generate import Completion, Generator, SamplingParams
+from mobillama.infer.sampling import Completion, SamplingParams
 
 log = logging.getLogger("mobillama.serve")
 
@@ -74,11 +74,12 @@ class Job:
 def slot_generators(generator: Any, count: int) -> list[Any]:
     """One generator per worker slot, sharing the model weights.
 
-    A real :class:`Generator` keeps a KV cache per object, so siblings get their own (same class, same
-    model, same tokenizer). Any other object (a test double) is shared and must be safe for that.
+    A real generator (text or MobiLlama-V) keeps a KV cache per object, so its siblings get their own
+    (``sibling()``: same model, same tokenizer). Any other object (a test double) is shared and must be
+    safe for that.
     """
-    if isinstance(generator, Generator):
-        return [generator] + [type(generator)(generator.model, generator.tokenizer) for _ in range(count - 1)]
+    if hasattr(generator, "sibling"):
+        return [generator] + [generator.sibling() for _ in range(count - 1)]
     return [generator] * count
 
 

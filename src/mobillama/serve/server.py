@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from mobillama.errors import MobiLlamaError
+from mobillama.infer.generator import Generator
+from mobillama.infer.load import describe_checkpoint, load_checkpoint_tokenizer, load_for_inference
 from mobillama.serve.app import ServeSettings, create_app
+from mobillama.serve.vision import VisionGenerator
 
 log = logging.getLogger("mobillama.serve")
 
@@ -65,12 +68,7 @@ def _log_to(name: str, stream, fmt: str) -> None:
 def load_generator(checkpoint: str | Path, **load_options: Any):
     """The real model behind the server: the generation module's loader and tokenizer, or for a
     MobiLlama-V checkpoint (vision_config.json) a :class:`~mobillama.serve.vision.VisionGenerator`."""
-    from mobillama.generate import Generator, load_checkpoint_tokenizer, load_for_inference
-    from mobillama.vision.chat import is_vision_checkpoint
-
-    if is_vision_checkpoint(checkpoint):
-        from mobillama.serve.vision import VisionGenerator
-
+    if describe_checkpoint(checkpoint, presets=False).is_vision:
         unsupported = sorted(k for k, v in load_options.items() if k != "dtype" and v is not None)
         if unsupported:
             raise MobiLlamaError(

@@ -1,11 +1,11 @@
 """Serving a MobiLlama-V checkpoint: the generator the engine runs, and image URLs to Pillow images.
 
 :class:`VisionGenerator` has the interface the engine and the HTTP layer use for a text model
-(``tokenizer``, ``context``, ``iter_ids``) plus ``accepts_images`` and the image steps, so image
-requests wait in the same queue, under the same concurrency limit, as every other request. Its
-``iter_ids`` is not incremental: MobiLlama-V's generate returns the whole answer, so it yields one delta
-(a stream is one content chunk, then the final chunk and ``[DONE]``), and a cancelled job (client gone,
-shutdown) stops only after that generation. Stop strings are applied to the finished text;
+(``tokenizer``, ``context``, ``iter_ids``, ``sibling``) plus ``accepts_images`` and the image steps, so
+image requests wait in the same queue, under the same concurrency limit, as every other request. Its
+``iter_ids`` runs the project's one generation loop (:class:`~mobillama.infer.generator.Generator` over
+the vision model's decoder, fed the prompt's embeddings), so an answer streams token by token, stop
+strings are matched as for text, and a cancelled job (client gone, shutdown) stops at its next token.
 ``repetition_penalty`` is refused by the HTTP layer.
 
 Image URLs (:func:`read_image_url`): ``data:image/...;base64,...``, and local files (``file://`` URLs or
@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from mobillama.chat import cut_at_stop
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import Completion, SamplingParams
+from mobillama.infer.generator import Generator
+from mobillama.infer.load import load_checkpoint_tokenizer
+from mobillama.infer.sampling import Completion, SamplingParams
+from mobillama.vision.chat import image_prompt_ids, load_vision_chat, prompt_length, stream_answer
+from mobillama.vision.data import decode_image
 
 MAX_IMAGE_BYTES = 20_000_000  # largest image file (decoded data URL or local file) a request may send
 MAX_IMAGE_PIXELS = 40_000_000  # largest image by its header (a small PNG can expand to gigabytes)
@@ -36,7 +39,8 @@ MAX_IMAGES_PER_REQUEST = 4
 
 
 class VisionGenerator:
-    """A MobiLlama-V model behind the engine (shared by all worker slots: generate keeps no state)."""
+    """A MobiLlama-V model behind the engine; each worker slot has its own (:meth:`sibling`: same
+    weights, its own KV cache)."""
 
     accepts_images = True
 
@@ -46,50 +50,31 @@ class VisionGenerator:
         self.processor = processor
         self.tokenizer = tokenizer  # the project tokenizer interface, for /v1/completions
         self.context = model.config.max_position_embeddings
+        self.generator = Generator(model.decoder, hf_tokenizer)
 
     @classmethod
     def load(cls, checkpoint: str | Path, dtype: str = "bf16") -> VisionGenerator:
-        from mobillama.generate import load_checkpoint_tokenizer
-        from mobillama.vision.chat import load_vision_chat
-
         model, hf, processor = load_vision_chat(checkpoint, dtype=dtype)
         return cls(model, hf, processor, load_checkpoint_tokenizer(checkpoint))
 
+    def sibling(self) -> VisionGenerator:
+        return type(self)(self.model, self.hf, self.processor, self.tokenizer)
+
     def chat_prompt(self, messages: list[dict[str, str]], n_images: int) -> tuple[list[int], int]:
         """(prompt ids with one placeholder id per image, positions the decoder sees)."""
-        from mobillama.vision.chat import image_prompt_ids, prompt_length
-
         ids = image_prompt_ids(self.hf, messages, n_images)
         return ids, prompt_length(self.model, ids)
 
     def iter_ids(
         self, prompt_ids: list[list[int]], params: SamplingParams, images: list | None = None
     ) -> PyGenerator[tuple[int, str], None, list[Completion]]:
-        """The whole answer as one delta, then (on return) its :class:`Completion`."""
-        from mobillama.vision.chat import generate_from_ids, prompt_length
-
+        """The answer's text deltas token by token (stripped), then (on return) its :class:`Completion`."""
         ids = prompt_ids[0]
         length = prompt_length(self.model, ids)
         if length >= self.context:
             raise MobiLlamaError(f"the prompt has {length} tokens; the model's context is {self.context}")
-        answer = generate_from_ids(
-            self.model,
-            self.hf,
-            self.processor,
-            ids,
-            list(images or []),
-            max_new_tokens=min(params.max_new_tokens, self.context - length),
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=params.seed,
-        )
-        text, stopped = cut_at_stop(answer.text, params.stop)
-        text = text.strip()
-        if text:
-            yield 0, text
-        reason = "stop" if stopped or answer.hit_eos else "length"
-        return [Completion(text, answer.token_ids, reason, length, len(answer.token_ids))]
+        stream = stream_answer(self.generator, self.model, self.processor, ids, list(images or []), params)
+        return (yield from stream)
 
 
 NO_LOCAL_PATHS = "local image paths are not enabled on this server (send a data: URL)"
@@ -107,8 +92,6 @@ def read_image_url(
     A local path (``file://`` or absolute) is read only when ``image_dir`` is given and the path's real
     location is inside it; every refusal of an existing or missing path is the same message.
     """
-    from mobillama.vision.data import decode_image
-
     too_big = f"the image is larger than the limit of {max_bytes} bytes"
     if url[:5].lower() == "data:":
         header, comma, payload = url[5:].partition(",")

@@ -2,8 +2,9 @@
 
 The steps are separate so the chat loop and the server can check a prompt's length (image tokens
 included) before generating: :func:`image_prompt_ids` renders and tokenizes, :func:`prompt_length`
-counts what the decoder will see, :func:`generate_from_ids` runs the model. :func:`chat_with_images`
-chains them.
+counts what the decoder will see, :func:`stream_answer` runs the project's one generation loop
+(:class:`~mobillama.infer.generator.Generator`, so an answer streams token by token) and
+:func:`generate_from_ids` collects a whole answer. :func:`chat_with_images` chains them.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from pathlib import Path
 
 import torch
 
+from mobillama.config import parse_dtype
 from mobillama.errors import MobiLlamaError
-from mobillama.vision.model import IMAGE_PLACEHOLDER, VISION_CONFIG_NAME, MobiLlamaV, build_image_processor
-
-
-def is_vision_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a MobiLlama-V checkpoint directory (it has a vision_config.json)."""
-    return (Path(path) / VISION_CONFIG_NAME).is_file()
+from mobillama.infer.generator import Generator, Stream, drain, strip_stream
+from mobillama.infer.load import INFERENCE_DTYPES
+from mobillama.infer.sampling import SamplingParams
+from mobillama.tokenizer import bos_prefix, render_chat, render_template
+from mobillama.vision.data import load_image, tokenize_with_placeholders
+from mobillama.vision.model import IMAGE_PLACEHOLDER, MobiLlamaV, build_image_processor
 
 
 def load_vision_chat(checkpoint: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None):
@@ -31,9 +33,7 @@ def load_vision_chat(checkpoint: str | Path, device: str = "cpu", dtype: str | t
 
     model = MobiLlamaV.from_pretrained(checkpoint, device=device)
     if dtype is not None:
-        from mobillama.generate import parse_dtype
-
-        model = model.to(parse_dtype(dtype) if isinstance(dtype, str) else dtype)
+        model = model.to(parse_dtype(dtype, INFERENCE_DTYPES))
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -44,12 +44,8 @@ def load_vision_chat(checkpoint: str | Path, device: str = "cpu", dtype: str | t
 def render_image_prompt(tokenizer, messages: list[dict[str, str]]) -> str:
     """The prompt text with the tokenizer's chat template (MobiLlama-Chat's format when it has none)."""
     if getattr(tokenizer, "chat_template", None):
-        from mobillama.tokenizer import render_template
-
         return render_template(getattr(tokenizer, "hf", tokenizer), messages, add_generation_prompt=True)
-    from mobillama.generate import render_mobillama_chat
-
-    return render_mobillama_chat(messages, add_generation_prompt=True)
+    return render_chat(messages, add_generation_prompt=True)
 
 
 def attach_placeholders(messages: list[dict[str, str]], n_images: int) -> list[dict[str, str]]:
@@ -74,9 +70,6 @@ def attach_placeholders(messages: list[dict[str, str]], n_images: int) -> list[d
 def image_prompt_ids(tokenizer, messages: list[dict[str, str]], n_images: int) -> list[int]:
     """Prompt token ids (BOS first where the tokenizer adds it, never twice), one image-placeholder id per
     image."""
-    from mobillama.tokenizer import bos_prefix
-    from mobillama.vision.data import tokenize_with_placeholders
-
     messages = attach_placeholders(messages, n_images)
     text = render_image_prompt(tokenizer, messages)
     ids, _ = tokenize_with_placeholders(tokenizer, text)
@@ -98,6 +91,22 @@ class ImageAnswer:
     hit_eos: bool
 
 
+def stream_answer(
+    generator: Generator, model: MobiLlamaV, processor, ids: list[int], images: list, params: SamplingParams
+) -> Stream:
+    """Stream the answer to prompt ``ids`` (from :func:`image_prompt_ids`) with ``images`` (Pillow images)
+    through ``generator`` (a :class:`Generator` over ``model.decoder`` and the tokenizer): ``(0, delta)``
+    token by token, stripped of surrounding whitespace, ending at the tokenizer's stop tokens (EOS, a
+    chat template's end of turn; not shown) or a stop string of ``params``; returns the completion."""
+    device = next(model.parameters()).device
+    pixels = None
+    if images:
+        pixels = processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        pixels = pixels.to(device)
+    embeds, lengths = model.prompt_embeds(torch.tensor([ids], device=device), pixels)
+    return strip_stream(generator.iter_embeds(embeds, lengths, params, seen_ids=[ids]))
+
+
 def generate_from_ids(
     model: MobiLlamaV,
     tokenizer,
@@ -111,29 +120,14 @@ def generate_from_ids(
     top_p: float = 1.0,
     seed: int | None = None,
 ) -> ImageAnswer:
-    """Generate after prompt ``ids`` (from :func:`image_prompt_ids`) with ``images`` (Pillow images); the
-    answer ends at any of the tokenizer's stop tokens (EOS, a chat template's end of turn), not shown."""
-    from mobillama.tokenizer import stop_ids
-
-    stops = stop_ids(tokenizer)
-    device = next(model.parameters()).device
-    pixels = (
-        processor(images=[im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
-        if images
-        else None
+    """The whole answer of :func:`stream_answer` (its token ids end with the stop token, if one ended it)."""
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )
-    out = model.generate(
-        torch.tensor([ids], device=device),
-        None if pixels is None else pixels.to(device),
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=stops,
-        seed=seed,
-    )[0]
-    hit_eos = bool(out) and out[-1] in stops
-    return ImageAnswer(tokenizer.decode(out, skip_special_tokens=True).strip(), out, hit_eos)
+    generator = Generator(model.decoder, tokenizer)
+    completion = drain(stream_answer(generator, model, processor, ids, images, params))[0]
+    stop = [] if completion.stop_token is None else [completion.stop_token]
+    return ImageAnswer(completion.text, completion.token_ids + stop, completion.stop_token is not None)
 
 
 def chat_with_images(
@@ -152,8 +146,6 @@ def chat_with_images(
     ``images`` are Pillow images or paths. A user turn is given the placeholder at its start when the
     conversation has images but no placeholder (the common "ask about this picture" case).
     """
-    from mobillama.vision.data import load_image
-
     images = [
         load_image(im, f"image {i + 1}") if isinstance(im, (str, Path)) else im for i, im in enumerate(images)
     ]

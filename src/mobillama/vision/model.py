@@ -33,18 +33,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from mobillama.checkpoint import (
+    TOKENIZER_FILES,
     WEIGHTS_NAME,
     atomic_directory,
     copy_tokenizer_files,
+    load_checkpoint,
+    load_model,
     read_safetensors,
     save_checkpoint,
     write_json,
 )
 from mobillama.config import ModelConfig
 from mobillama.errors import MobiLlamaError
+from mobillama.infer.generator import Generator, drain
+from mobillama.infer.sampling import SamplingParams
 from mobillama.model import MobiLlama
 
 IMAGE_TOKEN_ID = -200
@@ -390,8 +396,6 @@ class MobiLlamaV(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> MobiLlamaV:
         """Load a directory written by :meth:`save_pretrained` (eval mode); every file is checked."""
-        from mobillama.checkpoint import load_model
-
         path = Path(path)
         vision_config = read_vision_config(path)
         decoder = load_model(path / DECODER_SUBDIR)
@@ -402,7 +406,18 @@ class MobiLlamaV(nn.Module):
         return model.to(device).eval()
 
     # ---- generation -------------------------------------------------------------------------------
-    @torch.no_grad()
+    def prompt_embeds(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """(left-padded input embeddings with every placeholder expanded, each row's length): a prompt as
+        :meth:`mobillama.infer.generator.Generator.iter_embeds` takes it."""
+        with torch.inference_mode():
+            embeds, mask, _ = self.build_inputs(input_ids, pixel_values, attention_mask, padding_side="left")
+        return embeds, [int(n) for n in mask.sum(dim=1).tolist()]
+
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -416,40 +431,26 @@ class MobiLlamaV(nn.Module):
         eos_id: int | Sequence[int] | None = None,
         seed: int | None = None,
     ) -> list[list[int]]:
-        """New token ids per row: prefill the spliced ``inputs_embeds`` (left-padded), then decode with the
-        core KV cache. Token choice is :func:`mobillama.generate.sample_next` (greedy at temperature 0).
-        A row ends after ``eos_id`` (one id, or several: EOS and a chat template's end-of-turn token)."""
-        from mobillama.generate import SamplingParams, sample_next
-        from mobillama.model import KVCache
-
+        """New token ids per row (left-padded rows), through the project's one generation loop
+        (:class:`~mobillama.infer.generator.Generator`, greedy at temperature 0). A row ends after
+        ``eos_id`` (one id, or several: EOS and a chat template's end-of-turn token), which it includes."""
+        stops = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
         params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_at_eos=bool(stops),
         )
-        stops = None
-        if eos_id is not None:
-            ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
-            stops = torch.tensor(ids, dtype=torch.long, device=input_ids.device) if ids else None
-        gen = None
-        if seed is not None:
-            gen = torch.Generator(device=input_ids.device).manual_seed(seed)
-        embeds, mask, _ = self.build_inputs(input_ids, pixel_values, attention_mask, padding_side="left")
-        cache = KVCache()
-        logits = self.decoder(inputs_embeds=embeds, attention_mask=mask, cache=cache)[:, -1].float()
-        B = input_ids.shape[0]
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            token = sample_next(logits, params, gen)
-            for b in range(B):
-                if not done[b]:
-                    out[b].append(int(token[b]))
-            if stops is not None:
-                done |= torch.isin(token, stops)
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            logits = self.decoder(token[:, None], attention_mask=mask, cache=cache)[:, -1].float()
-        return out
+        embeds, lengths = self.prompt_embeds(input_ids, pixel_values, attention_mask)
+        training = self.decoder.training  # the Generator puts the decoder in eval mode; a caller's is kept
+        try:
+            stream = Generator(self.decoder).iter_embeds(embeds, lengths, params, stop_tokens=stops)
+            completions = drain(stream)
+        finally:
+            self.decoder.train(training)
+        return [c.token_ids + ([c.stop_token] if c.stop_token is not None else []) for c in completions]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,8 +467,6 @@ def save_vision_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write a MobiLlama-V directory (see the module docstring) atomically from a full state dict."""
-    from safetensors.torch import save_file
-
     decoder_state = {k[len("decoder.") :]: v for k, v in state.items() if k.startswith("decoder.")}
     vision_state = {
         k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(("encoder.", "projector."))
@@ -531,8 +530,6 @@ def read_vision_weights(path: str | Path, expected: dict[str, torch.Size]) -> di
 def read_vision_checkpoint(path: str | Path) -> tuple[VisionConfig, dict[str, torch.Tensor]]:
     """(vision config, full ``decoder.*/encoder.*/projector.*`` state dict, tied weights included) of a
     MobiLlama-V directory, with the same checks as :meth:`MobiLlamaV.from_pretrained`."""
-    from mobillama.checkpoint import load_checkpoint
-
     path = Path(path)
     vision_config = read_vision_config(path)
     config, decoder_state = load_checkpoint(path / DECODER_SUBDIR)
@@ -578,8 +575,6 @@ def init_vision_model(
     seed: int = 0,
 ) -> Path:
     """``mobillama vision init``: decoder checkpoint (or preset) + encoder + fresh projector -> checkpoint."""
-    from mobillama.checkpoint import TOKENIZER_FILES, load_model
-
     torch.manual_seed(seed)
     dec = load_model(decoder)
     if encoder_dir is not None:

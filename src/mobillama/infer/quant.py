@@ -19,12 +19,15 @@ portable tensors, so memory holds each weight once; a packed module can no longe
 
 The model's FFNs live in ``model.model.ffns``; with ``ffn_sharing: all`` that is one module used by every
 layer, so :func:`quantize_model` quantizes it once and the quantized state holds it once.
+
+Quantized checkpoint directories are :mod:`mobillama.infer.quant_checkpoint`'s. (This module is a little
+over the ~450-line guide: the two layer classes and the whole-model functions that know their private
+kernel layouts belong together, so nothing outside reads those layouts.)
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import warnings
 from typing import Any
 
 import torch
@@ -34,7 +37,6 @@ from torch import nn
 from mobillama import kernels
 from mobillama.errors import MobiLlamaError
 
-QUANT_FILE = "quantization.json"
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT8_KERNELS = ("auto", "vnni", "dynamic", "weight_only", "reference")
 INT4_KERNELS = ("auto", "vnni", "stock", "reference")
@@ -65,6 +67,12 @@ class QuantizedLinear(nn.Module):
     def _vnni_forward(self, x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
         packed, params = self._vnni  # type: ignore[misc]
         return kernels.qlinear(x, packed, params, self.out_features, group, bits).to(x.dtype)
+
+    @property
+    def kernel_in_use(self) -> str:
+        """The kernel this layer runs now (after packing): ``auto`` resolved per CPU, so a report can say
+        what ran, not what was asked."""
+        raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
@@ -125,8 +133,6 @@ class Int8Linear(QuantizedLinear):
         if not _fbgemm_available():
             raise MobiLlamaError("--int8-kernel dynamic needs PyTorch's fbgemm/x86 quantized engine")
         zero = torch.zeros(self.out_features, dtype=torch.int64)
-        import warnings
-
         with (
             warnings.catch_warnings()
         ):  # quantized tensor creation is deprecated in 2.13; still the fbgemm API
@@ -158,6 +164,14 @@ class Int8Linear(QuantizedLinear):
             )
             return y.reshape(*shape[:-1], self.out_features)
         return self.reference_forward(x)
+
+    @property
+    def kernel_in_use(self) -> str:
+        if self._vnni is not None:
+            return "vnni"
+        if self._dynamic is not None:
+            return "dynamic"
+        return "reference" if self.kernel == "reference" else "weight_only"
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits=8, kernel={self.kernel}"
@@ -250,6 +264,12 @@ class Int4Linear(QuantizedLinear):
             return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         return self.reference_forward(x)
 
+    @property
+    def kernel_in_use(self) -> str:
+        if self._vnni is not None:
+            return "vnni"
+        return "stock" if self._kernel_weight is not None else "reference"
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bits=4, group_size={self.group_size}, "
@@ -278,10 +298,12 @@ def default_group_size(model: nn.Module) -> int:
     sizes = {m.in_features for m in model.modules() if isinstance(m, nn.Linear)}
     if all(k % DEFAULT_INT4_GROUP == 0 for k in sizes):
         return DEFAULT_INT4_GROUP
-    raise MobiLlamaError(f"int4 groups of {DEFAULT_INT4_GROUP} do not divide the layer input sizes {sorted(sizes)}")
+    raise MobiLlamaError(
+        f"int4 groups of {DEFAULT_INT4_GROUP} do not divide the layer input sizes {sorted(sizes)}"
+    )
 
 
-def _check_bits(bits: Any, group_size: Any) -> None:
+def check_bits(bits: Any, group_size: Any) -> None:
     if bits not in (4, 8) or isinstance(bits, bool):
         raise MobiLlamaError(f"bits must be 8 or 4, got {bits!r}")
     if group_size is not None:
@@ -291,14 +313,14 @@ def _check_bits(bits: Any, group_size: Any) -> None:
             raise MobiLlamaError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
 
 
-def _check_kernels(int8_kernel: Any, int4_kernel: Any) -> None:
+def check_kernels(int8_kernel: Any, int4_kernel: Any) -> None:
     if int8_kernel not in INT8_KERNELS:
         raise MobiLlamaError(f"int8 kernel must be one of {INT8_KERNELS}, got {int8_kernel!r}")
     if int4_kernel not in INT4_KERNELS:
         raise MobiLlamaError(f"int4 kernel must be one of {INT4_KERNELS}, got {int4_kernel!r}")
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -318,8 +340,8 @@ def quantize_model(
     object is put back under every name. The full-precision weights are dropped as each layer is done,
     so peak memory stays near the original model's. ``pack`` prepares the CPU kernels (see module doc).
     """
-    _check_bits(bits, group_size)
-    _check_kernels(int8_kernel, int4_kernel)
+    check_bits(bits, group_size)
+    check_kernels(int8_kernel, int4_kernel)
     if bits == 4 and group_size is None:
         group_size = default_group_size(model)
     done: dict[int, nn.Module] = {}
@@ -338,7 +360,7 @@ def quantize_model(
                         f"int4 group size {group_size} does not divide {name}'s input size {linear.in_features}"
                     )
                 done[id(linear)] = Int4Linear.from_linear(linear, group_size, int4_kernel)
-        _set_submodule(model, name, done[id(linear)])
+        set_submodule(model, name, done[id(linear)])
     model.quantization = {"bits": bits, "group_size": group_size, "modules": sorted(set(names))}  # type: ignore[attr-defined]
     if pack:
         pack_for_inference(model)
@@ -402,6 +424,14 @@ def joined_projection(layers: list[nn.Module]):
     return project
 
 
+def kernels_in_use(model: nn.Module) -> str | None:
+    """Which matmul kernels the quantized layers actually run (after packing), e.g. ``"vnni"`` or
+    ``"weight_only"``; several joined by ``+`` when layers differ; None for an unquantized model. ``auto``
+    resolves per CPU (the VNNI kernels need AVX-512), so a table must say what ran, not what was asked."""
+    used = {m.kernel_in_use for m in model.modules() if isinstance(m, QuantizedLinear)}
+    return "+".join(sorted(used)) or None
+
+
 def quantized_module_count(model: nn.Module) -> int:
     """Distinct quantized layer objects (a shared FFN's three projections count three times, not 3 x L)."""
     return len({id(m) for m in model.modules() if isinstance(m, QuantizedLinear)})
@@ -428,179 +458,22 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-# --------------------------------------------------------------------------------------------------
-# Quantized checkpoints
-# --------------------------------------------------------------------------------------------------
-def is_quantized_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / QUANT_FILE).is_file()
-
-
-def read_quantization(path: str | Path) -> dict[str, Any]:
-    """The ``quantization.json`` of a checkpoint, checked."""
-    file = Path(path) / QUANT_FILE
-    try:
-        info = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{file}: not readable JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise MobiLlamaError(f"{file}: expected a JSON object")
-    for key in ("bits", "group_size", "modules"):
-        if key not in info:
-            raise MobiLlamaError(f"{file}: missing key {key!r}")
-    try:
-        _check_bits(info["bits"], info["group_size"] if info["bits"] == 4 else None)
-    except MobiLlamaError as e:
-        raise MobiLlamaError(f"{file}: {e}") from None
-    if not isinstance(info["modules"], list) or not all(isinstance(m, str) for m in info["modules"]):
-        raise MobiLlamaError(f"{file}: 'modules' must be a list of module names")
-    return info
-
-
-def quantize_checkpoint(
-    checkpoint: str | Path,
-    out_dir: str | Path,
-    bits: int,
-    group_size: int | None = None,
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
-
-    The directory is a normal checkpoint (config.json, model.safetensors, tokenizer files) plus
-    ``quantization.json``; the safetensors file holds the packed weights and their scales, a shared
-    FFN once. Returns a summary (bytes before/after, module counts).
-    """
-    from mobillama.checkpoint import load_model, save_checkpoint, unique_state_dict
-
-    _check_bits(bits, group_size)
-    model = load_model(checkpoint, dtype=torch.float32)
-    before = weight_bytes(model)
-    quantize_model(model, bits, group_size, pack=False)
-    info = {"format": "mobillama-weight-only", "method": "weight-only", **model.quantization}  # type: ignore[attr-defined]
-    # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
-    # stored in bf16, the compute dtype the quantized kernels use.
-    qparams = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
-    # A tied LM head is the embedding table: unquantized and stored once (under the embedding's name).
-    state = {
-        k: v.to(torch.bfloat16) if v.is_floating_point() and k not in qparams else v
-        for k, v in unique_state_dict(model.state_dict(), model.config).items()
-    }
-    save_checkpoint(
-        state,
-        model.config,
-        out_dir,
-        tokenizer_dir=checkpoint,
-        extra_files={QUANT_FILE: info},
-        overwrite=overwrite,
-    )
-    return {
-        "out": str(out_dir),
-        "bits": bits,
-        "group_size": info["group_size"],
-        "quantized_layers": quantized_module_count(model),
-        "bytes_before": before,
-        "bytes_after": sum(v.numel() * v.element_size() for v in state.values()),
-    }
-
-
-def load_quantized(
-    path: str | Path,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    int8_kernel: str = "auto",
-    int4_kernel: str = "auto",
-    pack: bool = True,
-) -> nn.Module:
-    """Load a quantized checkpoint directly (no full-precision copy is ever built)."""
-    _check_kernels(int8_kernel, int4_kernel)
-    from mobillama.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_safetensors
-    from mobillama.config import ModelConfig
-    from mobillama.model import MobiLlama
-
-    path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
-        raise MobiLlamaError(f"{path} is not a checkpoint directory (no {CONFIG_NAME})")
-    info = read_quantization(path)
-    config = ModelConfig.load(path / CONFIG_NAME)
-    with torch.device("meta"):
-        model = MobiLlama(config)
-    linears = dict.fromkeys(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
-    unknown = [m for m in info["modules"] if m not in linears]
-    if unknown:
-        raise MobiLlamaError(f"{path / QUANT_FILE}: {unknown[0]!r} is not a Linear layer of this model")
-    if config.tie_word_embeddings and "lm_head" in info["modules"]:
-        # The tied head is the embedding table itself (stored once, unquantized), not a layer of its own.
-        raise MobiLlamaError(
-            f"{path / QUANT_FILE}: 'lm_head' is listed as quantized, but config.json ties it to the "
-            "embedding (tie_word_embeddings: true), which stays unquantized"
-        )
-    for name in info["modules"]:
-        linear = model.get_submodule(name)
-        with torch.device("meta"):
-            q = (
-                Int8Linear(linear.in_features, linear.out_features, int8_kernel)
-                if info["bits"] == 8
-                else Int4Linear(linear.in_features, linear.out_features, info["group_size"], int4_kernel)
-            )
-        _set_submodule(model, name, q)
-    expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    state = read_safetensors(path / WEIGHTS_NAME)
-    source = str(path / WEIGHTS_NAME)
-    for key, (shape, want) in expected.items():
-        if key not in state:
-            raise MobiLlamaError(f"{source}: missing tensor {key!r}")
-        got = state[key]
-        if tuple(got.shape) != tuple(shape):
-            raise MobiLlamaError(
-                f"{source}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(shape)}"
-            )
-        if (want.is_floating_point != got.dtype.is_floating_point) or (
-            not want.is_floating_point and want != got.dtype
-        ):
-            raise MobiLlamaError(f"{source}: tensor {key!r} has dtype {got.dtype}, expected {want}")
-    extra = [k for k in state if k not in expected]
-    if extra:
-        raise MobiLlamaError(f"{source}: unexpected tensor {extra[0]!r}")
-    quantized_keys = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
-    # Copies, not views of the mapped file, except an untied embedding table (which inference may read
-    # from the file row by row instead): once the portable weights are repacked and freed, nothing keeps
-    # the file mapped, so the pages read while packing do not stay resident next to the packed copy. A
-    # tied table is the LM head too, read whole at every step: it is copied like the rest (held once).
-    for key, tensor in state.items():
-        if key == "model.embed_tokens.weight" and not config.tie_word_embeddings:
-            state[key] = tensor.to(dtype)
-        elif tensor.is_floating_point():
-            state[key] = tensor.to(torch.float32 if key in quantized_keys else dtype, copy=True)
-        else:
-            state[key] = tensor.clone()
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.quantization = {k: info[k] for k in ("bits", "group_size", "modules")}  # type: ignore[attr-defined]
-    model.eval()
-    if pack:
-        pack_for_inference(model)
-    return model
-
-
 __all__ = [
     "INT4_GROUP_SIZES",
     "INT4_KERNELS",
     "INT8_KERNELS",
-    "QUANT_FILE",
     "Int4Linear",
     "Int8Linear",
     "QuantizedLinear",
+    "check_bits",
+    "check_kernels",
     "default_group_size",
-    "is_quantized_checkpoint",
     "joined_projection",
-    "load_quantized",
+    "kernels_in_use",
     "pack_for_inference",
-    "quantize_checkpoint",
     "quantize_model",
     "quantized_module_count",
-    "read_quantization",
     "release_freed_memory",
+    "set_submodule",
     "weight_bytes",
 ]

@@ -22,7 +22,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from mobillama.config import parse_dtype
 from mobillama.errors import MobiLlamaError
+from mobillama.eval.perplexity import windowed_perplexity
+from mobillama.infer import quant
+from mobillama.infer.generator import Generator
+from mobillama.infer.load import (
+    INFERENCE_DTYPES,
+    describe_checkpoint,
+    load_checkpoint_tokenizer,
+    load_for_inference,
+    serve_embedding_from_file,
+)
+from mobillama.infer.quant_checkpoint import load_quantized
+from mobillama.tokenizer import conventions
 
 
 def measure_read_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
@@ -38,9 +51,7 @@ def measure_read_bandwidth(size_mb: int = 512, repeats: int = 5) -> float:
 
 
 def _module_bytes(module: nn.Module) -> int:
-    from mobillama.quant import weight_bytes
-
-    return weight_bytes(module)
+    return quant.weight_bytes(module)
 
 
 def bytes_per_decode_token(model: nn.Module, context_len: int, kv_bytes: int = 4) -> tuple[int, int]:
@@ -116,35 +127,10 @@ def perplexity_ids(tokenizer: Any, text: str) -> tuple[list[int], int | None]:
     only where the tokenizer adds it to plain text, and then also replaces each window's first token, as
     ``llama-perplexity`` does, so the figure is comparable with llama.cpp's on the same file.
     """
-    from mobillama.tokenizer import conventions
-
     c = conventions(tokenizer)
     ids = tokenizer.encode(text, parse_special=False)
     bos = c.bos_id if c.add_bos else None
     return ([bos] if bos is not None else []) + ids, bos
-
-
-def kernels_in_use(model: nn.Module) -> str | None:
-    """Which matmul kernels the quantized layers actually run (after packing), e.g. ``"vnni"`` or
-    ``"weight_only"``; several joined by ``+`` when layers differ; None for an unquantized model. ``auto``
-    resolves per CPU (the VNNI kernels need AVX-512), so a table must say what ran, not what was asked."""
-    from mobillama.quant import Int4Linear, Int8Linear
-
-    used = set()
-    for m in model.modules():
-        if isinstance(m, Int8Linear):
-            if m._vnni is not None:
-                used.add("vnni")
-            elif m._dynamic is not None:
-                used.add("dynamic")
-            else:
-                used.add("reference" if m.kernel == "reference" else "weight_only")
-        elif isinstance(m, Int4Linear):
-            if m._vnni is not None:
-                used.add("vnni")
-            else:
-                used.add("stock" if m._kernel_weight is not None else "reference")
-    return "+".join(sorted(used)) or None
 
 
 def run_bench(
@@ -173,15 +159,6 @@ def run_bench(
     in up to ``perplexity_windows`` windows of ``perplexity_ctx`` tokens (llama.cpp's method, see
     :func:`mobillama.eval.perplexity.windowed_perplexity`); the file is checked before the model loads.
     """
-    from mobillama import quant
-    from mobillama.generate import (
-        Generator,
-        load_checkpoint_tokenizer,
-        load_for_inference,
-        parse_dtype,
-        serve_embedding_from_file,
-    )
-
     for name, value, low in (
         ("prompt_len", prompt_len, 1),
         ("new_tokens", new_tokens, 2),
@@ -215,9 +192,9 @@ def run_bench(
         if threads < 1:
             raise MobiLlamaError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    torch_dtype = parse_dtype(dtype)
-    if quant.is_quantized_checkpoint(spec) if Path(spec).is_dir() else False:
-        model = quant.load_quantized(
+    torch_dtype = parse_dtype(dtype, INFERENCE_DTYPES)
+    if describe_checkpoint(spec).is_quantized:
+        model = load_quantized(
             spec, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel, pack=False
         )
         if duplicate:
@@ -271,7 +248,7 @@ def run_bench(
         "bits": bits,
         "int8_kernel": int8_kernel if (bits == 8) else None,
         "int4_kernel": int4_kernel if (bits == 4) else None,
-        "kernel_used": kernels_in_use(model),
+        "kernel_used": quant.kernels_in_use(model),
         "group_size": getattr(model, "quantization", {}).get("group_size") if bits == 4 else None,
         "ffn": "duplicated" if duplicate else c.ffn_sharing,
         "threads": torch.get_num_threads(),
@@ -296,8 +273,6 @@ def run_bench(
         result["roofline_tok_s"] = bw * 1e9 / per_token
         result["fraction_of_roofline"] = result["achieved_gb_s"] / bw
     if ppl_ids is not None:
-        from mobillama.eval.perplexity import windowed_perplexity
-
         del gen, dec  # the decoder's KV cache is not needed for scoring
         t0 = time.perf_counter()
         r = windowed_perplexity(
@@ -364,7 +339,6 @@ __all__ = [
     "bytes_per_decode_token",
     "duplicate_ffn",
     "format_bench",
-    "kernels_in_use",
     "measure_read_bandwidth",
     "perplexity_ids",
     "read_perplexity_text",

@@ -1,8 +1,9 @@
-"""Interactive chat over :class:`~mobillama.generate.Generator`: history, streaming, commands, context guard.
+"""Interactive chat over :class:`~mobillama.infer.generator.Generator`: history, streaming, commands,
+context guard.
 
 :func:`vision_chat_loop` is the same conversation for a MobiLlama-V checkpoint: an image attached to the
-first user turn (``/image PATH`` switches it and starts over), the reply printed when complete (the
-vision model's generate does not stream), and the same context guard with the image's tokens counted.
+first user turn (``/image PATH`` switches it and starts over), the reply streamed token by token through
+the same generator, and the same context guard with the image's tokens counted.
 
 The loop reads lines from any text stream and writes to any text stream, so it runs the same in a
 terminal and in a test that feeds stdin. The prompt is rendered by the tokenizer's
@@ -17,11 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, TextIO
 
 from mobillama.errors import MobiLlamaError
-from mobillama.generate import Generator, SamplingParams, chat_stop_strings
+from mobillama.infer.generator import Generator, drain
+from mobillama.infer.sampling import SamplingParams, chat_stop_strings
 from mobillama.tokenizer import encode_prompt
+from mobillama.vision.chat import image_prompt_ids, prompt_length, stream_answer
+from mobillama.vision.data import read_image_file
 
 HELP = "commands: /reset clears the conversation, /exit quits"
 VISION_HELP = "commands: /image PATH switches the image (and clears the conversation), /reset, /exit"
@@ -102,6 +107,21 @@ def _user_messages(
         yield message
 
 
+def with_chat_stops(params: SamplingParams, tokenizer: Any) -> SamplingParams:
+    """``params`` with the chat's stop strings added (``### Human:`` for the MobiLlama-Chat template)."""
+    return dataclasses.replace(
+        params, stop=tuple(dict.fromkeys((*params.stop, *chat_stop_strings(tokenizer))))
+    )
+
+
+def _show(stdout: TextIO) -> Callable[[int, str], None]:
+    def show(_row: int, delta: str) -> None:
+        stdout.write(delta)
+        stdout.flush()
+
+    return show
+
+
 def chat_loop(
     generator: Generator,
     params: SamplingParams,
@@ -112,31 +132,38 @@ def chat_loop(
     prompt: str = ">>> ",
 ) -> list[dict[str, str]]:
     """Run the chat until ``/exit`` or end of input; returns the final history."""
-    extra = chat_stop_strings(generator.tokenizer)
-    params = dataclasses.replace(params, stop=tuple(dict.fromkeys((*params.stop, *extra))))
+    params = with_chat_stops(params, generator.tokenizer)
     history: list[dict[str, str]] = []
     for message in _user_messages(stdin, stdout, prompt, HELP, history):
         history.append({"role": "user", "content": message})
-        try:
-            ids, dropped = fit_history(generator, history, system, room=params.max_new_tokens)
-        except MobiLlamaError as e:  # the chat template refused the conversation
-            history.pop()
-            print(f"[{e}; not sent]", file=stdout)
-            continue
-        if dropped:
-            print(f"[context full: dropped the {dropped} oldest message(s)]", file=stdout)
+        ids = _fitted(
+            stdout, history, partial(fit_history, generator, history, system, params.max_new_tokens)
+        )
         if ids is None:
-            print("[message too long for the model's context; not sent]", file=stdout)
             continue
-
-        def show(_row: int, delta: str) -> None:
-            stdout.write(delta)
-            stdout.flush()
-
-        completion = generator.generate_ids([ids], params, on_text=show)[0]
+        completion = generator.generate_ids([ids], params, on_text=_show(stdout))[0]
         stdout.write("\n")
         history.append({"role": "assistant", "content": completion.text.strip()})
     return history
+
+
+def _fitted(
+    stdout: TextIO, history: list[dict[str, str]], fit: Callable[[], tuple[list[int] | None, int]]
+) -> list[int] | None:
+    """The prompt ids of ``history`` by ``fit`` (which drops the oldest turns to make room), with the
+    notices the user sees; None when the message is not sent (it was taken back from ``history`` if
+    the chat template refused it)."""
+    try:
+        ids, dropped = fit()
+    except MobiLlamaError as e:  # the chat template refused the conversation (or a literal <image>)
+        history.pop()
+        print(f"[{e}; not sent]", file=stdout)
+        return None
+    if dropped:
+        print(f"[context full: dropped the {dropped} oldest message(s)]", file=stdout)
+    if ids is None:
+        print("[message too long for the model's context; not sent]", file=stdout)
+    return ids
 
 
 def fit_vision_history(
@@ -144,20 +171,12 @@ def fit_vision_history(
 ) -> tuple[list[int] | None, int]:
     """:func:`fit_history` for a MobiLlama-V model: the length counts each image's N tokens. The image
     stays attached to whichever user turn is first after the oldest ones are dropped."""
-    from mobillama.vision.chat import image_prompt_ids, prompt_length
 
     def render(messages: list[dict[str, str]]) -> tuple[list[int], int]:
         ids = image_prompt_ids(tokenizer, messages, n_images)
         return ids, prompt_length(model, ids)
 
     return _drop_oldest_until_fits(history, system, render, model.config.max_position_embeddings - room)
-
-
-def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
-    """``text`` up to the first stop string, and whether one was found (the vision model's generate
-    stops only at EOS, so stop strings are applied to the finished text)."""
-    at = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-    return (text, False) if at < 0 else (text[:at], True)
 
 
 def vision_chat_loop(
@@ -173,11 +192,9 @@ def vision_chat_loop(
     prompt: str = ">>> ",
 ) -> list[dict[str, str]]:
     """Chat with a MobiLlama-V model about ``image`` (a Pillow image, or None for text-only turns)
-    until ``/exit`` or end of input; returns the final history. ``repetition_penalty`` is not applied."""
-    from mobillama.vision.chat import generate_from_ids
-    from mobillama.vision.data import read_image_file
-
-    stops = tuple(dict.fromkeys((*params.stop, *chat_stop_strings(tokenizer))))
+    until ``/exit`` or end of input; returns the final history. Replies stream as they are generated."""
+    generator = Generator(model.decoder, tokenizer)
+    params = with_chat_stops(params, tokenizer)
     history: list[dict[str, str]] = []
     current = {"image": image}
 
@@ -194,38 +211,19 @@ def vision_chat_loop(
         print(f"[image: {path}; conversation cleared]", file=stdout)
 
     for message in _user_messages(stdin, stdout, prompt, VISION_HELP, history, {"/image": switch_image}):
-        image = current["image"]
+        images = [] if current["image"] is None else [current["image"]]
         history.append({"role": "user", "content": message})
-        images = [] if image is None else [image]
-        try:
-            ids, dropped = fit_vision_history(
-                model, tokenizer, history, system, len(images), room=params.max_new_tokens
-            )
-        except MobiLlamaError as e:  # e.g. a literal <image> typed into the message
-            history.pop()
-            print(f"[{e}; not sent]", file=stdout)
-            continue
-        if dropped:
-            print(f"[context full: dropped the {dropped} oldest message(s)]", file=stdout)
-        if ids is None:
-            print("[message too long for the model's context; not sent]", file=stdout)
-            continue
-        answer = generate_from_ids(
-            model,
-            tokenizer,
-            processor,
-            ids,
-            images,
-            max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            seed=params.seed,
+        fit = partial(
+            fit_vision_history, model, tokenizer, history, system, len(images), params.max_new_tokens
         )
-        text, _ = cut_at_stop(answer.text, stops)
-        print(text.strip(), file=stdout)
-        history.append({"role": "assistant", "content": text.strip()})
+        ids = _fitted(stdout, history, fit)
+        if ids is None:
+            continue
+        stream = stream_answer(generator, model, processor, ids, images, params)
+        completion = drain(stream, _show(stdout))[0]
+        stdout.write("\n")
+        history.append({"role": "assistant", "content": completion.text})
     return history
 
 
-__all__ = ["chat_loop", "cut_at_stop", "fit_history", "fit_vision_history", "vision_chat_loop"]
+__all__ = ["chat_loop", "fit_history", "fit_vision_history", "vision_chat_loop", "with_chat_stops"]

@@ -1,0 +1,188 @@
+"""Quantized checkpoint directories: write one (``mobillama quantize``), read its ``quantization.json``,
+and load it straight into quantized layers (no full-precision copy is ever built).
+
+A quantized checkpoint is a normal checkpoint directory (config.json, model.safetensors, tokenizer
+files) plus ``quantization.json``; the layers themselves are :mod:`mobillama.infer.quant`'s. Which kind
+a directory is, is decided in one place: :func:`mobillama.infer.load.describe_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobillama.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_model,
+    read_safetensors,
+    save_checkpoint,
+    unique_state_dict,
+)
+from mobillama.config import ModelConfig
+from mobillama.errors import MobiLlamaError
+from mobillama.infer.quant import (
+    Int4Linear,
+    Int8Linear,
+    check_bits,
+    check_kernels,
+    pack_for_inference,
+    quantize_model,
+    quantized_module_count,
+    set_submodule,
+    weight_bytes,
+)
+from mobillama.model import MobiLlama
+
+QUANT_FILE = "quantization.json"
+
+
+def read_quantization(path: str | Path) -> dict[str, Any]:
+    """The ``quantization.json`` of a checkpoint, checked."""
+    file = Path(path) / QUANT_FILE
+    try:
+        info = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MobiLlamaError(f"{file}: not readable JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise MobiLlamaError(f"{file}: expected a JSON object")
+    for key in ("bits", "group_size", "modules"):
+        if key not in info:
+            raise MobiLlamaError(f"{file}: missing key {key!r}")
+    try:
+        check_bits(info["bits"], info["group_size"] if info["bits"] == 4 else None)
+    except MobiLlamaError as e:
+        raise MobiLlamaError(f"{file}: {e}") from None
+    if not isinstance(info["modules"], list) or not all(isinstance(m, str) for m in info["modules"]):
+        raise MobiLlamaError(f"{file}: 'modules' must be a list of module names")
+    return info
+
+
+def quantize_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    bits: int,
+    group_size: int | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
+
+    The directory is a normal checkpoint (config.json, model.safetensors, tokenizer files) plus
+    ``quantization.json``; the safetensors file holds the packed weights and their scales, a shared
+    FFN once. Returns a summary (bytes before/after, module counts).
+    """
+    check_bits(bits, group_size)
+    model = load_model(checkpoint, dtype=torch.float32)
+    before = weight_bytes(model)
+    quantize_model(model, bits, group_size, pack=False)
+    info = {"format": "mobillama-weight-only", "method": "weight-only", **model.quantization}  # type: ignore[attr-defined]
+    # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
+    # stored in bf16, the compute dtype the quantized kernels use.
+    qparams = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
+    # A tied LM head is the embedding table: unquantized and stored once (under the embedding's name).
+    state = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() and k not in qparams else v
+        for k, v in unique_state_dict(model.state_dict(), model.config).items()
+    }
+    save_checkpoint(
+        state,
+        model.config,
+        out_dir,
+        tokenizer_dir=checkpoint,
+        extra_files={QUANT_FILE: info},
+        overwrite=overwrite,
+    )
+    return {
+        "out": str(out_dir),
+        "bits": bits,
+        "group_size": info["group_size"],
+        "quantized_layers": quantized_module_count(model),
+        "bytes_before": before,
+        "bytes_after": sum(v.numel() * v.element_size() for v in state.values()),
+    }
+
+
+def load_quantized(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    int8_kernel: str = "auto",
+    int4_kernel: str = "auto",
+    pack: bool = True,
+) -> nn.Module:
+    """Load a quantized checkpoint directly (no full-precision copy is ever built)."""
+    check_kernels(int8_kernel, int4_kernel)
+
+    path = Path(path)
+    if not (path / CONFIG_NAME).is_file():
+        raise MobiLlamaError(f"{path} is not a checkpoint directory (no {CONFIG_NAME})")
+    info = read_quantization(path)
+    config = ModelConfig.load(path / CONFIG_NAME)
+    with torch.device("meta"):
+        model = MobiLlama(config)
+    linears = dict.fromkeys(n for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    unknown = [m for m in info["modules"] if m not in linears]
+    if unknown:
+        raise MobiLlamaError(f"{path / QUANT_FILE}: {unknown[0]!r} is not a Linear layer of this model")
+    if config.tie_word_embeddings and "lm_head" in info["modules"]:
+        # The tied head is the embedding table itself (stored once, unquantized), not a layer of its own.
+        raise MobiLlamaError(
+            f"{path / QUANT_FILE}: 'lm_head' is listed as quantized, but config.json ties it to the "
+            "embedding (tie_word_embeddings: true), which stays unquantized"
+        )
+    for name in info["modules"]:
+        linear = model.get_submodule(name)
+        with torch.device("meta"):
+            q = (
+                Int8Linear(linear.in_features, linear.out_features, int8_kernel)
+                if info["bits"] == 8
+                else Int4Linear(linear.in_features, linear.out_features, info["group_size"], int4_kernel)
+            )
+        set_submodule(model, name, q)
+    expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    state = read_safetensors(path / WEIGHTS_NAME)
+    source = str(path / WEIGHTS_NAME)
+    for key, (shape, want) in expected.items():
+        if key not in state:
+            raise MobiLlamaError(f"{source}: missing tensor {key!r}")
+        got = state[key]
+        if tuple(got.shape) != tuple(shape):
+            raise MobiLlamaError(
+                f"{source}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(shape)}"
+            )
+        if (want.is_floating_point != got.dtype.is_floating_point) or (
+            not want.is_floating_point and want != got.dtype
+        ):
+            raise MobiLlamaError(f"{source}: tensor {key!r} has dtype {got.dtype}, expected {want}")
+    extra = [k for k in state if k not in expected]
+    if extra:
+        raise MobiLlamaError(f"{source}: unexpected tensor {extra[0]!r}")
+    quantized_keys = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
+    # Copies, not views of the mapped file, except an untied embedding table (which inference may read
+    # from the file row by row instead): once the portable weights are repacked and freed, nothing keeps
+    # the file mapped, so the pages read while packing do not stay resident next to the packed copy. A
+    # tied table is the LM head too, read whole at every step: it is copied like the rest (held once).
+    for key, tensor in state.items():
+        if key == "model.embed_tokens.weight" and not config.tie_word_embeddings:
+            state[key] = tensor.to(dtype)
+        elif tensor.is_floating_point():
+            state[key] = tensor.to(torch.float32 if key in quantized_keys else dtype, copy=True)
+        else:
+            state[key] = tensor.clone()
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.quantization = {k: info[k] for k in ("bits", "group_size", "modules")}  # type: ignore[attr-defined]
+    model.eval()
+    if pack:
+        pack_for_inference(model)
+    return model
+
+
+__all__ = ["QUANT_FILE", "load_quantized", "quantize_checkpoint", "read_quantization"]
