@@ -303,12 +303,12 @@ def measure_training_memory(config: ModelConfig, micro_batch: int, seq_len: int)
 
 
 def evaluate_runs(study: StudyConfig, arms: list[Arm], finals: dict, say) -> dict[str, Any]:
-    from mobillama.data.loader import read_manifest
+    from mobillama.data.shards import load_manifest
     from mobillama.eval import stats
     from mobillama.train.recipe import load_recipe
 
     micro_batch = load_recipe(study.recipe, study.recipe_overrides).batch.micro_batch_size
-    seq_len = int(read_manifest(study.data)["seq_len"])
+    seq_len = int(load_manifest(study.data)["seq_len"])
     per_arm: dict[str, Any] = {}
     for arm in arms:
         say(f"evaluating {arm.name} ({len(study.seeds)} runs)")
