@@ -180,9 +180,22 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in unique_state_dict(model.state_dict(), config).items()}
 
 
-def check_state_dict(state: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    """Raise one clear error for the first missing, unexpected or mis-shaped tensor."""
-    expected = expected_shapes(config)
+def check_state_dict(
+    state: dict[str, torch.Tensor],
+    expected: ModelConfig | dict[str, torch.Size],
+    source: str,
+    *,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> None:
+    """Raise one clear error for the first missing, unexpected or mis-shaped tensor.
+
+    ``expected`` is a config (its tensors: :func:`expected_shapes`) or the name -> shape mapping itself,
+    for state dicts a config alone does not describe (quantized checkpoints). Where ``dtypes`` names a
+    tensor, its dtype must match in kind (floating or not) and, for integer tensors, exactly: a float
+    may be stored in any precision, packed integer weights may not.
+    """
+    if isinstance(expected, ModelConfig):
+        expected = expected_shapes(expected)
     missing = [k for k in expected if k not in state]
     if missing:
         raise MobiLlamaError(
@@ -200,6 +213,10 @@ def check_state_dict(state: dict[str, torch.Tensor], config: ModelConfig, source
             raise MobiLlamaError(
                 f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(shape)}"
             )
+    for k, want in (dtypes or {}).items():
+        got = state[k].dtype
+        if want.is_floating_point != got.is_floating_point or (not want.is_floating_point and want != got):
+            raise MobiLlamaError(f"{source}: tensor {k!r} has dtype {got}, expected {want}")
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mobillama.errors import MobiLlamaError
@@ -29,6 +30,32 @@ REQUIRED_IN_CHECKPOINT = (
     "num_hidden_layers",
     "num_attention_heads",
 )
+
+# Checkpoint names of the FFN weights: FFN ``g`` (shared by a group of layers) is ``model.ffns.{g}.*``.
+FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
+FFN_PREFIX = "model.ffns."
+
+# Compute/storage dtypes by name: the short names of the inference CLIs and the torch names of the converters.
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+
+def ffn_weight_name(group: int, proj: str) -> str:
+    """The checkpoint name of FFN ``group``'s ``proj`` weight (one of :data:`FFN_PROJS`)."""
+    return f"{FFN_PREFIX}{group}.{proj}.weight"
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """The torch dtype named ``name`` (see :data:`DTYPES`); a one-line error lists the valid names."""
+    if name not in DTYPES:
+        raise MobiLlamaError(f"unknown dtype {name!r}; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 @dataclass

@@ -28,7 +28,8 @@ import torch
 from tqdm import tqdm
 
 from mobillama.checkpoint import GENERATION_CONFIG_NAME, save_checkpoint
-from mobillama.convert.from_hf import DTYPES, ImportReport, _to_project
+from mobillama.config import parse_dtype
+from mobillama.convert.from_hf import ImportReport, _to_project
 from mobillama.convert.gguf_vocab import (
     ADD_BOS_BY_DEFAULT,
     backend_from_gguf_bpe,
@@ -103,8 +104,7 @@ def import_gguf(
     the file's path).
     """
     src, out = Path(src), Path(out)
-    if dtype is not None and dtype not in DTYPES:
-        raise MobiLlamaError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    cast = parse_dtype(dtype) if dtype is not None else None
     if out.exists() and not overwrite:
         raise MobiLlamaError(f"output {out} already exists (choose another path or remove it)")
     gf = GGUFFile(src)
@@ -138,7 +138,7 @@ def import_gguf(
             tokenizer_dir=tok_dir if vocab is not None else None,
             extra_files=extra,
             overwrite=overwrite,
-            dtype=DTYPES[dtype] if dtype else None,
+            dtype=cast,
         )
     return report
 

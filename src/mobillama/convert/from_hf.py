@@ -38,19 +38,16 @@ from mobillama.checkpoint import (
     read_safetensors,
     save_checkpoint,
 )
-from mobillama.config import ModelConfig
+from mobillama.config import FFN_PROJS, ModelConfig, ffn_weight_name, parse_dtype
 from mobillama.errors import MobiLlamaError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
 # Weight files of other frameworks: named in the error so the user knows why nothing was found.
 UNSUPPORTED_WEIGHT_PATTERNS = ("*.gguf", "*.h5", "*.msgpack", "*.ckpt", "*.pt", "*.pth", "*.onnx", "*.npz")
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _INV_FREQ = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -85,8 +82,7 @@ def import_hf(
     """
     src, out = Path(src), Path(out)
     collapse_mode = _parse_collapse(collapse)
-    if dtype is not None and dtype not in DTYPES:
-        raise MobiLlamaError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    cast = parse_dtype(dtype) if dtype is not None else None
     if out.exists() and not overwrite:
         raise MobiLlamaError(f"output {out} already exists (choose another path or remove it)")
     if out.resolve() == src.resolve():
@@ -120,7 +116,7 @@ def import_hf(
         tokenizer_dir=src,
         extra_files={"conversion.json": report.to_dict()},
         overwrite=overwrite,
-        dtype=DTYPES[dtype] if dtype else None,
+        dtype=cast,
     )
     return report
 
@@ -341,7 +337,7 @@ def _to_project(
         m = _LAYER_KEY.fullmatch(key)
         if m and int(m.group(1)) < n_layers and m.group(2).startswith("mlp."):
             part = m.group(2).removeprefix("mlp.").removesuffix(".weight")
-            if part not in FFN_PARTS or not m.group(2).endswith(".weight"):
+            if part not in FFN_PROJS or not m.group(2).endswith(".weight"):
                 raise MobiLlamaError(f"{src}: unexpected tensor {key!r}")
             ffns[int(m.group(1))][part] = tensor
         else:
@@ -372,8 +368,8 @@ def _to_project(
     else:
         sharing, kept = "all", [_collapse(ffns, collapse, first_diff, notices)]
     for g, ffn in enumerate(kept):
-        for part in FFN_PARTS:
-            out[f"model.ffns.{g}.{part}.weight"] = ffn[part]
+        for part in FFN_PROJS:
+            out[ffn_weight_name(g, part)] = ffn[part]
 
     config_values = {
         "vocab_size": vocab,
@@ -415,7 +411,7 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _ffn_copies_identical(ffns: list[dict[str, torch.Tensor]]) -> tuple[bool, str | None]:
     """Whether every layer's FFN equals layer 0's, bit for bit; else the first differing key."""
     for i in range(1, len(ffns)):
-        for part in FFN_PARTS:
+        for part in FFN_PROJS:
             if not _bitwise_equal(ffns[i][part], ffns[0][part]):
                 return (
                     False,
@@ -442,5 +438,5 @@ def _collapse(
     )
     return {
         part: torch.stack([f[part].float() for f in ffns]).mean(0).to(ffns[0][part].dtype)
-        for part in FFN_PARTS
+        for part in FFN_PROJS
     }

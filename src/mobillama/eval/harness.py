@@ -31,12 +31,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from mobillama.config import parse_dtype
 from mobillama.errors import MobiLlamaError
 from mobillama.model import KVCache
 from mobillama.tokenizer import conventions
 
 DEFAULT_BATCH_SIZE = 16
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # One loglikelihood request as lm-eval's TemplateLM hands it over: (cache key, context ids, continuation ids).
 TokenRequest = tuple[object, list[int], list[int]]
@@ -126,8 +126,7 @@ class MobiLlamaLM(TemplateLM):
         super().__init__()
         from mobillama.eval.loading import load_eval_model
 
-        if dtype not in _DTYPES:
-            raise MobiLlamaError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        compute_dtype = parse_dtype(dtype)
         self.checkpoint = str(pretrained)
         self.tokenizer = load_eval_tokenizer(pretrained)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -136,7 +135,7 @@ class MobiLlamaLM(TemplateLM):
             device = "cpu"
         self._device = torch.device(device or "cpu")
         # A quantized checkpoint is scored as quantized, through the loader generation uses.
-        self.model = load_eval_model(pretrained, dtype=_DTYPES[dtype], device=self._device)
+        self.model = load_eval_model(pretrained, dtype=compute_dtype, device=self._device)
         self.batch_size_per_gpu = _parse_batch_size(batch_size)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)
