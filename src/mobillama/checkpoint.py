@@ -28,8 +28,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mobillama.config import ModelConfig
+from mobillama.config import PRESETS, ModelConfig, get_preset
 from mobillama.errors import MobiLlamaError
+from mobillama.model import MobiLlama
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -107,7 +108,7 @@ def write_json(path: str | Path, data: dict) -> None:
 
 def config_json(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """The config.json of a checkpoint: readable by ModelConfig and by transformers (MobiLlamaConfig)."""
-    from mobillama import __version__
+    from mobillama import __version__  # a real cycle: the package imports this module before it is set
 
     return {
         "model_type": "mobillama",
@@ -173,8 +174,6 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 
 def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     """Every tensor name the config implies, with its shape (built on the meta device: no memory)."""
-    from mobillama.model import MobiLlama
-
     with torch.device("meta"):
         model = MobiLlama(config)
     return {k: v.shape for k, v in unique_state_dict(model.state_dict(), config).items()}
@@ -285,9 +284,6 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """A :class:`~mobillama.model.MobiLlama` from a preset name (random weights) or a checkpoint directory."""
-    from mobillama.config import PRESETS, get_preset
-    from mobillama.model import MobiLlama
-
     if str(path) in PRESETS and not Path(path).exists():
         config = get_preset(str(path))
         model = MobiLlama(config)

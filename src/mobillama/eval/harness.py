@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,33 +32,15 @@ from tqdm import tqdm
 
 from mobillama.config import parse_dtype
 from mobillama.errors import MobiLlamaError
+from mobillama.eval.loading import load_eval_model, load_eval_tokenizer
+from mobillama.generate import Generator, SamplingParams
 from mobillama.model import KVCache
-from mobillama.tokenizer import conventions
+from mobillama.tokenizer import conventions, load_tokenizer
 
 DEFAULT_BATCH_SIZE = 16
 
 # One loglikelihood request as lm-eval's TemplateLM hands it over: (cache key, context ids, continuation ids).
 TokenRequest = tuple[object, list[int], list[int]]
-
-
-def load_eval_tokenizer(checkpoint: str | Path):
-    """The checkpoint's Hugging Face tokenizer, with a pad token (eos) for batched generation."""
-    from transformers import AutoTokenizer
-
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise MobiLlamaError(f"checkpoint not found: {path}")
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
-        raise MobiLlamaError(
-            f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); evaluation needs the "
-            "tokenizer the model was trained with"
-        )
-    import mobillama.hf  # noqa: F401  registers model_type mobillama, else transformers warns reading config.json
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _parse_batch_size(value: int | str | None) -> int:
@@ -124,8 +105,6 @@ class MobiLlamaLM(TemplateLM):
         **_ignored,
     ) -> None:
         super().__init__()
-        from mobillama.eval.loading import load_eval_model
-
         compute_dtype = parse_dtype(dtype)
         self.checkpoint = str(pretrained)
         self.tokenizer = load_eval_tokenizer(pretrained)
@@ -371,9 +350,6 @@ class MobiLlamaLM(TemplateLM):
 
     def _generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, until: list[str]) -> list[str]:
         """Greedy continuations cut at the first stop string, through the project's generation module."""
-        from mobillama.generate import Generator, SamplingParams
-        from mobillama.tokenizer import load_tokenizer
-
         if self._generator is None:
             self._generator = Generator(self.model, load_tokenizer(self.checkpoint))
         params = SamplingParams(

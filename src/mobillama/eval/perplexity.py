@@ -11,6 +11,7 @@ checkpoint's tokenizer and their bytes counted. The report says which (``bytes_s
 from __future__ import annotations
 
 import math
+import pydoc_data.topics as topics
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from mobillama.data.shards import check_token_ids, read_split
 from mobillama.errors import MobiLlamaError
+from mobillama.eval.loading import load_eval_model, load_eval_tokenizer, quantization_of
 
 _BYTES_KEYS = ("num_bytes", "bytes", "text_bytes")
 
@@ -37,8 +39,6 @@ def evaluate_perplexity(
 
     A quantized checkpoint is scored as quantized (see :mod:`mobillama.eval.loading`).
     """
-    from mobillama.eval.loading import load_eval_model, quantization_of
-
     manifest, arrays = read_split(data_dir, split)
     if not arrays:
         raise MobiLlamaError(f"{data_dir}: the {split!r} split has no shards")
@@ -57,8 +57,6 @@ def evaluate_perplexity(
     )
     tokenizer = None
     if manifest_bytes is None or limit:
-        from mobillama.eval.harness import load_eval_tokenizer
-
         tokenizer = load_eval_tokenizer(checkpoint)
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     with torch.inference_mode():
@@ -95,8 +93,6 @@ def reference_text(chars: int | None = None) -> str:
     """Real English prose with code that every Python install carries: the reference topics of
     ``pydoc_data`` in a fixed order. One definition for the tests, the benchmarks and the docs' figures,
     so a perplexity quoted anywhere is measured on the same text."""
-    import pydoc_data.topics as topics
-
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     return text if chars is None else text[:chars]
 
