@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -96,6 +97,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config, index, tokenizer files): one clear error otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MobiLlamaError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise MobiLlamaError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def write_json(path: str | Path, data: dict) -> None:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mobillama.checkpoint import GENERATION_CONFIG_NAME, save_checkpoint, write_json
+from mobillama.checkpoint import GENERATION_CONFIG_NAME, read_json_object, save_checkpoint, write_json
 from mobillama.config import parse_dtype
-from mobillama.convert.from_hf import ImportReport, _to_project, read_json_object
+from mobillama.convert.from_hf import ImportReport, _to_project
 from mobillama.convert.gguf_vocab import (
     ADD_BOS_BY_DEFAULT,
     backend_from_gguf_bpe,

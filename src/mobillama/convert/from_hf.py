@@ -20,7 +20,6 @@ output goes through :func:`~mobillama.checkpoint.save_checkpoint`, which writes 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from mobillama.checkpoint import (
     TOKENIZER_FILES,
     check_state_dict,
     load_checkpoint,
+    read_json_object,
     read_pickle_weights,
     read_safetensors,
     save_checkpoint,
@@ -133,17 +133,6 @@ def _parse_collapse(collapse: str | None) -> tuple[str, int] | None:
     if head == "layer" and k.isdigit():
         return ("layer", int(k))
     raise MobiLlamaError(f"--collapse must be 'layer:K' (K a layer index) or 'mean', got {collapse!r}")
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold an object (config, index, tokenizer files): one clear error otherwise."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise MobiLlamaError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _read_config(src: Path) -> dict[str, Any]:

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mobillama.checkpoint import load_checkpoint
+from mobillama.checkpoint import load_checkpoint, read_json_object
 from mobillama.config import ModelConfig
-from mobillama.convert.from_hf import read_json_object
 from mobillama.convert.gguf_vocab import gguf_pre_tokenizer_name
 from mobillama.convert.to_llama import llama_state_dict
 from mobillama.errors import MobiLlamaError

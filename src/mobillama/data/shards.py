@@ -11,13 +11,12 @@ sha256), and token ids outside the manifest's vocabulary. Rows are memory-mapped
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from mobillama.checkpoint import sha256_file
+from mobillama.checkpoint import read_json_object, sha256_file
 from mobillama.errors import MobiLlamaError
 from mobillama.tokenizer import load_tokenizer
 
@@ -57,12 +56,7 @@ def load_manifest(directory: str | Path) -> dict:
         raise MobiLlamaError(
             f"{directory}: no {MANIFEST} (not a directory written by 'mobillama data prepare')"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise MobiLlamaError(f"{path}: expected a JSON object")
+    manifest = read_json_object(path)
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise MobiLlamaError(f"{path}: missing key {missing[0]!r}")
