@@ -1,14 +1,15 @@
 """Shared fixtures: tiny configs and a seeded model, so every core test is fast, and a SmolLM2-style tokenizer
-(GPT-2 byte-level BPE, ChatML, no BOS on plain text) with a tiny checkpoint, for every folder's tests."""
+(GPT-2 byte-level BPE, ChatML, no BOS on plain text) with a tiny checkpoint, for every folder's tests.
+The builders behind them live in ``fixtures.py`` (importable by test modules, unlike this file)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from fixtures import build_smol_checkpoint, build_smol_tokenizer
 from mobillama.config import ModelConfig, get_preset
 
 
@@ -67,76 +68,6 @@ def real_text() -> str:
 
 
 # ---- a SmolLM2-style tokenizer (the conventions of the first imported model), shared by every folder ----
-# SmolLM2-135M-Instruct's chat template (ChatML with a default system prompt), as its tokenizer_config.json has it.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
-    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-SMOL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
-SMOL_TEXT = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello! How can I help you today? I am a helpful assistant.",
-    "Paris is the capital of France. 2 + 2 = 4, and 12345 is a number.",
-    "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
-    "system user assistant: what is the weather like? It is sunny and warm.",
-]
-
-
-def build_smol_tokenizer(out_dir: Path, *, vocab_size: int = 384, template: str = CHATML_TEMPLATE) -> Path:
-    """A tiny tokenizer with SmolLM2's conventions: GPT-2 byte-level BPE (digits split), ``<|endoftext|>``=0
-    (separator, unk), ``<|im_start|>``=1 (bos), ``<|im_end|>``=2 (eos, pad), a ByteLevel post-processor that
-    adds no special token, ``add_bos_token: false`` and a ChatML template, saved as an HF directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SMOL_SPECIALS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(SMOL_TEXT * 10, trainer)
-    hf = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|im_end|>",
-        clean_up_tokenization_spaces=False,
-    )
-    hf.chat_template = template
-    out_dir = Path(out_dir)
-    hf.save_pretrained(str(out_dir), save_jinja_files=False)
-    config_file = out_dir / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
-    config_file.write_text(json.dumps({**config, "add_bos_token": False}, indent=2), encoding="utf-8")
-    return out_dir
-
-
-def build_smol_checkpoint(out_dir: Path, tokenizer_dir: Path, *, context: int = 128, seed: int = 0) -> Path:
-    """A random micro model (vocabulary of the tokenizer) carrying a SmolLM2-style tokenizer."""
-    from mobillama.checkpoint import save_checkpoint
-    from mobillama.model import MobiLlama
-
-    vocab = len(json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    config = get_preset("micro").replace(
-        vocab_size=vocab, max_position_embeddings=context, bos_token_id=1, eos_token_id=2
-    )
-    torch.manual_seed(seed)
-    return save_checkpoint(MobiLlama(config).eval(), config, out_dir, tokenizer_dir=tokenizer_dir)
-
-
 @pytest.fixture(scope="session")
 def smol_tokenizer_dir(tmp_path_factory) -> Path:
     return build_smol_tokenizer(tmp_path_factory.mktemp("smol-tok"))

@@ -10,6 +10,8 @@ from safetensors.torch import save_file
 
 from mobillama.checkpoint import (
     atomic_directory,
+    check_state_dict,
+    expected_shapes,
     load_checkpoint,
     load_model,
     read_pickle_weights,
@@ -93,6 +95,34 @@ def test_missing_extra_and_misshaped_tensors_are_named(ckpt):
         save_file(bad_state, str(path / "model.safetensors"))
         with pytest.raises(MobiLlamaError, match=message):
             load_checkpoint(path)
+
+
+def test_state_dict_check_against_explicit_shapes_and_dtypes():
+    """The form a state dict that a config alone does not describe (quantized weights) is checked with."""
+    cfg = get_preset("micro")
+    shapes = expected_shapes(cfg)
+    state = {k: torch.zeros(s) for k, s in shapes.items()}
+    check_state_dict(state, cfg, "s")  # a config and its own shapes agree
+    check_state_dict(state, shapes, "s")
+    packed = {
+        "q.weight": torch.zeros(4, 8, dtype=torch.int8),
+        "q.scales": torch.ones(4, dtype=torch.bfloat16),
+    }
+    want = {"q.weight": torch.Size([4, 8]), "q.scales": torch.Size([4])}
+    dtypes = {"q.weight": torch.int8, "q.scales": torch.float32}
+    check_state_dict(packed, want, "q", dtypes=dtypes)  # a float in another precision is fine
+    with pytest.raises(
+        MobiLlamaError, match="q: tensor 'q.weight' has dtype torch.uint8, expected torch.int8"
+    ):
+        check_state_dict({**packed, "q.weight": packed["q.weight"].to(torch.uint8)}, want, "q", dtypes=dtypes)
+    with pytest.raises(
+        MobiLlamaError, match="tensor 'q.scales' has dtype torch.int32, expected torch.float32"
+    ):
+        check_state_dict({**packed, "q.scales": torch.ones(4, dtype=torch.int32)}, want, "q", dtypes=dtypes)
+    with pytest.raises(MobiLlamaError, match=r"q: tensor 'q.weight' has shape \(4, 9\), expected \(4, 8\)"):
+        check_state_dict({**packed, "q.weight": torch.zeros(4, 9, dtype=torch.int8)}, want, "q")
+    with pytest.raises(MobiLlamaError, match="q: missing tensor 'q.scales'"):
+        check_state_dict({"q.weight": packed["q.weight"]}, want, "q")
 
 
 def test_truncated_safetensors(ckpt):

@@ -1,8 +1,19 @@
 import json
 
 import pytest
+import torch
 
-from mobillama.config import PRESETS, ModelConfig, get_preset, resolve_config
+from mobillama.config import (
+    DTYPES,
+    FFN_PREFIX,
+    FFN_PROJS,
+    PRESETS,
+    ModelConfig,
+    ffn_weight_name,
+    get_preset,
+    parse_dtype,
+    resolve_config,
+)
 from mobillama.errors import MobiLlamaError
 
 
@@ -104,3 +115,17 @@ def test_presets_match_reference_shapes():
     assert all(
         c.rms_norm_eps == 1e-5 and c.vocab_size == 32000 for n, c in p.items() if "0." in n or "1.2b" in n
     )
+
+
+def test_ffn_weight_names_are_the_model_parameter_names(micro_config):
+    from mobillama.model import MobiLlama
+
+    names = {n for n, _ in MobiLlama(micro_config).named_parameters() if n.startswith(FFN_PREFIX)}
+    assert names == {ffn_weight_name(g, p) for g in range(micro_config.num_ffns) for p in FFN_PROJS}
+
+
+def test_dtype_names():
+    assert parse_dtype("bf16") is parse_dtype("bfloat16") is torch.bfloat16
+    assert parse_dtype("fp16") is torch.float16 and parse_dtype("float32") is DTYPES["fp32"] is torch.float32
+    with pytest.raises(MobiLlamaError, match="unknown dtype 'int8'; choose one of: fp32, float32, bf16"):
+        parse_dtype("int8")

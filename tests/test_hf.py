@@ -92,3 +92,18 @@ def test_package_exports():
         "PRESETS",
     ):
         assert hasattr(mobillama, name)
+
+
+def test_config_fields_and_defaults_are_model_configs():
+    """MobiLlamaConfig declares every ModelConfig field from the dataclass: same defaults, and a config
+    built from any ModelConfig converts back to an equal one."""
+    import dataclasses
+
+    from mobillama.config import ModelConfig
+
+    hf_default = MobiLlamaConfig()
+    for f in dataclasses.fields(ModelConfig):
+        assert getattr(hf_default, f.name) == f.default, f.name
+    assert hf_default.to_model_config() == ModelConfig()
+    cfg = get_preset("micro").replace(ffn_sharing="group:2", rope_theta=5e5, tie_word_embeddings=True)
+    assert MobiLlamaConfig.from_model_config(cfg).to_model_config() == cfg

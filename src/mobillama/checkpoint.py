@@ -23,13 +23,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mobillama.config import ModelConfig
+from mobillama.config import PRESETS, ModelConfig, get_preset
 from mobillama.errors import MobiLlamaError
+from mobillama.model import MobiLlama
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -97,6 +99,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config, index, tokenizer files): one clear error otherwise."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MobiLlamaError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise MobiLlamaError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def write_json(path: str | Path, data: dict) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a file behind."""
     path = Path(path)
@@ -107,7 +121,7 @@ def write_json(path: str | Path, data: dict) -> None:
 
 def config_json(config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
     """The config.json of a checkpoint: readable by ModelConfig and by transformers (MobiLlamaConfig)."""
-    from mobillama import __version__
+    from mobillama import __version__  # a real cycle: the package imports this module before it is set
 
     return {
         "model_type": "mobillama",
@@ -173,16 +187,27 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 
 def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     """Every tensor name the config implies, with its shape (built on the meta device: no memory)."""
-    from mobillama.model import MobiLlama
-
     with torch.device("meta"):
         model = MobiLlama(config)
     return {k: v.shape for k, v in unique_state_dict(model.state_dict(), config).items()}
 
 
-def check_state_dict(state: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    """Raise one clear error for the first missing, unexpected or mis-shaped tensor."""
-    expected = expected_shapes(config)
+def check_state_dict(
+    state: dict[str, torch.Tensor],
+    expected: ModelConfig | dict[str, torch.Size],
+    source: str,
+    *,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> None:
+    """Raise one clear error for the first missing, unexpected or mis-shaped tensor.
+
+    ``expected`` is a config (its tensors: :func:`expected_shapes`) or the name -> shape mapping itself,
+    for state dicts a config alone does not describe (quantized checkpoints). Where ``dtypes`` names a
+    tensor, its dtype must match in kind (floating or not) and, for integer tensors, exactly: a float
+    may be stored in any precision, packed integer weights may not.
+    """
+    if isinstance(expected, ModelConfig):
+        expected = expected_shapes(expected)
     missing = [k for k in expected if k not in state]
     if missing:
         raise MobiLlamaError(
@@ -200,6 +225,10 @@ def check_state_dict(state: dict[str, torch.Tensor], config: ModelConfig, source
             raise MobiLlamaError(
                 f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(shape)}"
             )
+    for k, want in (dtypes or {}).items():
+        got = state[k].dtype
+        if want.is_floating_point != got.is_floating_point or (not want.is_floating_point and want != got):
+            raise MobiLlamaError(f"{source}: tensor {k!r} has dtype {got}, expected {want}")
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -268,9 +297,6 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """A :class:`~mobillama.model.MobiLlama` from a preset name (random weights) or a checkpoint directory."""
-    from mobillama.config import PRESETS, get_preset
-    from mobillama.model import MobiLlama
-
     if str(path) in PRESETS and not Path(path).exists():
         config = get_preset(str(path))
         model = MobiLlama(config)

@@ -53,6 +53,15 @@ REQUIRED_IN_CHECKPOINT = (
     "num_attention_heads",
 )
 
+# Checkpoint names of the FFN weights: FFN ``g`` (shared by a group of layers) is ``model.ffns.{g}.*``.
+FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
+FFN_PREFIX = "model.ffns."
+
+def ffn_weight_name(group: int, proj: str) -> str:
+    """The checkpoint name of FFN ``group``'s ``proj`` weight (one of :data:`FFN_PROJS`)."""
+    return f"{FFN_PREFIX}{group}.{proj}.weight"
+
+
 
 @dataclass
 class ModelConfig:

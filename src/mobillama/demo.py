@@ -38,7 +38,7 @@ class DemoSettings:
 
 def unigram_entropy(data_dir: Path, split: str = "train") -> float:
     """Entropy (nats/token) of the split's token frequencies: the loss of the best context-free model."""
-    from mobillama.data.prepare import open_split
+    from mobillama.data.shards import open_split
 
     counts = None
     for shard in open_split(data_dir, split, verify=False):

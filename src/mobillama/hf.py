@@ -15,10 +15,18 @@ on a mobillama checkpoint, ``import mobillama.hf``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mobillama.config import ModelConfig
@@ -27,26 +35,32 @@ from mobillama.model import Decoder, causal_lm_loss
 _MODEL_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 
 
-class MobiLlamaConfig(PreTrainedConfig):
+def _model_config_namespace() -> dict[str, Any]:
+    """A class body declaring every :class:`ModelConfig` field with its type and default; transformers
+    turns the annotated class attributes of a config class into its dataclass fields."""
+    fields = dataclasses.fields(ModelConfig)
+    defaults = {
+        f.name: f.default
+        if f.default is not dataclasses.MISSING
+        else dataclasses.field(default_factory=f.default_factory)
+        for f in fields
+    }
+    return {"__module__": __name__, "__annotations__": {f.name: f.type for f in fields}, **defaults}
+
+
+# ModelConfig's fields, derived from the dataclass: a new ModelConfig field needs no edit here.
+_ModelConfigFields = type("_ModelConfigFields", (PreTrainedConfig,), _model_config_namespace())
+
+
+class MobiLlamaConfig(_ModelConfigFields):
     """:class:`~mobillama.config.ModelConfig` as a transformers config (``model_type: mobillama``)."""
 
     model_type = "mobillama"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
-    vocab_size: int = 32000
-    hidden_size: int = 2048
-    intermediate_size: int = 5632
-    num_hidden_layers: int = 22
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = False
-    ffn_sharing: str = "all"
-    initializer_range: float = 0.02
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
+    # transformers' conventions beyond ModelConfig: token ids may be None (EOS also a list), a pad id, the cache
+    bos_token_id: int | None = ModelConfig.bos_token_id
+    eos_token_id: int | list[int] | None = ModelConfig.eos_token_id
     pad_token_id: int | None = None
     use_cache: bool = True
 
@@ -114,8 +128,6 @@ class MobiLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:
-            from transformers import DynamicCache
-
             cache = DynamicCache(config=self.config)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("MobiLlamaForCausalLM takes a 2-D attention_mask [batch, length] of 1/0")

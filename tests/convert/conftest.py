@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from fixtures import llama_bpe_tokenizer
+
 # Absolute, on logits whose max is ~14 (stock_llama's scales): ~7e-6 of max |logit|; float32 reordering
 # measures <= 2e-5 absolute, a 10% rotary-base error ~1 and a wrong norm epsilon ~0.5.
 TOL = 1e-4
@@ -144,27 +146,6 @@ def write_release(
     return out
 
 
-def make_tokenizer(out: Path, vocab_size: int = 300) -> Path:
-    """A small Llama-convention tokenizer (BPE, byte fallback, <unk>=0 <s>=1 </s>=2) saved as HF files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens], show_progress=False
-    )
-    text = ["the shared feed forward network is used by every layer of the model"] * 20
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    fast.save_pretrained(str(out))
-    return out
-
-
 @pytest.fixture
 def ids() -> torch.Tensor:
     return torch.randint(0, TINY["vocab_size"], (2, 64), generator=torch.Generator().manual_seed(1))
@@ -186,6 +167,6 @@ def rel() -> SimpleNamespace:
         release_config=release_config,
         release_state=release_state,
         write_release=write_release,
-        make_tokenizer=make_tokenizer,
+        make_tokenizer=llama_bpe_tokenizer,
         leftovers=leftovers,
     )

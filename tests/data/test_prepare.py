@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from mobillama.checkpoint import sha256_file
-from mobillama.data.prepare import (
+from mobillama.data.prepare import prepare_corpus
+from mobillama.data.shards import (
     MANIFEST,
     inspect_shards,
     load_manifest,
     manifest_layout,
     open_split,
-    prepare_corpus,
     shard_dtype,
     trace_sample,
     verify_shards,

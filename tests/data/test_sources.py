@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from mobillama.data import sources as src
-from mobillama.data.prepare import open_split, prepare_corpus, verify_shards
+from mobillama.data.prepare import prepare_corpus
+from mobillama.data.shards import open_split, verify_shards
 from mobillama.data.sources import SkipLog, Source, iter_documents, resolve_sources, stdlib_sources
 from mobillama.errors import MobiLlamaError
 from mobillama.tokenizer import load_tokenizer

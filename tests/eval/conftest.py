@@ -1,12 +1,13 @@
-"""Shared fixtures for the eval tests: a tiny byte-level BPE tokenizer and a random checkpoint using it."""
+"""Shared fixtures for the eval tests: a tiny byte-level BPE tokenizer and random checkpoints using it
+(built by the shared ``fixtures`` builders)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
+
+from fixtures import byte_bpe_tokenizer, save_micro_checkpoint, tokenizer_vocab_size
 
 TRAIN_TEXT = [
     "The quick brown fox jumps over the lazy dog. A man is sitting on a roof.",
@@ -18,25 +19,8 @@ TRAIN_TEXT = [
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 256) -> Path:
     """A byte-level BPE tokenizer with Llama special ids (<unk>=0, <s>=1, </s>=2) that prepends <s>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(TRAIN_TEXT * 20, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=10**6
-    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
+    byte_bpe_tokenizer(TRAIN_TEXT * 20, vocab_size, model_max_length=10**6).save_pretrained(str(out_dir))
     return out_dir
 
 
@@ -45,18 +29,16 @@ def build_checkpoint(
 ) -> Path:
     """``changes``: ModelConfig fields over the micro preset; ``embed_scale`` widens the embedding (and a
     tied head's) spread beyond the 0.02 init, so the model has clear preferences to score."""
-    from mobillama.checkpoint import save_checkpoint
-    from mobillama.config import get_preset
-    from mobillama.model import MobiLlama
-
     tok_dir = build_tokenizer(root / f"{name}-tok")
-    vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
-    config = get_preset("micro").replace(vocab_size=max(vocab, 8), max_position_embeddings=max_len, **changes)
-    torch.manual_seed(seed)
-    model = MobiLlama(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(embed_scale)
-    return save_checkpoint(model, config, root / name, tokenizer_dir=tok_dir)
+    return save_micro_checkpoint(
+        root / name,
+        tok_dir,
+        vocab_size=max(tokenizer_vocab_size(tok_dir), 8),
+        seed=seed,
+        embed_scale=embed_scale,
+        max_position_embeddings=max_len,
+        **changes,
+    )
 
 
 @pytest.fixture(scope="session")

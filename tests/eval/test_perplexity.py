@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures import edit_manifest, write_token_shards
 from mobillama.cli import main
 from mobillama.errors import MobiLlamaError
 from mobillama.eval.harness import load_eval_tokenizer
@@ -20,28 +21,21 @@ TEXT = "The quick brown fox jumps over the lazy dog. A man is sitting on a roof 
 
 
 def make_shards(
-    out: Path, checkpoint: Path, *, num_bytes: int | None = None, dtype: str = "uint16"
+    out: Path,
+    checkpoint: Path,
+    *,
+    num_bytes: int | None = None,
+    vocab_size: int = 300,
+    set_ids: dict[int, int] | None = None,
 ) -> np.ndarray:
+    """The reference text as a val split of two shards; ``set_ids`` puts ids at flat positions first."""
     ids = load_eval_tokenizer(checkpoint).encode(TEXT, add_special_tokens=False)
-    rows = np.array(ids[: (len(ids) // (S + 1)) * (S + 1)], dtype=dtype).reshape(-1, S + 1)
-    out.mkdir(parents=True)
+    rows = np.array(ids[: (len(ids) // (S + 1)) * (S + 1)], dtype=np.int64).reshape(-1, S + 1)
+    for position, token in (set_ids or {}).items():
+        rows.flat[position] = token
     half = len(rows) // 2
-    shards = []
-    for i, part in enumerate([rows[:half], rows[half:]]):
-        name = f"val-{i:05d}.bin"
-        part.tofile(out / name)
-        shards.append({"path": name, "num_samples": len(part)})
-    split = {"shards": shards, "num_samples": len(rows), "num_tokens": int(rows.size)}
-    if num_bytes is not None:
-        split["num_bytes"] = num_bytes
-    manifest = {
-        "seq_len": S,
-        "sample_len": S + 1,
-        "dtype": dtype,
-        "vocab_size": 300,
-        "splits": {"val": split},
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    fields = {"val": {"num_bytes": num_bytes}} if num_bytes is not None else None
+    write_token_shards(out, {"val": [rows[:half], rows[half:]]}, vocab_size=vocab_size, split_fields=fields)
     return rows
 
 
@@ -100,13 +94,13 @@ def test_cli_prints_json(checkpoint, tmp_path, capsys):
     [
         (lambda d: (d / "manifest.json").unlink(), "no manifest.json"),
         (lambda d: (d / "manifest.json").write_text("{"), "not valid JSON"),
-        (lambda d: _edit(d, lambda m: m.pop("dtype")), "missing key 'dtype'"),
-        (lambda d: _edit(d, lambda m: m.update(dtype="int8")), "dtype 'int8'"),
-        (lambda d: _edit(d, lambda m: m["splits"].pop("val")), "no 'val' split"),
-        (lambda d: (d / "val-00000.bin").unlink(), "shard val-00000.bin not found"),
+        (lambda d: edit_manifest(d, lambda m: m.pop("dtype")), "missing key 'dtype'"),
+        (lambda d: edit_manifest(d, lambda m: m.update(dtype="int8")), "dtype 'int8'"),
+        (lambda d: edit_manifest(d, lambda m: m["splits"].pop("val")), "no 'val' split"),
+        (lambda d: (d / "val-00000.bin").unlink(), "val-00000.bin: shard listed in the manifest is missing"),
         (lambda d: (d / "val-00001.bin").write_bytes(b"\x00\x01\x02"), "not a whole number"),
         (
-            lambda d: _edit(d, lambda m: m["splits"]["val"]["shards"][0].update(num_samples=999)),
+            lambda d: edit_manifest(d, lambda m: m["splits"]["val"]["shards"][0].update(num_samples=999)),
             "manifest says 999",
         ),
     ],
@@ -119,18 +113,34 @@ def test_bad_shards(checkpoint, tmp_path, mutate, match):
 
 
 def test_token_ids_beyond_vocab(checkpoint, tmp_path):
-    make_shards(tmp_path / "shards", checkpoint)
-    arr = np.memmap(tmp_path / "shards" / "val-00000.bin", dtype=np.uint16, mode="r+")
-    arr[3] = 60000
-    arr.flush()
+    """Ids the data's vocabulary allows but the model's does not."""
+    make_shards(
+        tmp_path / "shards",
+        checkpoint,
+        vocab_size=65536,
+        set_ids={3: 60000},
+    )
     with pytest.raises(MobiLlamaError, match="token id 60000 >= the model's vocab_size"):
         evaluate_perplexity(checkpoint, tmp_path / "shards")
 
 
-def _edit(d: Path, fn) -> None:
-    m = json.loads((d / "manifest.json").read_text())
-    fn(m)
-    (d / "manifest.json").write_text(json.dumps(m))
+def test_tampered_or_foreign_shards_are_refused(checkpoint, tmp_path):
+    """The loader's checks: sha256, format and version, ids beyond the data's own vocabulary."""
+    d = tmp_path / "shards"
+    make_shards(d, checkpoint)
+    shard = d / "val-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(MobiLlamaError, match="val-00001.bin: sha256 .* does not match the manifest"):
+        evaluate_perplexity(checkpoint, d)
+    make_shards(d2 := tmp_path / "v2", checkpoint)
+    edit_manifest(d2, lambda m: m.update(format_version=2))
+    with pytest.raises(MobiLlamaError, match="version 2 is not 'mobillama-token-shards' version 1"):
+        evaluate_perplexity(checkpoint, d2)
+    make_shards(d3 := tmp_path / "ids", checkpoint, set_ids={5: 300})
+    with pytest.raises(MobiLlamaError, match="val-00000.bin: token id 300 >= the manifest's vocab_size 300"):
+        evaluate_perplexity(checkpoint, d3)
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -1,8 +1,11 @@
-"""A tiny byte-level BPE tokenizer with a MobiLlama-Chat style template, built in code."""
+"""A tiny byte-level BPE tokenizer with a MobiLlama-Chat style template, a base checkpoint and recipe files
+(tokenizer and checkpoint from the shared ``fixtures`` builders)."""
 
 from __future__ import annotations
 
 import pytest
+
+from fixtures import byte_bpe_tokenizer, save_micro_checkpoint
 
 TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set rest = messages[1:] %}"
@@ -15,30 +18,12 @@ TEMPLATE = (
 
 @pytest.fixture(scope="session")
 def chat_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
     corpus = [
         "A chat between a curious human and an artificial intelligence assistant.",
         "### Human: What does json.dumps do?",
         "### Assistant: Serialize obj to a JSON formatted str.",
-    ] * 20
-    tok.train_from_iterator(corpus, trainer)
-    # Llama's convention: <s> in front of text (what decides BOS for prompts, see mobillama.tokenizer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
-    )
-    fast.chat_template = TEMPLATE
-    return fast
+    ]
+    return byte_bpe_tokenizer(corpus * 20, 400, chat_template=TEMPLATE, pad_token="<unk>")
 
 
 # --- fixtures for the run tests: the project's own tokenizer (real MobiLlama-Chat template) + a base checkpoint
@@ -58,18 +43,9 @@ def project_tokenizer(tmp_path_factory):
 @pytest.fixture(scope="session")
 def base_checkpoint(project_tokenizer, tmp_path_factory):
     """A micro MobiLlama (shared FFN) checkpoint carrying the project tokenizer: the SFT base."""
-    import torch
-
-    from mobillama.checkpoint import save_checkpoint
-    from mobillama.config import get_preset
-    from mobillama.model import MobiLlama
-
     tok, tok_dir = project_tokenizer
-    config = get_preset("micro").replace(vocab_size=tok.vocab_size, max_position_embeddings=256)
-    torch.manual_seed(0)
     out = tmp_path_factory.mktemp("base") / "ckpt"
-    save_checkpoint(MobiLlama(config), config, out, tokenizer_dir=tok_dir)
-    return out
+    return save_micro_checkpoint(out, tok_dir, vocab_size=tok.vocab_size, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="session")

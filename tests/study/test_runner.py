@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from fixtures import write_token_shards
 from mobillama.cli import main
 from mobillama.errors import MobiLlamaError
 from mobillama.study.runner import (
@@ -39,31 +39,12 @@ MODEL = {
 def write_data(root):
     """A shard directory with a learnable pattern (next token = previous + 1)."""
     rng = np.random.default_rng(0)
-    root.mkdir()
-    manifest = {
-        "seq_len": 16,
-        "sample_len": 17,
-        "dtype": "uint16",
-        "vocab_size": 128,
-        "tokenizer_sha256": "t",
-        "bos_id": 1,
-        "eos_id": 2,
-        "splits": {},
+    rows = {
+        split: [3 + (rng.integers(0, 100, (n, 1)) + np.arange(17)) % 100]
+        for split, n in (("train", 64), ("val", 8))
     }
-    for split, n in (("train", 64), ("val", 8)):
-        rows = 3 + (rng.integers(0, 100, (n, 1)) + np.arange(17)) % 100
-        path = root / f"{split}-00000.bin"
-        rows.astype("uint16").tofile(path)
-        manifest["splits"][split] = {
-            "shards": [
-                {"path": path.name, "num_samples": n, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-            ],
-            "num_samples": n,
-            "num_tokens": n * 17,
-            "num_bytes": n * 40,
-        }
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    fields = {"train": {"num_bytes": 64 * 40}, "val": {"num_bytes": 8 * 40}}
+    return write_token_shards(root, rows, vocab_size=128, split_fields=fields)
 
 
 @pytest.fixture

@@ -1,10 +1,9 @@
-"""Fixtures for the training tests: token-shard directories written here with numpy (the contract of
-docs/data.md "Shard directory format", independent of ``mobillama data prepare``), and small recipe files for the micro preset."""
+"""Fixtures for the training tests: token-shard directories of learnable or random rows (written by
+``fixtures.write_token_shards``, independent of ``mobillama data prepare``), and small recipe files for the
+micro preset."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+
+from fixtures import write_token_shards
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
@@ -34,37 +35,17 @@ def write_shards(
     """
     splits = splits or {"train": [40, 24], "val": [8]}
     rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = {
-        "seq_len": seq_len,
-        "sample_len": seq_len + 1,
-        "dtype": dtype,
-        "vocab_size": vocab_size,
-        "tokenizer_sha256": "test",
-        "bos_id": 1,
-        "eos_id": 2,
-        "splits": {},
-    }
+    rows_by_split = {}
     for split, counts in splits.items():
-        shards = []
-        for i, n in enumerate(counts):
+        rows_by_split[split] = []
+        for n in counts:
             if pattern:
                 start = rng.integers(3, vocab_size, size=(n, 1))
                 rows = 3 + (start - 3 + np.arange(seq_len + 1)[None, :]) % min(64, vocab_size - 3)
             else:
                 rows = rng.integers(3, vocab_size, size=(n, seq_len + 1))
-            path = out / f"{split}-{i:05d}.bin"
-            rows.astype(dtype).tofile(path)
-            shards.append(
-                {"path": path.name, "num_samples": n, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
-            )
-        manifest["splits"][split] = {
-            "shards": shards,
-            "num_samples": sum(counts),
-            "num_tokens": sum(counts) * (seq_len + 1),
-        }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    return out
+            rows_by_split[split].append(rows)
+    return write_token_shards(out, rows_by_split, vocab_size=vocab_size, dtype=dtype)
 
 
 @pytest.fixture

@@ -183,14 +183,14 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from mobillama.data.prepare import inspect_shards
+    from mobillama.data.shards import inspect_shards
 
     print(inspect_shards(args.dir, split=args.split, sample=args.sample, show_tokens=args.tokens))
     return 0
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from mobillama.data.prepare import verify_shards
+    from mobillama.data.shards import verify_shards
 
     m = verify_shards(args.dir)
     n = sum(len(s["shards"]) for s in m["splits"].values())

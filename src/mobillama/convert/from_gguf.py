@@ -23,19 +23,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import gguf
+import gguf.quants
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mobillama.checkpoint import GENERATION_CONFIG_NAME, save_checkpoint
-from mobillama.convert.from_hf import DTYPES, ImportReport, _to_project
+from mobillama.checkpoint import GENERATION_CONFIG_NAME, read_json_object, save_checkpoint, write_json
+from mobillama.config import parse_dtype
+from mobillama.convert.from_hf import ImportReport, _to_project
 from mobillama.convert.gguf_vocab import (
     ADD_BOS_BY_DEFAULT,
     backend_from_gguf_bpe,
     spm_model_from_gguf,
 )
+from mobillama.convert.to_gguf import unpermute_from_gguf
 from mobillama.convert.to_llama import llama_tensor_names
 from mobillama.errors import MobiLlamaError
+from mobillama.tokenizer import Tokenizer, sentencepiece_to_hf
 
 ARCH = "llama"
 GGUF_MAGIC = b"GGUF"
@@ -45,8 +50,6 @@ class GGUFFile:
     """A validated, memory-mapped GGUF file with typed metadata access (errors name the file and key)."""
 
     def __init__(self, path: str | Path) -> None:
-        import gguf
-
         self.path = Path(path)
         if not self.path.exists():
             raise MobiLlamaError(f"GGUF file not found: {self.path}")
@@ -103,8 +106,7 @@ def import_gguf(
     the file's path).
     """
     src, out = Path(src), Path(out)
-    if dtype is not None and dtype not in DTYPES:
-        raise MobiLlamaError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    cast = parse_dtype(dtype) if dtype is not None else None
     if out.exists() and not overwrite:
         raise MobiLlamaError(f"output {out} already exists (choose another path or remove it)")
     gf = GGUFFile(src)
@@ -138,7 +140,7 @@ def import_gguf(
             tokenizer_dir=tok_dir if vocab is not None else None,
             extra_files=extra,
             overwrite=overwrite,
-            dtype=DTYPES[dtype] if dtype else None,
+            dtype=cast,
         )
     return report
 
@@ -228,11 +230,6 @@ def hf_config_from_gguf(gf: GGUFFile) -> dict[str, Any]:
 
 def llama_state_from_gguf(gf: GGUFFile, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Every tensor, dequantized to float32, under Hugging Face Llama names with q/k un-permuted."""
-    import gguf
-    from gguf.quants import dequantize
-
-    from mobillama.convert.to_gguf import unpermute_from_gguf
-
     n_layers = raw["num_hidden_layers"]
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
     llama_name = {name_map.get_name(k, try_suffixes=(".weight",)): k for k in llama_tensor_names(n_layers)}
@@ -242,7 +239,7 @@ def llama_state_from_gguf(gf: GGUFFile, raw: dict[str, Any]) -> dict[str, torch.
             raise MobiLlamaError(f"{gf.path}: unexpected tensor {t.name!r} for a 'llama' model")
         shape = [int(d) for d in reversed(t.shape.tolist())]  # GGUF lists dimensions innermost first
         try:
-            array = dequantize(t.data, t.tensor_type)
+            array = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError:
             raise MobiLlamaError(
                 f"{gf.path}: tensor {t.name!r} has type {t.tensor_type.name}, which the gguf package "
@@ -267,11 +264,8 @@ def write_tokenizer_from_gguf(gf: GGUFFile, out_dir: Path, notices: list[str]) -
     Returns what the checkpoint needs beside the files (the ids generation stops at), or None, with a
     notice, when the file carries no vocabulary.
     """
+    # transformers (~2.5 s) only here: reading GGUF weights back (to_gguf's checks) does not need it
     from transformers import PreTrainedTokenizerFast
-
-    from mobillama.checkpoint import write_json
-    from mobillama.convert.from_hf import read_json_object
-    from mobillama.tokenizer import Tokenizer, sentencepiece_to_hf
 
     model = gf.get("tokenizer.ggml.model")
     if model in (None, "no_vocab"):

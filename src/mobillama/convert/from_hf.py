@@ -20,7 +20,6 @@ output goes through :func:`~mobillama.checkpoint.save_checkpoint`, which writes 
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,23 +33,21 @@ from mobillama.checkpoint import (
     TOKENIZER_FILES,
     check_state_dict,
     load_checkpoint,
+    read_json_object,
     read_pickle_weights,
     read_safetensors,
     save_checkpoint,
 )
-from mobillama.config import ModelConfig
+from mobillama.config import FFN_PROJS, ModelConfig, ffn_weight_name, parse_dtype
 from mobillama.errors import MobiLlamaError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
-FFN_PARTS = ("gate_proj", "up_proj", "down_proj")
 # Weight files of other frameworks: named in the error so the user knows why nothing was found.
 UNSUPPORTED_WEIGHT_PATTERNS = ("*.gguf", "*.h5", "*.msgpack", "*.ckpt", "*.pt", "*.pth", "*.onnx", "*.npz")
 
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
 _INV_FREQ = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -85,8 +82,7 @@ def import_hf(
     """
     src, out = Path(src), Path(out)
     collapse_mode = _parse_collapse(collapse)
-    if dtype is not None and dtype not in DTYPES:
-        raise MobiLlamaError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    cast = parse_dtype(dtype) if dtype is not None else None
     if out.exists() and not overwrite:
         raise MobiLlamaError(f"output {out} already exists (choose another path or remove it)")
     if out.resolve() == src.resolve():
@@ -120,7 +116,7 @@ def import_hf(
         tokenizer_dir=src,
         extra_files={"conversion.json": report.to_dict()},
         overwrite=overwrite,
-        dtype=DTYPES[dtype] if dtype else None,
+        dtype=cast,
     )
     return report
 
@@ -137,17 +133,6 @@ def _parse_collapse(collapse: str | None) -> tuple[str, int] | None:
     if head == "layer" and k.isdigit():
         return ("layer", int(k))
     raise MobiLlamaError(f"--collapse must be 'layer:K' (K a layer index) or 'mean', got {collapse!r}")
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON file that must hold an object (config, index, tokenizer files): one clear error otherwise."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise MobiLlamaError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _read_config(src: Path) -> dict[str, Any]:
@@ -341,7 +326,7 @@ def _to_project(
         m = _LAYER_KEY.fullmatch(key)
         if m and int(m.group(1)) < n_layers and m.group(2).startswith("mlp."):
             part = m.group(2).removeprefix("mlp.").removesuffix(".weight")
-            if part not in FFN_PARTS or not m.group(2).endswith(".weight"):
+            if part not in FFN_PROJS or not m.group(2).endswith(".weight"):
                 raise MobiLlamaError(f"{src}: unexpected tensor {key!r}")
             ffns[int(m.group(1))][part] = tensor
         else:
@@ -372,8 +357,8 @@ def _to_project(
     else:
         sharing, kept = "all", [_collapse(ffns, collapse, first_diff, notices)]
     for g, ffn in enumerate(kept):
-        for part in FFN_PARTS:
-            out[f"model.ffns.{g}.{part}.weight"] = ffn[part]
+        for part in FFN_PROJS:
+            out[ffn_weight_name(g, part)] = ffn[part]
 
     config_values = {
         "vocab_size": vocab,
@@ -415,7 +400,7 @@ def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _ffn_copies_identical(ffns: list[dict[str, torch.Tensor]]) -> tuple[bool, str | None]:
     """Whether every layer's FFN equals layer 0's, bit for bit; else the first differing key."""
     for i in range(1, len(ffns)):
-        for part in FFN_PARTS:
+        for part in FFN_PROJS:
             if not _bitwise_equal(ffns[i][part], ffns[0][part]):
                 return (
                     False,
@@ -442,5 +427,5 @@ def _collapse(
     )
     return {
         part: torch.stack([f[part].float() for f in ffns]).mean(0).to(ffns[0][part].dtype)
-        for part in FFN_PARTS
+        for part in FFN_PROJS
     }

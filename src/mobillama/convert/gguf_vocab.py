@@ -24,6 +24,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
+from tokenizers.models import BPE
+
 from mobillama.errors import MobiLlamaError
 
 # GPT-2's split (also what ``pre_tokenizers.ByteLevel(use_regex=True)`` applies).
@@ -74,8 +78,6 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 def pre_tokenizer_for(name: str) -> Any:
     """The ``tokenizers`` pre-tokenizer that splits text as llama.cpp's pre-tokenizer ``name`` does."""
-    from tokenizers import Regex, pre_tokenizers
-
     if name not in PRE_TOKENIZER_REGEXES:
         raise MobiLlamaError(
             f"pre-tokenizer {name!r} (tokenizer.ggml.pre) is not supported; supported: "
@@ -104,10 +106,6 @@ def backend_from_gguf_bpe(
     ``skip_special_tokens``); user-defined tokens become plain added tokens. The post-processor adds BOS
     and EOS exactly where the file's add-BOS/EOS flags say.
     """
-    from tokenizers import AddedToken, decoders, processors
-    from tokenizers import Tokenizer as Backend
-    from tokenizers.models import BPE
-
     vocab = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)
@@ -157,6 +155,7 @@ def spm_model_from_gguf(
     through its one SentencePiece converter and keeps a ``tokenizer.model`` in the checkpoint (which
     ``convert to-gguf`` writes back unchanged).
     """
+    # protobuf's generated module (~0.15 s): only SentencePiece vocabularies need it
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()

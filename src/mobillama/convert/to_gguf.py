@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gguf
+import gguf.quants
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mobillama.checkpoint import load_checkpoint
+from mobillama.checkpoint import load_checkpoint, read_json_object
 from mobillama.config import ModelConfig
-from mobillama.convert.from_hf import read_json_object
 from mobillama.convert.gguf_vocab import gguf_pre_tokenizer_name
 from mobillama.convert.to_llama import llama_state_dict
 from mobillama.errors import MobiLlamaError
@@ -82,6 +83,7 @@ def read_gguf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     The inverse of the exporter's tensor step, used to check an export against what llama.cpp will read
     (tests compare a stock ``LlamaForCausalLM`` built from these weights with llama.cpp's own logits).
     """
+    # a real cycle: the importer (from_gguf) uses this module's unpermute_from_gguf
     from mobillama.convert.from_gguf import GGUFFile, hf_config_from_gguf, llama_state_from_gguf
 
     gf = GGUFFile(path)  # the importer's reader: the same names, dequantization and un-permutation
@@ -92,8 +94,6 @@ def export_gguf(
     ckpt: str | Path, out: str | Path, *, gguf_type: str = "f16", overwrite: bool = False
 ) -> GGUFReport:
     """Write the checkpoint ``ckpt`` as the GGUF file ``out`` (atomically: a temp file renamed at the end)."""
-    import gguf
-
     if gguf_type not in GGUF_TYPES:
         raise MobiLlamaError(f"unknown GGUF type {gguf_type!r}; choose one of: {', '.join(GGUF_TYPES)}")
     out = Path(out)
@@ -143,8 +143,6 @@ def export_gguf(
 
 
 def _write_metadata(writer, config: ModelConfig, name: str, gguf_type: str) -> None:
-    import gguf
-
     writer.add_name(name)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.max_position_embeddings)
@@ -171,9 +169,6 @@ def _write_metadata(writer, config: ModelConfig, name: str, gguf_type: str) -> N
 def _write_tensors(
     writer, config: ModelConfig, state: dict[str, torch.Tensor], qtype, report: GGUFReport
 ) -> None:
-    import gguf
-    from gguf.quants import quantize
-
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     tensors = llama_state_dict(config, state)
     done: dict[int, tuple[np.ndarray, Any]] = {}  # id(source tensor) -> encoded data: one per shared FFN
@@ -196,7 +191,7 @@ def _write_tensors(
             elif qtype == gguf.GGMLQuantizationType.F32:
                 data, raw_type = array.astype(np.float32), qtype
             elif qtype != gguf.GGMLQuantizationType.F16 and array.shape[-1] % 32 == 0:
-                data, raw_type = quantize(array, qtype), qtype
+                data, raw_type = gguf.quants.quantize(array, qtype), qtype
             else:
                 data, raw_type = array.astype(np.float16), gguf.GGMLQuantizationType.F16
             done[id(tensor)] = (data, raw_type)
@@ -230,8 +225,6 @@ def read_vocab(ckpt: Path, config: ModelConfig, notices: list[str]) -> dict[str,
     score, which leaves llama.cpp no merge order, so scores here are minus the rank of the merge that
     forms each token. A byte-level BPE without fallback becomes a ``gpt2`` vocabulary with its merges.
     """
-    import gguf
-
     tok_config = (
         read_json_object(ckpt / "tokenizer_config.json") if (ckpt / "tokenizer_config.json").is_file() else {}
     )
@@ -307,8 +300,6 @@ def _post_processor_adds(data: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def _vocab_from_tokenizer_json(path: Path, notices: list[str]) -> dict[str, Any]:
-    import gguf
-
     data = read_json_object(path)
     model = data.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):

@@ -23,8 +23,7 @@ from mobillama.checkpoint import (
     copy_tokenizer_files,
     load_checkpoint,
 )
-from mobillama.config import ModelConfig
-from mobillama.convert.from_hf import DTYPES
+from mobillama.config import FFN_PREFIX, FFN_PROJS, ModelConfig, ffn_weight_name, parse_dtype
 from mobillama.errors import MobiLlamaError
 
 LAYER_PARTS = (
@@ -54,13 +53,13 @@ def llama_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dic
     (safetensors) must clone them. A tied LM head is left out, as in Llama checkpoints.
     """
     ffn_of = {
-        f"model.layers.{i}.mlp.{p}.weight": f"model.ffns.{config.ffn_index(i)}.{p}.weight"
+        f"model.layers.{i}.mlp.{p}.weight": ffn_weight_name(config.ffn_index(i), p)
         for i in range(config.num_hidden_layers)
-        for p in ("gate_proj", "up_proj", "down_proj")
+        for p in FFN_PROJS
     }
     names = llama_tensor_names(config.num_hidden_layers)
     out = {name: state[ffn_of.get(name, name)] for name in names if ffn_of.get(name, name) in state}
-    out.update({k: v for k, v in state.items() if k not in out and not k.startswith("model.ffns.")})
+    out.update({k: v for k, v in state.items() if k not in out and not k.startswith(FFN_PREFIX)})
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return out
@@ -68,6 +67,7 @@ def llama_state_dict(config: ModelConfig, state: dict[str, torch.Tensor]) -> dic
 
 def llama_config(config: ModelConfig, dtype: torch.dtype):
     """The equivalent ``transformers.LlamaConfig`` (model_type "llama", no remote code)."""
+    # transformers (~2.5 s) only when writing a Llama checkpoint: to-gguf uses this module's names only
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -97,16 +97,14 @@ def export_llama(
     ckpt: str | Path, out: str | Path, *, dtype: str | None = None, overwrite: bool = False
 ) -> Path:
     """Write ``out`` as a ``LlamaForCausalLM`` checkpoint (config.json, model.safetensors, tokenizer)."""
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig  # lazy, as in llama_config
 
-    if dtype is not None and dtype not in DTYPES:
-        raise MobiLlamaError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    cast = parse_dtype(dtype) if dtype is not None else None
     out = Path(out)
     if out.exists() and not overwrite:  # fail before reading gigabytes
         raise MobiLlamaError(f"output {out} already exists (choose another path or remove it)")
     config, state = load_checkpoint(ckpt)
     tensors = llama_state_dict(config, state)
-    cast = DTYPES[dtype] if dtype else None
     # clone(): safetensors refuses tensors that share memory, and the per-layer FFNs all do.
     tensors = {
         k: (v.to(cast) if cast is not None and v.is_floating_point() else v).clone().contiguous()

@@ -1,6 +1,6 @@
 """Deterministic, resumable, rank-aware batches streamed from token shards.
 
-Reads the shard format of ``mobillama data prepare`` (docs/data.md, "Shard directory format"): ``manifest.json`` plus raw
+Reads the shard format of ``mobillama data prepare`` through :mod:`mobillama.data.shards`: ``manifest.json`` plus raw
 little-endian memmaps with one packed sample of ``seq_len + 1`` tokens per row (Amber's 2049 layout).
 Only the rows of the current batch are read, so the corpus never has to fit in RAM.
 
@@ -17,7 +17,6 @@ and its per-rank split depends on the world size, which breaks exact resume and 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,71 +25,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from mobillama.data.shards import read_split
 from mobillama.errors import MobiLlamaError
-
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-
-
-def read_manifest(data_dir: str | Path) -> dict[str, Any]:
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise MobiLlamaError(
-            f"data directory not found: {data_dir} (create it with 'mobillama data prepare')"
-        )
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        raise MobiLlamaError(f"{data_dir} has no manifest.json: not a token-shard directory")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{path}: not valid JSON ({e})") from None
-    for key in ("seq_len", "dtype", "vocab_size", "splits"):
-        if key not in manifest:
-            raise MobiLlamaError(f"{path}: missing key {key!r}")
-    if manifest["dtype"] not in DTYPES:
-        raise MobiLlamaError(f"{path}: dtype must be uint16 or uint32, got {manifest['dtype']!r}")
-    return manifest
 
 
 class TokenSplit:
-    """One split of a shard directory as a random-access sequence of ``seq_len + 1``-token rows."""
+    """One split of a shard directory as a random-access sequence of ``seq_len + 1``-token rows.
+
+    The shards are opened (and, with ``verify``, hashed) by :func:`mobillama.data.shards.read_split`,
+    the one reader with the format's checks.
+    """
 
     def __init__(self, data_dir: str | Path, split: str = "train", *, verify: bool = True) -> None:
-        from mobillama.checkpoint import sha256_file
-
         self.data_dir = Path(data_dir)
-        self.manifest = read_manifest(self.data_dir)
-        splits = self.manifest["splits"]
-        if split not in splits:
-            raise MobiLlamaError(
-                f"{self.data_dir}/manifest.json has no split {split!r} (has: {', '.join(splits)})"
-            )
+        self.manifest, shards = read_split(self.data_dir, split, verify=verify)
         self.split = split
         self.seq_len = int(self.manifest["seq_len"])
-        self.sample_len = int(self.manifest.get("sample_len", self.seq_len + 1))
+        self.sample_len = int(self.manifest["sample_len"])
         self.vocab_size = int(self.manifest["vocab_size"])
-        dtype = DTYPES[self.manifest["dtype"]]
-        self.shards: list[np.ndarray] = []
-        for shard in splits[split].get("shards", []):
-            path = self.data_dir / shard["path"]
-            if not path.is_file():
-                raise MobiLlamaError(f"shard {path} listed in the manifest is missing")
-            if verify and "sha256" in shard and sha256_file(path) != shard["sha256"]:
-                raise MobiLlamaError(f"shard {path} is corrupt: sha256 differs from the manifest")
-            size = path.stat().st_size
-            row_bytes = self.sample_len * np.dtype(dtype).itemsize
-            if size % row_bytes:
-                raise MobiLlamaError(
-                    f"shard {path} size {size} is not a multiple of a {self.sample_len}-token row"
-                )
-            if size == 0:
-                continue
-            rows = np.memmap(path, dtype=dtype, mode="r").reshape(-1, self.sample_len)
-            if "num_samples" in shard and rows.shape[0] != shard["num_samples"]:
-                raise MobiLlamaError(
-                    f"shard {path} holds {rows.shape[0]} samples, the manifest says {shard['num_samples']}"
-                )
-            self.shards.append(rows)
+        self.shards: list[np.ndarray] = [s for s in shards if len(s)]
         self.offsets = np.cumsum([0] + [s.shape[0] for s in self.shards])
 
     def __len__(self) -> int:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
-import json
 import multiprocessing as mp
 import os
 from array import array
@@ -42,24 +41,18 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from mobillama import __version__
 from mobillama.checkpoint import atomic_directory, sha256_file, write_json
+from mobillama.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER_SUBDIR, shard_dtype
 from mobillama.data.sources import DEFAULT_MAX_DOC_BYTES, SkipLog, Source, iter_documents, resolve_sources
 from mobillama.errors import MobiLlamaError
 from mobillama.tokenizer import END_OF_TEXT, Tokenizer, load_tokenizer, plain_text_backend
 
-FORMAT = "mobillama-token-shards"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TOKENIZER_SUBDIR = "tokenizer"
 TOKENS_TMP = ".tokens.tmp"
 BATCH_BYTES = 1 << 20
 DOC_INDEX_COLUMNS = ("source_id", "locator", "start", "length")
-
-
-def shard_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab ≤ 65536): half the disk and page cache of uint32."""
-    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
 def default_workers() -> int:
@@ -180,8 +173,6 @@ def tokenize_sources(
     progress: bool,
 ) -> tuple[DocumentTable, list[Counter]]:
     """Tokenize every document into ``tokens_path``; return the document table and per-source counts."""
-    from tqdm.auto import tqdm
-
     table = DocumentTable()
     stats = [Counter() for _ in sources]
     n_docs = n_tokens = 0
@@ -361,8 +352,6 @@ def _check_options(seq_len: int, val_fraction: float, chunks: int, workers: int,
 
 def describe_sources(sources: Sequence[Source], progress: bool) -> list[dict]:
     """Size and sha256 of every source file (the manifest's record of what went in)."""
-    from tqdm.auto import tqdm
-
     out = []
     for sid, source in enumerate(tqdm(sources, desc="hashing sources", unit="file", disable=not progress)):
         out.append(
@@ -474,16 +463,6 @@ def _layout_text(tok: Tokenizer) -> str:
     )
 
 
-def manifest_layout(manifest: dict) -> dict[str, int | None]:
-    """:func:`document_layout` as a manifest records it; manifests written before the fields existed
-    framed every document as ``<s> ... </s>`` (``bos_id`` and ``eos_id``)."""
-    add_bos = manifest.get("add_bos", True)
-    return {
-        "bos_id": manifest["bos_id"] if add_bos else None,
-        "separator_id": manifest.get("separator_id", manifest["eos_id"]),
-    }
-
-
 def build_manifest(
     tok: Tokenizer,
     dtype: np.dtype,
@@ -492,8 +471,6 @@ def build_manifest(
     skips: SkipLog,
     **settings: Any,
 ) -> dict:
-    from mobillama import __version__
-
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -534,162 +511,3 @@ def build_manifest(
         "sources": sources,
         "splits": splits,
     }
-
-
-# ---- reading back ----------------------------------------------------------------------------------------------
-REQUIRED_KEYS = (
-    "format_version",
-    "seq_len",
-    "sample_len",
-    "dtype",
-    "vocab_size",
-    "bos_id",
-    "eos_id",
-    "splits",
-)
-
-
-def load_manifest(directory: str | Path) -> dict:
-    """Read and sanity-check ``manifest.json`` of a shard directory."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise MobiLlamaError(f"shard directory not found: {directory}")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise MobiLlamaError(
-            f"{directory}: no {MANIFEST} (not a directory written by 'mobillama data prepare')"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise MobiLlamaError(f"{path}: expected a JSON object")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise MobiLlamaError(f"{path}: missing key {missing[0]!r}")
-    if manifest.get("format") != FORMAT or manifest["format_version"] != FORMAT_VERSION:
-        raise MobiLlamaError(
-            f"{path}: format {manifest.get('format')!r} version {manifest['format_version']!r} is not "
-            f"{FORMAT!r} version {FORMAT_VERSION}"
-        )
-    if manifest["dtype"] not in ("uint16", "uint32") or manifest["sample_len"] != manifest["seq_len"] + 1:
-        raise MobiLlamaError(f"{path}: inconsistent dtype/seq_len/sample_len")
-    return manifest
-
-
-def _shard_entries(manifest: dict, split: str, directory: Path) -> list[dict]:
-    splits = manifest["splits"]
-    if split not in splits:
-        raise MobiLlamaError(f"{directory}: no {split!r} split (splits: {', '.join(splits) or 'none'})")
-    return splits[split]["shards"]
-
-
-def check_shard(directory: Path, entry: dict, manifest: dict, *, verify_hash: bool) -> Path:
-    """Existence and size always; sha256 when ``verify_hash``. Raises one clear error on a mismatch."""
-    path = directory / entry["path"]
-    if not path.is_file():
-        raise MobiLlamaError(f"{path}: shard listed in the manifest is missing")
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    expected = entry["num_samples"] * manifest["sample_len"] * itemsize
-    size = path.stat().st_size
-    if size != expected:
-        raise MobiLlamaError(
-            f"{path}: {size} bytes, the manifest says {expected} (truncated or modified shard)"
-        )
-    if verify_hash:
-        actual = sha256_file(path)
-        if actual != entry["sha256"]:
-            raise MobiLlamaError(
-                f"{path}: sha256 {actual[:16]}… does not match the manifest's {str(entry['sha256'])[:16]}… "
-                "(corrupt or modified shard; re-run 'mobillama data prepare')"
-            )
-    return path
-
-
-def verify_shards(directory: str | Path, splits: Sequence[str] | None = None) -> dict:
-    """Check every shard (and document index) of the given splits against the manifest; return it."""
-    directory = Path(directory)
-    manifest = load_manifest(directory)
-    for split in splits or list(manifest["splits"]):
-        for entry in _shard_entries(manifest, split, directory):
-            check_shard(directory, entry, manifest, verify_hash=True)
-        doc_index = manifest["splits"][split].get("doc_index")
-        if doc_index and sha256_file(directory / doc_index["path"]) != doc_index["sha256"]:
-            raise MobiLlamaError(f"{directory / doc_index['path']}: sha256 does not match the manifest")
-    return manifest
-
-
-def open_split(directory: str | Path, split: str = "train", *, verify: bool = True) -> list[np.ndarray]:
-    """Memory-mapped shards of one split, each shaped ``[num_samples, sample_len]`` (read-only).
-
-    With ``verify`` each shard's sha256 is checked first (one read of the data); sizes are always checked.
-    Nothing is loaded into RAM: rows are read from disk when indexed.
-    """
-    directory = Path(directory)
-    manifest = load_manifest(directory)
-    out = []
-    for entry in _shard_entries(manifest, split, directory):
-        path = check_shard(directory, entry, manifest, verify_hash=verify)
-        mm = np.memmap(path, dtype=np.dtype(manifest["dtype"]).newbyteorder("<"), mode="r")
-        out.append(mm.reshape(-1, manifest["sample_len"]))
-    return out
-
-
-def trace_sample(directory: str | Path, split: str, sample: int) -> list[dict]:
-    """Which source documents (file + locator) contribute tokens to row ``sample`` of ``split``."""
-    directory = Path(directory)
-    manifest = load_manifest(directory)
-    info = manifest["splits"].get(split)
-    if info is None:
-        raise MobiLlamaError(f"{directory}: no {split!r} split")
-    if not 0 <= sample < info["num_samples"]:
-        raise MobiLlamaError(f"sample {sample} is out of range: the {split} split has {info['num_samples']}")
-    index = np.load(directory / info["doc_index"]["path"], allow_pickle=False)
-    begin, end = sample * manifest["sample_len"], (sample + 1) * manifest["sample_len"]
-    starts, lengths = index[:, 2], index[:, 3]
-    hits = np.nonzero((starts < end) & (starts + lengths > begin))[0]
-    paths = {s["id"]: s["path"] for s in manifest["sources"]}
-    return [
-        {
-            "source": paths[int(index[i, 0])],
-            "locator": int(index[i, 1]),
-            "tokens_in_sample": int(min(end, starts[i] + lengths[i]) - max(begin, starts[i])),
-        }
-        for i in hits
-    ]
-
-
-def inspect_shards(
-    directory: str | Path, *, split: str = "train", sample: int = 0, show_tokens: int = 64
-) -> str:
-    """A human-readable summary of a shard directory plus one decoded sample and its provenance."""
-    directory = Path(directory)
-    m = load_manifest(directory)
-    lines = [
-        f"{directory}: {m['format']} v{m['format_version']}, seq_len {m['seq_len']}, {m['dtype']}, vocab {m['vocab_size']}",
-        f"tokenizer sha256 {m['tokenizer_sha256'][:16]}…, seed {m['seed']}, {len(m['sources'])} source file(s)",
-        f"documents: {m['documents']['used']} used, {m['skipped']['total']} skipped {m['skipped']['by_reason'] or ''}".rstrip(),
-        "each document: {}tokens, then separator id {}".format(
-            "" if (layout := manifest_layout(m))["bos_id"] is None else f"BOS id {layout['bos_id']}, ",
-            layout["separator_id"],
-        ),
-    ]
-    for name, s in m["splits"].items():
-        lines.append(
-            f"  {name}: {s['num_samples']} samples in {len(s['shards'])} shard(s), {s['num_tokens']} tokens, "
-            f"{s['num_documents']} documents, {s['dropped_tokens']} tail tokens dropped"
-        )
-    if split in m["splits"] and show_tokens > 0:
-        rows = open_split(directory, split, verify=False)
-        offsets = [e["sample_offset"] for e in m["splits"][split]["shards"]]
-        if not 0 <= sample < m["splits"][split]["num_samples"]:
-            raise MobiLlamaError(f"sample {sample} is out of range for the {split} split")
-        shard = max(i for i, o in enumerate(offsets) if o <= sample)
-        row = rows[shard][sample - offsets[shard]]
-        tok = load_tokenizer(directory / m["tokenizer"]["dir"])
-        lines.append(f"{split} sample {sample}, first {show_tokens} tokens: {row[:show_tokens].tolist()}")
-        lines.append("decoded: " + repr(tok.decode(row[:show_tokens].tolist())))
-        for t in trace_sample(directory, split, sample):
-            lines.append(f"  from {t['source']} (locator {t['locator']}): {t['tokens_in_sample']} tokens")
-    return "\n".join(lines)

@@ -383,6 +383,7 @@ def _column_docs(
             row += 1
 
 
+# pyarrow (~0.5 s to import) is imported in the functions below: only Parquet and arrow inputs need it.
 def _check_column(schema, source: Source) -> int:
     import pyarrow as pa
 

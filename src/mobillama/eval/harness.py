@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,38 +30,18 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from mobillama.config import parse_dtype
 from mobillama.errors import MobiLlamaError
-from mobillama.eval.loading import load_eval_model
+from mobillama.eval.loading import load_eval_model, load_eval_tokenizer
 from mobillama.infer.generator import Generator
 from mobillama.infer.sampling import SamplingParams
 from mobillama.model import KVCache
 from mobillama.tokenizer import conventions, load_tokenizer
 
 DEFAULT_BATCH_SIZE = 16
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # One loglikelihood request as lm-eval's TemplateLM hands it over: (cache key, context ids, continuation ids).
 TokenRequest = tuple[object, list[int], list[int]]
-
-
-def load_eval_tokenizer(checkpoint: str | Path):
-    """The checkpoint's Hugging Face tokenizer, with a pad token (eos) for batched generation."""
-    from transformers import AutoTokenizer
-
-    path = Path(checkpoint)
-    if not path.is_dir():
-        raise MobiLlamaError(f"checkpoint not found: {path}")
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
-        raise MobiLlamaError(
-            f"{path}: no tokenizer files (tokenizer.json or tokenizer.model); evaluation needs the "
-            "tokenizer the model was trained with"
-        )
-    import mobillama.hf  # noqa: F401  registers model_type mobillama, else transformers warns reading config.json
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def _parse_batch_size(value: int | str | None) -> int:
@@ -127,8 +106,7 @@ class MobiLlamaLM(TemplateLM):
         **_ignored,
     ) -> None:
         super().__init__()
-        if dtype not in _DTYPES:
-            raise MobiLlamaError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        compute_dtype = parse_dtype(dtype)
         self.checkpoint = str(pretrained)
         self.tokenizer = load_eval_tokenizer(pretrained)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -137,7 +115,7 @@ class MobiLlamaLM(TemplateLM):
             device = "cpu"
         self._device = torch.device(device or "cpu")
         # A quantized checkpoint is scored as quantized, through the loader generation uses.
-        self.model = load_eval_model(pretrained, dtype=_DTYPES[dtype], device=self._device)
+        self.model = load_eval_model(pretrained, dtype=compute_dtype, device=self._device)
         self.batch_size_per_gpu = _parse_batch_size(batch_size)
         self._max_length = int(max_length) if max_length else self.model.config.max_position_embeddings
         self._max_gen_toks = int(max_gen_toks)

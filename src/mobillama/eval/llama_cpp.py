@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -166,9 +168,6 @@ def run_measured(args: list[str], *, timeout: float = 1800) -> tuple[str, str, i
     """(stdout, stderr, peak RSS in bytes) of one tool run, the peak being the tool's own (see
     ``_RSS_WRAPPER``). A run past ``timeout`` seconds is killed and raises; a failing one raises with its
     last line."""
-    import signal
-    import sys
-
     name = Path(args[0]).name
     with tempfile.TemporaryDirectory(prefix="mobillama-rss-") as tmp:
         rss_file = Path(tmp) / "maxrss"

@@ -1,6 +1,7 @@
 """Loss, perplexity and bits per byte of a checkpoint on a prepared validation split.
 
-Reads the token shards of ``mobillama data prepare`` (``manifest.json`` + raw memmaps of packed
+Reads the token shards of ``mobillama data prepare`` through :func:`mobillama.data.shards.read_split`
+(the training loader's reader and checks: format, version, sizes, sha256, token ids; packed
 ``seq_len + 1`` rows: inputs ``row[:-1]``, targets ``row[1:]``). Bits per byte makes models with different
 tokenizers comparable; it needs the UTF-8 byte count of the scored text. When the manifest records it
 (``splits.val.num_bytes``) that is used; otherwise each row's target tokens are decoded with the
@@ -9,8 +10,8 @@ checkpoint's tokenizer and their bytes counted. The report says which (``bytes_s
 
 from __future__ import annotations
 
-import json
 import math
+import pydoc_data.topics as topics
 from pathlib import Path
 
 import numpy as np
@@ -18,49 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mobillama.data.shards import check_token_ids, read_split
 from mobillama.errors import MobiLlamaError
+from mobillama.eval.loading import load_eval_model, load_eval_tokenizer, quantization_of
 
-_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _BYTES_KEYS = ("num_bytes", "bytes", "text_bytes")
-
-
-def read_split(data_dir: str | Path, split: str = "val") -> tuple[dict, list[np.ndarray]]:
-    """(manifest, list of [num_samples, seq_len + 1] arrays) of one split, checked against the manifest."""
-    data_dir = Path(data_dir)
-    manifest_path = data_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise MobiLlamaError(
-            f"{data_dir}: no manifest.json (expected the output of 'mobillama data prepare')"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise MobiLlamaError(f"{manifest_path}: not valid JSON ({e.msg})") from None
-    for key in ("seq_len", "dtype", "splits"):
-        if key not in manifest:
-            raise MobiLlamaError(f"{manifest_path}: missing key {key!r}")
-    if manifest["dtype"] not in _DTYPES:
-        raise MobiLlamaError(
-            f"{manifest_path}: dtype {manifest['dtype']!r} is not one of {', '.join(_DTYPES)}"
-        )
-    info = manifest["splits"].get(split)
-    if not info or not info.get("shards"):
-        raise MobiLlamaError(f"{manifest_path}: no {split!r} split with shards")
-    width = int(manifest.get("sample_len", manifest["seq_len"] + 1))
-    arrays = []
-    for shard in info["shards"]:
-        path = data_dir / shard["path"]
-        if not path.is_file():
-            raise MobiLlamaError(f"{manifest_path}: shard {shard['path']} not found")
-        itemsize = np.dtype(_DTYPES[manifest["dtype"]]).itemsize
-        size = path.stat().st_size
-        if size == 0 or size % (itemsize * width):
-            raise MobiLlamaError(f"{path}: {size} bytes is not a whole number of {width}-token rows")
-        rows = np.memmap(path, dtype=_DTYPES[manifest["dtype"]], mode="r").reshape(-1, width)
-        if "num_samples" in shard and rows.shape[0] != shard["num_samples"]:
-            raise MobiLlamaError(f"{path}: {rows.shape[0]} rows, manifest says {shard['num_samples']}")
-        arrays.append(rows)
-    return manifest, arrays
 
 
 def evaluate_perplexity(
@@ -76,27 +39,24 @@ def evaluate_perplexity(
 
     A quantized checkpoint is scored as quantized (see :mod:`mobillama.eval.loading`).
     """
-    from mobillama.eval.loading import load_eval_model, quantization_of
-
     manifest, arrays = read_split(data_dir, split)
+    if not arrays:
+        raise MobiLlamaError(f"{data_dir}: the {split!r} split has no shards")
     model = load_eval_model(checkpoint, dtype=dtype)
     vocab = model.config.vocab_size
-    width = arrays[0].shape[1]
+    width = manifest["sample_len"]
     if width - 1 > model.config.max_position_embeddings:
         raise MobiLlamaError(
             f"{data_dir}: seq_len {width - 1} exceeds the model's maximum length "
             f"{model.config.max_position_embeddings}"
         )
     rows = np.concatenate(arrays)[:limit] if limit else np.concatenate(arrays)
-    if rows.size and int(rows.max()) >= vocab:
-        raise MobiLlamaError(f"{data_dir}: token id {int(rows.max())} >= the model's vocab_size {vocab}")
+    check_token_ids(rows, vocab, data_dir, whose="the model's")
     manifest_bytes = next(
         (manifest["splits"][split][k] for k in _BYTES_KEYS if k in manifest["splits"][split]), None
     )
     tokenizer = None
     if manifest_bytes is None or limit:
-        from mobillama.eval.harness import load_eval_tokenizer
-
         tokenizer = load_eval_tokenizer(checkpoint)
     total_nll, total_tokens, total_bytes = 0.0, 0, 0
     with torch.inference_mode():
@@ -133,8 +93,6 @@ def reference_text(chars: int | None = None) -> str:
     """Real English prose with code that every Python install carries: the reference topics of
     ``pydoc_data`` in a fixed order. One definition for the tests, the benchmarks and the docs' figures,
     so a perplexity quoted anywhere is measured on the same text."""
-    import pydoc_data.topics as topics
-
     text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     return text if chars is None else text[:chars]
 

@@ -17,6 +17,9 @@ import tempfile
 from pathlib import Path
 
 from mobillama.errors import MobiLlamaError
+from mobillama.eval.data import DEFAULT_DATA_DIR
+from mobillama.eval.loading import quantization_of
+from mobillama.eval.report import build_report
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -165,7 +168,7 @@ def validate_rows(spec: TaskSpec, data_dir: Path) -> int:
 
 def render_tasks(specs: list[TaskSpec], data_dir: Path, out_dir: Path) -> list[str]:
     """Write the offline task YAMLs for ``specs`` into ``out_dir`` with real paths; return lm-eval task names."""
-    import lm_eval.tasks
+    import lm_eval.tasks  # lm-eval is the optional 'eval' extra: imported only where a run needs it
 
     stock = str(Path(lm_eval.tasks.__file__).parent)
     names = []
@@ -217,10 +220,6 @@ def run_suite(
 
     Every task appears in the report: evaluated ones with metrics, the others with a status and reason.
     """
-    from mobillama.eval.data import DEFAULT_DATA_DIR
-    from mobillama.eval.loading import quantization_of
-    from mobillama.eval.report import build_report
-
     if lm is None and not Path(checkpoint).is_dir():
         raise MobiLlamaError(f"checkpoint not found: {checkpoint}")
     statuses: dict[str, tuple[str, str]] = {}
@@ -236,7 +235,7 @@ def run_suite(
                 validate_rows(spec, data_root)
                 runnable.append(spec)
     if lm is None and runnable:
-        from mobillama.eval.harness import MobiLlamaLM
+        from mobillama.eval.harness import MobiLlamaLM  # imports lm-eval (the optional 'eval' extra)
 
         lm = MobiLlamaLM(pretrained=str(checkpoint), batch_size=batch_size, **(model_args or {}))
     raw = _evaluate(lm, runnable, data_root, limit, seed, online) if runnable else None
@@ -256,6 +255,7 @@ def _evaluate(lm, specs: list[TaskSpec], data_dir: Path | None, limit, seed: int
         # Never reach for the hub: the local JSON files are all the data there is.
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
+    # after the offline switches above: datasets and the hub client read them when first imported
     import lm_eval
     from lm_eval.tasks import TaskManager
 

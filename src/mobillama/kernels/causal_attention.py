@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mobillama import kernels
+from mobillama.model import Attention
 
 
 @torch.library.custom_op("mobillama::causal_attention", mutates_args=())
@@ -82,8 +83,6 @@ def enable_for_training(model: nn.Module) -> bool:
     It runs on x86-64 Linux CPUs with AVX-512 (see :func:`mobillama.kernels.unavailable_reason`) for head
     sizes that are multiples of 16; ``MOBILLAMA_KERNELS=0`` turns it off. Parameters are untouched.
     """
-    from mobillama.model import Attention
-
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     devices = {p.device.type for p in model.parameters()}
     if not layers or devices != {"cpu"} or any(a.head_dim % 16 for a in layers) or not kernels.available():

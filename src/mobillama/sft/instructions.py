@@ -17,6 +17,8 @@ import json
 import re
 from pathlib import Path
 
+from mobillama.checkpoint import atomic_directory
+
 MODULES = (
     "json",
     "os",
@@ -135,8 +137,6 @@ def build_pairs() -> list[dict]:
 
 def write_instruction_set(out_dir: str | Path) -> dict[str, int]:
     """Write ``train.jsonl`` and ``heldout.jsonl`` (OpenAI messages format) atomically; returns counts."""
-    from mobillama.checkpoint import atomic_directory
-
     counts = {"train": 0, "heldout": 0}
     with atomic_directory(out_dir, overwrite=True) as tmp, contextlib.ExitStack() as stack:
         files = {s: stack.enter_context(open(tmp / f"{s}.jsonl", "w", encoding="utf-8")) for s in counts}

@@ -23,13 +23,42 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
 
-from mobillama.checkpoint import TOKENIZER_FILES, atomic_directory, sha256_file, write_json
+from mobillama.checkpoint import (
+    TOKENIZER_FILES,
+    atomic_directory,
+    copy_tokenizer_files,
+    load_checkpoint,
+    load_model,
+    read_safetensors,
+    save_checkpoint,
+    sha256_file,
+    write_json,
+)
+from mobillama.data.loader import StepBatches
 from mobillama.errors import MobiLlamaError
+from mobillama.model import MobiLlama
+from mobillama.sft.formats import load_conversations
 from mobillama.sft.masking import IGNORE_INDEX, Example, collate, tokenize_conversation, truncate
 from mobillama.sft.recipe import SFTRecipe
+from mobillama.tokenizer import load_tokenizer
+from mobillama.train.distributed import init_distributed, shutdown, unwrap, wrap_model
 from mobillama.train.loop import CrossEntropyFn, Trainer, compile_for_training, summed_cross_entropy
+from mobillama.train.recipe import save_recipe
+from mobillama.train.state import (
+    CKPT_DIR,
+    STATE_NAME,
+    _hash_tree,
+    apply_retention,
+    checkpoint_name,
+    code_version,
+    flatten_optimizer,
+    load_init_weights,
+    unflatten_optimizer,
+)
 
 UNLIMITED = 1 << 30
 
@@ -128,6 +157,7 @@ def apply_lora(model: nn.Module, lora) -> nn.Module:
     The shared FFN is one module (``model.ffns.0``) used by every layer, so it gets one adapter per target
     projection, shared exactly like its weights; peft sees each module once.
     """
+    # peft imports transformers (~2.5 s): kept to the LoRA paths, so full fine-tuning never loads it
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -149,25 +179,9 @@ class LoraTrainer(Trainer):
     """
 
     def save(self) -> Path:
-        from safetensors.torch import save_file
-
-        from mobillama.checkpoint import copy_tokenizer_files
-        from mobillama.train.distributed import unwrap
-        from mobillama.train.state import (
-            CKPT_DIR,
-            STATE_NAME,
-            _hash_tree,
-            apply_retention,
-            checkpoint_name,
-            code_version,
-            flatten_optimizer,
-        )
-
         final = self.run_dir / CKPT_DIR / checkpoint_name(self.step)
         rngs = [{"cpu": torch.get_rng_state()}]
         if self.ctx.distributed:
-            import torch.distributed as dist
-
             rngs = [None] * self.ctx.world_size
             dist.all_gather_object(rngs, {"cpu": torch.get_rng_state()})
         if self.ctx.is_main:
@@ -199,8 +213,6 @@ class LoraTrainer(Trainer):
         return final
 
     def _named_parameters(self):
-        from mobillama.train.distributed import unwrap
-
         return unwrap(self.model).named_parameters()
 
     def _optimizer_state(self) -> dict[str, Any]:
@@ -223,17 +235,12 @@ class LoraTrainer(Trainer):
 
     def load_checkpoint_state(self, path: Path) -> dict[str, Any]:
         """Adapter weights, optimizer and RNG state of a LoRA checkpoint (the base weights never change)."""
-        from peft import set_peft_model_state_dict
-
-        from mobillama.checkpoint import read_safetensors
-        from mobillama.train.state import STATE_NAME, unflatten_optimizer
+        from peft import set_peft_model_state_dict  # LoRA only, as in apply_lora
 
         if not (path / "adapter_model.safetensors").is_file():
             raise MobiLlamaError(
                 f"cannot resume a LoRA run from {path}: it holds no adapter_model.safetensors"
             )
-        from mobillama.train.distributed import unwrap
-
         set_peft_model_state_dict(unwrap(self.model), read_safetensors(path / "adapter_model.safetensors"))
         meta = json.loads((path / "optimizer.json").read_text(encoding="utf-8"))
         osd = unflatten_optimizer(read_safetensors(path / "optimizer.safetensors"), meta)
@@ -254,10 +261,9 @@ class LoraTrainer(Trainer):
 
 def merge_lora(base: str | Path, adapter: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Fold a LoRA adapter into its base weights and write a plain project checkpoint (with tokenizer)."""
-    from peft import PeftModel
+    from peft import PeftModel  # LoRA only, as in apply_lora
 
-    from mobillama.checkpoint import save_checkpoint
-    from mobillama.hf import MobiLlamaForCausalLM
+    from mobillama.hf import MobiLlamaForCausalLM  # transformers: only LoRA merges and runs need it
 
     base, adapter = Path(base), Path(adapter)
     if not (base / "config.json").is_file():
@@ -288,12 +294,6 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
     conversations; the loop normalises by the global count of assistant tokens, so N processes x B
     conversations give the same update as one process with N x B (tests/sft/test_distributed.py).
     """
-    from mobillama.sft.formats import load_conversations
-    from mobillama.tokenizer import load_tokenizer
-    from mobillama.train.distributed import init_distributed, shutdown, wrap_model
-    from mobillama.train.recipe import save_recipe
-    from mobillama.train.state import code_version, load_init_weights
-
     base = check_base(recipe.model.base)
     tokenizer = load_tokenizer(base)  # adds the MobiLlama-Chat template when the files carry none
     conversations, train_report = load_conversations(recipe.data.train, recipe.data.format)
@@ -319,9 +319,6 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
             raise MobiLlamaError(
                 "LoRA runs replicate the (frozen) base on every process: use train.strategy=ddp, not fsdp2"
             )
-        from mobillama.checkpoint import load_checkpoint
-        from mobillama.data.loader import StepBatches
-
         config, _ = load_checkpoint(base)
         if recipe.data.max_length > config.max_position_embeddings:
             raise MobiLlamaError(
@@ -330,13 +327,11 @@ def run_sft(recipe: SFTRecipe, *, resume: str | None = None, say=print) -> dict[
             )
         torch.manual_seed(recipe.train.seed)
         if recipe.lora is None:
-            from mobillama.model import MobiLlama
-
             model = MobiLlama(config)
             load_init_weights(model, base)
             model.model.gradient_checkpointing = recipe.model.gradient_checkpointing
         else:
-            from mobillama.hf import MobiLlamaForCausalLM
+            from mobillama.hf import MobiLlamaForCausalLM  # transformers: LoRA runs only
 
             hf_model = MobiLlamaForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
             hf_model.model.gradient_checkpointing = recipe.model.gradient_checkpointing
@@ -441,10 +436,6 @@ def assistant_token_loss(
     Uses the checkpoint's own tokenizer and chat template and the same masking as training, so the
     numbers before and after fine-tuning are directly comparable.
     """
-    from mobillama.checkpoint import load_model
-    from mobillama.sft.formats import load_conversations
-    from mobillama.tokenizer import load_tokenizer
-
     model = load_model(check_base(checkpoint))
     tokenizer = load_tokenizer(checkpoint)
     convs, _ = load_conversations(conversations)

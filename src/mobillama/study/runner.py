@@ -12,18 +12,31 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mobillama.checkpoint import write_json
 from mobillama.config import ModelConfig
+from mobillama.data.shards import load_manifest
 from mobillama.errors import MobiLlamaError
+from mobillama.eval import stats
+from mobillama.eval.data import DEFAULT_DATA_DIR
+from mobillama.eval.perplexity import evaluate_perplexity
+from mobillama.eval.suites import get_suite, run_suite
+from mobillama.model import MobiLlama, causal_lm_loss
 from mobillama.study.arms import Arm, build_arms
 from mobillama.study.report import mean_ci, paired_difference
+from mobillama.train.metrics import plot_runs, read_metrics
+from mobillama.train.pretrain import run_pretrain
+from mobillama.train.recipe import load_recipe
+from mobillama.train.share import share_checkpoint
+from mobillama.train.state import list_checkpoints
 
 
 @dataclass
@@ -89,18 +102,12 @@ def study_arms(study: StudyConfig) -> list[Arm]:
 
 
 def _final_checkpoint(run_dir: Path, max_steps: int) -> Path | None:
-    from mobillama.train.state import list_checkpoints
-
     done = [c for c in list_checkpoints(run_dir) if int(c.name.split("-")[-1]) >= max_steps]
     return done[-1] if done else None
 
 
 def run_study(study: StudyConfig, say=print) -> dict[str, Any]:
     """Train every missing run, evaluate every run, write ``results.json`` and ``report.md``."""
-    from mobillama.train.pretrain import run_pretrain
-    from mobillama.train.recipe import load_recipe
-    from mobillama.train.share import share_checkpoint
-
     arms = study_arms(study)
     out = study.out
     out.mkdir(parents=True, exist_ok=True)
@@ -143,8 +150,6 @@ def run_study(study: StudyConfig, say=print) -> dict[str, Any]:
 
 
 def _run_speed(run_dir: Path) -> float | None:
-    from mobillama.train.metrics import read_metrics
-
     speeds = [r["tokens_per_s"] for r in read_metrics(run_dir) if r.get("tokens_per_s")]
     return sorted(speeds)[len(speeds) // 2] if speeds else None
 
@@ -155,8 +160,6 @@ def evaluate_run(study: StudyConfig, ckpt: Path) -> dict[str, Any]:
     The cache (``RUN/study-eval.json``) is keyed by the checkpoint and the evaluation settings, so
     re-running a finished study re-reads it instead of evaluating again.
     """
-    from mobillama.eval.perplexity import evaluate_perplexity
-
     cache = ckpt.parent.parent / "study-eval.json"
     key = {
         "checkpoint": str(ckpt.resolve()),
@@ -181,9 +184,6 @@ def quick_benchmark_items(study: StudyConfig, ckpt: Path) -> dict[str, Any]:
     """Per-item scores of the quick suite (the same first ``bench_limit`` items of each task for every run)."""
     if study.bench_limit == 0:
         return {"status": "skipped", "reason": "bench_limit is 0"}
-    from mobillama.eval.data import DEFAULT_DATA_DIR
-    from mobillama.eval.suites import get_suite, run_suite
-
     data_dir = Path(study.bench_data) if study.bench_data else DEFAULT_DATA_DIR
     if not data_dir.is_dir():
         return {
@@ -206,8 +206,6 @@ def aggregate_benchmarks(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     Every seed scores the same items, so averaging per item removes seed noise before resampling items;
     the interval then measures how much the benchmark's finite item sample could move the number.
     """
-    from mobillama.eval import stats
-
     not_ok = [b for b in per_seed if b.get("status") != "ok"]
     if not_ok or not per_seed:
         reason = not_ok[0].get("reason", "no runs") if not_ok else "no runs"
@@ -244,12 +242,6 @@ def _training_memory_child(config: dict, micro_batch: int, seq_len: int) -> dict
     resets the high-water mark on writing 5 to ``/proc/self/clear_refs``; where that is not allowed,
     a thread samples the resident size every millisecond instead (it can miss a very short spike).
     """
-    import threading
-
-    import torch
-
-    from mobillama.model import MobiLlama, causal_lm_loss
-
     idle = _rss_kib("VmRSS")
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -303,12 +295,8 @@ def measure_training_memory(config: ModelConfig, micro_batch: int, seq_len: int)
 
 
 def evaluate_runs(study: StudyConfig, arms: list[Arm], finals: dict, say) -> dict[str, Any]:
-    from mobillama.data.loader import read_manifest
-    from mobillama.eval import stats
-    from mobillama.train.recipe import load_recipe
-
     micro_batch = load_recipe(study.recipe, study.recipe_overrides).batch.micro_batch_size
-    seq_len = int(read_manifest(study.data)["seq_len"])
+    seq_len = int(load_manifest(study.data)["seq_len"])
     per_arm: dict[str, Any] = {}
     for arm in arms:
         say(f"evaluating {arm.name} ({len(study.seeds)} runs)")
@@ -426,12 +414,11 @@ def format_study(results: dict[str, Any]) -> str:
 
 def plot_study(study: StudyConfig, arms: list[Arm], results: dict[str, Any], out: Path) -> None:
     """Loss against tokens (first seed of each arm) and final loss against parameters."""
+    # matplotlib (~1.3 s) only for the plots; the Agg backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from mobillama.train.metrics import plot_runs
 
     seed = study.seeds[0]
     plot_runs(

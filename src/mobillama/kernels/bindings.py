@@ -1,0 +1,252 @@
+"""The ctypes side of the CPU kernels: loading the built library with each C function's signature, and
+the Python calls that check their tensors and hand them over (one-line ``ValueError`` for a tensor the
+C code cannot read)."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import platform
+
+import torch
+
+from mobillama.kernels.build import REQUIRED_CPU_FLAGS, KernelUnavailable, build_library, cpu_flags
+
+
+@functools.lru_cache(maxsize=1)
+def libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (for ``madvise`` and ``malloc_trim``); None where it cannot be found."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can run here, else why not (one line)."""
+    if os.environ.get("MOBILLAMA_KERNELS", "1") == "0":
+        return "disabled by MOBILLAMA_KERNELS=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    try:
+        _library()
+    except KernelUnavailable as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL:
+    """Compile (once per source version and compiler) and load the shared library."""
+    target = build_library()
+    torch.get_num_threads()  # make sure torch's OpenMP runtime is the one loaded first
+    lib = ctypes.CDLL(str(target))
+    lib.mb_qgemv.restype = ctypes.c_int
+    lib.mb_qgemv.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_rmsnorm.restype = None
+    lib.mb_rmsnorm.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+        ctypes.c_void_p,
+    ]  # fmt: skip
+    lib.mb_silu_mul.restype = None
+    lib.mb_silu_mul.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]  # fmt: skip
+    lib.mb_attn_decode.restype = ctypes.c_int
+    lib.mb_attn_decode.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_attn_train_fwd.restype = ctypes.c_int
+    lib.mb_attn_train_fwd.argtypes = [
+        *(ctypes.c_void_p, _Strides) * 4, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_attn_train_bwd.restype = ctypes.c_int
+    lib.mb_attn_train_bwd.argtypes = [
+        *(ctypes.c_void_p, _Strides) * 5, ctypes.c_void_p, *(ctypes.c_void_p, _Strides) * 3,
+        *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
+    return lib
+
+
+class _Strides(ctypes.Structure):
+    """Element strides of a [B, H, T, D] tensor along batch, head and token (D has unit stride)."""
+
+    _fields_ = [("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The calls
+# --------------------------------------------------------------------------------------------------
+def qlinear(
+    x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, out_features: int, group: int, bits: int
+) -> torch.Tensor:
+    """y = x @ W^T for weights packed by :func:`pack_int8` / :func:`pack_int4`; fp32 out, x's shape.
+
+    Kept lean: at one token a decode step makes ~90 of these calls, so each microsecond here counts."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, out_features, dtype=torch.float32)
+    if _library().mb_qgemv(
+        x2.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), out_features, group, bits,
+        y.data_ptr(), torch.get_num_threads(),
+    ):  # fmt: skip
+        raise MemoryError(f"int{bits} kernel: could not allocate {M} x {K} activation buffers")
+    return y.view(*x.shape[:-1], out_features)
+
+
+def _fp32_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        raise ValueError(f"{name} must be fp32 with unit column stride")
+    return x
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS norm of fp32 rows (any leading shape, contiguous) with an fp32 or bf16 weight; fp32 out."""
+    _fp32_rows(x, "x")
+    if not x.is_contiguous() or weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError("rmsnorm needs contiguous fp32 rows and an fp32 or bf16 weight")
+    weight = weight.contiguous()
+    D = x.shape[-1]
+    out = torch.empty_like(x)
+    _library().mb_rmsnorm(
+        x.data_ptr(),
+        x.numel() // D,
+        D,
+        weight.data_ptr(),
+        weight.dtype == torch.bfloat16,
+        eps,
+        out.data_ptr(),
+    )
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for fp32 [..., N] rows sharing one row stride (e.g. halves of one gate|up output)."""
+    g2, u2 = (
+        _fp32_rows(gate, "gate").reshape(-1, gate.shape[-1]),
+        _fp32_rows(up, "up").reshape(-1, up.shape[-1]),
+    )
+    if g2.shape != u2.shape or g2.stride(0) != u2.stride(0):
+        raise ValueError("gate and up must have the same shape and row stride")
+    M, N = g2.shape
+    out = torch.empty(*gate.shape, dtype=torch.float32)
+    _library().mb_silu_mul(g2.data_ptr(), u2.data_ptr(), g2.stride(0), M, N, out.data_ptr())
+    return out
+
+
+def attention_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: int,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """One-token attention for every row: rotary on q [B, H*D] and k [B, Hkv*D], k/v [B, Hkv*D] written
+    to the caches [B, Hkv, S, D] at ``slot``, attention over slots 0..slot (those ``valid`` [B, S] allows).
+    q, k, v fp32 on the CPU (they may be column slices of one [B, (H+2Hkv)*D] tensor); the caches fp32 or
+    bf16 (both the same; arithmetic is fp32 either way). Returns [B, H*D] fp32."""
+    B, Hkv, S, D = k_cache.shape
+    H = q.shape[-1] // D
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != torch.float32 or t.stride(-1) != 1 or t.dim() != 2:
+            raise ValueError(f"{name} must be a [B, heads*D] fp32 tensor with unit column stride")
+    if k.stride(0) != v.stride(0) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k and v must share a row stride and the caches must be contiguous")
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError("the caches must both be fp32 or both bf16")
+    out = torch.empty(B, H * D, dtype=torch.float32)
+    valid_u8 = None if valid is None else valid.to(torch.uint8).contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()  # named: a temporary would be freed
+    rc = _library().mb_attn_decode(
+        q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(), k.stride(0),
+        cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache.dtype == torch.bfloat16, S, slot, None if valid_u8 is None else valid_u8.data_ptr(), B, H, Hkv, D, D**-0.5,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("attention kernel: could not allocate its score buffers")
+    return out
+
+
+def _bhtd(t: torch.Tensor, name: str) -> tuple[int, _Strides]:
+    if t.dtype != torch.float32 or t.dim() != 4 or t.stride(-1) != 1:
+        raise ValueError(f"{name} must be a [B, H, T, D] fp32 tensor with unit stride along D")
+    return t.data_ptr(), _Strides(t.stride(0), t.stride(1), t.stride(2))
+
+
+def projection_layout(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty tensor of ``t``'s [B, H, T, D] shape stored as [B, T, H, D] (how the projections lay out
+    q, k, v, so the attention output reshapes to [B, T, H*D] without a copy)."""
+    B, H, T, D = t.shape
+    return t.new_empty(B, T, H, D, dtype=dtype).transpose(1, 2)
+
+
+def attention_train_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax(q k^T / sqrt(D)) v for fp32 [B, H, T, D] q, k, v (any batch/head/token strides);
+    returns the output (stored [B, T, H, D]) and the rows' log-sum-exp [B, H, T] for the backward."""
+    _bhtd(q, "q")  # one-line error for a tensor that is not [B, H, T, D] fp32 with unit stride along D
+    B, H, T, D = q.shape
+    if k.shape != q.shape or v.shape != q.shape or D % 16:
+        raise ValueError(f"q, k, v must share one [B, H, T, D] shape with D a multiple of 16, got {q.shape}")
+    out = projection_layout(q)
+    lse = torch.empty(B, H, T, dtype=torch.float32)
+    rc = _library().mb_attn_train_fwd(
+        *_bhtd(q, "q"), *_bhtd(k, "k"), *_bhtd(v, "v"), *_bhtd(out, "out"), lse.data_ptr(),
+        B, H, T, D, D**-0.5, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("attention kernel: could not allocate its per-head buffers")
+    return out, lse
+
+
+def attention_train_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`attention_train_forward` with respect to q, k, v, given the output's gradient."""
+    _bhtd(q, "q")  # one-line error for a tensor that is not [B, H, T, D] fp32 with unit stride along D
+    B, H, T, D = q.shape
+    if any(t.shape != q.shape for t in (k, v, out, dout)) or D % 16:
+        raise ValueError(
+            f"{q.shape}: q, k, v, out, dout must share one [B, H, T, D] shape with D a multiple of 16"
+        )
+    if lse.shape != (B, H, T) or lse.dtype != torch.float32:
+        raise ValueError(f"lse must be the forward's fp32 [B, H, T] = {[B, H, T]} log-sum-exp")
+    dq, dk, dv = projection_layout(q), projection_layout(k), projection_layout(v)
+    lse = lse.contiguous()  # named: a temporary's memory would be freed before the call
+    rc = _library().mb_attn_train_bwd(
+        *_bhtd(q, "q"), *_bhtd(k, "k"), *_bhtd(v, "v"), *_bhtd(out, "out"), *_bhtd(dout, "dout"),
+        lse.data_ptr(), *_bhtd(dq, "dq"), *_bhtd(dk, "dk"), *_bhtd(dv, "dv"),
+        B, H, T, D, D**-0.5, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("attention kernel: could not allocate its per-head buffers")
+    return dq, dk, dv
