@@ -134,6 +134,10 @@ def test_aligned_auto_picks_the_reference_by_calibration_loss(monkeypatch):
     loss = lambda s: share.calibration_loss(share._build(target, s), ids)  # noqa: E731
     assert loss(auto) <= loss(middle) + 1e-6
     assert len(said) == 1 and "reference layer" in said[0]
+    model = share._build(target, auto)  # the shortcut auto scores with: layers from ``start`` on only
+    for start in (0, 2):
+        prefix = share._layer_inputs(model, ids, start)
+        assert share._suffix_loss(model, ids, start, prefix) == pytest.approx(loss(auto), rel=1e-5)
 
 
 def test_aligned_options_need_a_calibration_text_and_valid_values():

@@ -103,7 +103,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="TEXT_FILE",
         default=None,
         help="calibration text for aligned:auto, --match activations, --weighting activation "
-        "(default: built-in standard-library docstrings, ~1k tokens)",
+        "(default: built-in standard-library docstrings; the first 512 tokens are used)",
     )
     s.add_argument(
         "--sharing", default="all", metavar="all|group:K", help="FFN sharing of the result (default: all)"

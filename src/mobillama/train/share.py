@@ -45,7 +45,7 @@ MATCH_CHOICES = ("weights", "activations")
 WEIGHTING_CHOICES = ("uniform", "activation")
 DEFAULT_ITERS = 3
 AUTO_CANDIDATES = 4  # reference layers tried per group by aligned:auto (evenly spaced in the group)
-CALIBRATION_TOKENS = 1024
+CALIBRATION_TOKENS = 512
 
 # {"gate_proj": [ffn, hidden], "up_proj": [ffn, hidden], "down_proj": [hidden, ffn]}
 FFN = dict[str, torch.Tensor]
@@ -236,6 +236,39 @@ def calibration_loss(model: torch.nn.Module, ids: list[int]) -> float:
     return total / count
 
 
+@torch.no_grad()
+def _layer_inputs(model: torch.nn.Module, ids: list[int], layer: int) -> list[torch.Tensor]:
+    """The hidden states entering decoder layer ``layer``, one per calibration chunk."""
+    captured: list[torch.Tensor] = []
+    hook = model.model.layers[layer].register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        for chunk in _chunks(ids):
+            model(chunk[:, :-1])
+    finally:
+        hook.remove()
+    return captured
+
+
+@torch.no_grad()
+def _suffix_loss(model: torch.nn.Module, ids: list[int], start: int, prefix: list[torch.Tensor]) -> float:
+    """:func:`calibration_loss` from the hidden states entering layer ``start`` (layers before it unchanged)."""
+    from mobillama.model import build_attention_mask, rope_cos_sin
+
+    decoder, config = model.model, model.config
+    total, count = 0.0, 0
+    for chunk, x in zip(_chunks(ids), prefix, strict=True):
+        B, T, _ = x.shape
+        positions = torch.arange(T).expand(B, T)
+        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+        mask = build_attention_mask(None, B, T, 0, x.device)
+        for i in range(start, config.num_hidden_layers):
+            x = decoder.layers[i](x, decoder.ffns[config.ffn_index(i)], cos, sin, mask, None)
+        logits = model.lm_head(decoder.norm(x)).float()
+        total += float(F.cross_entropy(logits[0], chunk[0, 1:], reduction="sum"))
+        count += T
+    return total / count
+
+
 def unit_importance(ffn: FFN, inputs: torch.Tensor) -> torch.Tensor:
     """How much each hidden unit contributes in its own layer: RMS activation x norm of its down column."""
     rms = ffn_hidden(ffn, inputs).pow(2).mean(0).sqrt()
@@ -350,11 +383,14 @@ def _auto_references(
     for g, layers in enumerate(groups):
         ffn = model.model.ffns[g]
         n = len(layers)
+        prefix = _layer_inputs(model, ids, layers.start)  # groups before g are fixed: run them once
 
-        def trial(candidate: FFN, ffn: torch.nn.Module = ffn) -> float:
+        def trial(
+            candidate: FFN, ffn: torch.nn.Module = ffn, start: int = layers.start, prefix=prefix
+        ) -> float:
             for w in FFN_WEIGHTS:
                 getattr(ffn, w).weight.data = candidate[w]
-            return calibration_loss(model, ids)
+            return _suffix_loss(model, ids, start, prefix)
 
         best = {w: getattr(ffn, w).weight.detach().clone() for w in FFN_WEIGHTS}
         best_ref, best_rounds = n // 2, iters
@@ -369,8 +405,8 @@ def _auto_references(
             loss = trial(candidate)
             if loss < best_loss:
                 best_loss, best, best_rounds = loss, candidate, iters
-        trial(best)
         for w in FFN_WEIGHTS:
+            getattr(ffn, w).weight.data = best[w]
             state[f"model.ffns.{g}.{w}.weight"] = best[w]
         say(
             f"ffn {g} (layers {layers.start}-{layers.stop - 1}): reference layer {layers[best_ref]}, "
