@@ -145,23 +145,25 @@ def align_and_merge(
 ) -> FFN:
     """Permute every FFN onto ``ffns[reference]``, average; then ``iters`` rounds of aligning every FFN to
     the current average and averaging again."""
+
+    def merged(perms: list[torch.Tensor]) -> FFN:
+        aligned = [permute_ffn(f, p) for f, p in zip(ffns, perms, strict=True)]
+        weights = None if importance is None else [w[p] for w, p in zip(importance, perms, strict=True)]
+        return merge_ffns(aligned, weights)
+
     target = features(ffns[reference])
     perms = [
         torch.arange(target.shape[0]) if i == reference else match_units(target, features(f))
         for i, f in enumerate(ffns)
     ]
-    for round_ in range(iters + 1):
-        aligned = [permute_ffn(f, p) for f, p in zip(ffns, perms, strict=True)]
-        weights = None if importance is None else [w[p] for w, p in zip(importance, perms, strict=True)]
-        merged = merge_ffns(aligned, weights)
-        if round_ == iters:
-            return merged
-        target = features(merged)
+    result = merged(perms)
+    for _ in range(iters):
+        target = features(result)
         new = [match_units(target, features(f)) for f in ffns]
         if all(torch.equal(a, b) for a, b in zip(new, perms, strict=True)):
-            return merged  # converged
-        perms = new
-    raise AssertionError("unreachable")
+            break  # converged: the same permutations again
+        perms, result = new, merged(new)
+    return result
 
 
 # --- calibration ----------------------------------------------------------------------------------------
