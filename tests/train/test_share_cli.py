@@ -67,7 +67,7 @@ def test_share_bad_input(large_base, tmp_path, capsys):
         == 2
     )
     err = capsys.readouterr().err
-    assert "must be 0..3" in err and "'mean' or 'layer:K'" in err and "checkpoint not found" in err
+    assert "must be 0..3" in err and "'mean', 'layer:K', 'aligned'" in err and "checkpoint not found" in err
     main(["share", "--from", str(large_base), "--strategy", "mean", "--out", str(tmp_path / "s")])
     assert (
         main(["share", "--from", str(tmp_path / "s"), "--strategy", "mean", "--out", str(tmp_path / "y")])

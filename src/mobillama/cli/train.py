@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +42,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="run directory (default: the recipe's out_dir or runs/NAME)",
     )
+    p.add_argument(
+        "--distill-from",
+        metavar="CKPT",
+        default=None,
+        help="distil from this teacher checkpoint (same vocabulary), e.g. the source of 'mobillama share': "
+        "loss = alpha*T^2*KL + (1-alpha)*CE, set with --distill.alpha=A --distill.temperature=T "
+        "(defaults 0.5, 1.0); see docs/sharing.md",
+    )
+    p.add_argument(
+        "--train-only",
+        choices=("all", "ffn"),
+        default=None,
+        help="'ffn': train only the FFNs, attention/norms/embeddings frozen (recipe key model.train_only)",
+    )
     p.set_defaults(func=run_pretrain_cmd, accepts_overrides=True)
 
     s = subparsers.add_parser(
@@ -56,9 +71,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--strategy",
         required=True,
-        metavar="layer:K|mean",
-        help="'layer:K' takes the FFN of layer K (0-based) of each group sharing an FFN, K below the smallest "
-        "group's size; 'mean' averages the FFNs it replaces",
+        metavar="aligned|aligned:K|aligned:auto|mean|layer:K",
+        help="'aligned' permutes each FFN's hidden units onto the group's middle layer (aligned:K: its K-th) "
+        "and averages; 'aligned:auto' picks each group's reference by loss on a calibration text; 'layer:K' "
+        "takes the FFN of layer K (0-based) of each group, K below the smallest group's size; 'mean' averages "
+        "unaligned (baseline). See docs/sharing.md",
+    )
+    s.add_argument(
+        "--iters",
+        type=int,
+        default=None,
+        metavar="N",
+        help="aligned: rounds of re-aligning every FFN to the running average (default 3)",
+    )
+    s.add_argument(
+        "--match",
+        choices=("weights", "activations"),
+        default="weights",
+        help="aligned: pair hidden units by their weights (default) or by their activations' correlation on "
+        "the calibration text",
+    )
+    s.add_argument(
+        "--weighting",
+        choices=("uniform", "activation"),
+        default="uniform",
+        help="aligned: average uniformly (default) or weight each unit by its importance in its own layer "
+        "(RMS activation on the calibration text x down-column norm)",
+    )
+    s.add_argument(
+        "--calibration",
+        metavar="TEXT_FILE",
+        default=None,
+        help="calibration text for aligned:auto, --match activations, --weighting activation "
+        "(default: built-in standard-library docstrings; the first 512 tokens are used)",
     )
     s.add_argument(
         "--sharing", default="all", metavar="all|group:K", help="FFN sharing of the result (default: all)"
@@ -84,6 +129,10 @@ def run_pretrain_cmd(args: argparse.Namespace) -> int:
     overrides = list(getattr(args, "overrides", []))
     if args.out:
         overrides.append(f"out_dir={args.out}")
+    if args.distill_from:  # before the overrides, so --distill.alpha=... can refine the section
+        overrides.insert(0, f"distill.teacher={json.dumps(str(args.distill_from))}")
+    if args.train_only:
+        overrides.append(f"model.train_only={args.train_only}")
     recipe = load_recipe(args.recipe, overrides)
     summary = run_pretrain(recipe, resume=args.resume, init_from=args.init_from)
     if not summary["is_main"]:
@@ -100,9 +149,19 @@ def summary_line(summary: dict, tokens: str = "tokens") -> str:
 
 
 def run_share_cmd(args: argparse.Namespace) -> int:
-    from mobillama.train.share import share_checkpoint
+    from mobillama.train.share import DEFAULT_ITERS, share_checkpoint
 
-    out = share_checkpoint(args.source, args.strategy, args.out, sharing=args.sharing)
+    out = share_checkpoint(
+        args.source,
+        args.strategy,
+        args.out,
+        sharing=args.sharing,
+        iters=DEFAULT_ITERS if args.iters is None else args.iters,
+        match=args.match,
+        weighting=args.weighting,
+        calibration=args.calibration,
+        say=print,
+    )
     print(f"wrote {out} (strategy {args.strategy}, ffn_sharing {args.sharing})")
     return 0
 

@@ -103,6 +103,8 @@ class SFTRecipe(Recipe):
         }
 
     def validate(self) -> None:
+        if self.distill is not None:
+            raise MobiLlamaError("recipe section 'distill' is for 'mobillama pretrain'; SFT does not distil")
         if self.train.max_steps < 0:
             raise MobiLlamaError(f"recipe key 'train.max_steps' must be >= 0, got {self.train.max_steps}")
         if not 0 <= self.optim.warmup_ratio < 1:

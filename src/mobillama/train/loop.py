@@ -149,6 +149,7 @@ class Trainer:
         run_dir: str | Path,
         val_batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None,
         loss_fn: LossFn = lm_loss_sum,
+        val_loss_fn: LossFn | None = None,
         flops_per_token: float = 0.0,
         tokenizer_dir: str | Path | None = None,
         extra_state: dict[str, Any] | None = None,
@@ -162,6 +163,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.val_batches = val_batches
         self.loss_fn = loss_fn
+        # validation loss (default: the training loss; distillation validates on the plain LM loss)
+        self.val_loss_fn = val_loss_fn or loss_fn
         self.flops_per_token = flops_per_token
         self.tokenizer_dir = tokenizer_dir
         self.extra_state = extra_state or {}
@@ -233,7 +236,7 @@ class Trainer:
         for batch in self.val_batches():
             batch = self._to_device(batch)
             with self._autocast():
-                loss_sum += self.loss_fn(self.model, batch).float()
+                loss_sum += self.val_loss_fn(self.model, batch).float()
             count += (batch["labels"] != IGNORE_INDEX).sum()
         self.model.train()
         total = float(self.ctx.all_reduce_sum(count).item())
@@ -282,6 +285,19 @@ class Trainer:
         state = self.load_checkpoint_state(path)
         if state["recipe"]["batch"] != self.recipe.batch.__dict__:
             self.say("warning: the batch settings differ from the checkpoint's; the data order will differ")
+        ours = self.recipe.to_dict()
+        for key in ("distill", "model.train_only"):
+            section, _, name = key.partition(".")
+            theirs_value = state["recipe"].get(section)
+            ours_value = ours.get(section)
+            if name:
+                theirs_value = (theirs_value or {}).get(name, "all")
+                ours_value = (ours_value or {}).get(name, "all")
+            if theirs_value != ours_value:
+                self.say(
+                    f"warning: recipe key {key!r} differs from the checkpoint's run ({theirs_value!r}); "
+                    "pass the same --distill-from/--train-only to continue it as it was"
+                )
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.last_loss = state.get("loss")

@@ -22,8 +22,9 @@ import torch
 from mobillama.checkpoint import sha256_file, write_json
 from mobillama.data.loader import StepBatches, TokenSplit, ValidationBatches, check_vocab
 from mobillama.errors import MobiLlamaError
+from mobillama.train.distill import distill_loss_sum, freeze_all_but_ffns, load_teacher
 from mobillama.train.distributed import init_distributed, shutdown, wrap_model
-from mobillama.train.loop import Trainer, compile_for_training, lm_loss_sum
+from mobillama.train.loop import Trainer, compile_for_training, lm_loss_sum, summed_cross_entropy
 from mobillama.train.recipe import Recipe, save_recipe
 
 
@@ -84,7 +85,9 @@ def choose_tokenizer_dir(
 def run_pretrain(
     recipe: Recipe, *, resume: str | None = None, init_from: str | None = None, say=print
 ) -> dict[str, Any]:
-    """Train ``recipe`` (single process, or every rank of a torchrun launch) and return a summary."""
+    """Train ``recipe`` (single process, or every rank of a torchrun launch) and return a summary.
+
+    With a ``distill`` section the loss distils from its teacher (:mod:`mobillama.train.distill`)."""
     from mobillama.model import MobiLlama, flops_per_token
     from mobillama.train.state import code_version, load_init_weights
 
@@ -128,9 +131,27 @@ def run_pretrain(
             load_init_weights(model, init_from)
         model.model.gradient_checkpointing = recipe.model.gradient_checkpointing
         model.to(ctx.device)
-        loss_fn = lm_loss_sum
-        if recipe.model.compile:
-            loss_fn = functools.partial(lm_loss_sum, cross_entropy=compile_for_training(model))
+        if recipe.model.train_only == "ffn":
+            trainable = freeze_all_but_ffns(model)
+            if ctx.is_main:
+                say(f"training the FFNs only ({trainable:,} of {model.num_parameters():,} parameters)")
+        cross_entropy = compile_for_training(model) if recipe.model.compile else summed_cross_entropy
+        loss_fn = val_loss_fn = functools.partial(lm_loss_sum, cross_entropy=cross_entropy)
+        distill = recipe.distill
+        if distill is not None:
+            teacher = load_teacher(distill.teacher, config, tokenizer_dir, ctx.device)
+            loss_fn = functools.partial(
+                distill_loss_sum,
+                teacher=teacher,
+                temperature=distill.temperature,
+                alpha=distill.alpha,
+                cross_entropy=cross_entropy,
+            )
+            if ctx.is_main:
+                say(
+                    f"distilling from {distill.teacher} (temperature {distill.temperature}, alpha {distill.alpha}); "
+                    "val_loss is the plain next-token loss"
+                )
         wrapped = wrap_model(model, ctx)
 
         batches = StepBatches(
@@ -167,7 +188,15 @@ def run_pretrain(
             "strategy": ctx.strategy,
             "grad_accum": accum,
             "params": model.num_parameters(),
+            "train_only": recipe.model.train_only,
         }
+        if distill is not None:
+            lineage["distill"] = {
+                "teacher": str(distill.teacher),
+                "teacher_model_sha256": sha256_file(Path(distill.teacher) / "model.safetensors"),
+                "temperature": distill.temperature,
+                "alpha": distill.alpha,
+            }
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, run_dir / "recipe.yaml")
@@ -187,6 +216,7 @@ def run_pretrain(
             run_dir=run_dir,
             val_batches=val,
             loss_fn=loss_fn,
+            val_loss_fn=val_loss_fn,
             flops_per_token=flops_per_token(config, seq_len),
             tokenizer_dir=tokenizer_dir,
             extra_state={"lineage": lineage},

@@ -26,6 +26,7 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 # Parameter groups that can be excluded from weight decay (``optim.no_decay``).
 NO_DECAY_CHOICES = ("norms", "embeddings", "lm_head")
+TRAIN_ONLY_CHOICES = ("all", "ffn")
 
 
 @dataclass
@@ -37,6 +38,9 @@ class ModelSection:
     init_from: str | None = None
     gradient_checkpointing: bool = False
     compile: bool = False
+    # Which parameters train: "all", or "ffn" (the FFNs only; attention, norms, embeddings frozen), e.g. to
+    # heal a model merged by ``mobillama share`` without touching what was copied as it was.
+    train_only: str = "all"
 
 
 @dataclass
@@ -112,6 +116,21 @@ class LogSection:
 
 
 @dataclass
+class DistillSection:
+    """Knowledge distillation from a teacher checkpoint (healing a ``mobillama share`` result from its source).
+
+    The loss per target token is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``, where
+    ``_T`` are the softmaxes at temperature T; the T^2 keeps the KL's gradient scale independent of T
+    (Hinton et al., 2015). Validation loss stays the plain next-token loss, comparable across runs.
+    """
+
+    # A checkpoint directory (the same vocabulary as the student); its logits are computed per micro-batch.
+    teacher: str = ""
+    temperature: float = 1.0
+    alpha: float = 0.5
+
+
+@dataclass
 class Recipe:
     name: str = "custom"
     # Run directory; defaults to runs/<name>.
@@ -124,6 +143,7 @@ class Recipe:
     eval: EvalSection = field(default_factory=EvalSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
+    distill: DistillSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -182,13 +202,31 @@ class Recipe:
                 raise MobiLlamaError(
                     f"recipe key 'optim.no_decay' entries must be among {', '.join(NO_DECAY_CHOICES)}; got {item!r}"
                 )
+        self.validate_distill()
         self.validate_model()
+
+    def validate_distill(self) -> None:
+        if self.distill is None:
+            return
+        if not self.distill.teacher:
+            raise MobiLlamaError("recipe key 'distill.teacher' must name a checkpoint directory")
+        if self.distill.temperature <= 0:
+            raise MobiLlamaError(
+                f"recipe key 'distill.temperature' must be positive, got {self.distill.temperature}"
+            )
+        if not 0 <= self.distill.alpha <= 1:
+            raise MobiLlamaError(f"recipe key 'distill.alpha' must be in [0, 1], got {self.distill.alpha}")
 
     def validate_model(self) -> None:
         """The model section: a known preset whose overrides make a valid ModelConfig."""
         from mobillama.config import get_preset
 
         get_preset(self.model.preset).replace()  # unknown preset -> error listing the names
+        train_only = getattr(self.model, "train_only", "all")
+        if train_only not in TRAIN_ONLY_CHOICES:
+            raise MobiLlamaError(
+                f"recipe key 'model.train_only' must be one of {', '.join(TRAIN_ONLY_CHOICES)}; got {train_only!r}"
+            )
         self.model_config()
 
     def model_config(self):
