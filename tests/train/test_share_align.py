@@ -10,11 +10,12 @@ import torch
 
 from mobillama.checkpoint import load_checkpoint, save_checkpoint
 from mobillama.cli import main
+from mobillama.config import FFN_PROJS as FFN_WEIGHTS
 from mobillama.config import get_preset
 from mobillama.errors import MobiLlamaError
 from mobillama.model import FeedForward, MobiLlama
 from mobillama.train import share
-from mobillama.train.share import FFN_WEIGHTS, align_and_merge, merge_ffns, permute_ffn, share_state
+from mobillama.train.share import align_and_merge, merge_ffns, permute_ffn, share_state
 
 REAL_CKPT = Path("~/.cache/mobillama/models/smollm2-135m-instruct/checkpoint").expanduser()
 

@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from mobillama.checkpoint import load_checkpoint, save_checkpoint, sha256_file
-from mobillama.config import ModelConfig
+from mobillama.config import FFN_PREFIX, FFN_PROJS, ModelConfig, ffn_weight_name
 from mobillama.errors import MobiLlamaError
 
-FFN_WEIGHTS = ("gate_proj", "up_proj", "down_proj")
 MATCH_CHOICES = ("weights", "activations")
 WEIGHTING_CHOICES = ("uniform", "activation")
 DEFAULT_ITERS = 3
@@ -122,7 +121,7 @@ def match_units(reference: torch.Tensor, features: torch.Tensor) -> torch.Tensor
 def merge_ffns(ffns: list[FFN], importance: list[torch.Tensor] | None = None) -> FFN:
     """Average of FFNs whose hidden units are already aligned; per-unit weights ``importance[l]`` [ffn]."""
     out = {}
-    for name in FFN_WEIGHTS:
+    for name in FFN_PROJS:
         stack = torch.stack([f[name].float() for f in ffns])  # [n, ffn, hidden] or [n, hidden, ffn]
         if importance is None:
             value = stack.mean(0)
@@ -305,7 +304,7 @@ def share_state(
         raise MobiLlamaError(f"--iters must be >= 0, got {iters}")
     if kind != "aligned" and (match != "weights" or weighting != "uniform"):
         raise MobiLlamaError(f"--match and --weighting apply to the aligned strategies, not {strategy!r}")
-    out = {name: t for name, t in state.items() if not name.startswith("model.ffns.")}
+    out = {name: t for name, t in state.items() if not name.startswith(FFN_PREFIX)}
     groups = ffn_groups(target)
     smallest = min(len(layers) for layers in groups)
     if isinstance(k, int) and k >= smallest:
@@ -319,7 +318,7 @@ def share_state(
             f"and must be 0..{smallest - 1}{uneven}"
         )
     layer_ffns = [
-        {w: state[f"model.ffns.{source.ffn_index(i)}.{w}.weight"] for w in FFN_WEIGHTS}
+        {w: state[ffn_weight_name(source.ffn_index(i), w)] for w in FFN_PROJS}
         for i in range(source.num_hidden_layers)
     ]
     inputs: list[torch.Tensor] | None = None
@@ -349,8 +348,8 @@ def share_state(
             ffn = merge_ffns([layer_ffns[i] for i in layers])
         else:
             ffn = merged_group(layers, len(layers) // 2 if k in (None, "auto") else k, iters)
-        for w in FFN_WEIGHTS:
-            out[f"model.ffns.{g}.{w}.weight"] = ffn[w]
+        for w in FFN_PROJS:
+            out[ffn_weight_name(g, w)] = ffn[w]
     if k == "auto":
         out = _auto_references(out, target, groups, merged_group, calibration_ids, iters, say)
     return out
@@ -390,11 +389,11 @@ def _auto_references(
         def trial(
             candidate: FFN, ffn: torch.nn.Module = ffn, start: int = layers.start, prefix=prefix
         ) -> float:
-            for w in FFN_WEIGHTS:
+            for w in FFN_PROJS:
                 getattr(ffn, w).weight.data = candidate[w]
             return _suffix_loss(model, ids, start, prefix)
 
-        best = {w: getattr(ffn, w).weight.detach().clone() for w in FFN_WEIGHTS}
+        best = {w: getattr(ffn, w).weight.detach().clone() for w in FFN_PROJS}
         best_ref, best_rounds = n // 2, iters
         spaced = {round(j * (n - 1) / max(1, AUTO_CANDIDATES - 1)) for j in range(min(n, AUTO_CANDIDATES))}
         for r in sorted(spaced):
@@ -407,9 +406,9 @@ def _auto_references(
             loss = trial(candidate)
             if loss < best_loss:
                 best_loss, best, best_rounds = loss, candidate, iters
-        for w in FFN_WEIGHTS:
+        for w in FFN_PROJS:
             getattr(ffn, w).weight.data = best[w]
-            state[f"model.ffns.{g}.{w}.weight"] = best[w]
+            state[ffn_weight_name(g, w)] = best[w]
         say(
             f"ffn {g} (layers {layers.start}-{layers.stop - 1}): reference layer {layers[best_ref]}, "
             f"{best_rounds} refinement rounds, calibration loss {best_loss:.4f}"
