@@ -66,8 +66,7 @@ def bytes_per_decode_token(model: nn.Module, context_len: int, kv_bytes: int = 4
     ffn_per_use = sum(_module_bytes(model.model.ffns[c.ffn_index(i)]) for i in range(len(layers)))
     ffn_unique = sum(_module_bytes(f) for f in model.model.ffns)
     head = _module_bytes(model.lm_head) + _module_bytes(model.model.norm)
-    emb = model.model.embed_tokens.weight
-    row = emb.shape[1] * emb.element_size()
+    row = quant.embedding_row_bytes(model)
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * kv_bytes * context_len
     common = attn + head + row + kv
     return common + ffn_per_use, common + ffn_unique
