@@ -366,3 +366,18 @@ def test_bad_tied_quantized_checkpoints_are_one_line_errors(tied_quantized, tmp_
     )
     with pytest.raises(MobiLlamaError, match="unexpected tensor 'lm_head.weight'"):
         load_for_inference(bad)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_eval_loading_scores_a_quantized_tied_head(tied_quantized, bits):
+    """`mobillama eval`'s loader (fp32 activations, packed kernels) gives the reference kernels' logits
+    up to kernel rounding, with the head quantized."""
+    from mobillama.eval.loading import load_eval_model
+
+    qdir = tied_quantized("all", bits)
+    model = load_eval_model(qdir)
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    ref = load_quantized(qdir, dtype=torch.float32, int8_kernel="reference", int4_kernel="reference")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert _relative_error(model(ids), ref(ids)) < 0.01
