@@ -72,12 +72,16 @@ VARIANTS_05B = [
 VARIANTS_REAL = [
     ("mobillama bf16", "bf16", [], "8"),
     ("mobillama int8", "int8", [], "8"),
+    ("mobillama int8 (float head)", "int8-keep-head", [], "8"),
     ("mobillama int4 g32", "int4g32", [], "4"),
+    ("mobillama int4 g32 (float head)", "int4g32-keep-head", [], "4"),
 ]
 QUANTIZE = {
     "int8": ["--bits", "8"],
     "int4g128": ["--bits", "4", "--group-size", "128"],
     "int4g32": ["--bits", "4", "--group-size", "32"],
+    "int8-keep-head": ["--bits", "8", "--keep-head"],
+    "int4g32-keep-head": ["--bits", "4", "--group-size", "32", "--keep-head"],
 }
 LLAMA_CPP_CLASS = {"F16": "8", "Q8_0": "8", "Q4_0": "4", "Q4_1": "4"}
 
@@ -277,7 +281,9 @@ def group_real(args: argparse.Namespace, root: str, common: list[str]) -> list[R
     text_file = Path(root) / "real_text.txt"
     text_file.write_text(reference_text(40_000 * max(1, args.perplexity_windows // 4)), encoding="utf-8")
     ppl = ["--perplexity-text", str(text_file), "--perplexity-windows", str(args.perplexity_windows)]
-    checkpoints = quantize_checkpoints(str(ckpt), os.path.join(root, "real"), ["int8", "int4g32"])
+    checkpoints = quantize_checkpoints(
+        str(ckpt), os.path.join(root, "real"), ["int8", "int4g32", "int8-keep-head", "int4g32-keep-head"]
+    )
     rows = [
         mobillama_row(label, checkpoints[src], extra, klass, common, ppl)
         for label, src, extra, klass in VARIANTS_REAL
@@ -332,15 +338,15 @@ def print_table(title: str, rows: list[Row]) -> None:
     print(f"\n{title}\n")
     print(
         "| row | kernel | decode tok/s | x ref | x ref per round | prefill tok/s | x ref | "
-        "peak RSS MB run / max | perplexity | reference |"
+        "peak RSS MB run / max | GB/s FFN re-read / unique | perplexity | reference |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     refs = {id(row): reference(row, rows) for row in rows if row.tool != "llama.cpp"}
     referenced = {id(ref) for ref in refs.values() if ref is not None}
     for row in rows:
         runs = _ok(row)
         if not runs:
-            print(f"| {row.label} | error: {row.results[0].get('error', '?')[:150]} |||||||||")
+            print(f"| {row.label} | error: {row.results[0].get('error', '?')[:150]} ||||||||||")
             continue
         ref = refs.get(id(row))  # llama.cpp rows are the references, not compared among themselves
         is_ref = id(row) in referenced
@@ -357,12 +363,19 @@ def print_table(title: str, rows: list[Row]) -> None:
             rss = f"{rss_run:.0f} / -"
         ppl = next((r["perplexity"] for r in runs if "perplexity" in r), None)
         ppl_text = f"{ppl['perplexity']:.3f}" if ppl else "-"
+        # achieved bandwidth: tok/s x bytes per token, the shared FFN counted per layer and once
+        gb_s = "-"
+        if row.tool == "mobillama":
+            gb_s = (
+                f"{median([r['achieved_gb_s'] for r in runs]):.1f} / "
+                f"{median([r['achieved_unique_gb_s'] for r in runs]):.1f}"
+            )
         mark = "(ref)" if is_ref else "-"
         print(
             f"| {row.label} | {kernel} | {median([r['decode_tok_s'] for r in runs]):.2f} | "
             f"{f'{median(dec):.2f}' if dec else mark} | {' '.join(f'{x:.2f}' for x in dec) or '-'} | "
             f"{median([r['prefill_tok_s'] for r in runs]):.1f} | {f'{median(pre):.2f}' if pre else mark} | "
-            f"{rss} | {ppl_text} | "
+            f"{rss} | {gb_s} | {ppl_text} | "
             f"{ref.label if ref is not None and ref is not row else '-'} |"
         )
 

@@ -55,7 +55,8 @@ def short_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tied_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """A SmolLM2-shaped tiny model (tied embeddings, GQA, one FFN per layer) in float ("float") and
-    quantized by ``mobillama quantize`` ("int8", "int4")."""
+    quantized by ``mobillama quantize`` ("int8", "int4": the tied head quantized too, the default;
+    "int8-keep-head", "int4-keep-head": the head kept in float)."""
     from mobillama.infer.quant_checkpoint import quantize_checkpoint
 
     root = tmp_path_factory.mktemp("eval-tied")
@@ -70,4 +71,6 @@ def tied_checkpoints(tmp_path_factory) -> dict[str, Path]:
     out = {"float": tied}
     for bits in (8, 4):
         out[f"int{bits}"] = Path(quantize_checkpoint(tied, root / f"int{bits}", bits)["out"])
+        keep = quantize_checkpoint(tied, root / f"int{bits}-keep-head", bits, quantize_head=False)
+        out[f"int{bits}-keep-head"] = Path(keep["out"])
     return out

@@ -143,24 +143,31 @@ def test_tampered_or_foreign_shards_are_refused(checkpoint, tmp_path):
         evaluate_perplexity(checkpoint, d3)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_checkpoints_are_scored_as_quantized(tied_checkpoints, tmp_path, bits):
-    """A quantized checkpoint (here of a tied-embedding model) loads through the inference loader and
-    scores close to its float original; what is scored is the quantized model itself."""
+# measured on a 2-core AVX2 CPU: head kept in float int8 -0.04%, int4 -0.49% (+0.28% earlier);
+# head quantized int8 +0.15%, int4 +3.6%
+RISE_BOUNDS = {"int8": 0.005, "int4": 0.05, "int8-keep-head": 0.005, "int4-keep-head": 0.015}
+
+
+@pytest.mark.parametrize("variant", list(RISE_BOUNDS))
+def test_quantized_checkpoints_are_scored_as_quantized(tied_checkpoints, tmp_path, variant):
+    """A quantized checkpoint (here of a tied-embedding model, its head quantized or kept in float)
+    loads through the inference loader and scores close to its float original; what is scored is the
+    quantized model itself."""
     from mobillama.infer.quant_checkpoint import load_quantized
 
+    bits = int(variant[3])
     rows = make_shards(tmp_path / "shards", tied_checkpoints["float"])
     ref = evaluate_perplexity(tied_checkpoints["float"], tmp_path / "shards")
     # one batch: fbgemm's dynamic int8 (the default kernel without AVX-512 VNNI) quantizes activations
     # per call, so its scores depend a little on how the rows are batched
-    res = evaluate_perplexity(tied_checkpoints[f"int{bits}"], tmp_path / "shards", batch_size=len(rows))
+    res = evaluate_perplexity(tied_checkpoints[variant], tmp_path / "shards", batch_size=len(rows))
     assert ref["quantization"] is None and res["quantization"]["bits"] == bits
     rise = res["perplexity"] / ref["perplexity"] - 1
     print(
-        f"int{bits}: perplexity {res['perplexity']:.3f} vs float {ref['perplexity']:.3f} ({100 * rise:+.2f}%)"
+        f"{variant}: perplexity {res['perplexity']:.3f} vs float {ref['perplexity']:.3f} ({100 * rise:+.2f}%)"
     )
-    assert abs(rise) < (0.005 if bits == 8 else 0.015)  # measured: int8 -0.04%, int4 +0.28% (AVX2 CPU)
-    model = load_quantized(tied_checkpoints[f"int{bits}"], dtype=torch.float32)
+    assert abs(rise) < RISE_BOUNDS[variant]
+    model = load_quantized(tied_checkpoints[variant], dtype=torch.float32)
     batch = torch.from_numpy(rows.astype(np.int64))
     with torch.inference_mode():
         logits = model(batch[:, :-1]).float()
@@ -168,7 +175,7 @@ def test_quantized_checkpoints_are_scored_as_quantized(tied_checkpoints, tmp_pat
         logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
     )
     assert res["loss"] == pytest.approx(float(expected), rel=1e-5)
-    bf16 = evaluate_perplexity(tied_checkpoints[f"int{bits}"], tmp_path / "shards", dtype=torch.bfloat16)
+    bf16 = evaluate_perplexity(tied_checkpoints[variant], tmp_path / "shards", dtype=torch.bfloat16)
     assert bf16["perplexity"] == pytest.approx(res["perplexity"], rel=0.05)
 
 

@@ -184,17 +184,18 @@ def tied_checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tied_quantized(tmp_path_factory, tied_checkpoints):
-    """``tied_quantized(sharing, bits)``: the tied checkpoint quantized (written once per session)."""
+    """``tied_quantized(sharing, bits, head=True)``: the tied checkpoint quantized, its head (the table)
+    too unless ``head`` is False (written once per session)."""
     from mobillama.infer.quant_checkpoint import quantize_checkpoint
 
     root = tmp_path_factory.mktemp("tied-q")
-    done: dict[tuple[str, int], Path] = {}
+    done: dict[tuple[str, int, bool], Path] = {}
 
-    def get(sharing: str, bits: int) -> Path:
-        if (sharing, bits) not in done:
-            out = root / f"{sharing}-int{bits}"
-            quantize_checkpoint(tied_checkpoints[sharing], out, bits)
-            done[sharing, bits] = out
-        return done[sharing, bits]
+    def get(sharing: str, bits: int, head: bool = True) -> Path:
+        if (sharing, bits, head) not in done:
+            out = root / f"{sharing}-int{bits}{'' if head else '-float-head'}"
+            quantize_checkpoint(tied_checkpoints[sharing], out, bits, quantize_head=head)
+            done[sharing, bits, head] = out
+        return done[sharing, bits, head]
 
     return get

@@ -1,8 +1,10 @@
 """Quantized models with tied embeddings (SmolLM2-like: the LM head is the embedding table).
 
-The head stays unquantized, stored once in the checkpoint and held once in memory, in the checkpoint's
-float dtype; the decode path runs it in that dtype whatever the activations' dtype. Greedy output is
-checked against the *dequantized-float* model: the same numbers held as plain float weights.
+By default the table is quantized once: the head runs it through its kernel and the embedding lookups
+gather and dequantize its rows (:class:`QuantizedEmbedding`); stored once, under the embedding's name.
+With ``--keep-head`` it stays float, stored once and held once in the checkpoint's float dtype; the
+decode path runs it in that dtype whatever the activations' dtype. Greedy output is checked against the
+*dequantized-float* model: the same numbers held as plain float weights.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from mobillama.infer import decoder as decoder_module
 from mobillama.infer.decoder import FastDecoder
 from mobillama.infer.generator import Generator
 from mobillama.infer.load import FileRowEmbedding, load_for_inference, serve_embedding_from_file
+from mobillama.infer.quant import Int4Linear, Int8Linear, QuantizedEmbedding, quantize_model, weight_bytes
 from mobillama.infer.quant_checkpoint import load_quantized, quantize_checkpoint
 from mobillama.infer.sampling import SamplingParams
 from mobillama.model import MobiLlama
@@ -34,14 +37,18 @@ VNNI = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {ker
 
 def dequantized_float(qdir, dtype: torch.dtype = torch.bfloat16) -> MobiLlama:
     """The quantized checkpoint's numbers as a float model: every quantized layer becomes an nn.Linear
-    holding its dequantized weight in ``dtype``; the tied table is loaded as stored."""
+    holding its dequantized weight in ``dtype``; a float tied table is loaded as stored, a quantized one
+    becomes an nn.Embedding holding the head's dequantized weight (one tensor, tied)."""
     model = load_quantized(qdir, dtype=dtype, int8_kernel="reference", int4_kernel="reference", pack=False)
     for name in model.quantization["modules"]:
         layer = model.get_submodule(name)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=False)
         linear.weight = nn.Parameter(layer.dequantize().to(dtype), requires_grad=False)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, linear)
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+    if isinstance(model.model.embed_tokens, QuantizedEmbedding):
+        model.model.embed_tokens = nn.Embedding(*model.lm_head.weight.shape)
+        model.model.embed_tokens.weight = model.lm_head.weight
     return model.eval()
 
 
@@ -57,8 +64,90 @@ def tokens(model: MobiLlama) -> list[list[int]]:
 
 @pytest.mark.parametrize("sharing", ["none", "all"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_the_tied_matrix_is_stored_once_and_held_once(tied_checkpoints, tied_quantized, sharing, bits):
+def test_a_quantized_tied_matrix_is_stored_once_and_serves_both(
+    tied_checkpoints, tied_quantized, sharing, bits
+):
     qdir = tied_quantized(sharing, bits)
+    with safe_open(str(qdir / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())  # noqa: SIM118
+        stored = {k: f.get_tensor(k) for k in keys}
+    assert not [k for k in keys if k.startswith("lm_head.")]
+    assert stored["model.embed_tokens.weight"].dtype == (torch.int8 if bits == 8 else torch.uint8)
+    assert stored["model.embed_tokens.scales"].dtype == torch.float32
+    assert ("model.embed_tokens.zeros" in keys) == (bits == 4)
+    info = json.loads((qdir / "quantization.json").read_text())
+    assert info["quantize_head"] is True and "lm_head" in info["modules"]
+    model = load_quantized(qdir, int8_kernel="reference", int4_kernel="reference", pack=False)
+    head, embed = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, Int8Linear if bits == 8 else Int4Linear)
+    assert isinstance(embed, QuantizedEmbedding) and embed.dtype == torch.bfloat16
+    assert head.weight is embed.weight and head.scales is embed.scales  # one copy in memory too
+    ids = torch.tensor([[0, 5, 511], [7, 7, 300]])
+    assert torch.equal(embed(ids), head.dequantize()[ids].to(torch.bfloat16))
+    # The summary counts what the file holds; less than the float head's file by most of the table.
+    summary = quantize_checkpoint(tied_checkpoints[sharing], qdir.parent / f"again-{sharing}{bits}", bits)
+    assert summary["bytes_after"] == sum(t.numel() * t.element_size() for t in stored.values())
+    float_head = quantize_checkpoint(
+        tied_checkpoints[sharing], qdir.parent / f"again-{sharing}{bits}-f", bits, quantize_head=False
+    )
+    assert summary["bytes_after"] < float_head["bytes_after"] and summary["quantize_head"]
+    assert float_head["quantize_head"] is False
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_on_the_fly_quantization_equals_the_saved_and_reloaded_model(tied_checkpoints, tmp_path, bits):
+    """quantize_model on an fp32 model and the same model saved by `quantize` and loaded back give the
+    same logits (the tiny checkpoint's norms are exact in the bf16 the file stores them in)."""
+    from mobillama.checkpoint import load_model
+
+    src = tied_checkpoints["all"]
+    live = quantize_model(
+        load_model(src, dtype=torch.float32), bits, int8_kernel="reference", int4_kernel="reference"
+    )
+    assert isinstance(live.model.embed_tokens, QuantizedEmbedding)
+    assert live.lm_head.weight is live.model.embed_tokens.weight
+    quantize_checkpoint(src, tmp_path / "q", bits)
+    back = load_quantized(
+        tmp_path / "q", dtype=torch.float32, int8_kernel="reference", int4_kernel="reference"
+    )
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert torch.equal(live(ids), back(ids))
+    assert torch.equal(prefill_logits(live), prefill_logits(back))
+
+
+@pytest.mark.parametrize(
+    ("bits", "kernels_"), [(8, {"int8_kernel": "dynamic"}), (4, {"int4_kernel": "stock"})]
+)
+def test_rows_come_from_the_file_once_the_head_is_repacked(tied_quantized, bits, kernels_):
+    """A head packed for a kernel frees its portable weight; the embedding then reads the stored rows
+    from the file instead of keeping a second copy. Same numbers as the in-memory rows."""
+    if bits == 8 and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("no fbgemm engine for the dynamic int8 kernel")
+    qdir = tied_quantized("all", bits)
+    model = load_for_inference(qdir, **kernels_)
+    embed = model.model.embed_tokens
+    assert model.lm_head.packed and isinstance(embed.rows, FileRowEmbedding) and embed.weight is None
+    unpacked = load_quantized(qdir, pack=False).model.embed_tokens
+    ids = torch.tensor([[3, 9, 3, 400]])
+    assert torch.equal(embed(ids), unpacked(ids))
+    assert weight_bytes(embed) < unpacked.weight.numel()  # the rows are not held a second time
+    assert [c.completion_tokens for c in Generator(model).generate_ids(PROMPTS, PARAMS)] == [8, 8]
+    with pytest.raises(MobiLlamaError, match="reads its embedding rows from the checkpoint file"):
+        model.state_dict()
+
+
+def test_weight_only_int8_shares_the_rows_in_memory(tied_quantized):
+    model = load_for_inference(tied_quantized("none", 8), int8_kernel="weight_only")
+    assert not serve_embedding_from_file(model, tied_quantized("none", 8))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert FastDecoder(model).head_dtype is None
+
+
+@pytest.mark.parametrize("sharing", ["none", "all"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_kept_float_head_is_stored_once_and_held_once(tied_checkpoints, tied_quantized, sharing, bits):
+    qdir = tied_quantized(sharing, bits, head=False)
     with safe_open(str(qdir / "model.safetensors"), "pt") as f:
         keys = list(f.keys())  # noqa: SIM118
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16  # unquantized, bf16
@@ -67,20 +156,51 @@ def test_the_tied_matrix_is_stored_once_and_held_once(tied_checkpoints, tied_qua
     assert keys.count("model.embed_tokens.weight") == 1
     info = json.loads((qdir / "quantization.json").read_text())
     assert "lm_head" not in info["modules"] and "model.layers.0.self_attn.q_proj" in info["modules"]
+    assert info["quantize_head"] is False
     model = load_for_inference(qdir)
     embed = model.model.embed_tokens
     assert not isinstance(embed, FileRowEmbedding)  # the head needs the whole table in memory anyway
     assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is embed.weight
     assert embed.weight.dtype == torch.bfloat16
     # the summary counts the table once too (what the file holds)
-    summary = quantize_checkpoint(tied_checkpoints[sharing], qdir.parent / f"again-{sharing}{bits}", bits)
+    again = qdir.parent / f"again-{sharing}{bits}-kept"
+    summary = quantize_checkpoint(tied_checkpoints[sharing], again, bits, quantize_head=False)
     assert summary["bytes_after"] == stored
 
 
+def test_an_old_quantized_checkpoint_without_the_head_field_loads_as_before(tied_quantized, tmp_path):
+    """Written before the head was quantized: no 'quantize_head', the tied table float."""
+    qdir = _edit(tied_quantized("all", 4, head=False), tmp_path, edit_info=lambda i: i.pop("quantize_head"))
+    assert "quantize_head" not in json.loads((qdir / "quantization.json").read_text())
+    model = load_for_inference(qdir)
+    assert model.quantization["quantize_head"] is False
+    assert isinstance(model.lm_head, nn.Linear) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert [c.completion_tokens for c in Generator(model).generate_ids(PROMPTS, PARAMS)] == [8, 8]
+
+
+def test_cli_keep_head(tied_checkpoints, tmp_path, capsys):
+    out = tmp_path / "kept"
+    assert (
+        main(["quantize", str(tied_checkpoints["none"]), "--bits", "8", "--out", str(out), "--keep-head"])
+        == 0
+    )
+    assert "LM head kept in float" in capsys.readouterr().out
+    assert json.loads((out / "quantization.json").read_text())["quantize_head"] is False
+    assert isinstance(load_for_inference(out).lm_head, nn.Linear)
+
+
+def test_untied_head_is_quantized_unless_kept(byte_model):
+    model = quantize_model(byte_model(), 8, quantize_head=False)
+    assert type(model.lm_head) is nn.Linear and not model.quantization["quantize_head"]
+    model = quantize_model(byte_model(), 8)
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+
+
+@pytest.mark.parametrize("head", [True, False])
 @pytest.mark.parametrize("sharing", ["none", "all"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_reference_kernel_equals_the_dequantized_float_model_exactly(tied_quantized, sharing, bits):
-    qdir = tied_quantized(sharing, bits)
+def test_reference_kernel_equals_the_dequantized_float_model_exactly(tied_quantized, sharing, bits, head):
+    qdir = tied_quantized(sharing, bits, head)
     q = load_for_inference(qdir, int8_kernel="reference", int4_kernel="reference")
     ref = dequantized_float(qdir)
     assert torch.equal(prefill_logits(q), prefill_logits(ref))
@@ -91,9 +211,10 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.parametrize("head", [True, False])
 @pytest.mark.parametrize("sharing", ["none", "all"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_default_kernels_stay_close_to_the_dequantized_float_model(tied_quantized, sharing, bits):
+def test_default_kernels_stay_close_to_the_dequantized_float_model(tied_quantized, sharing, bits, head):
     """Default kernels quantize activations (fbgemm int8, vnni) or compute in bf16 (stock int4): the
     logits differ a little: measured on a 2-core AVX2 CPU (fbgemm int8, stock int4, bf16) at most 0.25%
     of the largest logit; the bound is four times that."""
@@ -112,7 +233,7 @@ def test_fp32_activations_with_a_bf16_tied_head(tied_quantized, monkeypatch, bit
     """Where the project's int8/int4 kernels run, activations are fp32 while the tied table stays bf16:
     this used to fail with 'expected m1 and m2 to have the same dtype' in the head. Forced here on any
     CPU (the reference kernel computes in the activations' dtype)."""
-    qdir = tied_quantized("none", bits)
+    qdir = tied_quantized("none", bits, head=False)
     ref = dequantized_float(qdir, torch.float32)
     ref.lm_head.weight = ref.model.embed_tokens.weight = nn.Parameter(
         ref.model.embed_tokens.weight.to(torch.bfloat16).float(), requires_grad=False
@@ -129,13 +250,16 @@ def test_fp32_activations_with_a_bf16_tied_head(tied_quantized, monkeypatch, bit
 
 
 @VNNI
+@pytest.mark.parametrize("head", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_vnni_kernels_with_a_tied_head(tied_quantized, bits):
+def test_vnni_kernels_with_a_tied_head(tied_quantized, bits, head):
     """The real case on an AVX-512 VNNI CPU (not measured on the development machine, which lacks it:
     the bound allows for int8 activations per token, ten times fbgemm's measured 0.25%)."""
-    qdir = tied_quantized("none", bits)
+    qdir = tied_quantized("none", bits, head)
     q = load_for_inference(qdir, int8_kernel="vnni", int4_kernel="vnni")
-    assert FastDecoder(q).head_dtype == torch.bfloat16
+    assert FastDecoder(q).head_dtype == (None if head else torch.bfloat16)
+    if head:  # the head is packed for the kernel: the embedding reads its rows from the file
+        assert isinstance(q.model.embed_tokens.rows, FileRowEmbedding)
     err = _relative_error(prefill_logits(q), prefill_logits(dequantized_float(qdir, torch.float32)))
     assert err < 0.025
     assert [c.completion_tokens for c in Generator(q).generate_ids(PROMPTS, PARAMS)] == [8, 8]
@@ -147,7 +271,8 @@ def test_on_the_fly_quantization_of_a_tied_checkpoint(tied_checkpoints, bits, ca
     assert main([*args, "--bits", bits]) == 0
     assert json.loads(capsys.readouterr().out)[0]["completion_tokens"] >= 1
     model = load_for_inference(tied_checkpoints["none"], bits=int(bits))
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert model.lm_head.scales is model.model.embed_tokens.scales
 
 
 @pytest.mark.parametrize("kernel", ["auto", "reference"])
@@ -218,8 +343,20 @@ def test_bad_tied_quantized_checkpoints_are_one_line_errors(tied_quantized, tmp_
     import shutil
 
     shutil.rmtree(bad)
-    bad = _edit(qdir, tmp_path, edit_info=lambda i: i["modules"].append("lm_head"))
-    with pytest.raises(MobiLlamaError, match="'lm_head' is listed as quantized.*ties it to the embedding"):
+    kept = tied_quantized("none", 8, head=False)
+    bad = _edit(kept, tmp_path, edit_info=lambda i: i["modules"].append("lm_head"))
+    with pytest.raises(MobiLlamaError, match="'quantize_head' is False but 'lm_head' is listed"):
+        load_for_inference(bad)
+    shutil.rmtree(bad)
+
+    def head_listed(info):
+        info["modules"].append("lm_head")
+        info["quantize_head"] = True
+
+    bad = _edit(kept, tmp_path, edit_info=head_listed)
+    with pytest.raises(
+        MobiLlamaError, match="'model.embed_tokens.weight' has dtype torch.bfloat16, expected"
+    ):
         load_for_inference(bad)
     shutil.rmtree(bad)
     bad = _edit(
@@ -229,3 +366,18 @@ def test_bad_tied_quantized_checkpoints_are_one_line_errors(tied_quantized, tmp_
     )
     with pytest.raises(MobiLlamaError, match="unexpected tensor 'lm_head.weight'"):
         load_for_inference(bad)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_eval_loading_scores_a_quantized_tied_head(tied_quantized, bits):
+    """`mobillama eval`'s loader (fp32 activations, packed kernels) gives the reference kernels' logits
+    up to kernel rounding, with the head quantized."""
+    from mobillama.eval.loading import load_eval_model
+
+    qdir = tied_quantized("all", bits)
+    model = load_eval_model(qdir)
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    ref = load_quantized(qdir, dtype=torch.float32, int8_kernel="reference", int4_kernel="reference")
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        assert _relative_error(model(ids), ref(ids)) < 0.01

@@ -49,8 +49,21 @@ def test_quantized_tied_model_chats_and_generates(quantized, monkeypatch, capsys
     capsys.readouterr()
     out = _chat(monkeypatch, capsys, quantized, QUESTIONS)
     assert "Tokyo" in out and "7" in out, out
-    assert main(["generate", str(quantized), "--prompt", "The capital of France is", "--temperature", "0",
-                 "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(quantized),
+                "--prompt",
+                "The capital of France is",
+                "--temperature",
+                "0",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert "Paris" in capsys.readouterr().out
 
 
@@ -71,3 +84,52 @@ def test_default_quantization_keeps_real_perplexity(real_model, real_text):
     assert 5 < base < 40
     assert abs(ppl(bits=8) / base - 1) < 0.01
     assert abs(ppl(bits=4) / base - 1) < 0.05
+
+
+@pytest.fixture(scope="module")
+def head_perplexities(real_model, real_text, tmp_path_factory) -> dict[str, float]:
+    """Perplexity on 3 windows of 512 tokens: fp32, and `quantize`'s int8 / int4 g32 checkpoints with
+    the tied head (SmolLM2's embedding table) quantized and kept in float."""
+    from mobillama.eval.perplexity import windowed_perplexity
+    from mobillama.infer.load import load_for_inference
+    from mobillama.infer.quant import QuantizedEmbedding
+    from mobillama.tokenizer import load_tokenizer
+
+    ids = load_tokenizer(real_model[1]).encode(real_text[:40_000], parse_special=False)
+
+    def ppl(path, **kwargs) -> float:
+        model = load_for_inference(path, **kwargs).eval()
+        return windowed_perplexity(model, ids, max_windows=3)["perplexity"]
+
+    out = {"fp32": ppl(real_model[1], dtype="fp32")}
+    root = tmp_path_factory.mktemp("head")
+    for bits in (8, 4):
+        for keep in (False, True):
+            name = f"int{bits}" + ("-keep-head" if keep else "")
+            args = ["quantize", str(real_model[1]), "--bits", str(bits), "--out", str(root / name)]
+            assert main([*args, *(["--keep-head"] if keep else [])]) == 0
+            embed = load_for_inference(root / name).model.embed_tokens
+            assert isinstance(embed, QuantizedEmbedding) != keep
+            out[name] = ppl(root / name)
+    print(out)
+    return out
+
+
+def test_a_quantized_tied_head_costs_little_perplexity(head_perplexities):
+    """int4 g32 with the head quantized within 5% of fp32 (measured +3.5%); the head's own cost (same
+    bits, head quantized vs float) within 0.5% for int8 (measured +0.44%) and 5% for int4 (+3.4%)."""
+    p = head_perplexities
+    assert 5 < p["fp32"] < 40
+    assert abs(p["int4"] / p["fp32"] - 1) < 0.05
+    assert abs(p["int8"] / p["int8-keep-head"] - 1) < 0.005
+    assert abs(p["int4"] / p["int4-keep-head"] - 1) < 0.05
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="per-channel int8 is +0.8% over fp32 on this model with the float head already (its weights "
+    "were shipped 4-bit in blocks of 32, which per-channel int8 does not reproduce); the head adds +0.44%",
+)
+def test_int8_with_the_head_quantized_is_within_half_a_percent_of_fp32(head_perplexities):
+    p = head_perplexities
+    assert abs(p["int8"] / p["fp32"] - 1) < 0.005

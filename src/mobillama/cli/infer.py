@@ -156,7 +156,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Quantize a checkpoint's Linear layers (attention, the FFN(s), LM head) to int8 per "
         "output channel or int4 per group and write a checkpoint directory: safetensors with packed "
         "weights and scales (a shared FFN stored once) plus quantization.json. An LM head tied to the "
-        "embedding stays unquantized and is stored once, as the embedding. 'mobillama generate', "
+        "embedding is quantized once and serves the embedding lookups too (stored once, under the "
+        "embedding's name), as llama.cpp does; --keep-head keeps it in float. 'mobillama generate', "
         "'chat', 'bench' and 'eval' load it directly.",
     )
     q.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory to quantize")
@@ -167,6 +168,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.add_argument(
+        "--keep-head",
+        action="store_true",
+        help="keep the LM head (for a tied model: the embedding table) in float, as before the head "
+        "was quantized: slower decode, slightly better quality",
+    )
     q.set_defaults(func=run_quantize)
 
 
@@ -313,12 +320,18 @@ def run_quantize(args: argparse.Namespace) -> int:
     from mobillama.infer.quant_checkpoint import quantize_checkpoint
 
     summary = quantize_checkpoint(
-        args.checkpoint, args.out, args.bits, args.group_size, overwrite=args.overwrite
+        args.checkpoint,
+        args.out,
+        args.bits,
+        args.group_size,
+        overwrite=args.overwrite,
+        quantize_head=not args.keep_head,
     )
     print(
         f"wrote {summary['out']}: int{summary['bits']}"
         + (f" group {summary['group_size']}" if summary["bits"] == 4 else "")
         + f", {summary['quantized_layers']} quantized layers, "
         f"{summary['bytes_before'] / 1e6:.1f} MB -> {summary['bytes_after'] / 1e6:.1f} MB"
+        + ("" if summary["quantize_head"] else " (LM head kept in float)")
     )
     return 0

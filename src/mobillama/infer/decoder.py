@@ -98,7 +98,7 @@ class FastDecoder:
         # that is not fp32 (bf16, or quantized) stores keys/values in bf16 - half the bytes each step
         # reads - and the kernel widens them to fp32; an fp32 model keeps an fp32 cache.
         low_precision = (
-            model.model.embed_tokens.weight.dtype != torch.float32 or quant.quantized_module_count(model) > 0
+            quant.embedding_dtype(model) != torch.float32 or quant.quantized_module_count(model) > 0
         )
         if cache_dtype is None and self.device.type == "cpu":
             cache_dtype = torch.bfloat16 if self.fused_attention and low_precision else torch.float32
@@ -269,7 +269,7 @@ def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     the project's int8/int4 kernels run the matmuls (they take and return fp32; no casts per call)."""
     if any(isinstance(m, quant.QuantizedLinear) and m.kernel_in_use == "vnni" for m in model.modules()):
         return torch.float32
-    return model.model.embed_tokens.weight.dtype
+    return quant.embedding_dtype(model)
 
 
 __all__ = ["FastDecoder", "StaticKVCache", "compute_dtype"]

@@ -202,9 +202,15 @@ def serve_embedding_from_file(model: MobiLlama, checkpoint_dir: str | Path) -> b
     """Swap the input embedding for a :class:`FileRowEmbedding` when the checkpoint's table can be read
     as is (same dtype, not tied to the LM head, CPU, Linux/macOS); returns whether it was swapped.
 
-    A tied table is left in memory: the head reads all of it at every step anyway, and the head and the
-    embedding keep sharing that one tensor (reading rows from the file would save nothing)."""
+    A tied float table is left in memory: the head reads all of it at every step anyway, and the head
+    and the embedding keep sharing that one tensor (reading rows from the file would save nothing). A
+    tied *quantized* table (:class:`~mobillama.infer.quant.QuantizedEmbedding`) is read from the file
+    once the head has repacked it for a kernel (vnni, stock int4, dynamic int8): the portable rows would
+    otherwise be a second copy of the matrix; while the head still runs on them (weight-only int8,
+    reference) they stay shared in memory."""
     embed = model.model.embed_tokens
+    if isinstance(embed, quant.QuantizedEmbedding):
+        return _quantized_rows_from_file(model, embed, checkpoint_dir)
     tied = model.config.tie_word_embeddings or getattr(model.lm_head, "weight", None) is embed.weight
     if tied or embed.weight.device.type != "cpu" or not hasattr(os, "preadv"):
         return False
@@ -214,6 +220,40 @@ def serve_embedding_from_file(model: MobiLlama, checkpoint_dir: str | Path) -> b
         return False
     model.model.embed_tokens = FileRowEmbedding(embed.weight, file, where[0])
     return True
+
+
+def _quantized_rows_from_file(model: MobiLlama, embed: quant.QuantizedEmbedding, checkpoint_dir) -> bool:
+    weight = embed.weight
+    head_weight = getattr(model.lm_head, "weight", None)
+    if weight is None or head_weight is weight or weight.device.type != "cpu" or not hasattr(os, "preadv"):
+        return False
+    file = Path(checkpoint_dir) / WEIGHTS_NAME
+    offset = _integer_tensor_offset(file, "model.embed_tokens.weight", weight)
+    if offset is None:
+        return False
+    embed.rows = FileRowEmbedding(weight, file, offset)
+    embed.weight = None  # the portable copy: the head holds its kernel layout, the file the rows
+    quant.release_freed_memory()
+    return True
+
+
+_INTEGER_DTYPES = {"I8": torch.int8, "U8": torch.uint8}
+
+
+def _integer_tensor_offset(file: Path, name: str, like: torch.Tensor) -> int | None:
+    """Byte offset of an int8/uint8 tensor of ``like``'s shape and dtype in a safetensors file, or None
+    (:func:`~mobillama.checkpoint.safetensors_location` answers for float tensors only)."""
+    try:
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        entry = header[name]
+        dtype, shape, (begin, _end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return None
+    if _INTEGER_DTYPES.get(dtype) != like.dtype or tuple(shape) != tuple(like.shape):
+        return None
+    return 8 + size + int(begin)
 
 
 __all__ = [

@@ -277,6 +277,99 @@ class Int4Linear(QuantizedLinear):
         )
 
 
+class QuantizedEmbedding(nn.Module):
+    """The input embedding of a tied model whose LM head is quantized: the head's matrix, read by rows.
+
+    One quantized copy serves both, as in llama.cpp: the head runs it through its kernel, and a lookup
+    gathers only the rows it needs (``weight``, ``scales``, ``zeros`` are the head's own portable tensors)
+    and dequantizes them to ``dtype``, the same numbers as the head's :meth:`~QuantizedLinear.dequantize`.
+    Once the head has repacked its weight for a kernel, the rows may be read from the checkpoint file
+    instead (``rows``, a :class:`~mobillama.infer.load.FileRowEmbedding` over the stored rows, set by
+    :func:`~mobillama.infer.load.serve_embedding_from_file`), so memory holds the matrix once.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        group_size: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        V, K = num_embeddings, embedding_dim
+        if bits == 8:
+            self.register_buffer("weight", torch.empty(V, K, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(V, dtype=torch.float32, device=device))
+        else:
+            groups = K // group_size  # type: ignore[operator]
+            self.register_buffer("weight", torch.empty(V, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(V, groups, dtype=torch.float32, device=device))
+            self.register_buffer("zeros", torch.empty(V, groups, dtype=torch.float32, device=device))
+        self.rows: nn.Module | None = None
+
+    @classmethod
+    def tied_to(cls, head: QuantizedLinear, dtype: torch.dtype) -> QuantizedEmbedding:
+        """An embedding sharing ``head``'s portable tensors (call before the head is packed)."""
+        bits = 8 if isinstance(head, Int8Linear) else 4
+        with torch.device("meta"):
+            module = cls(head.out_features, head.in_features, bits, getattr(head, "group_size", None), dtype)
+        for name in list(module._buffers):
+            setattr(module, name, getattr(head, name))
+        return module
+
+    def share_with(self, head: QuantizedLinear) -> None:
+        """Give ``head`` this embedding's tensors (the same objects: stored once, held once)."""
+        for name in list(self._buffers):
+            setattr(head, name, getattr(self, name))
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one lookup reads per token: the quantized row and its scales (and zeros)."""
+        if self.bits == 8:
+            return self.embedding_dim + self.scales.element_size()
+        groups = self.embedding_dim // self.group_size  # type: ignore[operator]
+        return self.embedding_dim // 2 + 2 * groups * self.scales.element_size()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.rows(ids) if self.rows is not None else self.weight[ids]
+        if self.bits == 8:
+            return (q.float() * self.scales[ids][..., None]).to(self.dtype)
+        q = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(*ids.shape, -1, self.group_size).float()
+        w = (q - 8) * self.scales[ids][..., None] + self.zeros[ids][..., None]
+        return w.reshape(*ids.shape, self.embedding_dim).to(self.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self.rows is not None:
+            raise MobiLlamaError(
+                "this model reads its embedding rows from the checkpoint file (loaded for inference); "
+                "load it with mobillama.infer.quant_checkpoint.load_quantized(pack=False) to save it"
+            )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        source = ", rows from file" if self.rows is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{group}{source}"
+
+
+def embedding_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype the input embedding returns (a quantized one dequantizes to its ``dtype``)."""
+    embed = model.model.embed_tokens
+    return embed.dtype if isinstance(embed, QuantizedEmbedding) else embed.weight.dtype
+
+
+def embedding_row_bytes(model: nn.Module) -> int:
+    """Bytes one token's embedding lookup reads."""
+    embed = model.model.embed_tokens
+    if isinstance(embed, QuantizedEmbedding):
+        return embed.row_bytes
+    return embed.weight.shape[1] * embed.weight.element_size()
+
+
 # --------------------------------------------------------------------------------------------------
 # Whole models
 # --------------------------------------------------------------------------------------------------
@@ -333,12 +426,17 @@ def quantize_model(
     int8_kernel: str = "auto",
     int4_kernel: str = "auto",
     pack: bool = True,
+    quantize_head: bool = True,
 ) -> nn.Module:
     """Replace every Linear by its quantized version, in place; returns the model.
 
     A Linear object reached under several names (a shared FFN) is quantized once and the same quantized
     object is put back under every name. The full-precision weights are dropped as each layer is done,
     so peak memory stays near the original model's. ``pack`` prepares the CPU kernels (see module doc).
+
+    The LM head is quantized too unless ``quantize_head`` is False. A tied head is the embedding table:
+    it is quantized once and the embedding becomes a :class:`QuantizedEmbedding` over the same tensors
+    (at batch 1 the head is most of the bytes a small model reads per token; llama.cpp quantizes it too).
     """
     check_bits(bits, group_size)
     check_kernels(int8_kernel, int4_kernel)
@@ -347,8 +445,10 @@ def quantize_model(
     done: dict[int, nn.Module] = {}
     names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
     config = getattr(model, "config", None)
-    if getattr(config, "tie_word_embeddings", False):
-        names = [n for n in names if n != "lm_head"]  # the head is the embedding table: keep it whole
+    tied = getattr(config, "tie_word_embeddings", False)
+    embed = model.model.embed_tokens if tied and quantize_head else None
+    if not quantize_head:
+        names = [n for n in names if n != "lm_head"]
     for name in names:
         linear = model.get_submodule(name)
         if id(linear) not in done:
@@ -361,7 +461,14 @@ def quantize_model(
                     )
                 done[id(linear)] = Int4Linear.from_linear(linear, group_size, int4_kernel)
         set_submodule(model, name, done[id(linear)])
-    model.quantization = {"bits": bits, "group_size": group_size, "modules": sorted(set(names))}  # type: ignore[attr-defined]
+    if embed is not None:  # the tied table: the head's quantized copy serves the lookups too
+        model.model.embed_tokens = QuantizedEmbedding.tied_to(model.lm_head, embed.weight.dtype)
+    model.quantization = {  # type: ignore[attr-defined]
+        "bits": bits,
+        "group_size": group_size,
+        "modules": sorted(set(names)),
+        "quantize_head": "lm_head" in names,
+    }
     if pack:
         pack_for_inference(model)
     else:
@@ -444,7 +551,9 @@ def weight_bytes(model: nn.Module) -> int:
     for t in [*model.parameters(), *model.buffers()]:
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.numel() * t.element_size()
+            # an expanded stand-in (a table read from the file, FileRowEmbedding) holds one value
+            held = 1 if t.numel() and 0 in t.stride() else t.numel()
+            total += held * t.element_size()
     for m in model.modules():
         if isinstance(m, QuantizedLinear) and m._vnni is not None and id(m) not in seen:
             seen.add(id(m))
@@ -464,10 +573,13 @@ __all__ = [
     "INT8_KERNELS",
     "Int4Linear",
     "Int8Linear",
+    "QuantizedEmbedding",
     "QuantizedLinear",
     "check_bits",
     "check_kernels",
     "default_group_size",
+    "embedding_dtype",
+    "embedding_row_bytes",
     "joined_projection",
     "kernels_in_use",
     "pack_for_inference",

@@ -28,6 +28,7 @@ from mobillama.errors import MobiLlamaError
 from mobillama.infer.quant import (
     Int4Linear,
     Int8Linear,
+    QuantizedEmbedding,
     check_bits,
     check_kernels,
     pack_for_inference,
@@ -59,6 +60,14 @@ def read_quantization(path: str | Path) -> dict[str, Any]:
         raise MobiLlamaError(f"{file}: {e}") from None
     if not isinstance(info["modules"], list) or not all(isinstance(m, str) for m in info["modules"]):
         raise MobiLlamaError(f"{file}: 'modules' must be a list of module names")
+    # Written since the head (a tied one too) is quantized by default; older files lack it and say the
+    # same thing through 'modules' (a tied head was never listed: it stayed the float embedding).
+    head = info.setdefault("quantize_head", "lm_head" in info["modules"])
+    if head is not ("lm_head" in info["modules"]):
+        raise MobiLlamaError(
+            f"{file}: 'quantize_head' is {head!r} but 'lm_head' is "
+            f"{'' if 'lm_head' in info['modules'] else 'not '}listed in 'modules'"
+        )
     return info
 
 
@@ -68,25 +77,30 @@ def quantize_checkpoint(
     bits: int,
     group_size: int | None = None,
     overwrite: bool = False,
+    quantize_head: bool = True,
 ) -> dict[str, Any]:
     """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
 
     The directory is a normal checkpoint (config.json, model.safetensors, tokenizer files) plus
     ``quantization.json``; the safetensors file holds the packed weights and their scales, a shared
-    FFN once. Returns a summary (bytes before/after, module counts).
+    FFN once. ``quantize_head=False`` keeps the LM head (a tied one: the embedding table) in float.
+    Returns a summary (bytes before/after, module counts).
     """
     check_bits(bits, group_size)
     model = load_model(checkpoint, dtype=torch.float32)
     before = weight_bytes(model)
-    quantize_model(model, bits, group_size, pack=False)
+    quantize_model(model, bits, group_size, pack=False, quantize_head=quantize_head)
     info = {"format": "mobillama-weight-only", "method": "weight-only", **model.quantization}  # type: ignore[attr-defined]
     # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
     # stored in bf16, the compute dtype the quantized kernels use.
-    qparams = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
-    # A tied LM head is the embedding table: unquantized and stored once (under the embedding's name).
+    qparams = {f"{m}.{b}" for m in [*info["modules"], "model.embed_tokens"] for b in ("scales", "zeros")}
+    # A tied LM head is the embedding table, stored once under the embedding's name: float, or the
+    # quantized weight and scales the head and the embedding lookups share.
+    tied = model.config.tie_word_embeddings
     state = {
         k: v.to(torch.bfloat16) if v.is_floating_point() and k not in qparams else v
         for k, v in unique_state_dict(model.state_dict(), model.config).items()
+        if not (tied and k.startswith("lm_head."))
     }
     save_checkpoint(
         state,
@@ -101,6 +115,7 @@ def quantize_checkpoint(
         "bits": bits,
         "group_size": info["group_size"],
         "quantized_layers": quantized_module_count(model),
+        "quantize_head": info["quantize_head"],
         "bytes_before": before,
         "bytes_after": sum(v.numel() * v.element_size() for v in state.values()),
     }
@@ -128,12 +143,7 @@ def load_quantized(
     unknown = [m for m in info["modules"] if m not in linears]
     if unknown:
         raise MobiLlamaError(f"{path / QUANT_FILE}: {unknown[0]!r} is not a Linear layer of this model")
-    if config.tie_word_embeddings and "lm_head" in info["modules"]:
-        # The tied head is the embedding table itself (stored once, unquantized), not a layer of its own.
-        raise MobiLlamaError(
-            f"{path / QUANT_FILE}: 'lm_head' is listed as quantized, but config.json ties it to the "
-            "embedding (tie_word_embeddings: true), which stays unquantized"
-        )
+    tied_quantized = config.tie_word_embeddings and "lm_head" in info["modules"]
     for name in info["modules"]:
         linear = model.get_submodule(name)
         with torch.device("meta"):
@@ -143,9 +153,14 @@ def load_quantized(
                 else Int4Linear(linear.in_features, linear.out_features, info["group_size"], int4_kernel)
             )
         set_submodule(model, name, q)
+    if tied_quantized:  # the head's quantized matrix, stored under the embedding's name, serves both
+        with torch.device("meta"):
+            model.model.embed_tokens = QuantizedEmbedding(
+                config.vocab_size, config.hidden_size, info["bits"], info["group_size"], dtype
+            )
     expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
+    if config.tie_word_embeddings:  # the tied head is stored once, as the embedding
+        expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
     state = read_safetensors(path / WEIGHTS_NAME)
     source = str(path / WEIGHTS_NAME)
     for key, (shape, want) in expected.items():
@@ -163,7 +178,9 @@ def load_quantized(
     extra = [k for k in state if k not in expected]
     if extra:
         raise MobiLlamaError(f"{source}: unexpected tensor {extra[0]!r}")
-    quantized_keys = {f"{m}.{b}" for m in info["modules"] for b in ("scales", "zeros")}
+    quantized_keys = {
+        f"{m}.{b}" for m in [*info["modules"], "model.embed_tokens"] for b in ("scales", "zeros")
+    }
     # Copies, not views of the mapped file, except an untied embedding table (which inference may read
     # from the file row by row instead): once the portable weights are repacked and freed, nothing keeps
     # the file mapped, so the pages read while packing do not stay resident next to the packed copy. A
@@ -176,9 +193,11 @@ def load_quantized(
         else:
             state[key] = tensor.clone()
     model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
+    if tied_quantized:
+        model.model.embed_tokens.share_with(model.lm_head)
+    elif config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.quantization = {k: info[k] for k in ("bits", "group_size", "modules")}  # type: ignore[attr-defined]
+    model.quantization = {k: info[k] for k in ("bits", "group_size", "modules", "quantize_head")}  # type: ignore[attr-defined]
     model.eval()
     if pack:
         pack_for_inference(model)
