@@ -70,7 +70,9 @@ def tied_checkpoints(tmp_path_factory) -> dict[str, Path]:
     )
     out = {"float": tied}
     for bits in (8, 4):
-        out[f"int{bits}"] = Path(quantize_checkpoint(tied, root / f"int{bits}", bits)["out"])
+        out[f"int{bits}"] = Path(
+            quantize_checkpoint(tied, root / f"int{bits}", bits, quantize_head=True)["out"]
+        )
         keep = quantize_checkpoint(tied, root / f"int{bits}-keep-head", bits, quantize_head=False)
         out[f"int{bits}-keep-head"] = Path(keep["out"])
     return out

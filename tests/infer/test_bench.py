@@ -67,10 +67,11 @@ def test_unique_bytes_count_the_shared_ffn_once(byte_model):
 
 def test_byte_counts_of_a_quantized_tied_head(tied_checkpoints):
     """A quantized tied head is counted at its quantized size and the lookup at one quantized row."""
+    from mobillama.checkpoint import load_model
     from mobillama.infer.load import load_for_inference
-    from mobillama.infer.quant import embedding_row_bytes
+    from mobillama.infer.quant import embedding_row_bytes, quantize_model
 
-    kept = load_for_inference(tied_checkpoints["all"], dtype="fp32", bits=8)
+    kept = quantize_model(load_model(tied_checkpoints["all"], dtype=torch.float32), 8, quantize_head=True)
     c = kept.config
     assert embedding_row_bytes(kept) == c.hidden_size + 4  # int8 row + its fp32 scale
     float_head = load_for_inference(tied_checkpoints["all"], dtype="fp32")

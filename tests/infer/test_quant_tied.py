@@ -85,7 +85,9 @@ def test_a_quantized_tied_matrix_is_stored_once_and_serves_both(
     ids = torch.tensor([[0, 5, 511], [7, 7, 300]])
     assert torch.equal(embed(ids), head.dequantize()[ids].to(torch.bfloat16))
     # The summary counts what the file holds; less than the float head's file by most of the table.
-    summary = quantize_checkpoint(tied_checkpoints[sharing], qdir.parent / f"again-{sharing}{bits}", bits)
+    summary = quantize_checkpoint(
+        tied_checkpoints[sharing], qdir.parent / f"again-{sharing}{bits}", bits, quantize_head=True
+    )
     assert summary["bytes_after"] == sum(t.numel() * t.element_size() for t in stored.values())
     float_head = quantize_checkpoint(
         tied_checkpoints[sharing], qdir.parent / f"again-{sharing}{bits}-f", bits, quantize_head=False
@@ -102,11 +104,15 @@ def test_on_the_fly_quantization_equals_the_saved_and_reloaded_model(tied_checkp
 
     src = tied_checkpoints["all"]
     live = quantize_model(
-        load_model(src, dtype=torch.float32), bits, int8_kernel="reference", int4_kernel="reference"
+        load_model(src, dtype=torch.float32),
+        bits,
+        int8_kernel="reference",
+        int4_kernel="reference",
+        quantize_head=True,
     )
     assert isinstance(live.model.embed_tokens, QuantizedEmbedding)
     assert live.lm_head.weight is live.model.embed_tokens.weight
-    quantize_checkpoint(src, tmp_path / "q", bits)
+    quantize_checkpoint(src, tmp_path / "q", bits, quantize_head=True)
     back = load_quantized(
         tmp_path / "q", dtype=torch.float32, int8_kernel="reference", int4_kernel="reference"
     )
@@ -178,15 +184,27 @@ def test_an_old_quantized_checkpoint_without_the_head_field_loads_as_before(tied
     assert [c.completion_tokens for c in Generator(model).generate_ids(PROMPTS, PARAMS)] == [8, 8]
 
 
-def test_cli_keep_head(tied_checkpoints, tmp_path, capsys):
-    out = tmp_path / "kept"
-    assert (
-        main(["quantize", str(tied_checkpoints["none"]), "--bits", "8", "--out", str(out), "--keep-head"])
-        == 0
-    )
-    assert "LM head kept in float" in capsys.readouterr().out
-    assert json.loads((out / "quantization.json").read_text())["quantize_head"] is False
-    assert isinstance(load_for_inference(out).lm_head, nn.Linear)
+@pytest.mark.parametrize(
+    ("flag", "quantized"), [([], False), (["--keep-head"], False), (["--quantize-head"], True)]
+)
+def test_cli_tied_head_float_by_default_quantized_on_request(
+    tied_checkpoints, tmp_path, capsys, flag, quantized
+):
+    """A tied head (the embedding table) stays float unless asked: quantizing it costs real-model quality."""
+    out = tmp_path / "q"
+    assert main(["quantize", str(tied_checkpoints["none"]), "--bits", "8", "--out", str(out), *flag]) == 0
+    assert ("LM head kept in float" in capsys.readouterr().out) != quantized
+    assert json.loads((out / "quantization.json").read_text())["quantize_head"] is quantized
+    model = load_for_inference(out)
+    assert isinstance(model.lm_head, nn.Linear) != quantized
+    assert isinstance(model.model.embed_tokens, QuantizedEmbedding) == quantized
+
+
+def test_cli_head_flags_exclude_each_other(tied_checkpoints, tmp_path):
+    args = ["quantize", str(tied_checkpoints["none"]), "--bits", "8", "--out", str(tmp_path / "q")]
+    with pytest.raises(SystemExit) as e:
+        main([*args, "--keep-head", "--quantize-head"])
+    assert e.value.code == 2 and not (tmp_path / "q").exists()
 
 
 def test_untied_head_is_quantized_unless_kept(byte_model):
@@ -270,9 +288,9 @@ def test_on_the_fly_quantization_of_a_tied_checkpoint(tied_checkpoints, bits, ca
     args = ["generate", str(tied_checkpoints["none"]), "--prompt", "def", "--max-new-tokens", "4", "--json"]
     assert main([*args, "--bits", bits]) == 0
     assert json.loads(capsys.readouterr().out)[0]["completion_tokens"] >= 1
-    model = load_for_inference(tied_checkpoints["none"], bits=int(bits))
-    assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
-    assert model.lm_head.scales is model.model.embed_tokens.scales
+    model = load_for_inference(tied_checkpoints["none"], bits=int(bits))  # the tied head stays float here too
+    assert type(model.lm_head) is nn.Linear and not isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("kernel", ["auto", "reference"])

@@ -107,7 +107,7 @@ def head_perplexities(real_model, real_text, tmp_path_factory) -> dict[str, floa
         for keep in (False, True):
             name = f"int{bits}" + ("-keep-head" if keep else "")
             args = ["quantize", str(real_model[1]), "--bits", str(bits), "--out", str(root / name)]
-            assert main([*args, *(["--keep-head"] if keep else [])]) == 0
+            assert main([*args, "--keep-head" if keep else "--quantize-head"]) == 0
             embed = load_for_inference(root / name).model.embed_tokens
             assert isinstance(embed, QuantizedEmbedding) != keep
             out[name] = ppl(root / name)

@@ -18,8 +18,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "a quantized checkpoint is used as stored",
     )
     p.add_argument(
-        "--group-size", type=int, help="int4 group size (32, 64, 128 or 256; default 32, llama.cpp's Q4 block: larger groups are faster "
-        "but less accurate on real weights)"
+        "--group-size",
+        type=int,
+        help="int4 group size (32, 64, 128 or 256; default 32, llama.cpp's Q4 block: larger groups are faster "
+        "but less accurate on real weights)",
     )
     p.add_argument(
         "--int8-kernel",
@@ -92,7 +94,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument(
         "checkpoint", metavar="CKPT", help="checkpoint directory (plain or quantized) with tokenizer files"
     )
-    c.add_argument("--system", help="system message (default: the chat template's own, e.g. MobiLlama-Chat's system line)")
+    c.add_argument(
+        "--system",
+        help="system message (default: the chat template's own, e.g. MobiLlama-Chat's system line)",
+    )
     c.add_argument(
         "--image",
         metavar="PATH",
@@ -155,24 +160,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write a weight-only int8/int4 quantized checkpoint",
         description="Quantize a checkpoint's Linear layers (attention, the FFN(s), LM head) to int8 per "
         "output channel or int4 per group and write a checkpoint directory: safetensors with packed "
-        "weights and scales (a shared FFN stored once) plus quantization.json. An LM head tied to the "
-        "embedding is quantized once and serves the embedding lookups too (stored once, under the "
-        "embedding's name), as llama.cpp does; --keep-head keeps it in float. 'mobillama generate', "
-        "'chat', 'bench' and 'eval' load it directly.",
+        "weights and scales (a shared FFN stored once) plus quantization.json. An untied LM head is "
+        "quantized (--keep-head keeps it in float); a head tied to the embedding stays in float unless "
+        "--quantize-head (then it is quantized once and serves the embedding lookups too). 'mobillama "
+        "generate', 'chat', 'bench' and 'eval' load it directly.",
     )
     q.add_argument("checkpoint", metavar="CKPT", help="checkpoint directory to quantize")
     q.add_argument("--bits", type=int, choices=[8, 4], required=True, help="8 (per channel) or 4 (per group)")
     q.add_argument(
-        "--group-size", type=int, help="int4 group size: 32, 64, 128 or 256 (default 32, llama.cpp's Q4 block: larger groups are "
-        "faster but less accurate on real weights)"
+        "--group-size",
+        type=int,
+        help="int4 group size: 32, 64, 128 or 256 (default 32, llama.cpp's Q4 block: larger groups are "
+        "faster but less accurate on real weights)",
     )
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    q.add_argument(
+    head = q.add_mutually_exclusive_group()
+    head.add_argument(
         "--keep-head",
         action="store_true",
-        help="keep the LM head (for a tied model: the embedding table) in float, as before the head "
-        "was quantized: slower decode, slightly better quality",
+        help="keep the LM head in float (the default for a head tied to the embedding)",
+    )
+    head.add_argument(
+        "--quantize-head",
+        action="store_true",
+        help="quantize the LM head, tied or not; a tied one is stored once and serves the embedding too. "
+        "Fewer bytes per token, lower quality: +3.4%% perplexity at int4 g32 and +0.4%% at int8 on "
+        "SmolLM2-135M (default: only an untied head is quantized)",
     )
     q.set_defaults(func=run_quantize)
 
@@ -325,7 +339,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         args.bits,
         args.group_size,
         overwrite=args.overwrite,
-        quantize_head=not args.keep_head,
+        quantize_head=True if args.quantize_head else False if args.keep_head else None,
     )
     print(
         f"wrote {summary['out']}: int{summary['bits']}"

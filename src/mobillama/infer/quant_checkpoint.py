@@ -77,13 +77,14 @@ def quantize_checkpoint(
     bits: int,
     group_size: int | None = None,
     overwrite: bool = False,
-    quantize_head: bool = True,
+    quantize_head: bool | None = None,
 ) -> dict[str, Any]:
     """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
 
     The directory is a normal checkpoint (config.json, model.safetensors, tokenizer files) plus
     ``quantization.json``; the safetensors file holds the packed weights and their scales, a shared
-    FFN once. ``quantize_head=False`` keeps the LM head (a tied one: the embedding table) in float.
+    FFN once. ``quantize_head``: see :func:`~mobillama.infer.quant.quantize_model` (default: an untied head
+    quantized, a tied one, the embedding table, kept in float).
     Returns a summary (bytes before/after, module counts).
     """
     check_bits(bits, group_size)
