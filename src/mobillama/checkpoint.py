@@ -106,6 +106,8 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MobiLlamaError(f"{path}: not valid JSON: {e}") from None
+    except OSError as e:
+        raise MobiLlamaError(f"{path}: not readable ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise MobiLlamaError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -158,7 +158,7 @@ def test_wrong_weight_dtype_is_a_clear_error(q4_dir):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ("{not json", "not readable JSON"),
+        ("{not json", "not valid JSON"),
         ('{"bits": 3, "group_size": null, "modules": []}', "bits must be 8 or 4"),
         ('{"bits": 4, "group_size": 48, "modules": []}', "group size"),
         ('{"bits": 8, "modules": []}', "missing key 'group_size'"),

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from mobillama.checkpoint import read_json_object
 from mobillama.errors import MobiLlamaError
 
 TEXT, JSONL, PARQUET, ARROW, PYDOC_TOPICS = "text", "jsonl", "parquet", "arrow", "pydoc_topics"
@@ -185,13 +186,13 @@ def hf_dataset_sources(path: Path, *, text_field: str, split: str) -> list[Sourc
     """The arrow files of a ``save_to_disk`` dataset (or of one split of a DatasetDict), in order."""
     dict_file = path / "dataset_dict.json"
     if dict_file.is_file():
-        splits = _read_json(dict_file).get("splits", [])
+        splits = read_json_object(dict_file).get("splits", [])
         if split not in splits:
             raise MobiLlamaError(
                 f"{path}: no split {split!r} (splits: {', '.join(splits) or 'none'}; use --split)"
             )
         path = path / split
-    state = _read_json(path / "state.json")
+    state = read_json_object(path / "state.json")
     files = [f.get("filename") for f in state.get("_data_files", [])]
     if not files or not all(isinstance(f, str) for f in files):
         raise MobiLlamaError(f"{path / 'state.json'}: no '_data_files' list (not a save_to_disk dataset?)")
@@ -201,14 +202,6 @@ def hf_dataset_sources(path: Path, *, text_field: str, split: str) -> list[Sourc
     return [Source((path / f).resolve(), ARROW, text_field) for f in files]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{path}: not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MobiLlamaError(f"{path}: expected a JSON object")
-    return data
 
 
 # ---- named sources ---------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ a directory is, is decided in one place: :func:`mobillama.infer.load.describe_ch
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from mobillama.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     load_model,
+    read_json_object,
     read_safetensors,
     save_checkpoint,
     unique_state_dict,
@@ -45,12 +45,7 @@ QUANT_FILE = "quantization.json"
 def read_quantization(path: str | Path) -> dict[str, Any]:
     """The ``quantization.json`` of a checkpoint, checked."""
     file = Path(path) / QUANT_FILE
-    try:
-        info = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MobiLlamaError(f"{file}: not readable JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise MobiLlamaError(f"{file}: expected a JSON object")
+    info = read_json_object(file)
     for key in ("bits", "group_size", "modules"):
         if key not in info:
             raise MobiLlamaError(f"{file}: missing key {key!r}")
