@@ -71,15 +71,17 @@ VARIANTS_05B = [
 ]
 VARIANTS_REAL = [
     ("mobillama bf16", "bf16", [], "8"),
-    ("mobillama int8", "int8", [], "8"),
-    ("mobillama int8 (float head)", "int8-keep-head", [], "8"),
-    ("mobillama int4 g32", "int4g32", [], "4"),
-    ("mobillama int4 g32 (float head)", "int4g32-keep-head", [], "4"),
+    ("mobillama int8 (head quantized)", "int8-qhead", [], "8"),
+    ("mobillama int8 (float head, default)", "int8-keep-head", [], "8"),
+    ("mobillama int4 g32 (head quantized)", "int4g32-qhead", [], "4"),
+    ("mobillama int4 g32 (float head, default)", "int4g32-keep-head", [], "4"),
 ]
 QUANTIZE = {
     "int8": ["--bits", "8"],
     "int4g128": ["--bits", "4", "--group-size", "128"],
     "int4g32": ["--bits", "4", "--group-size", "32"],
+    "int8-qhead": ["--bits", "8", "--quantize-head"],
+    "int4g32-qhead": ["--bits", "4", "--group-size", "32", "--quantize-head"],
     "int8-keep-head": ["--bits", "8", "--keep-head"],
     "int4g32-keep-head": ["--bits", "4", "--group-size", "32", "--keep-head"],
 }
@@ -282,7 +284,7 @@ def group_real(args: argparse.Namespace, root: str, common: list[str]) -> list[R
     text_file.write_text(reference_text(40_000 * max(1, args.perplexity_windows // 4)), encoding="utf-8")
     ppl = ["--perplexity-text", str(text_file), "--perplexity-windows", str(args.perplexity_windows)]
     checkpoints = quantize_checkpoints(
-        str(ckpt), os.path.join(root, "real"), ["int8", "int4g32", "int8-keep-head", "int4g32-keep-head"]
+        str(ckpt), os.path.join(root, "real"), ["int8-qhead", "int4g32-qhead", "int8-keep-head", "int4g32-keep-head"]
     )
     rows = [
         mobillama_row(label, checkpoints[src], extra, klass, common, ppl)
