@@ -24,15 +24,19 @@ PAPER_ROWS = {
 }
 
 
-def _samples(raw: dict, lm_task: str, metric: str) -> tuple[list[str], list[float]]:
-    """Per-sample scores of a task (or of every subtask of a group, ids prefixed by the subtask)."""
+def _task_samples(raw: dict, lm_task: str) -> list[tuple[str, dict]]:
+    """(lm-eval task name, sample) of a task, or of every subtask of a group (MMLU's subjects)."""
     samples = raw.get("samples", {})
     names = [lm_task] if lm_task in samples else sorted(k for k in samples if k.startswith(lm_task + "_"))
+    return [(name, s) for name in names for s in samples[name]]
+
+
+def _samples(raw: dict, lm_task: str, metric: str) -> tuple[list[str], list[float]]:
+    """Per-sample scores of a task (or of every subtask of a group, ids prefixed by the subtask)."""
     ids, scores = [], []
-    for name in names:
-        for s in samples[name]:
-            ids.append(f"{name}/{s['doc_id']}" if name != lm_task else str(s["doc_id"]))
-            scores.append(float(s[metric]))
+    for name, s in _task_samples(raw, lm_task):
+        ids.append(f"{name}/{s['doc_id']}" if name != lm_task else str(s["doc_id"]))
+        scores.append(float(s[metric]))
     return ids, scores
 
 
@@ -42,16 +46,13 @@ def _chance(raw: dict, lm_task: str, metric: str) -> float | None:
     TruthfulQA's mc2 (uniform probabilities), 50% for CrowS-Pairs' stereotype rate."""
     if metric == "pct_stereotype":
         return 0.5
-    samples = raw.get("samples", {})
-    names = [lm_task] if lm_task in samples else sorted(k for k in samples if k.startswith(lm_task + "_"))
     per_doc = []
-    for name in names:
-        for s in samples[name]:
-            labels = (s.get("doc") or {}).get("mc2_targets", {}).get("labels")
-            if metric == "acc" and labels:
-                per_doc.append(sum(labels) / len(labels))
-            elif s.get("arguments"):
-                per_doc.append(1 / len(s["arguments"]))
+    for _, s in _task_samples(raw, lm_task):
+        labels = (s.get("doc") or {}).get("mc2_targets", {}).get("labels")
+        if metric == "acc" and labels:
+            per_doc.append(sum(labels) / len(labels))
+        elif s.get("arguments"):
+            per_doc.append(1 / len(s["arguments"]))
     return sum(per_doc) / len(per_doc) if per_doc else None
 
 
