@@ -4,12 +4,12 @@ Two ``nn.Linear`` replacements, :class:`Int8Linear` and :class:`Int4Linear`, hol
 one saved to safetensors) and run through PyTorch's CPU kernels when they apply:
 
 - int8: ``weight`` int8 [N, K] and ``scales`` [N] (symmetric, w ≈ q * s). Kernels on CPU: the project's
-  ``vnni`` kernel (:mod:`mobillama.kernels`, AVX-512 VNNI, activations quantized per token; memory-bound,
+  ``vnni`` kernel (:mod:`mobillama.kernels`, AVX-512 VNNI, activations quantized to int8 per block of 32 columns; memory-bound,
   the default where the CPU has it), ``aten._weight_int8pack_mm`` (weight-only, bf16 activations) or
   fbgemm's dynamic int8 ``quantized::linear_dynamic`` (activations quantized per call too).
 - int4: ``weight`` uint8 [N, K/2] (two 4-bit values per byte, even column in the low nibble), ``scales``
   and ``zeros`` [N, K/G] (asymmetric, w ≈ (q - 8) * scale + zero, the tinygemm convention). Kernels on CPU:
-  the ``vnni`` kernel (int8 activations per token, as for int8), or the ``stock`` one,
+  the ``vnni`` kernel (int8 activations per block of 32, as for int8), or the ``stock`` one,
   ``aten._weight_int4pack_mm_for_cpu`` after ``aten._convert_weight_to_int4pack_for_cpu`` (bf16
   activations; compute-bound at about half the memory roofline on a 2-core AVX-512 machine).
 

@@ -19,8 +19,9 @@ re-exports their public names, so callers use ``mobillama.kernels.NAME`` whateve
 
 from __future__ import annotations
 
-from mobillama.kernels.bindings import _library as _library  # re-exported: tests clear its cache
 from mobillama.kernels.bindings import (
+    ACTIVATION_BLOCK,
+    activation_block,
     attention_decode,
     attention_train_backward,
     attention_train_forward,
@@ -32,10 +33,13 @@ from mobillama.kernels.bindings import (
     silu_mul,
     unavailable_reason,
 )
+from mobillama.kernels.bindings import _library as _library  # re-exported: tests clear its cache
 from mobillama.kernels.build import HEADERS, REQUIRED_CPU_FLAGS, SOURCES, KernelUnavailable, cache_dir
 from mobillama.kernels.packing import BLOCK_ROWS, HUGE_PAGE, pack_int4, pack_int8, weight_buffer
 
 __all__ = [
+    "ACTIVATION_BLOCK",
+    "activation_block",
     "BLOCK_ROWS",
     "HEADERS",
     "HUGE_PAGE",

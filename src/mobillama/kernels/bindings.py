@@ -53,7 +53,7 @@ def _library() -> ctypes.CDLL:
     lib.mb_qgemv.restype = ctypes.c_int
     lib.mb_qgemv.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     lib.mb_rmsnorm.restype = None
     lib.mb_rmsnorm.argtypes = [
@@ -92,6 +92,21 @@ class _Strides(ctypes.Structure):
 # --------------------------------------------------------------------------------------------------
 # The calls
 # --------------------------------------------------------------------------------------------------
+ACTIVATION_BLOCK = 32
+
+
+@functools.cache
+def activation_block(group: int, bits: int) -> int:
+    """Columns that share one int8 activation scale in :func:`qlinear`: 32 (llama.cpp's block) where the
+    weight group allows it, else the largest of 16 / 8 / 4 that divides the group and the kernel's chunk
+    (4 columns at int8, 8 at int4)."""
+    chunk = 4 if bits == 8 else 8
+    for block in (ACTIVATION_BLOCK, 16, 8, 4):
+        if group % block == 0 and block % chunk == 0:
+            return block
+    raise ValueError(f"int{bits} kernel: group {group} is not a multiple of {chunk}")
+
+
 def qlinear(
     x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, out_features: int, group: int, bits: int
 ) -> torch.Tensor:
@@ -106,7 +121,7 @@ def qlinear(
     y = torch.empty(M, out_features, dtype=torch.float32)
     if _library().mb_qgemv(
         x2.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), out_features, group, bits,
-        y.data_ptr(), torch.get_num_threads(),
+        activation_block(group, bits), y.data_ptr(), torch.get_num_threads(),
     ):  # fmt: skip
         raise MemoryError(f"int{bits} kernel: could not allocate {M} x {K} activation buffers")
     return y.view(*x.shape[:-1], out_features)
