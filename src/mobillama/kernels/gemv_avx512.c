@@ -170,8 +170,11 @@ int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const float
         for (int64_t m = 0; m < M; m++) {
             const int8_t *xm = xq + m * K;
             const float *sm = xs + m * (K / ab), *um = xsum + m * groups;
-            const __m512 acc = bits == 8 ? block_int8(wb, pb, xm, sm, um, K, group, ab)
-                                         : block_int4(wb, pb, xm, sm, um, K, group, ab);
+            /* ab is a constant (32) in the common case, so the compiler unrolls the block loops */
+            const __m512 acc = bits == 8 ? (ab == 32 ? block_int8(wb, pb, xm, sm, um, K, group, 32)
+                                                     : block_int8(wb, pb, xm, sm, um, K, group, ab))
+                                         : (ab == 32 ? block_int4(wb, pb, xm, sm, um, K, group, 32)
+                                                     : block_int4(wb, pb, xm, sm, um, K, group, ab));
             _mm512_mask_storeu_ps(y + m * N + b * 16, mask, acc);
         }
     }
