@@ -37,7 +37,8 @@ def save_tiny_checkpoints(directory, tokenizer):
     256, random weights) alone and with the tiny 32-px encoder (16 image tokens), both with tokenizer; the
     vision model wraps the text checkpoint loaded back, so both hold the same decoder weights."""
     from mobillama.checkpoint import load_model
-    from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset
+    from mobillama.vision.encoder import encoder_config_from_preset
+    from mobillama.vision.model import MobiLlamaV
 
     tokenizer.save_pretrained(directory / "tok")
     text = save_micro_checkpoint(directory / "text", directory / "tok", vocab_size=320)
@@ -49,7 +50,8 @@ def save_tiny_checkpoints(directory, tokenizer):
 def tiny_model():
     from mobillama.config import get_preset
     from mobillama.model import MobiLlama
-    from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset
+    from mobillama.vision.encoder import encoder_config_from_preset
+    from mobillama.vision.model import MobiLlamaV
 
     torch.manual_seed(0)
     decoder = MobiLlama(get_preset("micro").replace(vocab_size=320))

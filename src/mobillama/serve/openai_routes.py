@@ -35,7 +35,7 @@ from mobillama.serve.schemas import ChatCompletionRequest, CompletionRequest
 from mobillama.serve.settings import ServeSettings
 from mobillama.serve.vision import MAX_IMAGES_PER_REQUEST, read_image_url
 from mobillama.tokenizer import encode_prompt
-from mobillama.vision.model import IMAGE_PLACEHOLDER
+from mobillama.vision.config import IMAGE_PLACEHOLDER
 
 POLL_S = 0.2  # how often a waiting request checks whether its client is still there
 
