@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> dict:
     from mobillama.train.loop import Trainer
     from mobillama.train.recipe import Recipe
     from mobillama.vision.data import load_caption_examples
-    from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset, load_local_encoder
+    from mobillama.vision.encoder import encoder_config_from_preset, load_local_encoder
+    from mobillama.vision.model import MobiLlamaV
     from mobillama.vision.train import build_stage, set_stage
 
     data, out = Path(args.data), Path(args.out)

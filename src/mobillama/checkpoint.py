@@ -206,10 +206,18 @@ def check_state_dict(
     ``expected`` is a config (its tensors: :func:`expected_shapes`) or the name -> shape mapping itself,
     for state dicts a config alone does not describe (quantized checkpoints). Where ``dtypes`` names a
     tensor, its dtype must match in kind (floating or not) and, for integer tensors, exactly: a float
-    may be stored in any precision, packed integer weights may not.
+    may be stored in any precision, packed integer weights may not. A tensor of the wrong dtype is
+    reported before the tensors missing beside it: a float table where packed weights are expected is
+    the reason its scales are missing, and the more useful line.
     """
     if isinstance(expected, ModelConfig):
         expected = expected_shapes(expected)
+    for k, want in (dtypes or {}).items():
+        if k not in state:
+            continue  # reported as missing below
+        got = state[k].dtype
+        if want.is_floating_point != got.is_floating_point or (not want.is_floating_point and want != got):
+            raise MobiLlamaError(f"{source}: tensor {k!r} has dtype {got}, expected {want}")
     missing = [k for k in expected if k not in state]
     if missing:
         raise MobiLlamaError(
@@ -227,10 +235,6 @@ def check_state_dict(
             raise MobiLlamaError(
                 f"{source}: tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(shape)}"
             )
-    for k, want in (dtypes or {}).items():
-        got = state[k].dtype
-        if want.is_floating_point != got.is_floating_point or (not want.is_floating_point and want != got):
-            raise MobiLlamaError(f"{source}: tensor {k!r} has dtype {got}, expected {want}")
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

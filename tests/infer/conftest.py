@@ -1,5 +1,6 @@
 """Fixtures for the inference tests: a byte-level tokenizer double, a real BPE tokenizer directory, tiny
-checkpoints, and a tiny model trained briefly on real text (for the quantization quality check)."""
+checkpoints, and a tiny model trained briefly on real text (for the quantization quality check). The BPE
+tokenizer and the tied checkpoints come from the shared ``fixtures`` builders."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import byte_bpe_tokenizer, save_micro_checkpoint
 from mobillama.config import get_preset
 from mobillama.model import MobiLlama, causal_lm_loss
 from mobillama.tokenizer import render_chat
@@ -74,27 +76,10 @@ HELD_OUT_FILES = ["colorsys.py", "keyword.py"]
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    """A byte-level BPE (HF tokenizers, vocab 512, <unk>=0 <s>=1 </s>=2, <s> in front of text as in Llama)
-    saved for AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([stdlib_text(TRAIN_FILES)], trainer)
-    # Llama's convention: <s> in front of text (what decides BOS for prompts, see mobillama.tokenizer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    """A byte-level BPE (vocab 512, <unk>=0 <s>=1 </s>=2, <s> in front of text as in Llama) trained on
+    stdlib source, saved for AutoTokenizer."""
     out = tmp_path_factory.mktemp("tokenizer")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    ).save_pretrained(out)
+    byte_bpe_tokenizer([stdlib_text(TRAIN_FILES)], 512, unk_in_model=False).save_pretrained(out)
     return out
 
 
@@ -166,20 +151,19 @@ def ppl():
 def tied_checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """Untrained tiny checkpoints shaped like SmolLM2 (tied embeddings, GQA) with the BPE tokenizer, one
     per FFN sharing ("none": a plain Llama, "all": MobiLlama)."""
-    from mobillama.checkpoint import save_checkpoint
-
     root = tmp_path_factory.mktemp("tied")
-    out = {}
-    for sharing in ("none", "all"):
-        torch.manual_seed(0)
-        config = get_preset("micro").replace(
-            intermediate_size=192, tie_word_embeddings=True, ffn_sharing=sharing, **BPE_CONFIG
+    return {
+        sharing: save_micro_checkpoint(
+            root / f"tied-{sharing}",
+            tokenizer_dir,
+            embed_scale=20,  # a larger logit spread than the 0.02 init, so greedy choices are clear-cut
+            intermediate_size=192,
+            tie_word_embeddings=True,
+            ffn_sharing=sharing,
+            **BPE_CONFIG,
         )
-        model = MobiLlama(config)
-        with torch.no_grad():  # a larger logit spread than the 0.02 init, so greedy choices are clear-cut
-            model.model.embed_tokens.weight.mul_(20)
-        out[sharing] = save_checkpoint(model, config, root / f"tied-{sharing}", tokenizer_dir=tokenizer_dir)
-    return out
+        for sharing in ("none", "all")
+    }
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from mobillama.errors import MobiLlamaError
-from mobillama.serve.app import MAX_JSON_DEPTH
+from mobillama.serve.request_body import MAX_JSON_DEPTH
 from mobillama.serve.security import HostPolicy, is_json, same_origin, split_host
 
 from .conftest import FakeGenerator, live

@@ -1,10 +1,13 @@
 """Tiny fixtures for the vision tests: a random 32-px CLIP tower, the micro decoder, a byte-level tokenizer
-with a chat template, and solid-colour shape images drawn in code."""
+with a chat template, and solid-colour shape images drawn in code. The tokenizer and the text checkpoint
+come from the shared ``fixtures`` builders."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+from fixtures import byte_bpe_tokenizer, save_micro_checkpoint
 
 TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% set rest = messages[1:] %}"
@@ -19,27 +22,9 @@ SHAPES = ("circle", "square")
 
 def build_tokenizer():
     """The byte-level BPE tokenizer (vocab 320) with the chat template, trained on the shape captions."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
     corpus = ["A chat.", "### Human: What is in the picture?", "### Assistant: a red circle"]
     corpus += [f"a {c} {s}" for c in COLORS for s in SHAPES]
-    tok.train_from_iterator(corpus * 10, trainer)
-    # Llama's convention: <s> in front of text (what decides BOS for prompts, see mobillama.tokenizer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
-    )
-    fast.chat_template = TEMPLATE
-    return fast
+    return byte_bpe_tokenizer(corpus * 10, 320, chat_template=TEMPLATE, pad_token="<unk>")
 
 
 @pytest.fixture(scope="session")
@@ -49,18 +34,15 @@ def tokenizer():
 
 def save_tiny_checkpoints(directory, tokenizer):
     """(MobiLlama-V checkpoint, text-only checkpoint) under ``directory``: the micro decoder (context
-    256, random weights) alone and with the tiny 32-px encoder (16 image tokens), both with tokenizer."""
-    from mobillama.checkpoint import save_checkpoint
-    from mobillama.config import get_preset
-    from mobillama.model import MobiLlama
-    from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset
+    256, random weights) alone and with the tiny 32-px encoder (16 image tokens), both with tokenizer; the
+    vision model wraps the text checkpoint loaded back, so both hold the same decoder weights."""
+    from mobillama.checkpoint import load_model
+    from mobillama.vision.encoder import encoder_config_from_preset
+    from mobillama.vision.model import MobiLlamaV
 
     tokenizer.save_pretrained(directory / "tok")
-    torch.manual_seed(0)
-    config = get_preset("micro").replace(vocab_size=320)
-    decoder = MobiLlama(config)
-    text = save_checkpoint(decoder, config, directory / "text", tokenizer_dir=directory / "tok")
-    vision = MobiLlamaV(decoder, encoder_config_from_preset("tiny")).eval()
+    text = save_micro_checkpoint(directory / "text", directory / "tok", vocab_size=320)
+    vision = MobiLlamaV(load_model(text), encoder_config_from_preset("tiny")).eval()
     return vision.save_pretrained(directory / "vision", tokenizer_dir=directory / "tok"), text
 
 
@@ -68,7 +50,8 @@ def save_tiny_checkpoints(directory, tokenizer):
 def tiny_model():
     from mobillama.config import get_preset
     from mobillama.model import MobiLlama
-    from mobillama.vision.model import MobiLlamaV, encoder_config_from_preset
+    from mobillama.vision.encoder import encoder_config_from_preset
+    from mobillama.vision.model import MobiLlamaV
 
     torch.manual_seed(0)
     decoder = MobiLlama(get_preset("micro").replace(vocab_size=320))

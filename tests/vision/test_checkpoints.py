@@ -14,8 +14,9 @@ from mobillama.train.loop import Trainer
 from mobillama.train.metrics import read_metrics
 from mobillama.train.recipe import Recipe
 from mobillama.train.state import find_resume_checkpoint, list_checkpoints, read_index, verify_checkpoint
+from mobillama.vision.checkpoint import save_vision_checkpoint
 from mobillama.vision.data import eval_batches
-from mobillama.vision.model import MobiLlamaV, save_vision_checkpoint
+from mobillama.vision.model import MobiLlamaV
 from mobillama.vision.train import build_stage, run_stage, set_stage
 
 from .conftest import COLORS

@@ -82,7 +82,8 @@ def test_local_clip_encoder(tmp_path, decoder_dir):
     """A CLIP checkpoint directory (here: random, saved by transformers) loads without any download."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from mobillama.vision.model import ENCODER_PRESETS, MobiLlamaV
+    from mobillama.vision.config import ENCODER_PRESETS
+    from mobillama.vision.model import MobiLlamaV
 
     CLIPVisionModel(CLIPVisionConfig(**ENCODER_PRESETS["tiny"])).save_pretrained(tmp_path / "clip")
     out = tmp_path / "v"

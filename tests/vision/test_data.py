@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mobillama.errors import MobiLlamaError
+from mobillama.vision.config import IMAGE_TOKEN_ID
 from mobillama.vision.data import (
     VisionBatches,
     collate_vision,
@@ -15,12 +16,8 @@ from mobillama.vision.data import (
     load_image,
     load_llava_examples,
 )
-from mobillama.vision.model import (
-    IGNORE_INDEX,
-    IMAGE_TOKEN_ID,
-    build_image_processor,
-    encoder_config_from_preset,
-)
+from mobillama.vision.encoder import build_image_processor, encoder_config_from_preset
+from mobillama.vision.model import IGNORE_INDEX
 
 from .conftest import draw_shape
 

@@ -38,7 +38,7 @@ def test_captions_become_bytes_ending_at_the_pooled_token():
 def test_pretraining_learns_to_pair_images_with_captions(shapes_dir, tmp_path):
     from transformers import CLIPModel
 
-    from mobillama.vision.model import build_image_processor, encoder_config_from_preset
+    from mobillama.vision.encoder import build_image_processor, encoder_config_from_preset
 
     pairs = load_pairs(shapes_dir / "captions.jsonl")
     processor = build_image_processor(encoder_config_from_preset("tiny"))
@@ -62,7 +62,8 @@ def test_final_and_step_checkpoints_are_clip_directories_the_vision_model_loads(
 
     from mobillama.config import get_preset
     from mobillama.model import MobiLlama
-    from mobillama.vision.model import MobiLlamaV, load_local_encoder
+    from mobillama.vision.encoder import load_local_encoder
+    from mobillama.vision.model import MobiLlamaV
 
     pretrain_encoder(
         shapes_dir / "captions.jsonl", tmp_path / "run", max_steps=4, checkpoint_every=2, **QUICK
@@ -140,7 +141,7 @@ def test_cli_runs_and_reports_user_mistakes_in_one_line(shapes_dir, tmp_path, ca
 def test_a_clip_directory_missing_a_vision_tensor_is_refused(shapes_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from mobillama.vision.model import load_local_encoder
+    from mobillama.vision.encoder import load_local_encoder
 
     pretrain_encoder(shapes_dir / "captions.jsonl", tmp_path / "run", max_steps=1, **QUICK)
     weights = tmp_path / "run" / "final" / "model.safetensors"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mobillama.errors import MobiLlamaError
-from mobillama.vision.model import IGNORE_INDEX, IMAGE_TOKEN_ID, MobiLlamaV
+from mobillama.vision.config import IMAGE_TOKEN_ID
+from mobillama.vision.model import IGNORE_INDEX, MobiLlamaV
 
 
 def test_image_tokens_number_and_position(tiny_model):
@@ -120,7 +121,7 @@ def test_load_bad_checkpoints(tiny_model, tmp_path):
 def test_linear_projector_and_keep_cls():
     from mobillama.config import get_preset
     from mobillama.model import MobiLlama
-    from mobillama.vision.model import encoder_config_from_preset
+    from mobillama.vision.encoder import encoder_config_from_preset
 
     vc = encoder_config_from_preset("tiny")
     vc.projector, vc.drop_cls = "linear", False

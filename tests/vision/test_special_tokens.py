@@ -8,8 +8,8 @@ import torch
 
 from mobillama.sft.masking import IGNORE_INDEX
 from mobillama.vision.chat import image_prompt_ids
+from mobillama.vision.config import IMAGE_TOKEN_ID
 from mobillama.vision.data import caption_example, conversation_example
-from mobillama.vision.model import IMAGE_TOKEN_ID
 
 IM_START, IM_END, END_OF_TEXT = 1, 2, 0
 

@@ -29,7 +29,7 @@ from mobillama.infer.generator import TokenizerLike
 from mobillama.infer.quant_checkpoint import QUANT_FILE, load_quantized, read_quantization
 from mobillama.model import MobiLlama
 from mobillama.tokenizer import load_tokenizer
-from mobillama.vision.model import VISION_CONFIG_NAME
+from mobillama.vision.checkpoint import VISION_CONFIG_NAME
 
 CONVERSION_FILE = "conversion.json"  # written by `mobillama convert from-hf / from-gguf`
 # CPU inference runs in fp32 or bf16 (fp16 matmuls have no fast CPU kernels).

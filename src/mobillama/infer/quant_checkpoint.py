@@ -17,6 +17,7 @@ from torch import nn
 from mobillama.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    check_state_dict,
     load_model,
     read_json_object,
     read_safetensors,
@@ -154,26 +155,16 @@ def load_quantized(
             model.model.embed_tokens = QuantizedEmbedding(
                 config.vocab_size, config.hidden_size, info["bits"], info["group_size"], dtype
             )
-    expected = {k: (v.shape, v.dtype) for k, v in model.state_dict().items()}
+    expected = model.state_dict()
     if config.tie_word_embeddings:  # the tied head is stored once, as the embedding
         expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
     state = read_safetensors(path / WEIGHTS_NAME)
-    source = str(path / WEIGHTS_NAME)
-    for key, (shape, want) in expected.items():
-        if key not in state:
-            raise MobiLlamaError(f"{source}: missing tensor {key!r}")
-        got = state[key]
-        if tuple(got.shape) != tuple(shape):
-            raise MobiLlamaError(
-                f"{source}: tensor {key!r} has shape {tuple(got.shape)}, expected {tuple(shape)}"
-            )
-        if (want.is_floating_point != got.dtype.is_floating_point) or (
-            not want.is_floating_point and want != got.dtype
-        ):
-            raise MobiLlamaError(f"{source}: tensor {key!r} has dtype {got.dtype}, expected {want}")
-    extra = [k for k in state if k not in expected]
-    if extra:
-        raise MobiLlamaError(f"{source}: unexpected tensor {extra[0]!r}")
+    check_state_dict(
+        state,
+        {k: v.shape for k, v in expected.items()},
+        str(path / WEIGHTS_NAME),
+        dtypes={k: v.dtype for k, v in expected.items()},
+    )
     quantized_keys = {
         f"{m}.{b}" for m in [*info["modules"], "model.embed_tokens"] for b in ("scales", "zeros")
     }

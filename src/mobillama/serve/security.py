@@ -1,7 +1,7 @@
 """What keeps web pages from driving the local server through the user's browser.
 
 Any page the user visits can make the browser send requests to ``http://127.0.0.1:8000``. Three checks,
-made by the app's :class:`~mobillama.serve.app.Gate` before anything else, refuse them:
+made by :class:`~mobillama.serve.gate.Gate` before anything else, refuse them:
 
 - ``Host`` (:class:`HostPolicy`): a DNS-rebinding page has its own name resolve to 127.0.0.1, so the
   browser treats the server as that page's origin and lets it read the answers; its requests still carry

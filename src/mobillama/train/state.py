@@ -14,7 +14,7 @@ loadable by ``MobiLlamaForCausalLM.from_pretrained``) plus everything needed to 
     metrics.jsonl                            the run's metrics up to this step
 
 What the model part of the directory looks like is up to a :class:`ModelIO`: the default writes the
-decoder checkpoint above (:class:`DecoderModelIO`); ``mobillama.vision.model.VisionModelIO`` writes a MobiLlama-V directory
+decoder checkpoint above (:class:`DecoderModelIO`); ``mobillama.vision.checkpoint.VisionModelIO`` writes a MobiLlama-V directory
 (``decoder/`` + ``vision.safetensors`` + ``vision_config.json``), loadable by ``MobiLlamaV.from_pretrained``.
 The training files sit beside it either way and are hashed the same way.
 

@@ -20,8 +20,10 @@ from mobillama.infer.generator import Generator, Stream, drain, strip_stream
 from mobillama.infer.load import INFERENCE_DTYPES
 from mobillama.infer.sampling import SamplingParams
 from mobillama.tokenizer import bos_prefix, render_chat, render_template
+from mobillama.vision.config import IMAGE_PLACEHOLDER
 from mobillama.vision.data import load_image, tokenize_with_placeholders
-from mobillama.vision.model import IMAGE_PLACEHOLDER, MobiLlamaV, build_image_processor
+from mobillama.vision.encoder import build_image_processor
+from mobillama.vision.model import MobiLlamaV
 
 
 def load_vision_chat(checkpoint: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None):

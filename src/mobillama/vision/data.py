@@ -26,7 +26,7 @@ import torch
 from mobillama.errors import MobiLlamaError
 from mobillama.sft.masking import IGNORE_INDEX, assistant_spans
 from mobillama.tokenizer import bos_prefix
-from mobillama.vision.model import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
+from mobillama.vision.config import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
 
 # Modes Pillow converts to RGB without losing meaning (alpha is composited onto white).
 CONVERTIBLE_MODES = ("RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1", "CMYK", "YCbCr", "La")

@@ -6,7 +6,7 @@ gives features that change with every pixel shift, so a decoder cannot tell that
 picture shows an object it has seen (docs/vision.md). This module trains transformers' own
 ``CLIPModel`` (its contrastive loss, its checkpoint format) on a caption JSONL through the project's
 training loop, so the result is a standard CLIP directory that ``mobillama vision init --encoder DIR``
-and :func:`mobillama.vision.model.load_local_encoder` read like any downloaded CLIP.
+and :func:`mobillama.vision.encoder.load_local_encoder` read like any downloaded CLIP.
 
 The text tower reads UTF-8 bytes (id = byte + 1, padding 0, end-of-text 257, pooled at the end-of-text
 token): it only exists to give the image tower a training signal and is not used afterwards, so a
@@ -25,8 +25,9 @@ from torch import nn
 
 from mobillama.checkpoint import WEIGHTS_NAME
 from mobillama.errors import MobiLlamaError
+from mobillama.vision.config import ENCODER_PRESETS, VisionConfig
 from mobillama.vision.data import VisionBatches, VisionExample, load_image, random_view, read_caption_pairs
-from mobillama.vision.model import ENCODER_PRESETS, VisionConfig, build_image_processor
+from mobillama.vision.encoder import build_image_processor
 
 PAD_ID, EOT_ID, TEXT_VOCAB = 0, 257, 258
 MAX_TEXT_BYTES = 64
@@ -189,7 +190,7 @@ def pretrain_encoder(
     from mobillama.train.distributed import init_distributed, shutdown
     from mobillama.train.loop import Trainer
     from mobillama.train.recipe import Recipe
-    from mobillama.vision.model import encoder_config_from_preset
+    from mobillama.vision.encoder import encoder_config_from_preset
 
     out_dir = Path(out_dir)
     if batch_size < 2:

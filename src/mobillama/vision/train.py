@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mobillama.errors import MobiLlamaError
-from mobillama.vision.model import IGNORE_INDEX, MobiLlamaV, VisionModelIO
+from mobillama.vision.checkpoint import VisionModelIO
+from mobillama.vision.model import IGNORE_INDEX, MobiLlamaV
 
 STAGES = (1, 2)
 
@@ -104,7 +105,7 @@ def build_stage(
 ) -> StageSetup:
     """Everything the loop needs for one stage (see the module docstring)."""
     from mobillama.vision.data import VisionBatches, load_caption_examples, load_llava_examples
-    from mobillama.vision.model import build_image_processor
+    from mobillama.vision.encoder import build_image_processor
 
     if stage == 1:
         examples = load_caption_examples(data, tokenizer, max_length)
