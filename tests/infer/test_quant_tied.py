@@ -399,3 +399,87 @@ def test_eval_loading_scores_a_quantized_tied_head(tied_quantized, bits):
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
         assert _relative_error(model(ids), ref(ids)) < 0.01
+
+
+# ---- an int8 head under an int4 body (llama.cpp keeps its output matrix at 8/6 bits in 4-bit files) ----
+@pytest.mark.parametrize("sharing", ["none", "all"])
+def test_an_int8_tied_head_under_an_int4_body(tied_checkpoints, tmp_path, sharing):
+    src = tied_checkpoints[sharing]
+    summary = quantize_checkpoint(src, tmp_path / "q", 4, quantize_head=True, head_bits=8)
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())  # noqa: SIM118
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.int8
+        assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.uint8  # int4 pairs
+    assert "model.embed_tokens.zeros" not in keys and not [k for k in keys if k.startswith("lm_head.")]
+    info = json.loads((tmp_path / "q" / "quantization.json").read_text())
+    assert (info["bits"], info["head_bits"], info["quantize_head"]) == (4, 8, True)
+    int4_head = quantize_checkpoint(src, tmp_path / "q4", 4, quantize_head=True)
+    float_head = quantize_checkpoint(src, tmp_path / "qf", 4, quantize_head=False)
+    assert int4_head["bytes_after"] < summary["bytes_after"] < float_head["bytes_after"]
+    assert (int4_head["head_bits"], float_head["head_bits"]) == (4, None)
+
+    model = load_quantized(tmp_path / "q", int8_kernel="reference", int4_kernel="reference", pack=False)
+    head, embed = model.lm_head, model.model.embed_tokens
+    assert isinstance(head, Int8Linear) and isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert isinstance(embed, QuantizedEmbedding) and embed.bits == 8 and head.weight is embed.weight
+    assert model.quantization["head_bits"] == 8
+    ref = load_for_inference(tmp_path / "q", int8_kernel="reference", int4_kernel="reference")
+    assert torch.equal(prefill_logits(ref), prefill_logits(dequantized_float(tmp_path / "q")))
+    fast = load_for_inference(tmp_path / "q")
+    assert _relative_error(prefill_logits(fast), prefill_logits(ref)) < 0.05
+    assert [len(t) for t in tokens(fast)] == [8, 8]
+
+
+def test_an_untied_head_gets_its_own_bits(byte_model):
+    model = quantize_model(byte_model(), 4, 32, head_bits=8, int4_kernel="reference", int8_kernel="reference")
+    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int4Linear)
+    assert model.quantization["head_bits"] == 8
+    kept = quantize_model(byte_model(), 4, 32, quantize_head=False)
+    assert kept.quantization["head_bits"] is None
+
+
+@pytest.mark.parametrize(
+    ("bits", "head_bits", "message"),
+    [(8, 4, "int4 LM head under an int8 body"), (4, 16, "head bits must be 8 or 4, got 16"),
+     (4, "8", "head bits must be 8 or 4, got '8'"), (4, True, "head bits must be 8 or 4, got True")],
+)  # fmt: skip
+def test_bad_head_bits_are_refused(byte_model, bits, head_bits, message):
+    with pytest.raises(MobiLlamaError, match=message):
+        quantize_model(byte_model(), bits, head_bits=head_bits)
+
+
+@pytest.mark.parametrize(
+    ("head", "edit", "message"),
+    [
+        (True, lambda i: i.update(head_bits=4, bits=8, group_size=None), "int4 LM head under an int8 body"),
+        (False, lambda i: i.update(head_bits=8), "'head_bits' is 8 but 'quantize_head' is False"),
+        (True, lambda i: i.update(head_bits=[8]), r"head bits must be 8 or 4, got \[8\]"),
+    ],
+)
+def test_bad_head_bits_in_quantization_json_are_one_line_errors(
+    tied_quantized, tmp_path, head, edit, message
+):
+    bad = _edit(tied_quantized("none", 4, head), tmp_path, edit_info=edit)
+    with pytest.raises(MobiLlamaError, match=message) as e:
+        load_for_inference(bad)
+    assert "quantization.json" in str(e.value)
+
+
+def test_an_old_file_without_head_bits_has_its_head_at_the_body_bits(tied_quantized, tmp_path):
+    old = _edit(tied_quantized("none", 4), tmp_path, edit_info=lambda i: i.pop("head_bits"))
+    model = load_for_inference(old, int4_kernel="reference")
+    assert model.quantization["head_bits"] == 4 and isinstance(model.lm_head, Int4Linear)
+
+
+def test_cli_head_bits(tied_checkpoints, tmp_path, capsys):
+    src = str(tied_checkpoints["none"])
+    assert main(["quantize", src, "--bits", "4", "--head-bits", "8", "--out", str(tmp_path / "q")]) == 0
+    assert "(LM head int8)" in capsys.readouterr().out
+    assert isinstance(load_for_inference(tmp_path / "q").lm_head, Int8Linear)
+    args = ["quantize", src, "--out", str(tmp_path / "bad")]
+    assert main([*args, "--bits", "4", "--head-bits", "8", "--keep-head"]) != 0
+    assert "--head-bits" in capsys.readouterr().err
+    assert main([*args, "--bits", "8", "--head-bits", "4"]) != 0
+    assert "int4 LM head under an int8 body" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

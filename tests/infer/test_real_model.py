@@ -111,6 +111,9 @@ def head_perplexities(real_model, real_text, tmp_path_factory) -> dict[str, floa
             embed = load_for_inference(root / name).model.embed_tokens
             assert isinstance(embed, QuantizedEmbedding) != keep
             out[name] = ppl(root / name)
+    args = ["quantize", str(real_model[1]), "--bits", "4", "--head-bits", "8", "--out", str(root / "h8")]
+    assert main(args) == 0
+    out["int4-head8"] = ppl(root / "h8")
     print(out)
     return out
 
@@ -123,12 +126,15 @@ def test_a_quantized_tied_head_costs_little_perplexity(head_perplexities):
     assert abs(p["int4"] / p["fp32"] - 1) < 0.05
     assert abs(p["int8"] / p["int8-keep-head"] - 1) < 0.005
     assert abs(p["int4"] / p["int4-keep-head"] - 1) < 0.05
+    # an int8 head under the int4 body (llama.cpp's layout) keeps most of what the int4 head loses
+    assert p["int4-head8"] - p["int4-keep-head"] < 0.5 * (p["int4"] - p["int4-keep-head"])
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="per-channel int8 is +0.8% over fp32 on this model with the float head already (its weights "
-    "were shipped 4-bit in blocks of 32, which per-channel int8 does not reproduce); the head adds +0.44%",
+    reason="int8 is +0.4-0.6% over fp32 on this model with the float head already and the quantized head "
+    "adds +0.2-0.4% (3 and 16 windows, vnni kernel): per-row head scales and int8 activations (blocks of 32) "
+    "cost about that each; on CPUs without VNNI the weight-only kernel's bf16 activations cost more",
 )
 def test_int8_with_the_head_quantized_is_within_half_a_percent_of_fp32(head_perplexities):
     p = head_perplexities

@@ -31,6 +31,7 @@ from mobillama.infer.quant import (
     Int8Linear,
     QuantizedEmbedding,
     check_bits,
+    check_head_bits,
     check_kernels,
     pack_for_inference,
     quantize_model,
@@ -64,6 +65,16 @@ def read_quantization(path: str | Path) -> dict[str, Any]:
             f"{file}: 'quantize_head' is {head!r} but 'lm_head' is "
             f"{'' if 'lm_head' in info['modules'] else 'not '}listed in 'modules'"
         )
+    # Written since an int4 body can carry an int8 head; older files quantized the head at 'bits'.
+    if info.get("head_bits") is None and head:
+        info["head_bits"] = info["bits"]
+    head_bits = info.setdefault("head_bits", None)
+    if head_bits is not None and not head:
+        raise MobiLlamaError(f"{file}: 'head_bits' is {head_bits!r} but 'quantize_head' is {head!r}")
+    try:
+        check_head_bits(info["bits"], head_bits)
+    except MobiLlamaError as e:
+        raise MobiLlamaError(f"{file}: {e}") from None
     return info
 
 
@@ -74,19 +85,20 @@ def quantize_checkpoint(
     group_size: int | None = None,
     overwrite: bool = False,
     quantize_head: bool | None = None,
+    head_bits: int | None = None,
 ) -> dict[str, Any]:
     """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
 
     The directory is a normal checkpoint (config.json, model.safetensors, tokenizer files) plus
     ``quantization.json``; the safetensors file holds the packed weights and their scales, a shared
-    FFN once. ``quantize_head``: see :func:`~mobillama.infer.quant.quantize_model` (default: an untied head
+    FFN once. ``quantize_head``, ``head_bits``: see :func:`~mobillama.infer.quant.quantize_model` (default: an untied head
     quantized, a tied one, the embedding table, kept in float).
     Returns a summary (bytes before/after, module counts).
     """
     check_bits(bits, group_size)
     model = load_model(checkpoint, dtype=torch.float32)
     before = weight_bytes(model)
-    quantize_model(model, bits, group_size, pack=False, quantize_head=quantize_head)
+    quantize_model(model, bits, group_size, pack=False, quantize_head=quantize_head, head_bits=head_bits)
     info = {"format": "mobillama-weight-only", "method": "weight-only", **model.quantization}  # type: ignore[attr-defined]
     # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
     # stored in bf16, the compute dtype the quantized kernels use.
@@ -113,6 +125,7 @@ def quantize_checkpoint(
         "group_size": info["group_size"],
         "quantized_layers": quantized_module_count(model),
         "quantize_head": info["quantize_head"],
+        "head_bits": info["head_bits"],
         "bytes_before": before,
         "bytes_after": sum(v.numel() * v.element_size() for v in state.values()),
     }
@@ -146,14 +159,15 @@ def load_quantized(
         with torch.device("meta"):
             q = (
                 Int8Linear(linear.in_features, linear.out_features, int8_kernel)
-                if info["bits"] == 8
+                if (info["head_bits"] if name == "lm_head" else info["bits"]) == 8
                 else Int4Linear(linear.in_features, linear.out_features, info["group_size"], int4_kernel)
             )
         set_submodule(model, name, q)
     if tied_quantized:  # the head's quantized matrix, stored under the embedding's name, serves both
         with torch.device("meta"):
+            head_bits = info["head_bits"]
             model.model.embed_tokens = QuantizedEmbedding(
-                config.vocab_size, config.hidden_size, info["bits"], info["group_size"], dtype
+                config.vocab_size, config.hidden_size, head_bits, info["group_size"] if head_bits == 4 else None, dtype
             )
     expected = model.state_dict()
     if config.tie_word_embeddings:  # the tied head is stored once, as the embedding
@@ -184,7 +198,7 @@ def load_quantized(
         model.model.embed_tokens.share_with(model.lm_head)
     elif config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.quantization = {k: info[k] for k in ("bits", "group_size", "modules", "quantize_head")}  # type: ignore[attr-defined]
+    model.quantization = {k: info[k] for k in ("bits", "group_size", "modules", "quantize_head", "head_bits")}  # type: ignore[attr-defined]
     model.eval()
     if pack:
         pack_for_inference(model)
