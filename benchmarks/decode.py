@@ -11,7 +11,7 @@ process: clean peak-RSS figures, no allocator carry-over), batch 1, greedy, the 
   FFN is stored 22 times); transformers ``LlamaForCausalLM.generate`` in bf16 with PyTorch defaults and
   with oneDNN off (``--no-transformers`` skips them). Random weights have no perplexity.
 - ``--shape real``: SmolLM2-135M-Instruct (``mobillama fetch``, cached). This project in bf16, int8 and
-  int4 (group 32, the default) from ``mobillama quantize``; llama.cpp on the shipped Q4_1 file and on Q8_0
+  int4 (group 32, the default; head float, int8 or int4) from ``mobillama quantize``; llama.cpp on the shipped Q4_1 file and on Q8_0
   and Q4_0 made by ``llama-quantize`` from this project's F16 export, so both tools quantize the same
   weights. Every row also gets its perplexity on the same real text (Python's ``pydoc_data.topics``, as
   ``benchmarks/real_quality.py``), ``--perplexity-windows`` windows of 512 tokens scored the way
@@ -75,6 +75,7 @@ VARIANTS_REAL = [
     ("mobillama int8 (float head, default)", "int8-keep-head", [], "8"),
     ("mobillama int4 g32 (head quantized)", "int4g32-qhead", [], "4"),
     ("mobillama int4 g32 (float head, default)", "int4g32-keep-head", [], "4"),
+    ("mobillama int4 g32 (int8 head)", "int4g32-head8", [], "4"),
 ]
 QUANTIZE = {
     "int8": ["--bits", "8"],
@@ -84,6 +85,7 @@ QUANTIZE = {
     "int4g32-qhead": ["--bits", "4", "--group-size", "32", "--quantize-head"],
     "int8-keep-head": ["--bits", "8", "--keep-head"],
     "int4g32-keep-head": ["--bits", "4", "--group-size", "32", "--keep-head"],
+    "int4g32-head8": ["--bits", "4", "--group-size", "32", "--head-bits", "8"],
 }
 LLAMA_CPP_CLASS = {"F16": "8", "Q8_0": "8", "Q4_0": "4", "Q4_1": "4"}
 
