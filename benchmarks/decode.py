@@ -285,9 +285,8 @@ def group_real(args: argparse.Namespace, root: str, common: list[str]) -> list[R
     text_file = Path(root) / "real_text.txt"
     text_file.write_text(reference_text(40_000 * max(1, args.perplexity_windows // 4)), encoding="utf-8")
     ppl = ["--perplexity-text", str(text_file), "--perplexity-windows", str(args.perplexity_windows)]
-    checkpoints = quantize_checkpoints(
-        str(ckpt), os.path.join(root, "real"), ["int8-qhead", "int4g32-qhead", "int8-keep-head", "int4g32-keep-head"]
-    )
+    names = sorted({src for _, src, _, _ in VARIANTS_REAL} - {"bf16"})
+    checkpoints = quantize_checkpoints(str(ckpt), os.path.join(root, "real"), names)
     rows = [
         mobillama_row(label, checkpoints[src], extra, klass, common, ppl)
         for label, src, extra, klass in VARIANTS_REAL
