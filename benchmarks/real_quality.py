@@ -35,9 +35,12 @@ OURS = [  # (label, load_for_inference keyword arguments)
     ("fp32", {"dtype": "fp32"}),
     ("bf16", {"dtype": "bf16"}),
     ("int8 (auto kernel)", {"bits": 8}),
+    ("int8 (auto kernel), head int8", {"bits": 8, "quantize_head": True}),
     ("int8 weight-only", {"bits": 8, "int8_kernel": "weight_only"}),
     ("int8 fbgemm dynamic", {"bits": 8, "int8_kernel": "dynamic"}),
     ("int4 g32 (auto kernel)", {"bits": 4, "group_size": 32}),
+    ("int4 g32 (auto kernel), head int8", {"bits": 4, "group_size": 32, "head_bits": 8}),
+    ("int4 g32 (auto kernel), head int4", {"bits": 4, "group_size": 32, "quantize_head": True}),
     ("int4 g64 (auto kernel, default here)", {"bits": 4}),
     ("int4 g32 reference (float activations)", {"bits": 4, "group_size": 32, "int4_kernel": "reference"}),
 ]
@@ -73,20 +76,26 @@ def main() -> int:
             f16 = Path(tmp) / "F16.gguf"
             export_gguf(ckpt, f16, gguf_type="f16")
             for qtype in LLAMA_CPP:
-                files[qtype] = f16 if qtype == "F16" else llama_cpp.quantize(f16, Path(tmp) / f"{qtype}.gguf", qtype)
+                files[qtype] = (
+                    f16 if qtype == "F16" else llama_cpp.quantize(f16, Path(tmp) / f"{qtype}.gguf", qtype)
+                )
             for label, path in files.items():
                 r = llama_cpp.perplexity(path, text_file, chunks=args.windows, threads=args.threads)
                 rows.append({"tool": "llama.cpp", "variant": label, **r})
                 print(f"llama.cpp {label}: {r['perplexity']:.4f}", file=sys.stderr)
     base = next(r["perplexity"] for r in rows if r["variant"] == "fp32")
-    print(f"\nSmolLM2-135M-Instruct, {args.windows} windows of 512 tokens (second half scored), "
-          f"{args.threads} threads\n")
+    print(
+        f"\nSmolLM2-135M-Instruct, {args.windows} windows of 512 tokens (second half scored), "
+        f"{args.threads} threads\n"
+    )
     print("| tool | variant | perplexity | ± | vs mobillama fp32 |")
     print("|---|---|---|---|---|")
     for r in rows:
         change = (r["perplexity"] / base - 1) * 100
-        print(f"| {r['tool']} | {r['variant']} | {r['perplexity']:.3f} | {r['perplexity_stderr']:.3f} | "
-              f"{change:+.2f}% |")
+        print(
+            f"| {r['tool']} | {r['variant']} | {r['perplexity']:.3f} | {r['perplexity_stderr']:.3f} | "
+            f"{change:+.2f}% |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0

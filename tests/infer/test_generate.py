@@ -91,6 +91,45 @@ def test_fused_decode_kernels_give_the_logits_of_the_pytorch_path(byte_model, dt
     torch.testing.assert_close(steps[0], steps[1], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
+@pytest.mark.parametrize(
+    ("bits", "sharing", "norm_dtype"), [(4, "all", torch.float32), (8, "none", torch.bfloat16)]
+)
+def test_the_one_call_decode_step_equals_the_python_layer_loop_exactly(byte_model, bits, sharing, norm_dtype):
+    """Same kernels in the same order: the C loop over the layers must give identical logits, with a
+    left-padded batch, a bf16 cache, and steps that grow the attended length."""
+    from mobillama.infer.quant import quantize_model
+
+    model = quantize_model(byte_model(ffn_sharing=sharing), bits, 32 if bits == 4 else None)
+    for layer in model.model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight.data = norm.weight.data.to(norm_dtype)
+    one_call, loop = FastDecoder(model), FastDecoder(model)
+    loop.one_call_layers = None
+    assert one_call.one_call_layers is not None and one_call.cache_dtype == torch.bfloat16
+    prompts = torch.tensor([[0, 0, 0] + list(range(40, 45)), list(range(60, 68))])  # row 0 left-padded
+    steps = []
+    for decoder in (one_call, loop):
+        decoder.start([3, 0], 20)
+        logits = [decoder.prefill(prompts)]
+        token = logits[0].argmax(-1)
+        for slot in range(8, 18):
+            logits.append(decoder.decode(token, slot))
+            token = logits[-1].argmax(-1)
+        steps.append(torch.stack(logits))
+    assert one_call._layer_array is not None and loop._layer_array is None
+    assert torch.equal(steps[0], steps[1])
+    assert torch.equal(one_call.cache.keys[1], loop.cache.keys[1])
+
+
+def test_the_one_call_step_is_not_used_where_a_layer_runs_elsewhere(byte_model):
+    from mobillama.infer.quant import quantize_model
+
+    assert FastDecoder(byte_model()).one_call_layers is None  # bf16/fp32 weights: PyTorch's matmuls
+    model = quantize_model(byte_model(), 4, 32, int4_kernel="reference")
+    assert FastDecoder(model).one_call_layers is None
+
+
 def test_bf16_fast_path_logits_track_the_bf16_reference(byte_model, realistic_model, rel_err):
     model = realistic_model(byte_model().config).to(torch.bfloat16)  # max |logit| ~14
     prompt = list(range(10, 66))  # long enough that a rotary phase error grows

@@ -437,6 +437,17 @@ def test_an_untied_head_gets_its_own_bits(byte_model):
     assert model.quantization["head_bits"] == 8
     kept = quantize_model(byte_model(), 4, 32, quantize_head=False)
     assert kept.quantization["head_bits"] is None
+    with pytest.raises(MobiLlamaError, match="head_bits quantizes the LM head"):
+        quantize_model(byte_model(), 4, 32, quantize_head=False, head_bits=8)
+
+
+def test_head_bits_alone_quantizes_a_tied_head(tied_checkpoints):
+    from mobillama.checkpoint import load_model
+
+    model = load_model(tied_checkpoints["none"], dtype=torch.float32)
+    quantize_model(model, 4, head_bits=8, int8_kernel="reference", int4_kernel="reference")
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert model.quantization["quantize_head"] and model.quantization["head_bits"] == 8
 
 
 @pytest.mark.parametrize(

@@ -341,7 +341,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from mobillama.errors import MobiLlamaError
     from mobillama.infer.quant_checkpoint import quantize_checkpoint
 
-    if args.keep_head and args.head_bits:
+    if args.keep_head and args.head_bits:  # said in the flags' words (the library's check says it too)
         raise MobiLlamaError("--head-bits quantizes the LM head; it cannot go with --keep-head")
     summary = quantize_checkpoint(
         args.checkpoint,
@@ -349,7 +349,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         args.bits,
         args.group_size,
         overwrite=args.overwrite,
-        quantize_head=True if args.quantize_head or args.head_bits else False if args.keep_head else None,
+        quantize_head=True if args.quantize_head else False if args.keep_head else None,
         head_bits=args.head_bits,
     )
     print(

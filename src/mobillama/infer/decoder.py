@@ -124,6 +124,49 @@ class FastDecoder:
         head = model.lm_head
         head_dtype = head.weight.dtype if isinstance(head, torch.nn.Linear) else self.dtype
         self.head_dtype = head_dtype if head_dtype != self.dtype else None
+        # Where every piece of a layer runs on the project's kernels, a decode step goes through all layers
+        # in one C call (same kernels, same order, same numbers; no trips back to Python between them).
+        self.one_call_layers = self._one_call_layers()
+        self._layer_array = None  # the layers with this request's cache addresses, built by start()
+
+    def _one_call_layers(self) -> list | None:
+        """The layers as :class:`~mobillama.kernels.DecodeLayer` structs (caches filled in by
+        :meth:`start`), or None where some piece of a layer would not run on the project's kernels."""
+        c = self.config
+        if not (self.fused_attention and self.fused_elementwise):
+            return None
+        H, Hkv, D, inter = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
+        out = []
+        for i, layer in enumerate(self.model.model.layers):
+            qkv, gate_up = self.qkv_for_layer[i], self.gate_up_for_layer[i]
+            o, down = layer.self_attn.o_proj, self.ffn_for_layer[i].down_proj
+            norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            om = o.vnni_matrix() if isinstance(o, quant.QuantizedLinear) else None
+            dm = down.vnni_matrix() if isinstance(down, quant.QuantizedLinear) else None
+            if (
+                qkv is None or gate_up is None or om is None or dm is None
+                or qkv.out_features != (H + 2 * Hkv) * D or gate_up.sizes != [inter, inter]
+                or o.in_features != H * D or down.in_features != inter
+                or {w.dtype for w in norms} not in ({torch.float32}, {torch.bfloat16})
+                or not all(w.is_contiguous() for w in norms)
+            ):  # fmt: skip
+                return None
+            out.append(
+                kernels.DecodeLayer(
+                    norm1=norms[0].data_ptr(),
+                    norm2=norms[1].data_ptr(),
+                    norm_bf16=norms[0].dtype == torch.bfloat16,
+                    eps1=layer.input_layernorm.eps,
+                    eps2=layer.post_attention_layernorm.eps,
+                    qkv=kernels.qmatrix(qkv.packed, qkv.params, qkv.out_features, qkv.group, qkv.bits),
+                    o=kernels.qmatrix(om[0], om[1], o.out_features, om[2], om[3]),
+                    gate_up=kernels.qmatrix(
+                        gate_up.packed, gate_up.params, gate_up.out_features, gate_up.group, gate_up.bits
+                    ),
+                    down=kernels.qmatrix(dm[0], dm[1], down.out_features, dm[2], dm[3]),
+                )
+            )
+        return out
 
     # ---- request setup -------------------------------------------------------------------------
     def start(self, pad_lens: Sequence[int], total_len: int) -> None:
@@ -143,6 +186,11 @@ class FastDecoder:
                 self.cache_dtype,
                 self.device,
             )
+            if self.one_call_layers is not None:
+                self._layer_array = (kernels.DecodeLayer * len(self.one_call_layers))(*self.one_call_layers)
+                for i, layer in enumerate(self._layer_array):
+                    layer.k_cache = self.cache.keys[i].data_ptr()
+                    layer.v_cache = self.cache.values[i].data_ptr()
         max_len = self.cache.max_len
         pad = torch.tensor(list(pad_lens), device=self.device)
         slots = torch.arange(max_len, device=self.device)
@@ -152,6 +200,7 @@ class FastDecoder:
         )
         self.cos_table, self.sin_table = cos[0], sin[0]  # [S, head_dim]
         self.key_valid = slots[None, :] >= pad[:, None]  # [B, S]
+        self.key_valid_u8 = self.key_valid.to(torch.uint8)  # as the C kernels read it
         self.padded = bool(any(pad_lens))
         # Decode mask over the whole cache: grows by one slot per step (used when compiled or padded).
         self.decode_mask = torch.zeros(batch, 1, 1, max_len, dtype=torch.bool, device=self.device)
@@ -260,8 +309,22 @@ class FastDecoder:
             if self._decode_fn is not None:
                 return self._decode_fn(token[:, None], input_pos, self.decode_mask).clone()
             x = self.model.model.embed_tokens(token[:, None]).to(self.dtype)
+            if self._layer_array is not None:
+                return self._logits(self._one_call_step(x, slot))
             mask = self.decode_mask[:, :, :, : slot + 1] if self.padded else None
             return self._logits(self._layers(x, input_pos, mask, False, slot + 1))
+
+    def _one_call_step(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        c = self.config
+        B = x.shape[0]
+        pos = self.positions[:, slot]
+        h = kernels.decode_layers(
+            x.reshape(B, c.hidden_size).contiguous(), self._layer_array, self.cos_table[pos],
+            self.sin_table[pos], self.cache.max_len, slot, self.key_valid_u8 if self.padded else None,
+            self.cache_dtype == torch.bfloat16, (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            c.intermediate_size,
+        )  # fmt: skip
+        return h.view(B, 1, c.hidden_size)
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -104,11 +104,15 @@ def load_for_inference(
     int8_kernel: str = "auto",
     int4_kernel: str = "auto",
     seed: int = 0,
+    quantize_head: bool | None = None,
+    head_bits: int | None = None,
 ) -> MobiLlama:
     """A model ready to generate: a preset (random weights, built directly in ``dtype``), a checkpoint
     directory, or a quantized checkpoint directory (written by ``mobillama quantize``; loaded as is).
 
     ``bits`` quantizes a full-precision model on the fly (8 or 4); a quantized checkpoint keeps its own.
+    ``quantize_head`` / ``head_bits`` choose what happens to the LM head then (see
+    :func:`~mobillama.infer.quant.quantize_model`).
     """
     torch_dtype = parse_dtype(dtype, INFERENCE_DTYPES)
     what = describe_checkpoint(spec)
@@ -137,7 +141,15 @@ def load_for_inference(
         model = load_model(spec, dtype=torch_dtype)
         serve_embedding_from_file(model, spec)
     if bits is not None:
-        quant.quantize_model(model, bits, group_size, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
+        quant.quantize_model(
+            model,
+            bits,
+            group_size,
+            int8_kernel=int8_kernel,
+            int4_kernel=int4_kernel,
+            quantize_head=quantize_head,
+            head_bits=head_bits,
+        )
     return model
 
 

@@ -64,6 +64,13 @@ class QuantizedLinear(nn.Module):
     packed: bool
     _vnni: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed weight bytes, params)
 
+    def vnni_matrix(self) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
+        """(packed weight, params, group, bits) where this layer runs on the vnni kernel, else None."""
+        if self._vnni is None:
+            return None
+        bits = 8 if isinstance(self, Int8Linear) else 4
+        return (*self._vnni, self.in_features if bits == 8 else self.group_size, bits)  # type: ignore[attr-defined]
+
     def _vnni_forward(self, x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
         packed, params = self._vnni  # type: ignore[misc]
         return kernels.qlinear(x, packed, params, self.out_features, group, bits).to(x.dtype)
@@ -464,8 +471,10 @@ def quantize_model(
     names = [n for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)]
     config = getattr(model, "config", None)
     tied = getattr(config, "tie_word_embeddings", False)
+    if head_bits is not None and quantize_head is False:
+        raise MobiLlamaError("head_bits quantizes the LM head; it cannot go with keeping the head in float")
     if quantize_head is None:
-        quantize_head = not tied
+        quantize_head = head_bits is not None or not tied
     embed = model.model.embed_tokens if tied and quantize_head else None
     if not quantize_head:
         names = [n for n in names if n != "lm_head"]
@@ -525,7 +534,7 @@ def joined_projection(layers: list[nn.Module]):
     Applies when every layer runs on the vnni kernel with the same input size, bits and group: their
     packed rows are concatenated (the layout is blocks of 16 rows, so the join of the packed parts is the
     packed join) and each layer's own tensors become views into the joined ones, so memory holds every
-    weight once and the layers still work alone. Returns ``f(x) -> tuple of outputs``. At batch 1 a
+    weight once and the layers still work alone. Returns a :class:`JoinedProjection`. At batch 1 a
     decode step is ~150 small calls: fewer, larger ones do the same work with less overhead.
     """
     first = layers[0]
@@ -542,15 +551,22 @@ def joined_projection(layers: list[nn.Module]):
         n_w, n_p = m._vnni[0].numel(), m._vnni[1].shape[0]
         m._vnni = (packed[offsets[0] : offsets[0] + n_w], params[offsets[1] : offsets[1] + n_p])
         offsets = [offsets[0] + n_w, offsets[1] + n_p]
-    sizes = [m.out_features for m in layers]
     bits = 8 if isinstance(first, Int8Linear) else 4
     group = first.in_features if bits == 8 else first.group_size  # type: ignore[attr-defined]
-    total = sum(sizes)
+    return JoinedProjection(packed, params, [m.out_features for m in layers], group, bits)
 
-    def project(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return kernels.qlinear(x, packed, params, total, group, bits).to(x.dtype).split(sizes, dim=-1)
 
-    return project
+class JoinedProjection:
+    """``f(x) -> tuple of outputs`` for projections joined by :func:`joined_projection`; its packed
+    matrix is also what the one-call decode step (:func:`mobillama.kernels.decode_layers`) reads."""
+
+    def __init__(self, packed: torch.Tensor, params: torch.Tensor, sizes: list[int], group: int, bits: int):
+        self.packed, self.params, self.sizes, self.group, self.bits = packed, params, sizes, group, bits
+        self.out_features = sum(sizes)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = kernels.qlinear(x, self.packed, self.params, self.out_features, self.group, self.bits)
+        return y.to(x.dtype).split(self.sizes, dim=-1)
 
 
 def kernels_in_use(model: nn.Module) -> str | None:

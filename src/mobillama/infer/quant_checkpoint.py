@@ -167,7 +167,11 @@ def load_quantized(
         with torch.device("meta"):
             head_bits = info["head_bits"]
             model.model.embed_tokens = QuantizedEmbedding(
-                config.vocab_size, config.hidden_size, head_bits, info["group_size"] if head_bits == 4 else None, dtype
+                config.vocab_size,
+                config.hidden_size,
+                head_bits,
+                info["group_size"] if head_bits == 4 else None,
+                dtype,
             )
     expected = model.state_dict()
     if config.tie_word_embeddings:  # the tied head is stored once, as the embedding

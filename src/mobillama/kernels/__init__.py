@@ -21,14 +21,17 @@ from __future__ import annotations
 
 from mobillama.kernels.bindings import (
     ACTIVATION_BLOCK,
+    DecodeLayer,
     activation_block,
     attention_decode,
     attention_train_backward,
     attention_train_forward,
     available,
+    decode_layers,
     libc,
     projection_layout,
     qlinear,
+    qmatrix,
     rmsnorm,
     silu_mul,
     unavailable_reason,
@@ -38,6 +41,9 @@ from mobillama.kernels.build import HEADERS, REQUIRED_CPU_FLAGS, SOURCES, Kernel
 from mobillama.kernels.packing import BLOCK_ROWS, HUGE_PAGE, pack_int4, pack_int8, weight_buffer
 
 __all__ = [
+    "DecodeLayer",
+    "decode_layers",
+    "qmatrix",
     "ACTIVATION_BLOCK",
     "activation_block",
     "BLOCK_ROWS",

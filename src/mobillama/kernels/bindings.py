@@ -71,6 +71,12 @@ def _library() -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
         ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
+    lib.mb_decode_layers.restype = ctypes.c_int
+    lib.mb_decode_layers.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
     lib.mb_attn_train_fwd.restype = ctypes.c_int
     lib.mb_attn_train_fwd.argtypes = [
         *(ctypes.c_void_p, _Strides) * 4, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
@@ -92,6 +98,25 @@ class _Strides(ctypes.Structure):
 # --------------------------------------------------------------------------------------------------
 # The calls
 # --------------------------------------------------------------------------------------------------
+class QMatrix(ctypes.Structure):
+    """A packed matrix for the one-call decode step (``mb_qmat`` in decode_step_avx512.c)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("params", ctypes.c_void_p)] + [
+        (n, ctypes.c_int64) for n in ("n", "group", "bits", "ab")
+    ]
+
+
+class DecodeLayer(ctypes.Structure):
+    """One layer's norms, matrices and cache for the one-call decode step (``mb_layer``)."""
+
+    _fields_ = [
+        ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("norm_bf16", ctypes.c_int64),
+        ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
+        ("qkv", QMatrix), ("o", QMatrix), ("gate_up", QMatrix), ("down", QMatrix),
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
 ACTIVATION_BLOCK = 32
 
 
@@ -125,6 +150,41 @@ def qlinear(
     ):  # fmt: skip
         raise MemoryError(f"int{bits} kernel: could not allocate {M} x {K} activation buffers")
     return y.view(*x.shape[:-1], out_features)
+
+
+def qmatrix(packed: torch.Tensor, params: torch.Tensor, out_features: int, group: int, bits: int) -> QMatrix:
+    """The :class:`QMatrix` of weights packed by :func:`pack_int8` / :func:`pack_int4` (the tensors must
+    outlive it: it holds their addresses only)."""
+    return QMatrix(
+        packed.data_ptr(), params.data_ptr(), out_features, group, bits, activation_block(group, bits)
+    )
+
+
+def decode_layers(
+    x: torch.Tensor,
+    layers: ctypes.Array,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_len: int,
+    slot: int,
+    valid: torch.Tensor | None,
+    cache_bf16: bool,
+    heads: tuple[int, int, int],
+    intermediate: int,
+) -> torch.Tensor:
+    """One decode step through every layer in one call (see decode_step_avx512.c): ``x`` [B, hidden] fp32
+    contiguous is updated in place and returned. ``layers``: an array of :class:`DecodeLayer`; ``cos`` /
+    ``sin`` [B, head_dim] fp32 contiguous; ``valid`` [B, cache_len] uint8 or None; ``heads`` = (H, Hkv, D)."""
+    H, Hkv, D = heads
+    B, hidden = x.shape
+    rc = _library().mb_decode_layers(
+        x.data_ptr(), B, hidden, ctypes.addressof(layers), len(layers), cos.data_ptr(), sin.data_ptr(),
+        cache_len, slot, None if valid is None else valid.data_ptr(), cache_bf16, H, Hkv, D, intermediate,
+        D**-0.5, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("decode step: could not allocate its activation buffers")
+    return x
 
 
 def _fp32_rows(x: torch.Tensor, name: str) -> torch.Tensor:

@@ -14,7 +14,13 @@ from pathlib import Path
 
 SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("gemv_avx512.c", "attention_avx512.c", "attention_train_avx512.c", "layer_avx512.c")
+    for n in (
+        "gemv_avx512.c",
+        "attention_avx512.c",
+        "attention_train_avx512.c",
+        "layer_avx512.c",
+        "decode_step_avx512.c",
+    )
 ]
 HEADERS = [Path(__file__).with_name("simd_math.h")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
