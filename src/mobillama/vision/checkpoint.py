@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from mobillama.checkpoint import (
     WEIGHTS_NAME,
     atomic_directory,
+    check_state_dict,
     copy_tokenizer_files,
     load_checkpoint,
     read_safetensors,
@@ -100,16 +101,7 @@ def read_vision_weights(path: str | Path, expected: dict[str, torch.Size]) -> di
     if not weights.is_file():
         raise MobiLlamaError(f"{path}: no {VISION_WEIGHTS_NAME}")
     state = read_safetensors(weights)
-    for name, shape in expected.items():
-        if name not in state:
-            raise MobiLlamaError(f"{weights}: missing tensor {name!r}")
-        if tuple(state[name].shape) != tuple(shape):
-            raise MobiLlamaError(
-                f"{weights}: tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(shape)}"
-            )
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise MobiLlamaError(f"{weights}: unexpected tensor {extra[0]!r}")
+    check_state_dict(state, expected, str(weights))
     return state
 
 
