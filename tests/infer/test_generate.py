@@ -78,17 +78,19 @@ def test_fused_decode_kernels_give_the_logits_of_the_pytorch_path(byte_model, dt
     fused, plain = FastDecoder(model), FastDecoder(model)
     plain.fused_attention = plain.fused_elementwise = False
     assert fused.fused_attention and fused.fused_elementwise == (dtype == torch.float32)
+    torch.testing.assert_close(greedy_steps(fused, 8), greedy_steps(plain, 8), rtol=1e-4, atol=1e-4)
+
+
+def greedy_steps(decoder: FastDecoder, steps: int) -> torch.Tensor:
+    """Logits of a left-padded batch of two: the prefill, then ``steps`` greedy decode steps."""
     prompts = torch.tensor([[0, 0, 0] + list(range(40, 45)), list(range(60, 68))])  # row 0 left-padded
-    steps = []
-    for decoder in (fused, plain):
-        decoder.start([3, 0], 20)
-        logits = [decoder.prefill(prompts)]
-        token = logits[0].argmax(-1)
-        for slot in range(8, 16):
-            logits.append(decoder.decode(token, slot))
-            token = logits[-1].argmax(-1)
-        steps.append(torch.stack(logits))
-    torch.testing.assert_close(steps[0], steps[1], rtol=1e-4, atol=1e-4)
+    decoder.start([3, 0], 20)
+    logits = [decoder.prefill(prompts)]
+    token = logits[0].argmax(-1)
+    for slot in range(8, 8 + steps):
+        logits.append(decoder.decode(token, slot))
+        token = logits[-1].argmax(-1)
+    return torch.stack(logits)
 
 
 @pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
@@ -107,18 +109,8 @@ def test_the_one_call_decode_step_equals_the_python_layer_loop_exactly(byte_mode
     one_call, loop = FastDecoder(model), FastDecoder(model)
     loop.one_call_layers = None
     assert one_call.one_call_layers is not None and one_call.cache_dtype == torch.bfloat16
-    prompts = torch.tensor([[0, 0, 0] + list(range(40, 45)), list(range(60, 68))])  # row 0 left-padded
-    steps = []
-    for decoder in (one_call, loop):
-        decoder.start([3, 0], 20)
-        logits = [decoder.prefill(prompts)]
-        token = logits[0].argmax(-1)
-        for slot in range(8, 18):
-            logits.append(decoder.decode(token, slot))
-            token = logits[-1].argmax(-1)
-        steps.append(torch.stack(logits))
+    assert torch.equal(greedy_steps(one_call, 10), greedy_steps(loop, 10))
     assert one_call._layer_array is not None and loop._layer_array is None
-    assert torch.equal(steps[0], steps[1])
     assert torch.equal(one_call.cache.keys[1], loop.cache.keys[1])
 
 

@@ -53,7 +53,10 @@ def dequantized_float(qdir, dtype: torch.dtype = torch.bfloat16) -> MobiLlama:
 
 
 def prefill_logits(model: MobiLlama) -> torch.Tensor:
-    decoder = FastDecoder(model)
+    return prefill_logits_with(FastDecoder(model))
+
+
+def prefill_logits_with(decoder: FastDecoder) -> torch.Tensor:
     decoder.start([0], 8)
     return decoder.prefill(torch.tensor([PROMPTS[0]]))
 
@@ -494,3 +497,18 @@ def test_cli_head_bits(tied_checkpoints, tmp_path, capsys):
     assert main([*args, "--bits", "8", "--head-bits", "4"]) != 0
     assert "int4 LM head under an int8 body" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@VNNI
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_float_bf16_head_runs_on_the_project_kernel(tied_quantized, bits):
+    """The bf16 table as head under fp32 activations: the project's kernel (fp32 activations, widened
+    weights) instead of PyTorch's bf16 product of the activations rounded to bf16; logits within the
+    rounding of those activations, the same greedy tokens."""
+    model = load_for_inference(tied_quantized("none", bits, head=False))
+    fast, plain = FastDecoder(model), FastDecoder(model)
+    plain.bf16_head_kernel = False
+    assert fast.bf16_head_kernel and fast.head_dtype == torch.bfloat16
+    a, b = prefill_logits_with(fast), prefill_logits_with(plain)
+    assert _relative_error(a, b) < 0.01
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

@@ -113,6 +113,26 @@ def test_joined_projection_is_exact_and_keeps_one_copy_of_the_weights():
     assert joined_projection(mixed) is None  # int4 and int8 cannot share a call
 
 
+@needs_kernels
+@pytest.mark.parametrize(("rows", "cols", "batch"), [(1000, 576, 1), (33, 1000, 2), (5, 7, 3), (64, 48, 1)])
+def test_bf16_linear_is_the_fp32_product_of_the_stored_weights(rows, cols, batch):
+    torch.manual_seed(rows)
+    weight = torch.randn(rows, cols).bfloat16()
+    x = torch.randn(batch, cols)
+    out = kernels.bf16_linear(x, weight)
+    assert out.shape == (batch, rows) and out.dtype == torch.float32
+    torch.testing.assert_close(out, x @ weight.float().T, rtol=1e-5, atol=1e-4)  # fp32 sums, other order
+    assert kernels.bf16_linear(x[None], weight).shape == (1, batch, rows)
+
+
+@needs_kernels
+def test_bf16_linear_refuses_weights_it_cannot_read():
+    x = torch.randn(1, 8)
+    for bad in (torch.randn(4, 8), torch.randn(8, 4).bfloat16().T, torch.randn(2, 4, 8).bfloat16()):
+        with pytest.raises(ValueError, match="contiguous 2-D bf16 weight"):
+            kernels.bf16_linear(x, bad)
+
+
 def _reference_attention(q, k, v, cos, sin, k_cache, v_cache, slot, valid):
     B, Hkv, S, D = k_cache.shape
     H = q.shape[-1] // D

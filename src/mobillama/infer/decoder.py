@@ -124,6 +124,18 @@ class FastDecoder:
         head = model.lm_head
         head_dtype = head.weight.dtype if isinstance(head, torch.nn.Linear) else self.dtype
         self.head_dtype = head_dtype if head_dtype != self.dtype else None
+        # ... and such a bf16 head on the project's kernel: fp32 activations times the widened table
+        # (PyTorch's bf16 matrix-vector product was the largest single cost of a SmolLM2 int4 token).
+        self.bf16_head_kernel = (
+            self.head_dtype == torch.bfloat16
+            and self.dtype == torch.float32
+            and self.device.type == "cpu"
+            and not compile
+            and kernels.available()
+            and isinstance(head, torch.nn.Linear)
+            and head.bias is None
+            and head.weight.is_contiguous()
+        )
         # Where every piece of a layer runs on the project's kernels, a decode step goes through all layers
         # in one C call (same kernels, same order, same numbers; no trips back to Python between them).
         self.one_call_layers = self._one_call_layers()
@@ -273,6 +285,8 @@ class FastDecoder:
         h = self._norm(self.model.model.norm, x[:, -1:].contiguous())
         if self.head_dtype is None:
             return self.model.lm_head(h)[:, -1].float()
+        if self.bf16_head_kernel:
+            return kernels.bf16_linear(h[:, -1], self.model.lm_head.weight)
         # Matrix-vector product in the head's own dtype (bf16: PyTorch's kernel, as for a bf16 model).
         off = self.head_dtype == torch.bfloat16 and self.device.type == "cpu" and not self.compiled
         with _mkldnn_disabled() if off else contextlib.nullcontext():

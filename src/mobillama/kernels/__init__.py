@@ -27,6 +27,7 @@ from mobillama.kernels.bindings import (
     attention_train_backward,
     attention_train_forward,
     available,
+    bf16_linear,
     decode_layers,
     libc,
     projection_layout,
@@ -41,6 +42,7 @@ from mobillama.kernels.build import HEADERS, REQUIRED_CPU_FLAGS, SOURCES, Kernel
 from mobillama.kernels.packing import BLOCK_ROWS, HUGE_PAGE, pack_int4, pack_int8, weight_buffer
 
 __all__ = [
+    "bf16_linear",
     "DecodeLayer",
     "decode_layers",
     "qmatrix",

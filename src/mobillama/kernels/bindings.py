@@ -71,6 +71,10 @@ def _library() -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
         ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
+    lib.mb_bf16_gemv.restype = None
+    lib.mb_bf16_gemv.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
     lib.mb_decode_layers.restype = ctypes.c_int
     lib.mb_decode_layers.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
@@ -150,6 +154,23 @@ def qlinear(
     ):  # fmt: skip
         raise MemoryError(f"int{bits} kernel: could not allocate {M} x {K} activation buffers")
     return y.view(*x.shape[:-1], out_features)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T for fp32 rows x [..., K] and a contiguous bf16 weight [N, K]; fp32 out (see
+    ``mb_bf16_gemv``: the weights widened exactly, fp32 arithmetic)."""
+    if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.dim() != 2:
+        raise ValueError("bf16_linear needs a contiguous 2-D bf16 weight")
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    N = weight.shape[0]
+    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
+    _library().mb_bf16_gemv(
+        x2.data_ptr(), x2.shape[0], K, weight.data_ptr(), N, y.data_ptr(), torch.get_num_threads()
+    )
+    return y.view(*x.shape[:-1], N)
 
 
 def qmatrix(packed: torch.Tensor, params: torch.Tensor, out_features: int, group: int, bits: int) -> QMatrix:

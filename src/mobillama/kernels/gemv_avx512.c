@@ -181,3 +181,31 @@ int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const float
     free(xq); free(xs); free(xsum);
     return 0;
 }
+
+/* y [M, N] = x [M, K] @ W^T for a bf16 W [N, K] (row-major, as PyTorch stores it) and fp32 x: a float LM head
+ * tied to a bf16 embedding table. Each bf16 weight is widened exactly (a 16-bit shift) and multiplied in
+ * fp32, so the result is the fp32 product of the stored weights; PyTorch's CPU path for this shape ran
+ * its AVX2 bf16 dot on one thread at about half this kernel's speed. Rows are split across threads. */
+void mb_bf16_gemv(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *row = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * K;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32) {
+                const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + k)));
+                const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + k + 16)));
+                a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(lo, 16)), _mm512_loadu_ps(xm + k), a0);
+                a1 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(hi, 16)), _mm512_loadu_ps(xm + k + 16), a1);
+            }
+            for (; k < K; k += 16) {
+                const __mmask16 t = K - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+                const __m512i v = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(t, row + k));
+                a0 = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_maskz_loadu_ps(t, xm + k), a0);
+            }
+            y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        }
+    }
+}
