@@ -129,3 +129,65 @@ def test_dtype_names():
     assert parse_dtype("fp16") is torch.float16 and parse_dtype("float32") is DTYPES["fp32"] is torch.float32
     with pytest.raises(MobiLlamaError, match="unknown dtype 'int8'; choose one of: fp32, float32, bf16"):
         parse_dtype("int8")
+
+
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def test_rope_scaling_defaults_to_none_and_round_trips(tmp_path):
+    assert ModelConfig().rope_scaling is None and all(p.rope_scaling is None for p in PRESETS.values())
+    for scaling in ({"rope_type": "linear", "factor": 2}, LLAMA3):
+        cfg = get_preset("micro").replace(rope_scaling=scaling)
+        for name in ("c.yaml", "c.json"):
+            cfg.save(tmp_path / name)
+            assert ModelConfig.load(tmp_path / name) == cfg
+    cfg = get_preset("micro").replace(rope_scaling=LLAMA3)
+    cfg.rope_scaling["factor"] = 2.0  # each config owns its mapping
+    assert LLAMA3["factor"] == 8.0
+
+
+def test_config_json_without_rope_scaling_loads_as_plain_rope(tmp_path):
+    """Checkpoints written before the field existed have no rope_scaling key."""
+    data = {"model_type": "mobillama", **get_preset("micro").to_dict()}
+    del data["rope_scaling"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert resolve_config(tmp_path) == get_preset("micro")
+    assert resolve_config(tmp_path).rope_scaling is None
+
+
+@pytest.mark.parametrize(
+    ("scaling", "message"),
+    [
+        ("linear", "'rope_scaling' must be a mapping or null, got 'linear'"),
+        ({"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' is not supported"),
+        ({"type": "linear", "factor": 2.0}, "rope_type None is not supported"),
+        ({"rope_type": "linear"}, "missing key 'factor' for rope_type 'linear'"),
+        ({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}, "unknown key 'rope_theta'"),
+        ({"rope_type": "linear", "factor": 0}, "'factor' must be a positive number, got 0"),
+        ({"rope_type": "linear", "factor": -2.0}, "'factor' must be a positive number"),
+        ({"rope_type": "linear", "factor": True}, "'factor' must be a positive number, got True"),
+        ({"rope_type": "linear", "factor": "2"}, "'factor' must be a positive number, got '2'"),
+        ({"rope_type": "linear", "factor": float("nan")}, "'factor' must be a positive number"),
+        (
+            {**LLAMA3, "original_max_position_embeddings": 8192.0},
+            "'original_max_position_embeddings' must be",
+        ),
+        ({**LLAMA3, "low_freq_factor": 0.0}, "'low_freq_factor' must be a positive number"),
+        ({**LLAMA3, "high_freq_factor": 1.0}, "'high_freq_factor' \\(1.0\\) must be greater than"),
+        ({k: v for k, v in LLAMA3.items() if k != "high_freq_factor"}, "missing key 'high_freq_factor'"),
+    ],
+)
+def test_bad_rope_scaling_is_one_line_naming_the_key(tmp_path, scaling, message):
+    with pytest.raises(MobiLlamaError, match=message) as info:
+        get_preset("micro").replace(rope_scaling=scaling)
+    assert "\n" not in str(info.value)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**get_preset("micro").to_dict(), "rope_scaling": scaling}, allow_nan=True))
+    with pytest.raises(MobiLlamaError, match=f"{path}: .*rope_scaling"):
+        ModelConfig.load(path)

@@ -107,3 +107,17 @@ def test_config_fields_and_defaults_are_model_configs():
     assert hf_default.to_model_config() == ModelConfig()
     cfg = get_preset("micro").replace(ffn_sharing="group:2", rope_theta=5e5, tie_word_embeddings=True)
     assert MobiLlamaConfig.from_model_config(cfg).to_model_config() == cfg
+
+
+def test_rope_scaling_survives_save_pretrained(tmp_path):
+    """transformers has its own ``rope_scaling`` property; MobiLlamaConfig's field must shadow it intact."""
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    cfg = get_preset("micro").replace(rope_scaling=scaling)
+    MobiLlamaConfig.from_model_config(cfg).save_pretrained(tmp_path)
+    assert MobiLlamaConfig.from_pretrained(tmp_path).to_model_config() == cfg

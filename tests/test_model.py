@@ -217,3 +217,75 @@ def test_segment_ids_refuse_a_cache():
     ids = torch.zeros(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="segment_ids"):
         model(ids, cache=KVCache(), segment_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+# --- RoPE scaling ---------------------------------------------------------------------------------------
+
+ROPE_SCALINGS = {
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    # original context 32 < the 64-token input: all three Llama 3 bands (kept, blended, slowed) are used
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    },
+}
+
+
+def test_plain_rope_tables_are_unchanged():
+    """No scaling is the formula the model always used, bit for bit."""
+    from mobillama.model import rope_cos_sin, rope_inv_freq
+
+    positions = torch.arange(300)[None]
+    inv_freq = 1.0 / (5e5 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    emb = torch.cat([positions.float()[..., None] * inv_freq] * 2, dim=-1)
+    cos, sin = rope_cos_sin(positions, 16, 5e5, torch.float32)
+    assert torch.equal(rope_inv_freq(16, 5e5), inv_freq)
+    assert torch.equal(cos, emb.cos()) and torch.equal(sin, emb.sin())
+    assert all(
+        torch.equal(a, b) for a, b in zip(rope_cos_sin(positions, 16, 5e5, torch.float32, None), (cos, sin))
+    )
+
+
+@pytest.mark.parametrize("kind", ["linear", "llama3"])
+def test_rope_inv_freq_equals_transformers(kind):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mobillama.model import rope_inv_freq
+
+    scaling = ROPE_SCALINGS[kind]
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        rope_parameters={**scaling, "rope_theta": 10000.0},
+    )
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu")
+    ours = rope_inv_freq(16, 10000.0, scaling)
+    assert attention_factor == 1.0 and torch.equal(ours, theirs)
+    plain = rope_inv_freq(16, 10000.0)
+    if kind == "llama3":  # some frequencies kept, some divided by the factor, some blended
+        ratio = plain / ours
+        assert ratio[0] == 1.0 and ratio[-1] == 8.0 and ((ratio > 1.0) & (ratio < 8.0)).any()
+    else:
+        assert torch.equal(ours, plain / 4.0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "llama3"])
+def test_logits_with_rope_scaling_match_stock_llama(kind, realistic_model, rel_err):
+    cfg = get_preset("micro").replace(ffn_sharing="none", rope_scaling=ROPE_SCALINGS[kind])
+    model = realistic_model(cfg)
+    llama = stock_llama_like(model)  # llama_config carries the scaling as rope_parameters
+    assert llama.config.rope_parameters["rope_type"] == kind
+    ids = torch.randint(0, cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    plain = realistic_model(cfg.replace(rope_scaling=None))
+    with torch.no_grad():
+        ours, theirs, unscaled = model(ids), llama(ids).logits, plain(ids)
+    print(
+        f"{kind}: relative error {rel_err(ours, theirs):.3g}, vs plain RoPE {rel_err(unscaled, theirs):.3g}"
+    )
+    assert rel_err(ours, theirs) <= PARITY
+    assert rel_err(unscaled, theirs) > 100 * PARITY  # the scaling matters at this length

@@ -1,7 +1,8 @@
 """Model configuration: one dataclass, the paper's presets, and strict loading from YAML/JSON.
 
 Field names follow Hugging Face Llama's ``config.json`` so a checkpoint's config is readable by both
-this package and transformers. The one MobiLlama-specific field is ``ffn_sharing``:
+this package and transformers (``rope_scaling`` too: transformers 4.x's name and shape for the
+Llama-family RoPE scaling, :data:`ROPE_SCALING_KEYS`). The one MobiLlama-specific field is ``ffn_sharing``:
 
 - ``"none"``     one FFN per layer (a plain Llama; the paper's baselines and the 1.2B "large base"),
 - ``"all"``      one FFN object used by every layer (MobiLlama),
@@ -57,10 +58,60 @@ REQUIRED_IN_CHECKPOINT = (
 FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
 FFN_PREFIX = "model.ffns."
 
+
 def ffn_weight_name(group: int, proj: str) -> str:
     """The checkpoint name of FFN ``group``'s ``proj`` weight (one of :data:`FFN_PROJS`)."""
     return f"{FFN_PREFIX}{group}.{proj}.weight"
 
+
+# The RoPE scalings the model computes (``rope_scaling: {"rope_type": ..., key: value, ...}``) and the keys
+# each one needs beside ``rope_type``, with the meaning transformers gives them (modeling_rope_utils):
+# "linear" divides every rotary frequency by ``factor`` (older long-context Llamas); "llama3" (Llama 3.1+)
+# divides the low frequencies (wavelength above original_max_position_embeddings / low_freq_factor) by
+# ``factor``, keeps the high ones (wavelength below original_max_position_embeddings / high_freq_factor)
+# and blends smoothly between. None (the default) is plain RoPE. See :func:`mobillama.model.rope_inv_freq`.
+ROPE_SCALING_KEYS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_rope_scaling(scaling: Any) -> None:
+    """One line naming the key or value at fault unless ``scaling`` is None or a supported RoPE scaling."""
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        raise MobiLlamaError(f"config field 'rope_scaling' must be a mapping or null, got {scaling!r}")
+    kind = scaling.get("rope_type")
+    if kind not in ROPE_SCALING_KEYS:
+        raise MobiLlamaError(
+            f"rope_scaling: rope_type {kind!r} is not supported (choose one of: "
+            f"{', '.join(repr(k) for k in ROPE_SCALING_KEYS)}; null for plain RoPE)"
+        )
+    keys = ROPE_SCALING_KEYS[kind]
+    for key in scaling:
+        if key != "rope_type" and key not in keys:
+            raise MobiLlamaError(
+                f"rope_scaling: unknown key {key!r} for rope_type {kind!r} (expected: {', '.join(keys)})"
+            )
+    for key in keys:
+        if key not in scaling:
+            raise MobiLlamaError(f"rope_scaling: missing key {key!r} for rope_type {kind!r}")
+        value = scaling[key]
+        if key == "original_max_position_embeddings":
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise MobiLlamaError(f"rope_scaling: {key!r} must be a positive int, got {value!r}")
+        elif not _is_number(value) or value <= 0:
+            raise MobiLlamaError(f"rope_scaling: {key!r} must be a positive number, got {value!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise MobiLlamaError(
+            f"rope_scaling: 'high_freq_factor' ({scaling['high_freq_factor']!r}) must be greater than "
+            f"'low_freq_factor' ({scaling['low_freq_factor']!r})"
+        )
 
 
 @dataclass
@@ -76,6 +127,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None: plain RoPE; else one of ROPE_SCALING_KEYS' types
     tie_word_embeddings: bool = False
     ffn_sharing: str = "all"
     initializer_range: float = 0.02
@@ -83,6 +135,8 @@ class ModelConfig:
     eos_token_id: int = 2
 
     def __post_init__(self) -> None:
+        if isinstance(self.rope_scaling, dict):  # its own copy: configs made by replace() share nothing
+            self.rope_scaling = dict(self.rope_scaling)
         self.validate()
 
     # --- derived shape -------------------------------------------------------------------------
@@ -110,6 +164,8 @@ class ModelConfig:
     # --- checks ----------------------------------------------------------------------------------
     def validate(self) -> None:
         for f in fields(self):
+            if f.name == "rope_scaling":  # a mapping, checked on its own below
+                continue
             value = getattr(self, f.name)
             expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[str(f.type)]
             if isinstance(value, bool) and expected is not bool:
@@ -142,6 +198,7 @@ class ModelConfig:
             )
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise MobiLlamaError("config fields 'rms_norm_eps' and 'rope_theta' must be positive")
+        validate_rope_scaling(self.rope_scaling)
         sharing = self.ffn_sharing
         if sharing not in ("none", "all"):
             head, _, k = sharing.partition(":")

@@ -13,6 +13,7 @@ State-dict names follow Hugging Face Llama wherever a layer owns the weight
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -71,13 +72,44 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: dict | None = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """The head_dim/2 rotary frequencies (fp32): theta^(-2i/head_dim), changed by ``scaling``.
+
+    ``scaling`` is a config's ``rope_scaling`` (:data:`mobillama.config.ROPE_SCALING_KEYS`), with the
+    math of transformers' ``linear`` and ``llama3`` RoPE types; None is plain RoPE.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    kind, factor = scaling["rope_type"], scaling["factor"]
+    if kind == "linear":  # positions interpolated: position p rotates as p / factor did
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ValueError(f"unsupported rope_type {kind!r}")
+    # Llama 3: a frequency whose wavelength (in tokens) is longer than context / low_freq_factor is slowed
+    # down by factor, one shorter than context / high_freq_factor is kept, and those between are a blend
+    # whose weight on the kept frequency rises linearly in context / wavelength from low to high.
+    context = scaling["original_max_position_embeddings"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    keep = (context / wavelen - low) / (high - low)  # <= 0: slow down fully, >= 1: keep
+    blended = (1 - keep) * inv_freq / factor + keep * inv_freq
+    out = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    return torch.where((wavelen >= context / high) & (wavelen <= context / low), blended, out)
+
+
 def rope_cos_sin(
-    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+    position_ids: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    dtype: torch.dtype,
+    scaling: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape [B, T, head_dim] for the given absolute positions (computed in fp32)."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
-    )
+    """cos/sin tables of shape [B, T, head_dim] for the given absolute positions (computed in fp32);
+    ``scaling`` is the config's ``rope_scaling`` (see :func:`rope_inv_freq`)."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -224,7 +256,8 @@ class Decoder(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        c = self.config
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype, c.rope_scaling)
         for i, layer in enumerate(self.layers):
             ffn = self.ffns[self.config.ffn_index(i)]
             if self.gradient_checkpointing and self.training:
@@ -356,5 +389,6 @@ __all__ = [
     "flops_per_token",
     "init_weights",
     "rope_cos_sin",
+    "rope_inv_freq",
     "segment_mask_and_positions",
 ]

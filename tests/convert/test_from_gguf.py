@@ -38,10 +38,14 @@ def rel(rel, smol_builders, realistic_model):
     return rel
 
 
-def _checkpoint(tmp_path, rel, *, tie=False, sharing="all", bytelevel=False, seed=0):
+def _checkpoint(tmp_path, rel, *, tie=False, sharing="all", bytelevel=False, seed=0, rope_scaling=None):
     """A tiny checkpoint at trained-like weight scales (a layout mistake shows in the logits)."""
     config = get_preset("micro").replace(
-        vocab_size=512 if bytelevel else 384, intermediate_size=128, tie_word_embeddings=tie, ffn_sharing=sharing
+        vocab_size=512 if bytelevel else 384,
+        intermediate_size=128,
+        tie_word_embeddings=tie,
+        ffn_sharing=sharing,
+        rope_scaling=rope_scaling,
     )
     tok = tmp_path / "tok"
     (rel.make_bytelevel_tokenizer if bytelevel else rel.make_tokenizer)(tok)
@@ -207,6 +211,101 @@ def test_other_architectures_and_rope_scaling_are_refused(tmp_path):
     _fails(tmp_path, _write_gguf(tmp_path / "gpt2.gguf", arch="gpt2"), "architecture 'gpt2' is not supported")
     scaled = _write_gguf(tmp_path / "s.gguf", **{"llama.rope.scaling.type": "yarn"})
     _fails(tmp_path, scaled, "RoPE scaling 'yarn'")
+
+
+def test_rope_frequency_factors_are_refused(tmp_path):
+    """llama.cpp's form of Llama 3 RoPE scaling: refused, naming the importer that reads it exactly."""
+    writer = gguf.GGUFWriter(tmp_path / "f.gguf", arch="llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
+    writer.add_tensor("rope_freqs.weight", torch.ones(2).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _fails(tmp_path, tmp_path / "f.gguf", "rope_freqs.*'llama3'.*convert from-hf")
+
+
+# --- RoPE scaling --------------------------------------------------------------------------------------
+
+
+def test_linear_rope_scaling_round_trips_through_gguf(tmp_path, rel):
+    scaling = {"rope_type": "linear", "factor": 4.0}
+    ckpt = _checkpoint(tmp_path, rel, rope_scaling=scaling)
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(tmp_path / "m.gguf").fields.items()}
+    assert fields["llama.rope.scaling.type"] == "linear" and fields["llama.rope.scaling.factor"] == 4.0
+    report = import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    assert any("RoPE scaling 'linear' (factor 4.0)" in n for n in report.notices)
+    config, config_back = load_checkpoint(ckpt)[0], load_checkpoint(tmp_path / "back")[0]
+    assert config_back == config and config_back.rope_scaling == scaling
+    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(1))
+    want, got = _logits(ckpt, ids), _logits(tmp_path / "back", ids)
+    assert (got - want).abs().max() / want.abs().max() < 5e-3
+
+
+@pytest.mark.parametrize(
+    ("keys", "factor"),
+    [
+        ({"llama.rope.scaling.factor": 2.0}, 2.0),  # llama.cpp's default type is linear
+        ({"llama.rope.scale_linear": 2.5}, 2.5),  # the key's older name
+        ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 3.0}, 3.0),  # applied anyway
+        ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0}, None),
+        ({"llama.rope.scaling.factor": 0.0}, None),  # 0: unset
+    ],
+)
+def test_gguf_linear_scaling_keys_as_llama_cpp_reads_them(tmp_path, rel, monkeypatch, keys, factor):
+    from mobillama.convert import to_gguf
+
+    original = to_gguf._write_metadata
+
+    def with_keys(writer, *args):
+        original(writer, *args)
+        for key, value in keys.items():
+            (writer.add_string if isinstance(value, str) else writer.add_float32)(key, value)
+
+    monkeypatch.setattr(to_gguf, "_write_metadata", with_keys)
+    ckpt = _checkpoint(tmp_path, rel)
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    config = load_checkpoint(tmp_path / "back")[0]
+    assert config.rope_scaling == (None if factor is None else {"rope_type": "linear", "factor": factor})
+
+
+def test_gguf_yarn_and_bad_factor_are_refused(tmp_path, rel, monkeypatch):
+    from mobillama.convert import to_gguf
+
+    ckpt = _checkpoint(tmp_path, rel, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    original = to_gguf._write_metadata
+    for name, edit, match in (
+        ("yarn", {"llama.rope.scaling.type": "yarn"}, "RoPE scaling 'yarn' is not supported"),
+        ("negative", {"llama.rope.scaling.factor": -2.0}, "rope_scaling: 'factor' must be a positive number"),
+    ):
+
+        def edited(writer, config, *args, edit=edit):
+            original(writer, config, *args)
+            for key, value in edit.items():  # in place of the exporter's value
+                writer.kv_data[0].pop(key, None)
+                (writer.add_string if isinstance(value, str) else writer.add_float32)(key, value)
+
+        monkeypatch.setattr(to_gguf, "_write_metadata", edited)
+        export_gguf(ckpt, tmp_path / f"{name}.gguf")
+        _fails(tmp_path, tmp_path / f"{name}.gguf", match)
+
+
+def test_llama3_scaling_is_not_exported_to_gguf(tmp_path, rel):
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    ckpt = _checkpoint(tmp_path, rel, rope_scaling=scaling)
+    with pytest.raises(MobiLlamaError, match="RoPE scaling 'llama3' cannot be exported to GGUF") as info:
+        export_gguf(ckpt, tmp_path / "m.gguf")
+    assert "\n" not in str(info.value)
+    assert not list(tmp_path.glob("*m.gguf*"))
 
 
 def test_unknown_pre_tokenizer_or_tokenizer_model_is_refused(tmp_path, rel, monkeypatch):

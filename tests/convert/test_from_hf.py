@@ -109,6 +109,59 @@ def test_plain_llama_saved_by_transformers_with_gqa(tmp_path, rel, ids):
     assert diff <= rel.TOL
 
 
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # below the 64-token test input, so the scaled and plain models differ
+    "original_max_position_embeddings": 32,
+}
+LINEAR = {"rope_type": "linear", "factor": 4.0}
+
+
+@pytest.mark.parametrize("scaling", [LINEAR, LLAMA3], ids=["linear", "llama3"])
+def test_rope_scaled_llama_saved_by_transformers_gives_its_logits(tmp_path, rel, ids, scaling):
+    """The real check of the scaling math: a stock LlamaForCausalLM with Llama 3 / linear RoPE scaling,
+    saved by transformers 5.x (rope_parameters), imports to a model with the same logits."""
+    original = rel.stock_llama(shared=False, rope_parameters={**scaling, "rope_theta": 5e5})
+    original.save_pretrained(tmp_path / "llama")
+    report = import_hf(tmp_path / "llama", tmp_path / "out")
+    config, _ = load_checkpoint(tmp_path / "out")
+    assert config.rope_scaling == scaling and config.rope_theta == 5e5
+    assert any(f"RoPE scaling {scaling['rope_type']!r} (factor" in n for n in report.notices)
+    want = rel.reference_logits(original, ids)
+    diff = (load_model(tmp_path / "out")(ids) - want).abs().max().item()
+    assert diff <= rel.TOL
+    plain = load_model(tmp_path / "out").eval()  # the same weights without the scaling: far off
+    plain.config.rope_scaling = None
+    assert (plain(ids) - want).abs().max().item() > 100 * rel.TOL
+
+
+def test_rope_scaling_in_transformers_4_files(tmp_path, rel, ids):
+    """4.x keys: top-level rope_theta, rope_scaling with rope_type or the older type, and a llama3
+    mapping without original_max_position_embeddings (transformers then uses max_position_embeddings)."""
+    for name, rope_scaling, expected in (
+        ("linear", {"type": "linear", "factor": 4.0}, LINEAR),
+        (
+            "llama3",
+            {k: v for k, v in LLAMA3.items() if k != "original_max_position_embeddings"},
+            {**LLAMA3, "original_max_position_embeddings": rel.TINY["max_position_embeddings"]},
+        ),
+    ):
+        original = rel.stock_llama(shared=True, rope_parameters={**expected, "rope_theta": 10000.0})
+        src = rel.write_release(
+            tmp_path / name,
+            rel.release_state(original, inv_freq=False),
+            rel.release_config(original, rope_scaling=rope_scaling),
+        )
+        import_hf(src, tmp_path / f"{name}-out")
+        config, _ = load_checkpoint(tmp_path / f"{name}-out")
+        assert config.rope_scaling == expected, name
+        diff = (load_model(tmp_path / f"{name}-out")(ids) - rel.reference_logits(original, ids)).abs().max()
+        assert diff.item() <= rel.TOL, name
+
+
 def test_tied_embeddings_and_dtype_cast(tmp_path, rel, ids):
     original = rel.stock_llama(shared=True)
     state = rel.release_state(original, inv_freq=False)
@@ -179,7 +232,37 @@ CONFIG_CASES = [
     ("bool size", _set("num_hidden_layers", True), "'num_hidden_layers' must be int"),
     ("float eps as string", _set("rms_norm_eps", "1e-5"), "'rms_norm_eps' must be number"),
     ("wrong model type", _set("model_type", "gpt2"), "model_type 'gpt2' is not supported"),
-    ("rope scaling", _set("rope_scaling", {"type": "linear", "factor": 2.0}), "RoPE scaling 'linear'"),
+    (
+        "yarn rope scaling",
+        _set("rope_scaling", {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}),
+        "RoPE scaling 'yarn' is not supported",
+    ),
+    (
+        "dynamic rope parameters",
+        _set("rope_parameters", {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+        "RoPE scaling 'dynamic' is not supported",
+    ),
+    (
+        "linear without factor",
+        _set("rope_scaling", {"rope_type": "linear"}),
+        "missing key 'factor' for rope_type 'linear'",
+    ),
+    (
+        "negative factor",
+        _set("rope_scaling", {"rope_type": "linear", "factor": -2.0}),
+        "rope_scaling: 'factor' must be a positive number, got -2.0",
+    ),
+    (
+        "llama3 bands reversed",
+        _set("rope_scaling", {**LLAMA3, "low_freq_factor": 4.0, "high_freq_factor": 1.0}),
+        "'high_freq_factor' \\(1.0\\) must be greater than 'low_freq_factor' \\(4.0\\)",
+    ),
+    ("rope scaling not a mapping", _set("rope_scaling", "linear"), "'rope_scaling' must be a mapping"),
+    (
+        "partial rotary",
+        _set("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+        "partial_rotary_factor 0.5 is not supported",
+    ),
     ("biases", _set("attention_bias", True), "attention_bias is true"),
     ("activation", _set("hidden_act", "gelu"), "hidden_act 'gelu'"),
     ("indivisible heads", _set("num_attention_heads", 3), "divisible"),

@@ -115,6 +115,35 @@ def test_tied_embeddings_and_dtype(tmp_path, realistic_model):
         assert (llama(ids).logits - model(ids)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    ],
+    ids=["linear", "llama3"],
+)
+def test_rope_scaling_round_trips_through_stock_transformers(tmp_path, realistic_model, scaling):
+    config = get_preset("micro").replace(rope_scaling=scaling, rope_theta=5e5)
+    model = realistic_model(config)
+    save_checkpoint(model, config, tmp_path / "ckpt")
+    export_llama(tmp_path / "ckpt", tmp_path / "llama")
+    written = json.loads((tmp_path / "llama" / "config.json").read_text())
+    assert written["rope_parameters"] == {**scaling, "rope_theta": 5e5}
+    ids = torch.randint(0, config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids)
+    assert (_stock_logits(tmp_path, tmp_path / "llama", ids) - want).abs().max().item() <= 1e-4
+    import_hf(tmp_path / "llama", tmp_path / "back")
+    assert load_model(tmp_path / "back").config == config
+
+
 def test_bad_input(tmp_path, rel):
     with pytest.raises(MobiLlamaError, match="checkpoint not found"):
         export_llama(tmp_path / "nope", tmp_path / "out")

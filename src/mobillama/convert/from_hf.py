@@ -11,6 +11,9 @@ The original release (MBZUAI's MobiLlama on the Hugging Face Hub) is a Llama che
   tensor; ``collapse="layer:K"`` or ``"mean"`` explicitly builds a shared model from such a checkpoint.
 - Some files hold ``self_attn.rotary_emb.inv_freq`` buffers: derived from the config, dropped.
 
+RoPE scaling of the ``linear`` and ``llama3`` types (``rope_scaling`` in transformers 4.x files,
+``rope_parameters`` in 5.x) becomes the config's ``rope_scaling``; other types are refused.
+
 Weights come as one or several ``*.safetensors`` (with ``model.safetensors.index.json``) or
 ``pytorch_model*.bin`` (with ``pytorch_model.bin.index.json``); pickles are read only through
 :func:`~mobillama.checkpoint.read_pickle_weights` (``weights_only=True``). Every problem is one
@@ -38,7 +41,7 @@ from mobillama.checkpoint import (
     read_safetensors,
     save_checkpoint,
 )
-from mobillama.config import FFN_PROJS, ModelConfig, ffn_weight_name, parse_dtype
+from mobillama.config import FFN_PROJS, ROPE_SCALING_KEYS, ModelConfig, ffn_weight_name, parse_dtype
 from mobillama.errors import MobiLlamaError
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -227,20 +230,43 @@ def _field(raw: dict[str, Any], name: str, kind: type | tuple[type, ...], source
     return value
 
 
-def _rope_theta(raw: dict[str, Any], source: str) -> float:
-    """rope_theta from the top level (transformers 4.x files) or ``rope_parameters`` (5.x); no scaling."""
-    params = raw.get("rope_parameters") or raw.get("rope_scaling")
-    if params is not None:
-        if not isinstance(params, dict):
-            raise MobiLlamaError(
-                f"{source}: config field 'rope_parameters' must be a mapping, got {params!r}"
-            )
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise MobiLlamaError(f"{source}: RoPE scaling {rope_type!r} is not supported (only plain RoPE)")
-        if "rope_theta" in params:
-            return float(_field(params, "rope_theta", (int, float), source))
-    return float(_field(raw, "rope_theta", (int, float), source, default=10000.0))
+def _rope(raw: dict[str, Any], source: str, max_positions: int) -> tuple[float, dict[str, Any] | None]:
+    """rope_theta and the RoPE scaling (None: plain RoPE) of a Llama config.json.
+
+    transformers 4.x files keep ``rope_theta`` at the top level and the scaling in ``rope_scaling``
+    (``rope_type``, or ``type`` in older files); 5.x files hold both in ``rope_parameters``. The
+    ``linear`` and ``llama3`` types are imported with their keys (a llama3 mapping without
+    ``original_max_position_embeddings`` means max_position_embeddings, as in transformers); any other
+    type (yarn, dynamic, longrope, ...) is refused.
+    """
+    theta = float(_field(raw, "rope_theta", (int, float), source, default=10000.0))
+    name = "rope_parameters" if raw.get("rope_parameters") else "rope_scaling"
+    params = raw.get(name) or {}
+    if not isinstance(params, dict):
+        raise MobiLlamaError(f"{source}: config field {name!r} must be a mapping, got {params!r}")
+    if "rope_theta" in params:
+        theta = float(_field(params, "rope_theta", (int, float), source))
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise MobiLlamaError(
+            f"{source}: partial_rotary_factor {partial!r} is not supported (full rotary only)"
+        )
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise MobiLlamaError(
+            f"{source}: RoPE scaling {rope_type!r} is not supported (only plain RoPE, "
+            f"{' and '.join(repr(k) for k in ROPE_SCALING_KEYS)})"
+        )
+    scaling: dict[str, Any] = {"rope_type": rope_type}
+    for key in ROPE_SCALING_KEYS[rope_type]:
+        value = params.get(key)
+        if key == "original_max_position_embeddings":  # transformers: the top-level field wins, then ours
+            value = raw.get(key, value if value is not None else max_positions)
+        if value is not None:  # a missing key is named by ModelConfig's check
+            scaling[key] = value
+    return theta, scaling
 
 
 def _special_id(raw: dict[str, Any], name: str, source: str, default: int) -> int:
@@ -360,6 +386,11 @@ def _to_project(
         for part in FFN_PROJS:
             out[ffn_weight_name(g, part)] = ffn[part]
 
+    max_positions = _field(raw, "max_position_embeddings", int, source, default=2048)
+    rope_theta, rope_scaling = _rope(raw, source, max_positions)
+    if rope_scaling is not None:
+        details = ", ".join(f"{k} {v}" for k, v in rope_scaling.items() if k != "rope_type")
+        notices.append(f"RoPE scaling {rope_scaling['rope_type']!r} ({details})")
     config_values = {
         "vocab_size": vocab,
         "hidden_size": hidden,
@@ -367,10 +398,11 @@ def _to_project(
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
-        "max_position_embeddings": _field(raw, "max_position_embeddings", int, source, default=2048),
+        "max_position_embeddings": max_positions,
         # transformers' LlamaConfig default eps is 1e-6: a file without the field means that.
         "rms_norm_eps": float(_field(raw, "rms_norm_eps", (int, float), source, default=1e-6)),
-        "rope_theta": _rope_theta(raw, source),
+        "rope_theta": rope_theta,
+        "rope_scaling": rope_scaling,
         "tie_word_embeddings": tie,
         "ffn_sharing": sharing,
         "bos_token_id": _special_id(raw, "bos_token_id", source, 1),

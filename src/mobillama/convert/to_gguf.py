@@ -9,6 +9,10 @@ is as large as a dedicated-FFN model of the same shape and llama.cpp decodes it 
 Quantized types (q8_0, q4_0) are produced by ``gguf.quants.quantize``; each distinct FFN is quantized
 once and the result reused for every layer. 1-D tensors (norms) stay float32, as llama.cpp's own converter
 does, and a matrix whose rows are not a multiple of the 32-value block falls back to f16 (reported).
+
+Linear RoPE scaling is written as llama.cpp's ``llama.rope.scaling.type`` "linear" and
+``llama.rope.scaling.factor``. Llama 3 ("llama3") scaling is refused: llama.cpp keeps it as a
+``rope_freqs.weight`` tensor of per-frequency divisors, which the importer (from-gguf) does not read back.
 """
 
 from __future__ import annotations
@@ -102,6 +106,13 @@ def export_gguf(
     if out.exists() and not overwrite:
         raise MobiLlamaError(f"output {out} already exists (choose another path or use --overwrite)")
     config, state = load_checkpoint(ckpt)
+    scaling = config.rope_scaling
+    if scaling is not None and scaling["rope_type"] != "linear":
+        raise MobiLlamaError(
+            f"{ckpt}: RoPE scaling {scaling['rope_type']!r} cannot be exported to GGUF (llama.cpp keeps it as "
+            "a rope_freqs tensor, which this exporter does not write); export-llama and llama.cpp's "
+            "convert_hf_to_gguf.py can"
+        )
     qtype = {
         "f32": gguf.GGMLQuantizationType.F32,
         "f16": gguf.GGMLQuantizationType.F16,
@@ -153,6 +164,9 @@ def _write_metadata(writer, config: ModelConfig, name: str, gguf_type: str) -> N
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling is not None:  # linear (export_gguf refuses the others): llama.cpp's own keys
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     file_type = {
         "f32": gguf.LlamaFileType.ALL_F32,

@@ -80,7 +80,11 @@ def llama_config(config: ModelConfig, dtype: torch.dtype):
         head_dim=config.head_dim,
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        # transformers 5.x keeps rope_theta and the scaling in one mapping (4.x: rope_theta + rope_scaling)
+        rope_parameters={
+            **(config.rope_scaling or {"rope_type": "default"}),
+            "rope_theta": config.rope_theta,
+        },
         tie_word_embeddings=config.tie_word_embeddings,
         hidden_act="silu",
         attention_bias=False,

@@ -208,7 +208,11 @@ class FastDecoder:
         slots = torch.arange(max_len, device=self.device)
         self.positions = (slots[None, :] - pad[:, None]).clamp(min=0)  # [B, S]
         cos, sin = rope_cos_sin(
-            torch.arange(max_len, device=self.device)[None], c.head_dim, c.rope_theta, torch.float32
+            torch.arange(max_len, device=self.device)[None],
+            c.head_dim,
+            c.rope_theta,
+            torch.float32,
+            c.rope_scaling,
         )
         self.cos_table, self.sin_table = cos[0], sin[0]  # [S, head_dim]
         self.key_valid = slots[None, :] >= pad[:, None]  # [B, S]

@@ -260,7 +260,7 @@ def _suffix_loss(model: torch.nn.Module, ids: list[int], start: int, prefix: lis
     for chunk, x in zip(_chunks(ids), prefix, strict=True):
         B, T, _ = x.shape
         positions = torch.arange(T).expand(B, T)
-        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)
+        cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype, config.rope_scaling)
         mask = build_attention_mask(None, B, T, 0, x.device)
         for i in range(start, config.num_hidden_layers):
             x = decoder.layers[i](x, decoder.ffns[config.ffn_index(i)], cos, sin, mask, None)
