@@ -41,7 +41,7 @@ OURS = [  # (label, load_for_inference keyword arguments)
     ("int4 g32 (auto kernel)", {"bits": 4, "group_size": 32}),
     ("int4 g32 (auto kernel), head int8", {"bits": 4, "group_size": 32, "head_bits": 8}),
     ("int4 g32 (auto kernel), head int4", {"bits": 4, "group_size": 32, "quantize_head": True}),
-    ("int4 g64 (auto kernel, default here)", {"bits": 4}),
+    ("int4, default group (auto kernel)", {"bits": 4}),
     ("int4 g32 reference (float activations)", {"bits": 4, "group_size": 32, "int4_kernel": "reference"}),
 ]
 LLAMA_CPP = ["F16", "Q8_0", "Q4_0", "Q4_K_M"]
