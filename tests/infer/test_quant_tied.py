@@ -512,3 +512,19 @@ def test_a_float_bf16_head_runs_on_the_project_kernel(tied_quantized, bits):
     a, b = prefill_logits_with(fast), prefill_logits_with(plain)
     assert _relative_error(a, b) < 0.01
     assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_head_bits_on_the_fly_in_generate_and_bench(tied_checkpoints, tied_quantized, capsys):
+    src = str(tied_checkpoints["none"])
+    args = ["--prompt", "ab", "--max-new-tokens", "3", "--temperature", "0"]
+    assert main(["generate", src, "--bits", "4", "--head-bits", "8", *args]) == 0
+    assert main(["bench", src, "--bits", "4", "--head-bits", "8", "--new-tokens", "4", "--prompt-len", "4",
+                 "--no-roofline"]) == 0  # fmt: skip
+    capsys.readouterr()
+    model = load_for_inference(src, bits=4, head_bits=8)
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.model.embed_tokens, QuantizedEmbedding)
+    assert main(["generate", src, "--head-bits", "8", *args]) != 0  # no --bits: nothing to quantize
+    assert "head_bits needs bits" in capsys.readouterr().err
+    stored = str(tied_quantized("none", 4))
+    assert main(["generate", stored, "--head-bits", "8", *args]) != 0
+    assert "already quantized" in capsys.readouterr().err

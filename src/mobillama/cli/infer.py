@@ -24,6 +24,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "but less accurate on real weights)",
     )
     p.add_argument(
+        "--head-bits",
+        type=int,
+        choices=[8, 4],
+        help="with --bits: quantize the LM head (a tied one too) to these bits; 8 under --bits 4 is llama.cpp's "
+        "layout (default: an untied head at --bits, a tied one kept in float)",
+    )
+    p.add_argument(
         "--int8-kernel",
         default="auto",
         choices=["auto", "vnni", "dynamic", "weight_only", "reference"],
@@ -235,6 +242,7 @@ def _setup(args: argparse.Namespace):
         dtype=args.dtype,
         bits=args.bits,
         group_size=args.group_size,
+        head_bits=args.head_bits,
         int8_kernel=args.int8_kernel,
         int4_kernel=args.int4_kernel,
     )
@@ -296,6 +304,7 @@ def _run_vision_chat(args: argparse.Namespace) -> int:
         for name, used in (
             ("--bits", args.bits is not None),
             ("--group-size", args.group_size is not None),
+            ("--head-bits", args.head_bits is not None),
             ("--compile", args.compile),
             ("--repetition-penalty", args.repetition_penalty != 1.0),
         )
@@ -320,6 +329,7 @@ def run_bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         bits=args.bits,
         group_size=args.group_size,
+        head_bits=args.head_bits,
         int8_kernel=args.int8_kernel,
         int4_kernel=args.int4_kernel,
         prompt_len=args.prompt_len,
@@ -360,7 +370,9 @@ def run_quantize(args: argparse.Namespace) -> int:
         + (
             f" (LM head int{summary['head_bits']})"
             if summary["quantize_head"] and summary["head_bits"] != summary["bits"]
-            else "" if summary["quantize_head"] else " (LM head kept in float)"
+            else ""
+            if summary["quantize_head"]
+            else " (LM head kept in float)"
         )
     )
     return 0

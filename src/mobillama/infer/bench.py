@@ -140,6 +140,7 @@ def run_bench(
     dtype: str = "bf16",
     bits: int | None = None,
     group_size: int | None = None,
+    head_bits: int | None = None,
     int8_kernel: str = "auto",
     int4_kernel: str = "auto",
     prompt_len: int = 128,
@@ -207,7 +208,11 @@ def run_bench(
         if duplicate:
             duplicate_ffn(model)
         if bits is not None:
-            quant.quantize_model(model, bits, group_size, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
+            quant.quantize_model(
+                model, bits, group_size, int8_kernel=int8_kernel, int4_kernel=int4_kernel, head_bits=head_bits
+            )
+        elif head_bits is not None:
+            raise MobiLlamaError("head_bits needs bits: it sets the head's bits when quantizing on the fly")
     c = model.config
     if ppl_ids is not None and perplexity_ctx > c.max_position_embeddings:
         raise MobiLlamaError(

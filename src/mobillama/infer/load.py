@@ -125,9 +125,15 @@ def load_for_inference(
         held = what.quantization["bits"]  # type: ignore[index]
         if bits is not None and bits != held:
             raise MobiLlamaError(f"{spec} is already quantized to {held} bits")
+        if head_bits is not None:
+            raise MobiLlamaError(
+                f"{spec} is already quantized: its head is as stored (head_bits applies to --bits)"
+            )
         model = load_quantized(spec, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
         serve_embedding_from_file(model, spec)
         return model
+    if head_bits is not None and bits is None:
+        raise MobiLlamaError("head_bits needs bits: it sets the head's bits when quantizing on the fly")
     if what.is_preset:
         # Build in the target dtype directly: no fp32 copy of the whole model (peak memory).
         torch.manual_seed(seed)
