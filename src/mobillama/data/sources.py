@@ -202,8 +202,6 @@ def hf_dataset_sources(path: Path, *, text_field: str, split: str) -> list[Sourc
     return [Source((path / f).resolve(), ARROW, text_field) for f in files]
 
 
-
-
 # ---- named sources ---------------------------------------------------------------------------------------
 def named_source(spec: str) -> list[Source]:
     name, _, arg = spec.partition(":")
