@@ -232,3 +232,15 @@ def build_smol_checkpoint(out_dir: Path, tokenizer_dir: Path, *, context: int = 
     return save_micro_checkpoint(
         out_dir, tokenizer_dir, seed=seed, max_position_embeddings=context, bos_token_id=1, eos_token_id=2
     )
+
+
+def llama3_scaling(original_context: int) -> dict:
+    """Llama 3.1's RoPE scaling parameters with a given original context (below a test's input length,
+    all three frequency bands of the scaling are exercised)."""
+    return {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": original_context,
+    }

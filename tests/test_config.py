@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from fixtures import llama3_scaling
 from mobillama.config import (
     DTYPES,
     FFN_PREFIX,
@@ -131,13 +132,7 @@ def test_dtype_names():
         parse_dtype("int8")
 
 
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+LLAMA3 = llama3_scaling(8192)
 
 
 def test_rope_scaling_defaults_to_none_and_round_trips(tmp_path):

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 import mobillama
+from fixtures import llama3_scaling
 from mobillama.checkpoint import load_model, save_checkpoint
 from mobillama.config import get_preset
 from mobillama.hf import MobiLlamaConfig, MobiLlamaForCausalLM
@@ -111,13 +112,7 @@ def test_config_fields_and_defaults_are_model_configs():
 
 def test_rope_scaling_survives_save_pretrained(tmp_path):
     """transformers has its own ``rope_scaling`` property; MobiLlamaConfig's field must shadow it intact."""
-    scaling = {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    }
+    scaling = llama3_scaling(64)
     cfg = get_preset("micro").replace(rope_scaling=scaling)
     MobiLlamaConfig.from_model_config(cfg).save_pretrained(tmp_path)
     assert MobiLlamaConfig.from_pretrained(tmp_path).to_model_config() == cfg

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from fixtures import llama3_scaling
 from mobillama.config import ModelConfig, get_preset
 from mobillama.convert.to_llama import llama_config
 from mobillama.model import KVCache, MobiLlama, causal_lm_loss
@@ -224,13 +225,7 @@ def test_segment_ids_refuse_a_cache():
 ROPE_SCALINGS = {
     "linear": {"rope_type": "linear", "factor": 4.0},
     # original context 32 < the 64-token input: all three Llama 3 bands (kept, blended, slowed) are used
-    "llama3": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32,
-    },
+    "llama3": llama3_scaling(32),
 }
 
 

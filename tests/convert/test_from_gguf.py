@@ -13,6 +13,7 @@ import gguf
 import pytest
 import torch
 
+from fixtures import llama3_scaling
 from mobillama.checkpoint import load_checkpoint, load_model, save_checkpoint
 from mobillama.config import get_preset
 from mobillama.convert import export_gguf, read_gguf_weights
@@ -294,13 +295,7 @@ def test_gguf_yarn_and_bad_factor_are_refused(tmp_path, rel, monkeypatch):
 
 
 def test_llama3_scaling_is_not_exported_to_gguf(tmp_path, rel):
-    scaling = {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64,
-    }
+    scaling = llama3_scaling(64)
     ckpt = _checkpoint(tmp_path, rel, rope_scaling=scaling)
     with pytest.raises(MobiLlamaError, match="RoPE scaling 'llama3' cannot be exported to GGUF") as info:
         export_gguf(ckpt, tmp_path / "m.gguf")

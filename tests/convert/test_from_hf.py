@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fixtures import llama3_scaling
 from mobillama.checkpoint import load_checkpoint, load_model
 from mobillama.convert import import_hf
 from mobillama.errors import MobiLlamaError
@@ -109,14 +110,7 @@ def test_plain_llama_saved_by_transformers_with_gqa(tmp_path, rel, ids):
     assert diff <= rel.TOL
 
 
-LLAMA3 = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    # below the 64-token test input, so the scaled and plain models differ
-    "original_max_position_embeddings": 32,
-}
+LLAMA3 = llama3_scaling(32)
 LINEAR = {"rope_type": "linear", "factor": 4.0}
 
 

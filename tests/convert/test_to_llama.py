@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from fixtures import llama3_scaling
 from mobillama.checkpoint import load_model, save_checkpoint
 from mobillama.config import get_preset
 from mobillama.convert import export_llama, import_hf
@@ -119,13 +120,7 @@ def test_tied_embeddings_and_dtype(tmp_path, realistic_model):
     "scaling",
     [
         {"rope_type": "linear", "factor": 4.0},
-        {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-        },
+        llama3_scaling(32),
     ],
     ids=["linear", "llama3"],
 )

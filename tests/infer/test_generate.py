@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from fixtures import llama3_scaling
 from mobillama import kernels
 from mobillama.errors import MobiLlamaError
 from mobillama.infer.decoder import FastDecoder
@@ -374,13 +375,7 @@ def test_embedding_rows_are_read_from_the_checkpoint_file(tiny_checkpoint, tmp_p
 
 def test_fast_decoder_applies_rope_scaling(byte_model, realistic_model, rel_err):
     """The fast path builds its own cos/sin tables: with Llama 3 scaling they must be the forward's."""
-    scaling = {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16,
-    }
+    scaling = llama3_scaling(16)
     model = realistic_model(byte_model(rope_scaling=scaling).config)
     prompt = list(range(10, 50))
     decoder = FastDecoder(model)
