@@ -528,3 +528,7 @@ def test_head_bits_on_the_fly_in_generate_and_bench(tied_checkpoints, tied_quant
     stored = str(tied_quantized("none", 4))
     assert main(["generate", stored, "--head-bits", "8", *args]) != 0
     assert "already quantized" in capsys.readouterr().err
+    assert main(["bench", stored, "--head-bits", "8", "--new-tokens", "4", "--prompt-len", "4"]) != 0
+    assert "already quantized" in capsys.readouterr().err  # not silently ignored
+    assert main(["bench", src, "--head-bits", "8", "--new-tokens", "4", "--prompt-len", "4"]) != 0
+    assert "head_bits needs bits" in capsys.readouterr().err

@@ -31,6 +31,7 @@ from mobillama.infer import quant
 from mobillama.infer.generator import Generator
 from mobillama.infer.load import (
     INFERENCE_DTYPES,
+    check_on_the_fly_quantization,
     describe_checkpoint,
     load_checkpoint_tokenizer,
     load_for_inference,
@@ -195,7 +196,9 @@ def run_bench(
             raise MobiLlamaError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     torch_dtype = parse_dtype(dtype, INFERENCE_DTYPES)
-    if describe_checkpoint(spec).is_quantized:
+    what = describe_checkpoint(spec)
+    check_on_the_fly_quantization(spec, what, bits, head_bits)
+    if what.is_quantized:
         model = load_quantized(
             spec, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel, pack=False
         )
@@ -211,8 +214,6 @@ def run_bench(
             quant.quantize_model(
                 model, bits, group_size, int8_kernel=int8_kernel, int4_kernel=int4_kernel, head_bits=head_bits
             )
-        elif head_bits is not None:
-            raise MobiLlamaError("head_bits needs bits: it sets the head's bits when quantizing on the fly")
     c = model.config
     if ppl_ids is not None and perplexity_ctx > c.max_position_embeddings:
         raise MobiLlamaError(

@@ -95,6 +95,23 @@ def _source_format(path: Path) -> str | None:
     return None
 
 
+def check_on_the_fly_quantization(
+    spec: str | Path, what: CheckpointKind, bits: int | None, head_bits: int | None
+) -> None:
+    """The one rule for ``bits`` / ``head_bits`` asked of a loader (generate, chat, bench): a stored
+    quantized checkpoint keeps its own bits and head, and ``head_bits`` only means something with ``bits``."""
+    if what.is_quantized:
+        held = what.quantization["bits"]  # type: ignore[index]
+        if bits is not None and bits != held:
+            raise MobiLlamaError(f"{spec} is already quantized to {held} bits")
+        if head_bits is not None:
+            raise MobiLlamaError(
+                f"{spec} is already quantized: its head is as stored (head_bits applies to --bits)"
+            )
+    elif head_bits is not None and bits is None:
+        raise MobiLlamaError("head_bits needs bits: it sets the head's bits when quantizing on the fly")
+
+
 def load_for_inference(
     spec: str | Path,
     *,
@@ -121,19 +138,11 @@ def load_for_inference(
             f"{spec} is a MobiLlama-V checkpoint ({VISION_CONFIG_NAME}); load it with "
             "mobillama.vision.chat.load_vision_chat"
         )
+    check_on_the_fly_quantization(spec, what, bits, head_bits)
     if what.is_quantized:
-        held = what.quantization["bits"]  # type: ignore[index]
-        if bits is not None and bits != held:
-            raise MobiLlamaError(f"{spec} is already quantized to {held} bits")
-        if head_bits is not None:
-            raise MobiLlamaError(
-                f"{spec} is already quantized: its head is as stored (head_bits applies to --bits)"
-            )
         model = load_quantized(spec, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel)
         serve_embedding_from_file(model, spec)
         return model
-    if head_bits is not None and bits is None:
-        raise MobiLlamaError("head_bits needs bits: it sets the head's bits when quantizing on the fly")
     if what.is_preset:
         # Build in the target dtype directly: no fp32 copy of the whole model (peak memory).
         torch.manual_seed(seed)
