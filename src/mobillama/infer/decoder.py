@@ -153,10 +153,9 @@ class FastDecoder:
             qkv, gate_up = self.qkv_for_layer[i], self.gate_up_for_layer[i]
             o, down = layer.self_attn.o_proj, self.ffn_for_layer[i].down_proj
             norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            om = o.vnni_matrix() if isinstance(o, quant.QuantizedLinear) else None
-            dm = down.vnni_matrix() if isinstance(down, quant.QuantizedLinear) else None
+            on_vnni = [isinstance(m, quant.QuantizedLinear) and m.vnni_matrix() for m in (o, down)]
             if (
-                qkv is None or gate_up is None or om is None or dm is None
+                qkv is None or gate_up is None or not all(on_vnni)
                 or qkv.out_features != (H + 2 * Hkv) * D or gate_up.sizes != [inter, inter]
                 or o.in_features != H * D or down.in_features != inter
                 or {w.dtype for w in norms} not in ({torch.float32}, {torch.bfloat16})
@@ -170,12 +169,10 @@ class FastDecoder:
                     norm_bf16=norms[0].dtype == torch.bfloat16,
                     eps1=layer.input_layernorm.eps,
                     eps2=layer.post_attention_layernorm.eps,
-                    qkv=kernels.qmatrix(qkv.packed, qkv.params, qkv.out_features, qkv.group, qkv.bits),
-                    o=kernels.qmatrix(om[0], om[1], o.out_features, om[2], om[3]),
-                    gate_up=kernels.qmatrix(
-                        gate_up.packed, gate_up.params, gate_up.out_features, gate_up.group, gate_up.bits
-                    ),
-                    down=kernels.qmatrix(dm[0], dm[1], down.out_features, dm[2], dm[3]),
+                    qkv=_qmatrix(qkv),
+                    o=_qmatrix(o),
+                    gate_up=_qmatrix(gate_up),
+                    down=_qmatrix(down),
                 )
             )
         return out
@@ -343,6 +340,12 @@ class FastDecoder:
             c.intermediate_size,
         )  # fmt: skip
         return h.view(B, 1, c.hidden_size)
+
+
+def _qmatrix(m) -> kernels.QMatrix:
+    """The packed matrix of a vnni-packed layer or joined projection, as the one-call step reads it."""
+    packed, params, group, bits = m.vnni_matrix()
+    return kernels.qmatrix(packed, params, m.out_features, group, bits)
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -551,8 +551,7 @@ def joined_projection(layers: list[nn.Module]):
         n_w, n_p = m._vnni[0].numel(), m._vnni[1].shape[0]
         m._vnni = (packed[offsets[0] : offsets[0] + n_w], params[offsets[1] : offsets[1] + n_p])
         offsets = [offsets[0] + n_w, offsets[1] + n_p]
-    bits = 8 if isinstance(first, Int8Linear) else 4
-    group = first.in_features if bits == 8 else first.group_size  # type: ignore[attr-defined]
+    _, _, group, bits = first.vnni_matrix()  # type: ignore[misc]
     return JoinedProjection(packed, params, [m.out_features for m in layers], group, bits)
 
 
@@ -563,6 +562,10 @@ class JoinedProjection:
     def __init__(self, packed: torch.Tensor, params: torch.Tensor, sizes: list[int], group: int, bits: int):
         self.packed, self.params, self.sizes, self.group, self.bits = packed, params, sizes, group, bits
         self.out_features = sum(sizes)
+
+    def vnni_matrix(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(packed weight, params, group, bits), as :meth:`QuantizedLinear.vnni_matrix`."""
+        return self.packed, self.params, self.group, self.bits
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         y = kernels.qlinear(x, self.packed, self.params, self.out_features, self.group, self.bits)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from mobillama.kernels.bindings import (
     ACTIVATION_BLOCK,
     DecodeLayer,
+    QMatrix,
     activation_block,
     attention_decode,
     attention_train_backward,
@@ -44,6 +45,7 @@ from mobillama.kernels.packing import BLOCK_ROWS, HUGE_PAGE, pack_int4, pack_int
 __all__ = [
     "bf16_linear",
     "DecodeLayer",
+    "QMatrix",
     "decode_layers",
     "qmatrix",
     "ACTIVATION_BLOCK",
