@@ -136,18 +136,22 @@ def activation_block(group: int, bits: int) -> int:
     raise ValueError(f"int{bits} kernel: group {group} is not a multiple of {chunk}")
 
 
+def _matmul_buffers(x: torch.Tensor, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., K] as contiguous fp32 rows [M, K] (a copy only where needed) and an fp32 output [M, N]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    return x2, torch.empty(x2.shape[0], out_features, dtype=torch.float32)
+
+
 def qlinear(
     x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, out_features: int, group: int, bits: int
 ) -> torch.Tensor:
     """y = x @ W^T for weights packed by :func:`pack_int8` / :func:`pack_int4`; fp32 out, x's shape.
 
     Kept lean: at one token a decode step makes ~90 of these calls, so each microsecond here counts."""
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
-    M = x2.shape[0]
-    y = torch.empty(M, out_features, dtype=torch.float32)
+    x2, y = _matmul_buffers(x, out_features)
+    M, K = x2.shape
     if _library().mb_qgemv(
         x2.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), out_features, group, bits,
         activation_block(group, bits), y.data_ptr(), torch.get_num_threads(),
@@ -161,15 +165,10 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ``mb_bf16_gemv``: the weights widened exactly, fp32 arithmetic)."""
     if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.dim() != 2:
         raise ValueError("bf16_linear needs a contiguous 2-D bf16 weight")
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)
-    if x2.dtype != torch.float32 or not x2.is_contiguous():
-        x2 = x2.float().contiguous()
     N = weight.shape[0]
-    y = torch.empty(x2.shape[0], N, dtype=torch.float32)
-    _library().mb_bf16_gemv(
-        x2.data_ptr(), x2.shape[0], K, weight.data_ptr(), N, y.data_ptr(), torch.get_num_threads()
-    )
+    x2, y = _matmul_buffers(x, N)
+    M, K = x2.shape
+    _library().mb_bf16_gemv(x2.data_ptr(), M, K, weight.data_ptr(), N, y.data_ptr(), torch.get_num_threads())
     return y.view(*x.shape[:-1], N)
 
 
