@@ -26,7 +26,43 @@ def test_sharing_modes_map_layers_to_ffns():
     assert cfg.replace(ffn_sharing="group:3").num_ffns == 2  # groups of 3, 1
 
 
-@pytest.mark.parametrize("bad", ["some", "group:", "group:0", "group:x", "groups:2", ""])
+@pytest.mark.parametrize(
+    "sharing, index",
+    [
+        ("dedicated:1+all", [0, 1, 1, 1, 1, 1, 1, 1]),
+        ("dedicated:2+group:2", [0, 1, 2, 2, 3, 3, 4, 4]),
+        ("dedicated:3+group:2", [0, 1, 2, 3, 3, 4, 4, 5]),  # uneven last group
+        ("dedicated:7+all", [0, 1, 2, 3, 4, 5, 6, 7]),
+    ],
+)
+def test_dedicated_first_layers_then_sharing(sharing, index):
+    """The first N layers keep their own FFN; ffn_index, num_ffns and ffn_groups agree with each other."""
+    cfg = get_preset("micro").replace(num_hidden_layers=8, ffn_sharing=sharing)
+    assert [cfg.ffn_index(i) for i in range(8)] == index
+    assert cfg.num_ffns == index[-1] + 1 == len(cfg.ffn_groups)
+    assert [cfg.ffn_index(i) for g in cfg.ffn_groups for i in g] == index
+    assert [g for g, layers in enumerate(cfg.ffn_groups) for _ in layers] == index
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "some",
+        "group:",
+        "group:0",
+        "group:x",
+        "groups:2",
+        "",
+        "dedicated:0+all",
+        "dedicated:4+all",  # the micro preset has 4 layers: nothing left to share
+        "dedicated:1+none",
+        "dedicated:1",
+        "dedicated:1+",
+        "dedicated:x+all",
+        "dedicated:1+dedicated:1+all",
+        "keep:1+all",
+    ],
+)
 def test_bad_sharing_value(bad):
     with pytest.raises(MobiLlamaError, match="ffn_sharing"):
         get_preset("micro").replace(ffn_sharing=bad)

@@ -28,13 +28,13 @@ def stock_llama_like(model: MobiLlama) -> LlamaForCausalLM:
     llama = LlamaForCausalLM(config).eval()
     layers = llama.model.layers
     for i in range(c.num_hidden_layers):
-        first = c.ffn_index(i) * c.ffn_group_size
+        first = c.ffn_groups[c.ffn_index(i)][0]
         layers[i].mlp = layers[first].mlp  # one LlamaMLP object per FFN group, as in MobiLlama
     state = {}
     for k, v in model.state_dict().items():
         if ".ffns." in k:
             g, rest = k.split(".ffns.")[1].split(".", 1)
-            state[f"model.layers.{int(g) * c.ffn_group_size}.mlp.{rest}"] = v
+            state[f"model.layers.{c.ffn_groups[int(g)][0]}.mlp.{rest}"] = v
         else:
             state[k] = v
     missing, unexpected = llama.load_state_dict(state, strict=False)
@@ -43,7 +43,7 @@ def stock_llama_like(model: MobiLlama) -> LlamaForCausalLM:
     return llama
 
 
-@pytest.mark.parametrize("sharing", ["none", "all", "group:2"])
+@pytest.mark.parametrize("sharing", ["none", "all", "group:2", "dedicated:1+group:2"])
 def test_logits_match_stock_llama(sharing, realistic_model, rel_err):
     cfg = get_preset("micro").replace(ffn_sharing=sharing)
     model = realistic_model(cfg)

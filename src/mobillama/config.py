@@ -6,7 +6,11 @@ Llama-family RoPE scaling, :data:`ROPE_SCALING_KEYS`). The one MobiLlama-specifi
 
 - ``"none"``     one FFN per layer (a plain Llama; the paper's baselines and the 1.2B "large base"),
 - ``"all"``      one FFN object used by every layer (MobiLlama),
-- ``"group:K"``  consecutive groups of K layers share one FFN (for ablations on the degree of sharing).
+- ``"group:K"``  consecutive groups of K layers share one FFN (for ablations on the degree of sharing),
+- ``"dedicated:N+all"`` / ``"dedicated:N+group:K"``  the first N layers keep FFNs of their own and the
+  remaining layers share as ``all`` / ``group:K`` says. The first layers of a pretrained model are the
+  ones that suffer most when their FFN is merged with others' (docs/sharing.md), so a model made from one
+  may keep them dedicated.
 """
 
 from __future__ import annotations
@@ -145,21 +149,38 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def ffn_dedicated_layers(self) -> int:
+        """How many first layers keep an FFN of their own before the sharing starts (``dedicated:N+...``)."""
+        head, plus, _ = self.ffn_sharing.partition("+")
+        return int(head.split(":", 1)[1]) if plus else 0
+
+    @property
     def ffn_group_size(self) -> int:
-        """How many consecutive layers share one FFN."""
-        if self.ffn_sharing == "all":
-            return self.num_hidden_layers
-        if self.ffn_sharing == "none":
+        """How many consecutive layers share one FFN (after the dedicated ones)."""
+        sharing = self.ffn_sharing.rpartition("+")[2]
+        if sharing == "all":
+            return self.num_hidden_layers - self.ffn_dedicated_layers
+        if sharing == "none":
             return 1
-        return int(self.ffn_sharing.split(":", 1)[1])
+        return int(sharing.split(":", 1)[1])
+
+    @property
+    def ffn_groups(self) -> list[range]:
+        """The consecutive layers each FFN serves, in FFN order (the last group may be shorter)."""
+        first, size, layers = self.ffn_dedicated_layers, self.ffn_group_size, self.num_hidden_layers
+        return [range(i, i + 1) for i in range(first)] + [
+            range(start, min(start + size, layers)) for start in range(first, layers, size)
+        ]
 
     @property
     def num_ffns(self) -> int:
-        return math.ceil(self.num_hidden_layers / self.ffn_group_size)
+        rest = self.num_hidden_layers - self.ffn_dedicated_layers
+        return self.ffn_dedicated_layers + math.ceil(rest / self.ffn_group_size)
 
     def ffn_index(self, layer: int) -> int:
         """The FFN that layer ``layer`` uses."""
-        return layer // self.ffn_group_size
+        first = self.ffn_dedicated_layers
+        return layer if layer < first else first + (layer - first) // self.ffn_group_size
 
     # --- checks ----------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -199,13 +220,25 @@ class ModelConfig:
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise MobiLlamaError("config fields 'rms_norm_eps' and 'rope_theta' must be positive")
         validate_rope_scaling(self.rope_scaling)
+        self._validate_ffn_sharing()
+
+    def _validate_ffn_sharing(self) -> None:
         sharing = self.ffn_sharing
-        if sharing not in ("none", "all"):
-            head, _, k = sharing.partition(":")
+        bad = MobiLlamaError(
+            "config field 'ffn_sharing' must be 'none', 'all', 'group:K' (K >= 1), 'dedicated:N+all' or "
+            f"'dedicated:N+group:K' (N dedicated first layers, 1 <= N < num_hidden_layers), got {sharing!r}"
+        )
+        dedicated, plus, rest = sharing.rpartition("+")
+        if plus:
+            head, _, n = dedicated.partition(":")
+            if head != "dedicated" or not n.isdigit() or not 1 <= int(n) < self.num_hidden_layers:
+                raise bad
+            if rest == "none":
+                raise bad
+        if rest not in ("none", "all"):
+            head, _, k = rest.partition(":")
             if head != "group" or not k.isdigit() or int(k) < 1:
-                raise MobiLlamaError(
-                    f"config field 'ffn_sharing' must be 'none', 'all' or 'group:K' (K >= 1), got {sharing!r}"
-                )
+                raise bad
 
     # --- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def test_round_trip_release_to_llama_in_stock_transformers(tmp_path, rel, ids):
     assert diff <= rel.TOL
 
 
-@pytest.mark.parametrize("sharing", ["none", "group:2"])
+@pytest.mark.parametrize("sharing", ["none", "group:2", "dedicated:1+all"])
 def test_export_dedicated_and_grouped_gqa_models(tmp_path, sharing, realistic_model):
     from transformers import LlamaForCausalLM
 

@@ -30,7 +30,7 @@ GREEDY = SamplingParams(max_new_tokens=24, stop_at_eos=False)
 BF16_FAST_PATH = 0.05
 
 
-@pytest.mark.parametrize("sharing", ["all", "group:2", "none"])
+@pytest.mark.parametrize("sharing", ["all", "group:2", "none", "dedicated:1+all"])
 def test_fast_greedy_equals_reference_argmax(byte_model, sharing):
     model = byte_model(ffn_sharing=sharing)
     prompt = list(range(10, 31))

@@ -55,9 +55,11 @@ def test_aligned_merge_of_permuted_copies_recovers_the_ffn_and_mean_does_not(ref
     copies = [ffn] + [
         permute_ffn(ffn, torch.randperm(24, generator=torch.Generator().manual_seed(s))) for s in (3, 4)
     ]
-    x = torch.randn(7, 16)
+    x = torch.randn(7, 16, generator=torch.Generator().manual_seed(5))
     merged = align_and_merge(copies, reference)
-    torch.testing.assert_close(run_ffn(merged, x), run_ffn(ffn, x), rtol=1e-5, atol=1e-5)
+    expected = run_ffn(ffn, x)  # outputs reach ~1e3: a tolerance relative to their scale, not 1e-5 absolute
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(run_ffn(merged, x), expected, rtol=0, atol=1e-6 * scale)
     if reference == 0:  # the reference's unit order is kept: the very same weights
         for w in FFN_WEIGHTS:
             torch.testing.assert_close(merged[w], ffn[w])
@@ -192,7 +194,7 @@ def test_share_cli_bad_input_is_one_line(permuted_ckpt, tmp_path, capsys):
         return main(["share", "--from", str(permuted_ckpt), "--out", str(tmp_path / "x"), *extra])
 
     assert run("--strategy", "aligned", "--sharing", "group:9") == 2
-    assert "the group is larger than the model's 4 layers" in capsys.readouterr().err
+    assert "the group is larger than the 4 layers it applies to" in capsys.readouterr().err
     assert run("--strategy", "aligned:auto") == 2  # the micro checkpoint has no tokenizer
     assert "carries no tokenizer" in capsys.readouterr().err
     assert run("--strategy", "aligned:x") == 2

@@ -100,7 +100,7 @@ def test_share_layer_k_takes_the_kth_layer_of_every_group(large_base, tmp_path, 
     )
     config, state = load_checkpoint(out)
     for g in range(config.num_ffns):
-        first = g * config.ffn_group_size
+        first = config.ffn_groups[g][0]
         torch.testing.assert_close(
             state[f"model.ffns.{g}.gate_proj.weight"], base[f"model.ffns.{first}.gate_proj.weight"]
         )
@@ -121,7 +121,7 @@ def test_share_layer_k_takes_the_kth_layer_of_every_group(large_base, tmp_path, 
         == 0
     )
     config, state = load_checkpoint(tmp_path / "m")
-    last = range((config.num_ffns - 1) * config.ffn_group_size, 4)
+    last = config.ffn_groups[-1]
     expected = torch.stack([base[f"model.ffns.{i}.up_proj.weight"] for i in last]).mean(0)
     torch.testing.assert_close(state[f"model.ffns.{config.num_ffns - 1}.up_proj.weight"], expected)
 
@@ -184,3 +184,45 @@ def test_pretrain_cli_bad_input(helpers, shard_dir, tmp_path, capsys):
     assert not (tmp_path / "run" / "checkpoints").exists()
     with pytest.raises(SystemExit):
         main(["share", "--bogus=1"])  # only pretrain takes --key=value overrides
+
+
+def test_share_keeps_dedicated_first_layers(large_base, tmp_path):
+    """dedicated:1+group:3 over 4 layers: layer 0 keeps its FFN, layers 1-3 share one; the model built
+    from the result runs each layer on the FFN the config names."""
+    _, base = load_checkpoint(large_base)
+    for strategy in ("mean", "aligned", "layer:1"):
+        out = tmp_path / strategy.replace(":", "-")
+        args = [
+            "share",
+            "--from",
+            str(large_base),
+            "--strategy",
+            strategy,
+            "--sharing",
+            "dedicated:1+group:3",
+        ]
+        assert main([*args, "--out", str(out)]) == 0
+        config, state = load_checkpoint(out)
+        assert config.ffn_sharing == "dedicated:1+group:3" and config.num_ffns == 2
+        for w in ("gate_proj", "up_proj", "down_proj"):
+            torch.testing.assert_close(state[f"model.ffns.0.{w}.weight"], base[f"model.ffns.0.{w}.weight"])
+        shared = state["model.ffns.1.up_proj.weight"]
+        if strategy == "mean":
+            expected = torch.stack([base[f"model.ffns.{i}.up_proj.weight"] for i in (1, 2, 3)]).mean(0)
+            torch.testing.assert_close(shared, expected)
+        if strategy == "layer:1":
+            torch.testing.assert_close(shared, base["model.ffns.2.up_proj.weight"])
+        model = MobiLlama(config)
+        model.load_state_dict(state)
+        assert [model.config.ffn_index(i) for i in range(4)] == [0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "sharing, message",
+    [("dedicated:1+group:4", "larger than the 3 layers it applies to"), ("none", "shares nothing")],
+)
+def test_share_refuses_a_sharing_that_does_not_fit(large_base, tmp_path, capsys, sharing, message):
+    args = ["share", "--from", str(large_base), "--strategy", "mean", "--sharing", sharing]
+    assert main([*args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "x").exists()

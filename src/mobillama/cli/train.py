@@ -106,7 +106,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: built-in standard-library docstrings; the first 512 tokens are used)",
     )
     s.add_argument(
-        "--sharing", default="all", metavar="all|group:K", help="FFN sharing of the result (default: all)"
+        "--sharing",
+        default="all",
+        metavar="SHARING",
+        help="FFN sharing of the result: all, group:K (groups of K consecutive layers), or either after "
+        "dedicated:N+ to keep the first N layers' own FFNs, e.g. dedicated:2+group:2 (default: all)",
     )
     s.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory (must not exist)")
     s.set_defaults(func=run_share_cmd)

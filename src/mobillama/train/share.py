@@ -68,12 +68,6 @@ def parse_strategy(strategy: str) -> tuple[str, int | str | None]:
     )
 
 
-def ffn_groups(target: ModelConfig) -> list[range]:
-    """The layers each of the target's FFNs serves (the last group may be shorter)."""
-    size, layers = target.ffn_group_size, target.num_hidden_layers
-    return [range(g * size, min((g + 1) * size, layers)) for g in range(target.num_ffns)]
-
-
 # --- permutation alignment ------------------------------------------------------------------------------
 
 
@@ -305,8 +299,9 @@ def share_state(
     if kind != "aligned" and (match != "weights" or weighting != "uniform"):
         raise MobiLlamaError(f"--match and --weighting apply to the aligned strategies, not {strategy!r}")
     out = {name: t for name, t in state.items() if not name.startswith(FFN_PREFIX)}
-    groups = ffn_groups(target)
-    smallest = min(len(layers) for layers in groups)
+    groups = target.ffn_groups
+    dedicated = target.ffn_dedicated_layers  # the first groups are single layers that keep their own FFN
+    smallest = min(len(layers) for layers in groups[dedicated:])
     if isinstance(k, int) and k >= smallest:
         uneven = (
             f"; groups of {target.ffn_group_size} layers, the last of {smallest}"
@@ -342,7 +337,9 @@ def share_state(
         return align_and_merge(ffns, reference, iters=rounds, features=features, importance=importance)
 
     for g, layers in enumerate(groups):
-        if kind == "layer":
+        if g < dedicated:
+            ffn = {w: t.clone() for w, t in layer_ffns[layers[0]].items()}
+        elif kind == "layer":
             ffn = {w: t.clone() for w, t in layer_ffns[layers[k]].items()}
         elif kind == "mean":
             ffn = merge_ffns([layer_ffns[i] for i in layers])
@@ -382,8 +379,10 @@ def _auto_references(
     model = _build(target, state)
     best_loss = calibration_loss(model, ids)
     for g, layers in enumerate(groups):
-        ffn = model.model.ffns[g]
         n = len(layers)
+        if n == 1:  # a dedicated layer (or a one-layer last group): nothing to choose
+            continue
+        ffn = model.model.ffns[g]
         prefix = _layer_inputs(model, ids, layers.start)  # groups before g are fixed: run them once
 
         def trial(
@@ -428,7 +427,8 @@ def share_checkpoint(
     calibration: str | Path | None = None,
     say: Callable[[str], None] = lambda _msg: None,
 ) -> Path:
-    """Read a dedicated-FFN checkpoint, write a shared-FFN one (``sharing`` = "all" or "group:K")."""
+    """Read a dedicated-FFN checkpoint, write a shared-FFN one (``sharing``: "all", "group:K", or either
+    after ``dedicated:N+``)."""
     src = Path(src)
     kind, k = parse_strategy(strategy)
     config, state = load_checkpoint(src)
@@ -439,12 +439,16 @@ def share_checkpoint(
         )
     target = config.replace(ffn_sharing=sharing)
     target.validate()
-    if target.ffn_sharing == "none":
-        raise MobiLlamaError("--sharing must be 'all' or 'group:K'")
-    if target.ffn_group_size > config.num_hidden_layers:
+    if target.num_ffns == config.num_hidden_layers:
         raise MobiLlamaError(
-            f"--sharing {sharing}: the group is larger than the model's {config.num_hidden_layers} layers "
-            f"(K at most {config.num_hidden_layers}, or 'all')"
+            f"--sharing {sharing} shares nothing: use 'all', 'group:K' (K >= 2) or 'dedicated:N+all' / "
+            "'dedicated:N+group:K'"
+        )
+    shared_layers = config.num_hidden_layers - target.ffn_dedicated_layers
+    if target.ffn_group_size > shared_layers:
+        raise MobiLlamaError(
+            f"--sharing {sharing}: the group is larger than the {shared_layers} layers it applies to "
+            f"(K at most {shared_layers}, or 'all')"
         )
     needs_text = kind == "aligned" and (k == "auto" or match != "weights" or weighting != "uniform")
     ids = load_calibration_ids(src, calibration, CALIBRATION_TOKENS) if needs_text else None
