@@ -222,3 +222,21 @@ def test_bad_rope_scaling_is_one_line_naming_the_key(tmp_path, scaling, message)
     path.write_text(json.dumps({**get_preset("micro").to_dict(), "rope_scaling": scaling}, allow_nan=True))
     with pytest.raises(MobiLlamaError, match=f"{path}: .*rope_scaling"):
         ModelConfig.load(path)
+
+
+def test_a_local_directory_named_like_a_preset_is_read_not_the_preset(tmp_path, monkeypatch):
+    """One rule everywhere (config.preset_name): a preset name counts only when no such file exists."""
+    from mobillama.checkpoint import load_model, save_checkpoint
+    from mobillama.infer.load import describe_checkpoint
+    from mobillama.model import MobiLlama
+
+    config = get_preset("micro").replace(num_hidden_layers=1)
+    save_checkpoint(MobiLlama(config), config, tmp_path / "micro")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("micro") == config
+    assert load_model("micro").config == config
+    assert describe_checkpoint("micro").kind == "checkpoint"
+    monkeypatch.chdir(tmp_path / "micro")  # no file called 'micro' here: the preset
+    assert resolve_config("micro") == get_preset("micro")
+    assert load_model("micro").config == get_preset("micro")
+    assert describe_checkpoint("micro").kind == "preset"

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from mobillama.config import PRESETS, ModelConfig, get_preset
+from mobillama.config import ModelConfig, get_preset, preset_name
 from mobillama.errors import MobiLlamaError
 from mobillama.model import MobiLlama
 
@@ -303,9 +303,8 @@ def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tens
 
 def load_model(path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """A :class:`~mobillama.model.MobiLlama` from a preset name (random weights) or a checkpoint directory."""
-    if str(path) in PRESETS and not Path(path).exists():
-        config = get_preset(str(path))
-        model = MobiLlama(config)
+    if preset_name(path):
+        model = MobiLlama(get_preset(str(path)))
     else:
         config, state = load_checkpoint(path)
         with torch.device("meta"):

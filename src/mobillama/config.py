@@ -349,10 +349,17 @@ def get_preset(name: str) -> ModelConfig:
     return dataclasses.replace(PRESETS[name])
 
 
+def preset_name(spec: str | Path) -> str | None:
+    """``spec`` as a preset name, or None. The one rule every command follows: a preset name counts only
+    when no file or directory of that name exists, so a local checkpoint called ``tiny`` is never shadowed."""
+    name = str(spec)
+    return name if name in PRESETS and not Path(spec).exists() else None
+
+
 def resolve_config(spec: str | Path) -> ModelConfig:
     """A preset name, a YAML/JSON config file, or a checkpoint directory holding config.json."""
     spec_str = str(spec)
-    if spec_str in PRESETS:
+    if preset_name(spec):
         return get_preset(spec_str)
     path = Path(spec)
     if path.is_dir():

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mobillama.checkpoint import WEIGHTS_NAME, load_model, safetensors_location
-from mobillama.config import PRESETS, get_preset, parse_dtype
+from mobillama.config import PRESETS, get_preset, parse_dtype, preset_name
 from mobillama.errors import MobiLlamaError
 from mobillama.infer import quant
 from mobillama.infer.generator import TokenizerLike
@@ -68,9 +68,9 @@ def describe_checkpoint(spec: str | Path, *, presets: bool = True) -> Checkpoint
     contents are checked by the loader that reads it, not here.
     """
     path = Path(spec)
+    if presets and preset_name(spec):
+        return CheckpointKind(str(spec), "preset")
     if not path.exists():
-        if presets and str(spec) in PRESETS:
-            return CheckpointKind(str(spec), "preset")
         if presets:
             raise MobiLlamaError(
                 f"{str(spec)!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory"
