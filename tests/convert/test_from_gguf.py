@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from mobillama.convert.from_gguf import import_gguf
 from mobillama.convert.gguf_vocab import PRE_TOKENIZER_REGEXES, gguf_pre_tokenizer_name, pre_tokenizer_for
 from mobillama.convert.to_llama import llama_state_dict
 from mobillama.errors import MobiLlamaError
+from mobillama.model import rope_inv_freq
 from mobillama.tokenizer import load_tokenizer
 
 TEXTS = [
@@ -214,17 +216,19 @@ def test_other_architectures_and_rope_scaling_are_refused(tmp_path):
     _fails(tmp_path, scaled, "RoPE scaling 'yarn'")
 
 
-def test_rope_frequency_factors_are_refused(tmp_path):
-    """llama.cpp's form of Llama 3 RoPE scaling: refused, naming the importer that reads it exactly."""
+def test_rope_frequency_divisors_off_the_llama3_rule_are_refused(tmp_path):
+    """rope_freqs that no llama3 parameters reproduce: refused, naming the importer that reads them exactly."""
     writer = gguf.GGUFWriter(tmp_path / "f.gguf", arch="llama")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", torch.zeros(8, 4).numpy())
-    writer.add_tensor("rope_freqs.weight", torch.ones(2).numpy())
+    writer.add_tensor("rope_freqs.weight", np.array([1.0, 3.0, 2.0, 7.0], dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    _fails(tmp_path, tmp_path / "f.gguf", "rope_freqs.*'llama3'.*convert from-hf")
+    _fails(
+        tmp_path, tmp_path / "f.gguf", "rope_freqs.*do not follow Llama 3's 'llama3' rule.*convert from-hf"
+    )
 
 
 # --- RoPE scaling --------------------------------------------------------------------------------------
@@ -294,13 +298,46 @@ def test_gguf_yarn_and_bad_factor_are_refused(tmp_path, rel, monkeypatch):
         _fails(tmp_path, tmp_path / f"{name}.gguf", match)
 
 
-def test_llama3_scaling_is_not_exported_to_gguf(tmp_path, rel):
+def test_llama3_scaling_round_trips_through_gguf(tmp_path, rel):
+    """Written as llama.cpp's converter writes it (rope_freqs divisors) plus the original context; read
+    back as the same four parameters and the same logits."""
+    scaling = llama3_scaling(64)  # head size 16 at theta 1e4: two frequencies fall in the blended band
+    ckpt = _checkpoint(tmp_path, rel, rope_scaling=scaling)
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert reader.fields["llama.rope.scaling.original_context_length"].contents() == 64
+    divisors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+    assert divisors[0] == 1.0 and divisors[-1] == 8.0 and 1 < divisors[1] < 8  # kept, slowed, blended
+    import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    assert load_checkpoint(tmp_path / "back")[0].rope_scaling == scaling
+    ids = torch.randint(0, 300, (2, 100), generator=torch.Generator().manual_seed(1))
+    want, got = _logits(ckpt, ids), _logits(tmp_path / "back", ids)
+    assert (got - want).abs().max() / want.abs().max() < 5e-3
+
+
+def test_llama3_divisors_without_the_original_context_give_the_same_frequencies(tmp_path, rel, monkeypatch):
+    """llama.cpp's own converter writes no original context: 8192 is assumed, low/high come out scaled
+    to it, and every rotary frequency is the same as the source's."""
+    from mobillama.convert import to_gguf
+
+    original = to_gguf._write_metadata
+
+    def without_context(writer, config, *args):
+        original(writer, config, *args)
+        writer.kv_data[0].pop("llama.rope.scaling.original_context_length")
+
+    monkeypatch.setattr(to_gguf, "_write_metadata", without_context)
     scaling = llama3_scaling(64)
     ckpt = _checkpoint(tmp_path, rel, rope_scaling=scaling)
-    with pytest.raises(MobiLlamaError, match="RoPE scaling 'llama3' cannot be exported to GGUF") as info:
-        export_gguf(ckpt, tmp_path / "m.gguf")
-    assert "\n" not in str(info.value)
-    assert not list(tmp_path.glob("*m.gguf*"))
+    export_gguf(ckpt, tmp_path / "m.gguf")
+    import_gguf(tmp_path / "m.gguf", tmp_path / "back")
+    back = load_checkpoint(tmp_path / "back")[0]
+    assert back.rope_scaling["original_max_position_embeddings"] == 8192
+    assert back.rope_scaling["factor"] == 8.0 and back.rope_scaling != scaling
+    head = back.head_dim
+    torch.testing.assert_close(
+        rope_inv_freq(head, back.rope_theta, back.rope_scaling), rope_inv_freq(head, back.rope_theta, scaling)
+    )
 
 
 def test_unknown_pre_tokenizer_or_tokenizer_model_is_refused(tmp_path, rel, monkeypatch):

@@ -11,11 +11,13 @@ model that installs offline here (SmolLM2-135M-Instruct) comes as GGUF only. The
 - ``llama.*`` metadata becomes the model config (grouped-query heads, rope theta, RMS eps, context);
   linear RoPE scaling (``llama.rope.scaling.factor``, or the older ``llama.rope.scale_linear``, with
   ``llama.rope.scaling.type`` "linear", "none" or absent: llama.cpp applies the factor for all three)
-  becomes ``rope_scaling: {"rope_type": "linear", ...}``. Other scaling types (yarn, ...) are refused,
-  and so is a ``rope_freqs.weight`` tensor, llama.cpp's per-frequency divisors, which is how its
-  converter stores Llama 3 ("llama3") scaling: rather than guess the four llama3 parameters back from
-  the divisors, the importer refuses such a file and names ``convert from-hf`` on the Hugging Face
-  checkpoint, which carries them exactly;
+  becomes ``rope_scaling: {"rope_type": "linear", ...}``. A ``rope_freqs.weight`` tensor (llama.cpp's
+  per-frequency divisors, how its converter stores Llama 3 "llama3" scaling) becomes ``rope_scaling:
+  {"rope_type": "llama3", ...}``: the factor is the largest divisor, and the low/high frequency factors
+  are solved from the blended frequencies (linear in 1 / wavelength) for the file's
+  ``llama.rope.scaling.original_context_length`` (8192, Llama 3's, when absent: the frequencies do not
+  depend on that choice). The recovered parameters must reproduce every frequency llama.cpp would use
+  (relative error below 1e-5) or the file is refused. Other scaling types (yarn, ...) are refused;
 - ``tokenizer.ggml.*`` becomes a Hugging Face tokenizer that tokenizes exactly as llama.cpp does
   (:mod:`mobillama.convert.gguf_vocab`), with the chat template, special tokens and add-BOS/EOS flags.
 
@@ -25,6 +27,7 @@ importer's, so a GGUF file and the same model in Hugging Face format give the sa
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -47,6 +50,7 @@ from mobillama.convert.gguf_vocab import (
 from mobillama.convert.to_gguf import unpermute_from_gguf
 from mobillama.convert.to_llama import llama_tensor_names
 from mobillama.errors import MobiLlamaError
+from mobillama.model import rope_inv_freq
 from mobillama.tokenizer import Tokenizer, sentencepiece_to_hf
 
 ARCH = "llama"
@@ -182,11 +186,17 @@ def _rope_scaling(gf: GGUFFile) -> dict[str, Any] | None:
         raise MobiLlamaError(
             f"{gf.path}: RoPE scaling {kind!r} is not supported (only plain RoPE and 'linear')"
         )
-    if any(t.name == "rope_freqs.weight" for t in gf.reader.tensors):
-        raise MobiLlamaError(
-            f"{gf.path}: RoPE frequency factors (rope_freqs, llama.cpp's form of Llama 3 'llama3' RoPE "
-            "scaling) are not supported; import the Hugging Face checkpoint with convert from-hf instead"
-        )
+    freqs = next((t for t in gf.reader.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:
+        theta = float(gf.get(f"{ARCH}.rope.freq_base", 10000.0))
+        original = gf.get(f"{ARCH}.rope.scaling.original_context_length") or LLAMA3_ORIGINAL_CONTEXT
+        try:
+            divisors = np.array(
+                gguf.quants.dequantize(freqs.data, freqs.tensor_type), dtype=np.float64
+            ).ravel()
+        except NotImplementedError:
+            raise MobiLlamaError(f"{gf.path}: tensor {ROPE_FREQS!r} has an unreadable type") from None
+        return llama3_scaling_from_divisors(divisors, theta, int(original), str(gf.path))
     factor = gf.get(f"{ARCH}.rope.scaling.factor")
     if factor is None:  # the key's older name, which llama.cpp still reads
         factor = gf.get(f"{ARCH}.rope.scale_linear")
@@ -197,6 +207,52 @@ def _rope_scaling(gf: GGUFFile) -> dict[str, Any] | None:
             f"{gf.path}: GGUF metadata RoPE scaling factor has unexpected value {factor!r:.80}"
         )
     return {"rope_type": "linear", "factor": _float32_value(factor)}
+
+
+ROPE_FREQS = "rope_freqs.weight"
+LLAMA3_ORIGINAL_CONTEXT = 8192  # Llama 3's pre-extension context, assumed where the file does not say
+
+
+def llama3_scaling_from_divisors(
+    divisors: np.ndarray, theta: float, original_context: int, source: str
+) -> dict[str, Any] | None:
+    """The ``llama3`` rope_scaling whose frequencies are ``plain / divisors`` (llama.cpp's rope_freqs).
+
+    In the llama3 rule a frequency is kept (divisor 1), slowed by ``factor`` (divisor = factor), or
+    blended; a blended one's weight on the kept frequency is ``(context / wavelength - low) / (high - low)``,
+    a straight line in 1 / wavelength, so two or more blended frequencies determine low and high. The
+    result is checked by recomputing every frequency with :func:`mobillama.model.rope_inv_freq`.
+    """
+    head_dim = 2 * divisors.size
+    if divisors.size == 0 or not np.all(np.isfinite(divisors)) or np.any(divisors <= 0):
+        raise MobiLlamaError(f"{source}: tensor {ROPE_FREQS!r} holds non-positive or non-finite divisors")
+    factor = float(divisors.max())
+    if np.allclose(divisors, 1.0, rtol=1e-6):
+        return None
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    blended = ~np.isclose(divisors, 1.0, rtol=1e-6) & ~np.isclose(divisors, factor, rtol=1e-6)
+    refused = MobiLlamaError(
+        f"{source}: the RoPE frequency divisors in {ROPE_FREQS!r} do not follow Llama 3's 'llama3' rule "
+        "(or fix too few of its parameters); import the Hugging Face checkpoint with convert from-hf"
+    )
+    if blended.sum() < 2:
+        raise refused
+    keep = (1.0 / divisors[blended] - 1.0 / factor) / (1.0 - 1.0 / factor)
+    slope, intercept = np.polyfit(inv[blended] / (2 * math.pi), keep, 1)  # keep = slope / wavelength + b
+    span = original_context / slope  # high - low
+    low = -intercept * span
+    scaling = {
+        "rope_type": "llama3",
+        "factor": _float32_value(factor),
+        "low_freq_factor": float(f"{low:.6g}"),
+        "high_freq_factor": float(f"{low + span:.6g}"),
+        "original_max_position_embeddings": original_context,
+    }
+    want = torch.from_numpy(inv / divisors).float()
+    got = rope_inv_freq(head_dim, theta, scaling).double()
+    if not torch.all(((got - want.double()).abs() / want.double()) < 1e-5):
+        raise refused
+    return scaling
 
 
 def hf_config_from_gguf(gf: GGUFFile) -> dict[str, Any]:
@@ -264,6 +320,8 @@ def llama_state_from_gguf(gf: GGUFFile, raw: dict[str, Any]) -> dict[str, torch.
     llama_name = {name_map.get_name(k, try_suffixes=(".weight",)): k for k in llama_tensor_names(n_layers)}
     state: dict[str, torch.Tensor] = {}
     for t in tqdm(gf.reader.tensors, desc="dequantizing", unit="tensor", disable=None):
+        if t.name == ROPE_FREQS:  # read into the config's rope_scaling (hf_config_from_gguf)
+            continue
         if t.name not in llama_name:
             raise MobiLlamaError(f"{gf.path}: unexpected tensor {t.name!r} for a 'llama' model")
         shape = [int(d) for d in reversed(t.shape.tolist())]  # GGUF lists dimensions innermost first

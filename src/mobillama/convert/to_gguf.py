@@ -11,8 +11,9 @@ once and the result reused for every layer. 1-D tensors (norms) stay float32, as
 does, and a matrix whose rows are not a multiple of the 32-value block falls back to f16 (reported).
 
 Linear RoPE scaling is written as llama.cpp's ``llama.rope.scaling.type`` "linear" and
-``llama.rope.scaling.factor``. Llama 3 ("llama3") scaling is refused: llama.cpp keeps it as a
-``rope_freqs.weight`` tensor of per-frequency divisors, which the importer (from-gguf) does not read back.
+``llama.rope.scaling.factor``; Llama 3 ("llama3") scaling as llama.cpp's own converter writes it, a
+``rope_freqs.weight`` tensor of per-frequency divisors (F32), plus ``llama.rope.scaling.original_context_length``
+so that ``convert from-gguf`` recovers the four parameters exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from mobillama.config import ModelConfig
 from mobillama.convert.gguf_vocab import gguf_pre_tokenizer_name
 from mobillama.convert.to_llama import llama_state_dict
 from mobillama.errors import MobiLlamaError
+from mobillama.model import rope_inv_freq
 
 GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")
 
@@ -106,13 +108,6 @@ def export_gguf(
     if out.exists() and not overwrite:
         raise MobiLlamaError(f"output {out} already exists (choose another path or use --overwrite)")
     config, state = load_checkpoint(ckpt)
-    scaling = config.rope_scaling
-    if scaling is not None and scaling["rope_type"] != "linear":
-        raise MobiLlamaError(
-            f"{ckpt}: RoPE scaling {scaling['rope_type']!r} cannot be exported to GGUF (llama.cpp keeps it as "
-            "a rope_freqs tensor, which this exporter does not write); export-llama and llama.cpp's "
-            "convert_hf_to_gguf.py can"
-        )
     qtype = {
         "f32": gguf.GGMLQuantizationType.F32,
         "f16": gguf.GGMLQuantizationType.F16,
@@ -164,9 +159,12 @@ def _write_metadata(writer, config: ModelConfig, name: str, gguf_type: str) -> N
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
-    if config.rope_scaling is not None:  # linear (export_gguf refuses the others): llama.cpp's own keys
+    scaling = config.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "linear":  # llama.cpp's own keys
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
+        writer.add_rope_scaling_factor(scaling["factor"])
+    elif scaling is not None:  # llama3: the divisors tensor (_write_tensors) and the context they assume
+        writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     file_type = {
         "f32": gguf.LlamaFileType.ALL_F32,
@@ -216,6 +214,13 @@ def _write_tensors(
         else:
             writer.add_tensor(gguf_name, data, raw_dtype=raw_type)
         report.tensor_types[raw_type.name] = report.tensor_types.get(raw_type.name, 0) + 1
+        report.num_tensors += 1
+    scaling = config.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "llama3":  # llama.cpp divides each frequency by these
+        plain = rope_inv_freq(config.head_dim, config.rope_theta)
+        scaled = rope_inv_freq(config.head_dim, config.rope_theta, scaling)
+        writer.add_tensor("rope_freqs.weight", (plain / scaled).numpy().astype(np.float32))
+        report.tensor_types["F32"] = report.tensor_types.get("F32", 0) + 1
         report.num_tensors += 1
     if fallback:
         report.notices.append(
