@@ -15,7 +15,14 @@ from mobillama.config import get_preset
 from mobillama.errors import MobiLlamaError
 from mobillama.model import FeedForward, MobiLlama
 from mobillama.train import share
-from mobillama.train.share import align_and_merge, merge_ffns, permute_ffn, share_state
+from mobillama.train.ffn_align import (
+    activation_features,
+    align_and_merge,
+    merge_ffns,
+    permute_ffn,
+    unit_importance,
+)
+from mobillama.train.share import share_state
 
 REAL_CKPT = Path("~/.cache/mobillama/models/smollm2-135m-instruct/checkpoint").expanduser()
 
@@ -71,10 +78,8 @@ def test_activation_matching_and_weighting_recover_permuted_copies():
     ffn = random_ffn(5)
     other = permute_ffn(ffn, torch.randperm(24, generator=torch.Generator().manual_seed(6)))
     inputs = torch.randn(200, 16)
-    importance = [share.unit_importance(f, inputs) for f in (ffn, other)]
-    merged = align_and_merge(
-        [ffn, other], 1, features=share.activation_features(inputs), importance=importance
-    )
+    importance = [unit_importance(f, inputs) for f in (ffn, other)]
+    merged = align_and_merge([ffn, other], 1, features=activation_features(inputs), importance=importance)
     x = torch.randn(4, 16)
     torch.testing.assert_close(run_ffn(merged, x), run_ffn(ffn, x), rtol=1e-5, atol=1e-5)
 
