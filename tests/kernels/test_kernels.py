@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from mobillama import kernels
 from mobillama.errors import MobiLlamaError
-from mobillama.infer.quant import Int4Linear, Int8Linear, joined_projection
+from mobillama.infer.decoder import joined_projection
+from mobillama.infer.quant import Int4Linear, Int8Linear
 from mobillama.model import rotate_half
 
 needs_kernels = pytest.mark.skipif(

@@ -2,7 +2,8 @@
 
 - :mod:`~mobillama.infer.load`: what a model argument is (:func:`~mobillama.infer.load.describe_checkpoint`),
   and loading it for inference (model and tokenizer);
-- :mod:`~mobillama.infer.quant`: int8/int4 weight-only layers and whole-model quantization;
+- :mod:`~mobillama.infer.quant`: whole-model int8/int4 weight-only quantization, over the layers of
+  :mod:`~mobillama.infer.quant_layers` and the tied embedding of :mod:`~mobillama.infer.quant_embedding`;
   :mod:`~mobillama.infer.quant_checkpoint`: quantized checkpoint directories;
 - :mod:`~mobillama.infer.sampling`: sampling parameters, token choice, stop strings;
 - :mod:`~mobillama.infer.decoder`: the static-cache fast decode path;

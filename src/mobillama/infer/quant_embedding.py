@@ -1,0 +1,109 @@
+"""The input embedding of a tied model whose LM head is quantized, and what the embedding's type decides.
+
+With a tied, quantized head there is one quantized matrix, as in llama.cpp: :class:`QuantizedEmbedding`
+gathers the rows a lookup needs from the head's own tensors (or, once the head is packed for its kernel,
+from the checkpoint file). A module of its own because it is not a matmul layer: the decoder, the loader
+and the benchmark ask it (:func:`embedding_dtype`, :func:`embedding_row_bytes`) what dtype and how many
+bytes a lookup produces, whatever the table is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mobillama.errors import MobiLlamaError
+from mobillama.infer.quant_layers import Int8Linear, QuantizedLinear
+
+
+class QuantizedEmbedding(nn.Module):
+    """The input embedding of a tied model whose LM head is quantized: the head's matrix, read by rows.
+
+    One quantized copy serves both, as in llama.cpp: the head runs it through its kernel, and a lookup
+    gathers only the rows it needs (``weight``, ``scales``, ``zeros`` are the head's own portable tensors)
+    and dequantizes them to ``dtype``, the same numbers as the head's :meth:`~QuantizedLinear.dequantize`.
+    Once the head has repacked its weight for a kernel, the rows may be read from the checkpoint file
+    instead (``rows``, a :class:`~mobillama.infer.load.FileRowEmbedding` over the stored rows, set by
+    :func:`~mobillama.infer.load.serve_embedding_from_file`), so memory holds the matrix once.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int,
+        group_size: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        V, K = num_embeddings, embedding_dim
+        if bits == 8:
+            self.register_buffer("weight", torch.empty(V, K, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(V, dtype=torch.float32, device=device))
+        else:
+            groups = K // group_size  # type: ignore[operator]
+            self.register_buffer("weight", torch.empty(V, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(V, groups, dtype=torch.float32, device=device))
+            self.register_buffer("zeros", torch.empty(V, groups, dtype=torch.float32, device=device))
+        self.rows: nn.Module | None = None
+
+    @classmethod
+    def tied_to(cls, head: QuantizedLinear, dtype: torch.dtype) -> QuantizedEmbedding:
+        """An embedding sharing ``head``'s portable tensors (call before the head is packed)."""
+        bits = 8 if isinstance(head, Int8Linear) else 4
+        with torch.device("meta"):
+            module = cls(head.out_features, head.in_features, bits, getattr(head, "group_size", None), dtype)
+        for name in list(module._buffers):
+            setattr(module, name, getattr(head, name))
+        return module
+
+    def share_with(self, head: QuantizedLinear) -> None:
+        """Give ``head`` this embedding's tensors (the same objects: stored once, held once)."""
+        for name in list(self._buffers):
+            setattr(head, name, getattr(self, name))
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one lookup reads per token: the quantized row and its scales (and zeros)."""
+        if self.bits == 8:
+            return self.embedding_dim + self.scales.element_size()
+        groups = self.embedding_dim // self.group_size  # type: ignore[operator]
+        return self.embedding_dim // 2 + 2 * groups * self.scales.element_size()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        q = self.rows(ids) if self.rows is not None else self.weight[ids]
+        if self.bits == 8:
+            return (q.float() * self.scales[ids][..., None]).to(self.dtype)
+        q = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(*ids.shape, -1, self.group_size).float()
+        w = (q - 8) * self.scales[ids][..., None] + self.zeros[ids][..., None]
+        return w.reshape(*ids.shape, self.embedding_dim).to(self.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if self.rows is not None:
+            raise MobiLlamaError(
+                "this model reads its embedding rows from the checkpoint file (loaded for inference); "
+                "load it with mobillama.infer.quant_checkpoint.load_quantized(pack=False) to save it"
+            )
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        source = ", rows from file" if self.rows is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{group}{source}"
+
+
+def embedding_dtype(model: nn.Module) -> torch.dtype:
+    """The float dtype the input embedding returns (a quantized one dequantizes to its ``dtype``)."""
+    embed = model.model.embed_tokens
+    return embed.dtype if isinstance(embed, QuantizedEmbedding) else embed.weight.dtype
+
+
+def embedding_row_bytes(model: nn.Module) -> int:
+    """Bytes one token's embedding lookup reads."""
+    embed = model.model.embed_tokens
+    if isinstance(embed, QuantizedEmbedding):
+        return embed.row_bytes
+    return embed.weight.shape[1] * embed.weight.element_size()
