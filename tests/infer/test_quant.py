@@ -9,10 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from mobillama import kernels
 from mobillama.checkpoint import load_model
 from mobillama.errors import MobiLlamaError
+from mobillama.infer import quant
 from mobillama.infer.decoder import FastDecoder
 from mobillama.infer.generator import Generator
 from mobillama.infer.quant import Int4Linear, Int8Linear, quantize_model, quantized_module_count
@@ -244,3 +246,24 @@ def test_quantized_logits_track_bf16_on_a_trained_model(
     assert ref.abs().max().item() > 2  # the scale the bounds were measured at
     assert mean_rel < mean_bound
     assert max_rel < max_bound
+
+
+@pytest.mark.parametrize(
+    ("out_features", "kernel", "warned"),
+    [(24, "stock", True), (24, "reference", False), (32, "stock", False)],
+    ids=["no-kernel-for-the-shape", "reference-asked-for", "kernel-fits"],
+)
+def test_packing_warns_when_a_layer_falls_back_to_dequantizing_each_call(
+    out_features, kernel, warned, capsys
+):
+    """PyTorch's int4 kernel needs out_features % 16 == 0: a 24-row layer dequantizes on every call, and
+    the user who chose that shape is told (unless they asked for the reference path themselves)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(quant.Int4Linear.from_linear(nn.Linear(64, out_features), 32, kernel))
+    x = torch.randn(2, 64)
+    expected = model[0].reference_forward(x)  # before packing frees the portable weights
+    quant.pack_for_inference(model)
+    err = capsys.readouterr().err
+    assert quant.dequantizing_layers(model) == int(warned)
+    assert ("warning: 1 quantized layer(s) have no CPU kernel" in err) is warned
+    torch.testing.assert_close(model(x), expected, atol=5e-2, rtol=5e-2)

@@ -256,6 +256,7 @@ def run_bench(
         "int8_kernel": int8_kernel if (bits == 8) else None,
         "int4_kernel": int4_kernel if (bits == 4) else None,
         "kernel_used": quant.kernels_in_use(model),
+        "dequantizing_layers": quant.dequantizing_layers(model),
         "group_size": getattr(model, "quantization", {}).get("group_size") if bits == 4 else None,
         "ffn": "duplicated" if duplicate else c.ffn_sharing,
         "threads": torch.get_num_threads(),
@@ -304,6 +305,8 @@ def format_bench(r: dict[str, Any]) -> str:
         variant += f" g{r['group_size']}"
     if r.get("kernel_used"):
         variant += f", {r['kernel_used']} kernel"
+    if r.get("dequantizing_layers"):
+        variant += f" ({r['dequantizing_layers']} layer(s) dequantizing every call)"
     variant += f", FFN {r['ffn']}"
     rows = [
         ("model", f"{r['model']} ({variant})"),

@@ -15,6 +15,7 @@ decode path calls are :func:`mobillama.infer.decoder.joined_projection`.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import nn
@@ -160,12 +161,38 @@ def quantize_model(
 
 
 def pack_for_inference(model: nn.Module) -> nn.Module:
-    """Convert every quantized layer to its CPU kernel layout (once per object: a shared FFN once)."""
+    """Convert every quantized layer to its CPU kernel layout (once per object: a shared FFN once).
+
+    Says so on stderr when some layer found no kernel for its shape: it then dequantizes its weight on
+    every call, which is correct but slow, and a user picking ``--bits``/``--group-size`` should know."""
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
             m.pack()
     release_freed_memory()
+    slow = dequantizing_layers(model)
+    if slow:
+        print(
+            f"warning: {slow} quantized layer(s) have no CPU kernel for their shape and dequantize their "
+            "weights on every call (slow); another --group-size or --int4-kernel may avoid it",
+            file=sys.stderr,
+        )
     return model
+
+
+def dequantizing_layers(model: nn.Module) -> int:
+    """Distinct quantized CPU layers that fell back to dequantizing each call though a kernel was asked for
+    (``auto``/``vnni``/``stock``...): the shape or the CPU did not suit it. ``reference`` asked for is not
+    counted."""
+    return len(
+        {
+            id(m)
+            for m in model.modules()
+            if isinstance(m, QuantizedLinear)
+            and m.kernel != "reference"
+            and m.kernel_in_use == "reference"
+            and m.weight.device.type == "cpu"
+        }
+    )
 
 
 def release_freed_memory() -> None:
@@ -228,6 +255,7 @@ __all__ = [
     "check_head_bits",
     "check_kernels",
     "default_group_size",
+    "dequantizing_layers",
     "embedding_dtype",
     "embedding_row_bytes",
     "kernels_in_use",
