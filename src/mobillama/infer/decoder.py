@@ -155,7 +155,7 @@ class FastDecoder:
             qkv, gate_up = self.qkv_for_layer[i], self.gate_up_for_layer[i]
             o, down = layer.self_attn.o_proj, self.ffn_for_layer[i].down_proj
             norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            on_vnni = [isinstance(m, quant.QuantizedLinear) and m.vnni_matrix() for m in (o, down)]
+            on_vnni = [isinstance(m, QuantizedLinear) and m.vnni_matrix() for m in (o, down)]
             if (
                 qkv is None or gate_up is None or not all(on_vnni)
                 or qkv.out_features != (H + 2 * Hkv) * D or gate_up.sizes != [inter, inter]
@@ -398,7 +398,7 @@ def _qmatrix(m) -> kernels.QMatrix:
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     """The activation dtype: the embedding's (quantized layers keep integer weights), except fp32 when
     the project's int8/int4 kernels run the matmuls (they take and return fp32; no casts per call)."""
-    if any(isinstance(m, quant.QuantizedLinear) and m.kernel_in_use == "vnni" for m in model.modules()):
+    if any(isinstance(m, QuantizedLinear) and m.kernel_in_use == "vnni" for m in model.modules()):
         return torch.float32
     return quant.embedding_dtype(model)
 
