@@ -235,7 +235,11 @@ class Int4Linear(QuantizedLinear):
             return
         if _use_vnni(self.kernel) and self.group_size % 8 == 0:
             self._vnni = kernels.pack_int4(self.unpacked(), self.scales, self.zeros, self.group_size)
+            # the kernel's params carry the scales and zeros: keeping the portable ones too would hold
+            # 8 more bytes per group of weights (+33% at group 32). A tied embedding keeps its own references.
             self.weight = torch.empty(0, dtype=torch.uint8)
+            self.scales = torch.empty(0, dtype=torch.float32)
+            self.zeros = torch.empty(0, dtype=torch.float32)
             self.packed = True
             return
         if not self.kernel_applies():
