@@ -25,9 +25,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mobillama.convert.fetch import cached_real_model  # noqa: E402
 from mobillama.eval.perplexity import reference_text  # noqa: E402
 
-SOURCE = Path("~/.cache/mobillama/models/smollm2-135m-instruct/checkpoint").expanduser()
 PRECISIONS = {  # label -> mobillama bench options
     "bf16": ["--dtype", "bf16"],
     "int8": ["--bits", "8", "--head-bits", "8"],
@@ -35,9 +35,9 @@ PRECISIONS = {  # label -> mobillama bench options
 }
 
 
-def models(study: Path, steps: int) -> dict[str, Path]:
+def models(study: Path, steps: int, source: Path) -> dict[str, Path]:
     """label -> checkpoint: the dense source, then each healed shared model (seed 0) the study holds."""
-    found = {"dense (30 FFNs)": SOURCE}
+    found = {"dense (30 FFNs)": source}
     for run in sorted((study / "healed").glob("*-seed0")):
         name = run.name.removesuffix("-seed0")
         ckpt = run / "checkpoints" / f"step-{steps:08d}"
@@ -67,7 +67,7 @@ def main() -> int:
     text = args.out / "reference_text.txt"
     text.write_text(reference_text(6000 * args.windows), encoding="utf-8")
     rows = []
-    for label, ckpt in models(args.study, args.steps).items():
+    for label, ckpt in models(args.study, args.steps, cached_real_model("smollm2-135m-instruct")[1]).items():
         for precision, options in PRECISIONS.items():
             r = bench(ckpt, options, text, args.windows, args.threads)
             row = {

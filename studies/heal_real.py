@@ -38,6 +38,7 @@ import torch
 
 from mobillama.checkpoint import load_checkpoint, load_model
 from mobillama.cli import main as cli
+from mobillama.convert.fetch import cached_real_model
 from mobillama.eval import stats
 from mobillama.eval.perplexity import reference_text, windowed_perplexity
 from mobillama.eval.suites import get_suite, run_suite
@@ -46,7 +47,6 @@ from mobillama.study.runner import aggregate_benchmarks
 from mobillama.tokenizer import load_tokenizer
 from mobillama.train import share
 
-SOURCE = Path("~/.cache/mobillama/models/smollm2-135m-instruct/checkpoint").expanduser()
 RECIPE = Path(__file__).with_name("heal_real.yaml")
 SHARING = ["group:2", "group:3", "group:5", "group:10", "all", "dedicated:2+group:2"]
 MERGES = {"mean": ("mean", {}), "aligned": ("aligned", {"weighting": "activation"})}
@@ -76,20 +76,20 @@ def score(ckpt: Path, ids: list[int], windows: int, limit: int, cache: Path) -> 
     return result
 
 
-def merge(sharing: str, label: str, out: Path) -> Path:
+def merge(source: Path, sharing: str, label: str, out: Path) -> Path:
     strategy, options = MERGES[label]
     target = out / "merged" / f"{sharing.replace(':', '-').replace('+', '_')}-{label}"
     if not (target / "model.safetensors").is_file():
-        share.share_checkpoint(SOURCE, strategy, target, sharing, **options)
+        share.share_checkpoint(source, strategy, target, sharing, **options)
     return target
 
 
-def heal(start: Path, name: str, seed: int, data: Path, steps: int, out: Path) -> Path:
+def heal(start: Path, source: Path, name: str, seed: int, data: Path, steps: int, out: Path) -> Path:
     run = out / "healed" / f"{name}-seed{seed}"
     final = run / "checkpoints" / f"step-{steps:08d}"
     if not (final / "model.safetensors").is_file():
         args = [
-            "pretrain", "--recipe", str(RECIPE), "--init-from", str(start), "--distill-from", str(SOURCE),
+            "pretrain", "--recipe", str(RECIPE), "--init-from", str(start), "--distill-from", str(source),
             "--train-only", "ffn", "--out", str(run), "--resume", "auto", f"--data.path={data}",
             f"--train.seed={seed}", f"--data.seed={seed}", f"--train.max_steps={steps}",
             f"--checkpoint.every_steps={steps}",
@@ -190,12 +190,8 @@ def main() -> int:
     parser.add_argument("--report", action="store_true", help="only print the tables of what is cached")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not (SOURCE / "model.safetensors").is_file():
-        print(
-            f"the imported SmolLM2-135M-Instruct is not cached at {SOURCE} (mobillama fetch)", file=sys.stderr
-        )
-        return 2
-    ids = load_tokenizer(SOURCE).encode(reference_text(6000 * args.windows), parse_special=False)
+    source = cached_real_model("smollm2-135m-instruct")[1]  # fetched into the cache on first use
+    ids = load_tokenizer(source).encode(reference_text(6000 * args.windows), parse_special=False)
     if len(ids) < 512 * args.windows:
         print(f"reference_text gives {len(ids)} tokens, fewer than {args.windows} windows", file=sys.stderr)
         return 2
@@ -220,21 +216,29 @@ def main() -> int:
     ]
     for sharing, seed in plan:
         if sharing == "source":
-            results.setdefault("source", []).append(scored(SOURCE, "source"))
+            results.setdefault("source", []).append(scored(source, "source"))
         elif sharing == "control":
-            ckpt = None if args.report else heal(SOURCE, "control", seed, args.data, args.steps, args.out)
+            ckpt = (
+                None
+                if args.report
+                else heal(source, source, "control", seed, args.data, args.steps, args.out)
+            )
             results.setdefault("control", []).append(scored(ckpt, key("control", seed)))
         else:
             if seed is None:
                 for label in MERGES:
-                    ckpt = None if args.report else merge(sharing, label, args.out)
+                    ckpt = None if args.report else merge(source, sharing, label, args.out)
                     results.setdefault(f"{sharing} {label}", []).append(scored(ckpt, key(sharing, label)))
                 seed = args.seeds[0]
-            start = None if args.report else merge(sharing, "aligned", args.out)
-            ckpt = None if args.report else heal(start, key(sharing), seed, args.data, args.steps, args.out)
+            start = None if args.report else merge(source, sharing, "aligned", args.out)
+            ckpt = (
+                None
+                if args.report
+                else heal(start, source, key(sharing), seed, args.data, args.steps, args.out)
+            )
             results.setdefault(f"{sharing} healed", []).append(scored(ckpt, key(sharing, "healed", seed)))
     arms = {}
-    source_config, _ = load_checkpoint(SOURCE)
+    source_config, _ = load_checkpoint(source)
     for name, runs in results.items():
         runs = [r for r in runs if r is not None]
         if runs:
