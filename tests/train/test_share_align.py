@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +22,6 @@ from mobillama.train.ffn_align import (
     unit_importance,
 )
 from mobillama.train.share import share_state
-
-REAL_CKPT = Path("~/.cache/mobillama/models/smollm2-135m-instruct/checkpoint").expanduser()
 
 
 def random_ffn(seed: int, hidden: int = 16, ffn: int = 24) -> dict[str, torch.Tensor]:
@@ -219,19 +216,17 @@ def test_share_cli_bad_input_is_one_line(permuted_ckpt, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-@pytest.mark.skipif(
-    not (REAL_CKPT / "model.safetensors").is_file(), reason=f"real model not cached at {REAL_CKPT}"
-)
-def test_real_model_aligned_merge_beats_plain_mean():
+def test_real_model_aligned_merge_beats_plain_mean(real_model):
     """SmolLM2-135M-Instruct, FFNs shared by pairs of layers: aligned merging gives a lower perplexity on
     the reference text than plain averaging (1 window of 512 tokens, to stay short)."""
     from mobillama.eval.perplexity import reference_text, windowed_perplexity
     from mobillama.tokenizer import load_tokenizer
 
-    config, state = load_checkpoint(REAL_CKPT)
+    _, real_ckpt = real_model  # skips only where the model cannot be fetched
+    config, state = load_checkpoint(real_ckpt)
     target = config.replace(ffn_sharing="group:2")
-    ids = load_tokenizer(REAL_CKPT).encode(reference_text(4000), parse_special=False)
-    calibration = share.load_calibration_ids(REAL_CKPT, None, share.CALIBRATION_TOKENS)
+    ids = load_tokenizer(real_ckpt).encode(reference_text(4000), parse_special=False)
+    calibration = share.load_calibration_ids(real_ckpt, None, share.CALIBRATION_TOKENS)
 
     def perplexity(strategy: str, **options) -> float:
         merged = share_state(state, config, target, strategy, calibration_ids=calibration, **options)
