@@ -80,6 +80,43 @@ def test_groups_that_32_does_not_divide_use_a_smaller_activation_block(bits, gro
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+def test_params_are_half_floats_that_the_portable_form_holds_exactly(bits):
+    """The kernel's scales and offsets are half floats (one 64-byte line per 16 rows and group, as
+    llama.cpp's blocks store theirs): quantization picks them representable, so the saved checkpoint,
+    the reference path and the kernel use the same weights."""
+    torch.manual_seed(bits)
+    linear = torch.nn.Linear(128, 48, bias=False)
+    q = Int8Linear.from_linear(linear, "vnni") if bits == 8 else Int4Linear.from_linear(linear, 32, "vnni")
+    tensors = [q.scales] if bits == 8 else [q.scales, q.zeros - 8 * q.scales]
+    for t in tensors:
+        assert torch.equal(t, t.half().float())
+    q.pack()
+    packed, params = q._vnni
+    assert params.dtype == torch.float16
+    groups = 1 if bits == 8 else 128 // 32
+    assert params.numel() == 3 * groups * 2 * 16  # 48 rows = 3 blocks of 16, a scale and an offset each
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weights_beyond_the_half_range_stay_off_the_kernel_and_stay_exact(bits):
+    """A scale past 65504 cannot be a kernel param: the layer keeps a PyTorch path, with its numbers."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        linear.weight[3, 5] = 1e7 if bits == 8 else 1e6  # int8: scale 7.9e4; int4 (range / 15): 6.7e4
+    q = Int8Linear.from_linear(linear, "auto") if bits == 8 else Int4Linear.from_linear(linear, 32, "auto")
+    assert not kernels.params_fit(*([128 * q.scales] if bits == 8 else [q.scales, q.zeros - 8 * q.scales]))
+    x = torch.randn(2, 64)
+    expected = q.reference_forward(x)
+    q.pack()
+    assert q.kernel_in_use != "vnni"
+    torch.testing.assert_close(q(x), expected, rtol=2e-2, atol=1e-2 * expected.abs().max().item())
+    with pytest.raises(ValueError, match="half-float range"):
+        kernels.pack_int8(torch.zeros(16, 64, dtype=torch.int8), torch.full((16,), 1e5))
+
+
+@needs_kernels
 def test_zero_and_huge_activations_stay_finite_and_exact():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32, bias=False)

@@ -39,6 +39,20 @@ INT8_KERNELS = ("auto", "vnni", "dynamic", "weight_only", "reference")
 INT4_KERNELS = ("auto", "vnni", "stock", "reference")
 
 
+# The smallest normal half float: scales below it would lose precision in the kernel's half-float params.
+MIN_SCALE = 2.0**-14
+
+
+def _half_exact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the nearest half float, kept in fp32, wherever it fits the half range.
+
+    The vnni kernel stores scales and offsets as half floats (as llama.cpp's blocks do); choosing them
+    representable at quantization time makes the saved checkpoint, the reference path and the kernel
+    compute with the same weights. Values beyond the range stay as they are (that layer then stays off
+    the kernel; see :func:`mobillama.kernels.params_fit`)."""
+    return torch.where(t.abs() <= kernels.HALF_MAX, t.to(torch.float16).float(), t)
+
+
 def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
 
@@ -111,7 +125,7 @@ class Int8Linear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> Int8Linear:
         w = linear.weight.detach().float()
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+        scales = _half_exact((w.abs().amax(dim=1) / 127.0).clamp(min=MIN_SCALE))
         q = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
         module = cls(linear.in_features, linear.out_features, kernel, device=w.device)
         module.weight, module.scales = q, scales
@@ -124,7 +138,7 @@ class Int8Linear(QuantizedLinear):
         """Repack for the vnni or fbgemm's dynamic kernel when chosen; the weight-only one needs none."""
         if self.weight.device.type != "cpu" or self.packed:
             return
-        if _use_vnni(self.kernel) and self.in_features % 4 == 0:
+        if _use_vnni(self.kernel) and self.in_features % 4 == 0 and kernels.params_fit(128.0 * self.scales):
             self._vnni = kernels.pack_int8(self.weight, self.scales)
             self.weight = torch.empty(0, dtype=torch.int8)
             self.packed = True
@@ -209,9 +223,11 @@ class Int4Linear(QuantizedLinear):
         module = cls(K, N, group_size, kernel, device=w.device)
         wg = w.reshape(N, K // group_size, group_size)
         hi, lo = wg.amax(dim=-1), wg.amin(dim=-1)
-        scales = ((hi - lo) / 15).clamp(min=1e-8)
-        zeros = lo + scales * 8
-        q = ((wg - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
+        # w = q * scale + offset with q in 0..15; both half-exact (the kernel's params), zero = offset + 8 scale
+        scales = _half_exact(((hi - lo) / 15).clamp(min=MIN_SCALE))
+        offsets = _half_exact(lo)
+        zeros = offsets + scales * 8
+        q = ((wg - offsets[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
         module.weight = q[:, 0::2] | (q[:, 1::2] << 4)
         module.scales, module.zeros = scales, zeros
         return module
@@ -233,7 +249,11 @@ class Int4Linear(QuantizedLinear):
         """Convert to the chosen CPU kernel's layout and free the portable nibbles."""
         if self.packed or self.weight.device.type != "cpu" or self.kernel == "reference":
             return
-        if _use_vnni(self.kernel) and self.group_size % 8 == 0:
+        if (
+            _use_vnni(self.kernel)
+            and self.group_size % 8 == 0
+            and kernels.params_fit(self.scales, self.zeros - 8.0 * self.scales)
+        ):
             self._vnni = kernels.pack_int4(self.unpacked(), self.scales, self.zeros, self.group_size)
             # the kernel's params carry the scales and zeros: keeping the portable ones too would hold
             # 8 more bytes per group of weights (+33% at group 32). A tied embedding keeps its own references.

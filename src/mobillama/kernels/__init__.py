@@ -40,7 +40,15 @@ from mobillama.kernels.bindings import (
 )
 from mobillama.kernels.bindings import _library as _library  # re-exported: tests clear its cache
 from mobillama.kernels.build import HEADERS, REQUIRED_CPU_FLAGS, SOURCES, KernelUnavailable, cache_dir
-from mobillama.kernels.packing import BLOCK_ROWS, HUGE_PAGE, pack_int4, pack_int8, weight_buffer
+from mobillama.kernels.packing import (
+    BLOCK_ROWS,
+    HALF_MAX,
+    HUGE_PAGE,
+    pack_int4,
+    pack_int8,
+    params_fit,
+    weight_buffer,
+)
 
 __all__ = [
     "bf16_linear",
@@ -52,6 +60,7 @@ __all__ = [
     "activation_block",
     "BLOCK_ROWS",
     "HEADERS",
+    "HALF_MAX",
     "HUGE_PAGE",
     "REQUIRED_CPU_FLAGS",
     "SOURCES",
@@ -64,6 +73,7 @@ __all__ = [
     "libc",
     "pack_int4",
     "pack_int8",
+    "params_fit",
     "projection_layout",
     "qlinear",
     "rmsnorm",

@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *params, int64_t N,
+int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *params, int64_t N,
              int64_t group, int bits, int64_t ab, float *y, int threads);
 void mb_rmsnorm(const float *x, int64_t M, int64_t D, const void *w, int w_bf16, float eps, float *out);
 void mb_silu_mul(const float *gate, const float *up, int64_t stride, int64_t M, int64_t N, float *out);
@@ -24,7 +24,7 @@ int mb_attn_decode(const float *q, int64_t q_stride, const float *k, const float
 /* A packed matrix as mb_qgemv takes it. */
 typedef struct {
     const uint8_t *w;
-    const float *params;
+    const uint16_t *params; /* half floats */
     int64_t n, group, bits, ab;
 } mb_qmat;
 

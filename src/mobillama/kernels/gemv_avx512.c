@@ -12,7 +12,9 @@
  * 4 columns: byte 4r+i = q[row r][k0+i]. For int4 it holds 8 columns: byte 4r+i has q[r][k0+i] in the
  * low nibble and q[r][k0+4+i] in the high nibble. One 32-bit lane is one row, so `vpdpbusd` with the
  * 4 activation bytes broadcast accumulates 16 rows at once with no horizontal sums.
- * Params: per block and group, 16 scales then 16 offsets (floats).
+ * Params: per block and group, 16 scales then 16 offsets as IEEE half floats (one 64-byte line), as
+ * llama.cpp's Q4_1/Q8_0 blocks store theirs: fp32 params cost int4 g32 two bits a weight (6 in all, not 5),
+ * enough that a shared FFN at group 32 no longer stayed in cache. They widen exactly with `vcvtph2ps`.
  *
  * Activations are quantized to int8 in blocks of `ab` columns along K (32 where the group allows it), one
  * symmetric scale per block, as llama.cpp quantizes activations for its Q4/Q8 dot products. One scale per
@@ -75,7 +77,10 @@ static inline __m512i bcast4(const int8_t *p) {
 /* One block of 16 rows for one activation row: returns the 16 outputs. Per activation block, the int32
  * dot products are scaled by the block's activation scale into a float sum for the weight group, which
  * the group's weight scales then multiply. */
-static inline __m512 block_int8(const uint8_t *w, const float *params, const int8_t *xq, const float *xs,
+/* The group's 16 scales and 16 offsets, widened from half floats. */
+static inline __m512 half16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+
+static inline __m512 block_int8(const uint8_t *w, const uint16_t *params, const int8_t *xq, const float *xs,
                                 const float *xsum, int64_t K, int64_t group, int64_t ab) {
     const int64_t groups = K / group, per_group = group / ab, chunks = ab / 4;
     __m512 acc = _mm512_setzero_ps();
@@ -98,17 +103,18 @@ static inline __m512 block_int8(const uint8_t *w, const float *params, const int
             const __m512i a = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
             gacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[g * per_group + b]), gacc);
         }
-        const float *p = params + g * 32;
-        acc = _mm512_fmadd_ps(gacc, _mm512_loadu_ps(p), acc);
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), _mm512_set1_ps(xsum[g]), acc);
+        const uint16_t *p = params + g * 32;
+        acc = _mm512_fmadd_ps(gacc, half16(p), acc);
+        acc = _mm512_fmadd_ps(half16(p + 16), _mm512_set1_ps(xsum[g]), acc);
     }
     return acc;
 }
 
 /* int4: the high nibble is used in place, as 16 * q (mask 0xF0, no shift): one vector op fewer per chunk,
  * which matters because the loop is bound by vector ops when the shared FFN is read from cache. A block's
- * sum is then (16 * lo + hi16) / 16; pack_int4 stores the int4 scales already divided by 16. */
-static inline __m512 block_int4(const uint8_t *w, const float *params, const int8_t *xq, const float *xs,
+ * sum is then (16 * lo + hi16) / 16: the division is one multiply per group (not folded into the stored
+ * scales, which would push small half-float scales into subnormals). */
+static inline __m512 block_int4(const uint8_t *w, const uint16_t *params, const int8_t *xq, const float *xs,
                                 const float *xsum, int64_t K, int64_t group, int64_t ab) {
     const int64_t groups = K / group, per_group = group / ab, chunks = ab / 8;
     const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
@@ -139,9 +145,9 @@ static inline __m512 block_int4(const uint8_t *w, const float *params, const int
             const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(lo, 4), hi16); /* 16 x the block's sum */
             gacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[g * per_group + b]), gacc);
         }
-        const float *p = params + g * 32;
-        acc = _mm512_fmadd_ps(gacc, _mm512_loadu_ps(p), acc);
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(p + 16), _mm512_set1_ps(xsum[g]), acc);
+        const uint16_t *p = params + g * 32;
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(gacc, _mm512_set1_ps(1.0f / 16.0f)), half16(p), acc);
+        acc = _mm512_fmadd_ps(half16(p + 16), _mm512_set1_ps(xsum[g]), acc);
     }
     return acc;
 }
@@ -149,7 +155,7 @@ static inline __m512 block_int4(const uint8_t *w, const float *params, const int
 /* y [M, N] = x [M, K] @ W^T. bits is 8 or 4; W has ceil(N / 16) blocks (padding rows are zero); ab, the
  * activation block, divides group and is a multiple of 4 (int8) or 8 (int4).
  * Returns 0, or -1 when a temporary buffer cannot be allocated. */
-int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *params, int64_t N,
+int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *params, int64_t N,
              int64_t group, int bits, int64_t ab, float *y, int threads) {
     const int64_t groups = K / group, blocks = (N + 15) / 16;
     const int64_t block_bytes = bits == 8 ? K * 16 : K * 8, block_params = groups * 32;
@@ -164,7 +170,7 @@ int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const float
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *wb = w + b * block_bytes;
-        const float *pb = params + b * block_params;
+        const uint16_t *pb = params + b * block_params;
         const int64_t rows = N - b * 16 < 16 ? N - b * 16 : 16;
         const __mmask16 mask = (__mmask16)((1u << rows) - 1u);
         for (int64_t m = 0; m < M; m++) {

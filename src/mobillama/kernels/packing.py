@@ -40,11 +40,23 @@ def _pad_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
 
 
+HALF_MAX = 65504.0
+
+
+def params_fit(*tensors: torch.Tensor) -> bool:
+    """Whether scales / offsets fit the kernel's half-float params (|v| <= 65504): true of any trained
+    model's weights; a layer whose quantization scales do not fit stays off the kernel."""
+    return all(bool(t.numel() == 0 or t.float().abs().max() <= HALF_MAX) for t in tensors)
+
+
 def _params(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[N, G] scales and offsets -> [blocks, G, 2, 16] floats, the kernel's order."""
+    """[N, G] scales and offsets -> [blocks, G, 2, 16] half floats, the kernel's order (one 64-byte line
+    per block of rows and group)."""
+    if not params_fit(scales, offsets):
+        raise ValueError(f"quantization scales or offsets exceed the half-float range ({HALF_MAX:g})")
     s = _pad_rows(scales.float()).reshape(-1, BLOCK_ROWS, scales.shape[1]).permute(0, 2, 1)
     m = _pad_rows(offsets.float()).reshape(-1, BLOCK_ROWS, offsets.shape[1]).permute(0, 2, 1)
-    return torch.stack([s, m], dim=2).contiguous()
+    return torch.stack([s, m], dim=2).to(torch.float16).contiguous()
 
 
 def pack_int8(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,5 +83,4 @@ def pack_int4(
     )  # [B, K/8, 16, lo/hi, 4]
     packed = weight_buffer(q[..., 0, :].numel()).view(q[..., 0, :].shape)
     torch.bitwise_or(q[..., 0, :], q[..., 1, :] << 4, out=packed)
-    # The kernel sums 16 x each group's dot product (see block_int4): scales are stored divided by 16.
-    return packed.reshape(-1), _params(scales / 16.0, zeros - 8.0 * scales)
+    return packed.reshape(-1), _params(scales, zeros - 8.0 * scales)
