@@ -118,7 +118,7 @@ static inline __m512 block_int4(const uint8_t *w, const uint16_t *params, const 
                                 const float *xsum, int64_t K, int64_t group, int64_t ab) {
     const int64_t groups = K / group, per_group = group / ab, chunks = ab / 8;
     const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc = _mm512_setzero_ps(), off = acc;
     for (int64_t g = 0; g < groups; g++) {
         __m512 gacc = _mm512_setzero_ps();
         for (int64_t b = 0; b < per_group; b++) {
@@ -143,13 +143,15 @@ static inline __m512 block_int4(const uint8_t *w, const uint16_t *params, const 
             }
             const __m512i lo = _mm512_add_epi32(a0, a2), hi16 = _mm512_add_epi32(a1, a3);
             const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(lo, 4), hi16); /* 16 x the block's sum */
-            gacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[g * per_group + b]), gacc);
+            gacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[g * per_group + b] * (1.0f / 16.0f)), gacc);
         }
         const uint16_t *p = params + g * 32;
-        acc = _mm512_fmadd_ps(_mm512_mul_ps(gacc, _mm512_set1_ps(1.0f / 16.0f)), half16(p), acc);
-        acc = _mm512_fmadd_ps(half16(p + 16), _mm512_set1_ps(xsum[g]), acc);
+        /* two independent chains (codes, offsets): at group 32 one chain of two FMAs per group was the
+         * longest dependency in the loop */
+        acc = _mm512_fmadd_ps(gacc, half16(p), acc);
+        off = _mm512_fmadd_ps(half16(p + 16), _mm512_set1_ps(xsum[g]), off);
     }
-    return acc;
+    return _mm512_add_ps(acc, off);
 }
 
 /* y [M, N] = x [M, K] @ W^T. bits is 8 or 4; W has ceil(N / 16) blocks (padding rows are zero); ab, the
@@ -179,7 +181,8 @@ int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint1
             /* ab is a constant (32) in the common case, so the compiler unrolls the block loops */
             const __m512 acc = bits == 8 ? (ab == 32 ? block_int8(wb, pb, xm, sm, um, K, group, 32)
                                                      : block_int8(wb, pb, xm, sm, um, K, group, ab))
-                                         : (ab == 32 ? block_int4(wb, pb, xm, sm, um, K, group, 32)
+                                         : (ab == 32 ? (group == 32 ? block_int4(wb, pb, xm, sm, um, K, 32, 32)
+                                                                    : block_int4(wb, pb, xm, sm, um, K, group, 32))
                                                      : block_int4(wb, pb, xm, sm, um, K, group, ab));
             _mm512_mask_storeu_ps(y + m * N + b * 16, mask, acc);
         }
