@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from mobillama.checkpoint import (
+    SafetensorsReader,
     atomic_directory,
     check_state_dict,
     expected_shapes,
@@ -172,3 +173,53 @@ def test_pickle_weights_are_read_without_code_execution(tmp_path):
     torch.save([torch.zeros(1)], tmp_path / "list.bin")
     with pytest.raises(MobiLlamaError, match="mapping of tensor names"):
         read_pickle_weights(tmp_path / "list.bin")
+
+
+def test_safetensors_reader_reads_every_dtype_as_safe_open_does(tmp_path):
+    tensors = {
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(4).bfloat16(),
+        "f16": torch.randn(2, 2).half(),
+        "i8": torch.randint(-128, 127, (7, 3), dtype=torch.int8),
+        "u8": torch.randint(0, 255, (16,), dtype=torch.uint8),
+        "i64": torch.arange(5),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    reader = SafetensorsReader(tmp_path / "m.safetensors")
+    assert set(reader.entries) == set(tensors)
+    meta = reader.shapes_and_dtypes()
+    for name, want in tensors.items():
+        got = reader.read(name)
+        assert meta[name].shape == want.shape and meta[name].dtype == want.dtype
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[: len(b) - 10], "cut short|outside the file"),  # the last tensor loses its tail
+        (lambda b: b[:20], "not a readable safetensors file"),  # the header itself is cut
+        (lambda b: b"", "not a readable safetensors file"),
+        (lambda b: (10**9).to_bytes(8, "little") + b[8:], "not a readable safetensors file"),
+        (
+            lambda b: (
+                b[:8]
+                + b"[1, 2, 3]"
+                + b" " * (int.from_bytes(b[:8], "little") - 9)
+                + b[8 + int.from_bytes(b[:8], "little") :]
+            ),
+            "not a mapping",
+        ),
+    ],
+)
+def test_safetensors_reader_names_the_file_for_a_damaged_one(tmp_path, damage, message):
+    save_file({"a": torch.randn(64), "b": torch.randn(64)}, tmp_path / "m.safetensors")
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(MobiLlamaError, match=message) as info:
+        reader = SafetensorsReader(path)
+        for name in reader.entries:
+            reader.read(name)
+    assert str(path) in str(info.value)

@@ -199,12 +199,13 @@ def run_bench(
     what = describe_checkpoint(spec)
     check_on_the_fly_quantization(spec, what, bits, head_bits)
     if what.is_quantized:
+        # packed while loading, as load_for_inference does, except where the FFN is copied per layer first
         model = load_quantized(
-            spec, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel, pack=False
+            spec, dtype=torch_dtype, int8_kernel=int8_kernel, int4_kernel=int4_kernel, pack=not duplicate
         )
         if duplicate:
             duplicate_ffn(model)
-        quant.pack_for_inference(model)
+            quant.pack_for_inference(model)
         serve_embedding_from_file(model, spec)  # as load_for_inference does
     else:
         model = load_for_inference(spec, dtype=torch_dtype, seed=seed)

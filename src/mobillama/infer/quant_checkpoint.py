@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from mobillama.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    SafetensorsReader,
     check_state_dict,
     load_model,
     read_json_object,
-    read_safetensors,
     save_checkpoint,
     unique_state_dict,
 )
@@ -30,12 +31,14 @@ from mobillama.infer.quant import (
     Int4Linear,
     Int8Linear,
     QuantizedEmbedding,
+    QuantizedLinear,
     check_bits,
     check_head_bits,
     check_kernels,
     pack_for_inference,
     quantize_model,
     quantized_module_count,
+    release_freed_memory,
     set_submodule,
     weight_bytes,
 )
@@ -176,9 +179,9 @@ def load_quantized(
     expected = model.state_dict()
     if config.tie_word_embeddings:  # the tied head is stored once, as the embedding
         expected = {k: v for k, v in expected.items() if not k.startswith("lm_head.")}
-    state = read_safetensors(path / WEIGHTS_NAME)
+    weights = SafetensorsReader(path / WEIGHTS_NAME)
     check_state_dict(
-        state,
+        weights.shapes_and_dtypes(),
         {k: v.shape for k, v in expected.items()},
         str(path / WEIGHTS_NAME),
         dtypes={k: v.dtype for k, v in expected.items()},
@@ -186,18 +189,29 @@ def load_quantized(
     quantized_keys = {
         f"{m}.{b}" for m in [*info["modules"], "model.embed_tokens"] for b in ("scales", "zeros")
     }
-    # Copies, not views of the mapped file, except an untied embedding table (which inference may read
-    # from the file row by row instead): once the portable weights are repacked and freed, nothing keeps
-    # the file mapped, so the pages read while packing do not stay resident next to the packed copy. A
-    # tied table is the LM head too, read whole at every step: it is copied like the rest (held once).
-    for key, tensor in state.items():
-        if key == "model.embed_tokens.weight" and not config.tie_word_embeddings:
-            state[key] = tensor.to(dtype)
-        elif tensor.is_floating_point():
-            state[key] = tensor.to(torch.float32 if key in quantized_keys else dtype, copy=True)
-        else:
-            state[key] = tensor.clone()
-    model.load_state_dict(state, strict=False, assign=True)
+    by_module: dict[str, list[str]] = {}
+    for key in weights.entries:
+        by_module.setdefault(key.rpartition(".")[0], []).append(key)
+    # Module by module, and each quantized layer packed for its kernel (freeing its portable form)
+    # before the next is read: memory then never holds the whole portable model beside the packed one.
+    # An untied embedding table stays a view of the mapped file (inference may read it from the file row
+    # by row instead); a tied one is the LM head too, read whole at every step, so it is read like the rest.
+    for name, keys in by_module.items():
+        module = model.get_submodule(name)
+        local = {}
+        for key in keys:
+            if key == "model.embed_tokens.weight" and not config.tie_word_embeddings:
+                with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+                    tensor = f.get_tensor(key).to(dtype)
+            else:
+                tensor = weights.read(key)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(torch.float32 if key in quantized_keys else dtype)
+            local[key.rpartition(".")[2]] = tensor
+        module.load_state_dict(local, strict=False, assign=True)
+        if pack and isinstance(module, QuantizedLinear):
+            module.pack()
+            release_freed_memory()  # glibc would otherwise keep the freed portable form in its heap
     if tied_quantized:
         model.model.embed_tokens.share_with(model.lm_head)
     elif config.tie_word_embeddings:
