@@ -161,3 +161,18 @@ def test_k_quant_file_imports_at_llama_cpps_perplexity(tmp_path, real_model, tok
         )
     print(f"Q4_K_M perplexity: ours {ours['perplexity']:.4f}, llama.cpp {theirs['perplexity']:.4f}")
     assert abs(ours["perplexity"] / theirs["perplexity"] - 1) < 0.01
+
+
+def test_int4_group_32_holds_the_q4_1_blocks_of_the_file_without_loss(model):
+    """The shipped file is Q4_1 (blocks of 32: w = q * d + m, d and m half floats) in every linear layer.
+    The project's int4 g32 (asymmetric, half-float scale and offset) is the same grid: quantizing the
+    imported weights recovers each block's codes, scale and offset, so `mobillama quantize --bits 4` of
+    this model adds no weight error at all (what remains is the kernel's int8 activations)."""
+    from mobillama.infer.quant import Int4Linear
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert len(layers) == 30 * 7
+    for name, linear in layers:
+        w = linear.weight.detach().float()
+        back = Int4Linear.from_linear(linear, 32).dequantize()
+        assert (back - w).abs().max() <= 1e-6 * w.abs().max(), name
