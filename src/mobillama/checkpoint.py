@@ -311,19 +311,12 @@ class SafetensorsReader:
 
 def safetensors_location(path: str | Path, name: str) -> tuple[int, tuple[int, ...], torch.dtype] | None:
     """(byte offset in the file, shape, dtype) of tensor ``name`` in a safetensors file, from its header;
-    None when the file or the tensor is not there or has another dtype. Lets a reader take rows of one
+    None when the file or the tensor is not there or the file is damaged. Lets a reader take rows of one
     tensor with plain file reads, without mapping the file."""
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, UnicodeDecodeError):
+        return SafetensorsReader(path).entries.get(name)
+    except MobiLlamaError:
         return None
-    entry = header.get(name) if isinstance(header, dict) else None
-    if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
-        return None
-    begin, _end = entry["data_offsets"]
-    return 8 + size + int(begin), tuple(int(d) for d in entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]]
 
 
 def read_pickle_weights(path: str | Path) -> dict[str, torch.Tensor]:

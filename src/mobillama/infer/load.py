@@ -243,7 +243,7 @@ def serve_embedding_from_file(model: MobiLlama, checkpoint_dir: str | Path) -> b
         return False
     file = Path(checkpoint_dir) / WEIGHTS_NAME
     where = safetensors_location(file, "model.embed_tokens.weight")
-    if where is None or where[1] != tuple(embed.weight.shape) or where[2] != embed.weight.dtype:
+    if where is None or where[1:] != (tuple(embed.weight.shape), embed.weight.dtype):
         return False
     model.model.embed_tokens = FileRowEmbedding(embed.weight, file, where[0])
     return True
@@ -255,32 +255,13 @@ def _quantized_rows_from_file(model: MobiLlama, embed: quant.QuantizedEmbedding,
     if weight is None or head_weight is weight or weight.device.type != "cpu" or not hasattr(os, "preadv"):
         return False
     file = Path(checkpoint_dir) / WEIGHTS_NAME
-    offset = _integer_tensor_offset(file, "model.embed_tokens.weight", weight)
-    if offset is None:
+    where = safetensors_location(file, "model.embed_tokens.weight")
+    if where is None or where[1:] != (tuple(weight.shape), weight.dtype):
         return False
-    embed.rows = FileRowEmbedding(weight, file, offset)
+    embed.rows = FileRowEmbedding(weight, file, where[0])
     embed.weight = None  # the portable copy: the head holds its kernel layout, the file the rows
     quant.release_freed_memory()
     return True
-
-
-_INTEGER_DTYPES = {"I8": torch.int8, "U8": torch.uint8}
-
-
-def _integer_tensor_offset(file: Path, name: str, like: torch.Tensor) -> int | None:
-    """Byte offset of an int8/uint8 tensor of ``like``'s shape and dtype in a safetensors file, or None
-    (:func:`~mobillama.checkpoint.safetensors_location` answers for float tensors only)."""
-    try:
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-        entry = header[name]
-        dtype, shape, (begin, _end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError):
-        return None
-    if _INTEGER_DTYPES.get(dtype) != like.dtype or tuple(shape) != tuple(like.shape):
-        return None
-    return 8 + size + int(begin)
 
 
 __all__ = [
