@@ -27,6 +27,7 @@ from mobillama.infer.generator import Generator
 from mobillama.infer.load import FileRowEmbedding, load_for_inference, serve_embedding_from_file
 from mobillama.infer.quant import Int4Linear, Int8Linear, QuantizedEmbedding, quantize_model, weight_bytes
 from mobillama.infer.quant_checkpoint import load_quantized, quantize_checkpoint
+from mobillama.infer.quant_embedding import PackedRows
 from mobillama.infer.sampling import SamplingParams
 from mobillama.model import MobiLlama
 
@@ -142,8 +143,56 @@ def test_rows_come_from_the_file_once_the_head_is_repacked(tied_quantized, bits,
     assert torch.equal(embed(ids), unpacked(ids))
     assert weight_bytes(embed) < unpacked.weight.numel()  # the rows are not held a second time
     assert [c.completion_tokens for c in Generator(model).generate_ids(PROMPTS, PARAMS)] == [8, 8]
-    with pytest.raises(MobiLlamaError, match="reads its embedding rows from the checkpoint file"):
+    with pytest.raises(
+        MobiLlamaError, match="reads its embedding rows from the packed LM head or the checkpoint"
+    ):
         model.state_dict()
+
+
+@VNNI
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("source", ["on the fly", "checkpoint"])
+def test_a_head_on_the_vnni_kernel_serves_the_lookups_from_its_packed_matrix(
+    tied_checkpoints, tied_quantized, bits, source
+):
+    """The vnni head's packed matrix is the only copy: lookups gather rows from it (the portable rows are
+    freed, on the fly too, where there is no file to read them from). Same numbers as the portable rows,
+    the last row (in a padded block of 16) included; an id past the table is an IndexError."""
+    from mobillama.checkpoint import load_model
+
+    reference = load_quantized(tied_quantized("all", bits), pack=False).model.embed_tokens
+    if source == "on the fly":
+        model = quantize_model(
+            load_model(tied_checkpoints["all"], dtype=torch.float32), bits, quantize_head=True
+        )
+    else:
+        model = load_for_inference(tied_quantized("all", bits))
+    embed = model.model.embed_tokens
+    assert model.lm_head.kernel_in_use == "vnni"
+    assert isinstance(embed.rows, PackedRows) and embed.weight is None
+    vocab = embed.num_embeddings
+    ids = torch.tensor([[0, 1, 15, 16, 17, vocab - 1], [vocab - 1, 2, 2, 31, 5, 0]])
+    assert torch.equal(embed.rows(ids), reference.weight[ids])
+    torch.testing.assert_close(embed(ids).to(reference.dtype), reference(ids), rtol=0, atol=0)
+    with pytest.raises(IndexError, match="out of range"):
+        embed(torch.tensor([vocab]))
+    assert [c.completion_tokens for c in Generator(model).generate_ids(PROMPTS, PARAMS)] == [8, 8]
+
+
+@VNNI
+@pytest.mark.parametrize("bits", [8, 4])
+def test_packed_rows_are_the_portable_rows_in_a_padded_last_block(bits):
+    torch.manual_seed(bits)
+    linear = nn.Linear(64, 40, bias=False)  # 40 rows: blocks of 16, the last one padded
+    q = Int8Linear.from_linear(linear, "vnni") if bits == 8 else Int4Linear.from_linear(linear, 32, "vnni")
+    portable = q.weight.clone()
+    q.pack()
+    rows = PackedRows(q.vnni_matrix()[0], 40, 64, bits)
+    ids = torch.arange(40).flip(0).reshape(5, 8)
+    assert torch.equal(rows(ids), portable[ids])
+    for bad in (40, 47, -1):
+        with pytest.raises(IndexError):
+            rows(torch.tensor([bad]))
 
 
 def test_weight_only_int8_shares_the_rows_in_memory(tied_quantized):
@@ -279,8 +328,8 @@ def test_vnni_kernels_with_a_tied_head(tied_quantized, bits, head):
     qdir = tied_quantized("none", bits, head)
     q = load_for_inference(qdir, int8_kernel="vnni", int4_kernel="vnni")
     assert FastDecoder(q).head_dtype == (None if head else torch.bfloat16)
-    if head:  # the head is packed for the kernel: the embedding reads its rows from the file
-        assert isinstance(q.model.embed_tokens.rows, FileRowEmbedding)
+    if head:  # the head is packed for the kernel: the embedding reads its rows from the packed matrix
+        assert isinstance(q.model.embed_tokens.rows, PackedRows)
     err = _relative_error(prefill_logits(q), prefill_logits(dequantized_float(qdir, torch.float32)))
     assert err < 0.025
     assert [c.completion_tokens for c in Generator(q).generate_ids(PROMPTS, PARAMS)] == [8, 8]

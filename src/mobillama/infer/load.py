@@ -232,9 +232,9 @@ def serve_embedding_from_file(model: MobiLlama, checkpoint_dir: str | Path) -> b
     A tied float table is left in memory: the head reads all of it at every step anyway, and the head
     and the embedding keep sharing that one tensor (reading rows from the file would save nothing). A
     tied *quantized* table (:class:`~mobillama.infer.quant.QuantizedEmbedding`) is read from the file
-    once the head has repacked it for a kernel (vnni, stock int4, dynamic int8): the portable rows would
-    otherwise be a second copy of the matrix; while the head still runs on them (weight-only int8,
-    reference) they stay shared in memory."""
+    once the head has repacked it for the stock int4 or fbgemm kernel (the vnni head already serves the
+    rows from its packed matrix): the portable rows would otherwise be a second copy of the matrix; while
+    the head still runs on them (weight-only int8, reference) they stay shared in memory."""
     embed = model.model.embed_tokens
     if isinstance(embed, quant.QuantizedEmbedding):
         return _quantized_rows_from_file(model, embed, checkpoint_dir)

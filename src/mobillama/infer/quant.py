@@ -168,6 +168,9 @@ def pack_for_inference(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, QuantizedLinear):
             m.pack()
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if isinstance(embed, QuantizedEmbedding):  # a tied quantized head: lookups from its packed matrix
+        embed.read_rows_from_kernel(model.lm_head)
     release_freed_memory()
     slow = dequantizing_layers(model)
     if slow:

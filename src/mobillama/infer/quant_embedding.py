@@ -16,15 +16,42 @@ from mobillama.errors import MobiLlamaError
 from mobillama.infer.quant_layers import Int8Linear, QuantizedLinear
 
 
+class PackedRows(nn.Module):
+    """Rows of a quantized matrix read back from the vnni kernel's packed layout, in the portable form
+    (int8 codes, or two 4-bit codes per byte, even column low): the embedding lookups of a tied head that
+    the kernel holds, so memory keeps one copy of the matrix (a model quantized on the fly has no file to
+    read them from). Layout: :mod:`mobillama.kernels.packing` (blocks of 16 rows, 64-byte chunks of 4
+    int8 columns, or of 4 + 4 int4 columns in the low and high nibbles)."""
+
+    def __init__(self, packed: torch.Tensor, rows: int, cols: int, bits: int) -> None:
+        super().__init__()
+        per_chunk = 4 if bits == 8 else 8
+        self.blocks = packed.view(-1, cols // per_chunk, 16, 4)  # a view: no copy of the matrix
+        self.num_embeddings, self.bits = rows, bits
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
+        chunks = self.blocks[flat // 16, :, flat % 16, :]  # [n, K / per_chunk, 4]
+        if self.bits == 8:
+            return torch.bitwise_xor(chunks, 0x80).view(torch.int8).reshape(*ids.shape, -1)
+        q = torch.cat([chunks & 0x0F, chunks >> 4], dim=-1).reshape(len(flat), -1)  # columns in order
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(*ids.shape, -1)
+
+
 class QuantizedEmbedding(nn.Module):
     """The input embedding of a tied model whose LM head is quantized: the head's matrix, read by rows.
 
     One quantized copy serves both, as in llama.cpp: the head runs it through its kernel, and a lookup
     gathers only the rows it needs (``weight``, ``scales``, ``zeros`` are the head's own portable tensors)
     and dequantizes them to ``dtype``, the same numbers as the head's :meth:`~QuantizedLinear.dequantize`.
-    Once the head has repacked its weight for a kernel, the rows may be read from the checkpoint file
-    instead (``rows``, a :class:`~mobillama.infer.load.FileRowEmbedding` over the stored rows, set by
-    :func:`~mobillama.infer.load.serve_embedding_from_file`), so memory holds the matrix once.
+    Once the head has repacked its weight for a kernel, ``rows`` supplies the codes instead and the
+    portable weight is freed, so memory holds the matrix once: :class:`PackedRows` over the vnni kernel's
+    matrix (set by :func:`~mobillama.infer.quant.pack_for_inference`), else a
+    :class:`~mobillama.infer.load.FileRowEmbedding` over the checkpoint's stored rows (set by
+    :func:`~mobillama.infer.load.serve_embedding_from_file`; the stock int4 and fbgemm layouts cannot be
+    read back by rows).
     """
 
     def __init__(
@@ -60,6 +87,16 @@ class QuantizedEmbedding(nn.Module):
             setattr(module, name, getattr(head, name))
         return module
 
+    def read_rows_from_kernel(self, head: QuantizedLinear) -> bool:
+        """Once ``head`` (the tied head over these tensors) is packed for the vnni kernel, gather rows from
+        its packed matrix and drop the portable copy; returns whether it did."""
+        if self.rows is not None or head.kernel_in_use != "vnni" or self.weight is None:
+            return False
+        packed = head.vnni_matrix()[0]
+        self.rows = PackedRows(packed, self.num_embeddings, self.embedding_dim, self.bits)
+        self.weight = None
+        return True
+
     def share_with(self, head: QuantizedLinear) -> None:
         """Give ``head`` this embedding's tensors (the same objects: stored once, held once)."""
         for name in list(self._buffers):
@@ -84,14 +121,17 @@ class QuantizedEmbedding(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         if self.rows is not None:
             raise MobiLlamaError(
-                "this model reads its embedding rows from the checkpoint file (loaded for inference); "
+                "this model reads its embedding rows from the packed LM head or the checkpoint file (loaded "
+                "for inference); "
                 "load it with mobillama.infer.quant_checkpoint.load_quantized(pack=False) to save it"
             )
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        source = ", rows from file" if self.rows is not None else ""
+        source = {None: "", PackedRows: ", rows from the packed head"}.get(
+            type(self.rows), ", rows from file"
+        )
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}{group}{source}"
 
 
