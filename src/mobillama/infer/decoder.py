@@ -112,11 +112,17 @@ class FastDecoder:
             model.model.ffns[self.config.ffn_index(i)] for i in range(self.config.num_hidden_layers)
         ]
         # Quantized layers on the project's CPU kernel: q/k/v and gate/up as one call each (exact).
-        self.qkv_for_layer = [
-            joined_projection([a.q_proj, a.k_proj, a.v_proj])
-            for a in (layer.self_attn for layer in model.model.layers)
-        ]
-        joined = {id(f): joined_projection([f.gate_proj, f.up_proj]) for f in model.model.ffns}
+        # Each join frees the separate packed parts; handed back to the OS at once (glibc's heap would keep
+        # them resident), the joins never hold more than one layer's matrices twice.
+        self.qkv_for_layer = []
+        for layer in model.model.layers:
+            a = layer.self_attn
+            self.qkv_for_layer.append(joined_projection([a.q_proj, a.k_proj, a.v_proj]))
+            quant.release_freed_memory()
+        joined = {}
+        for f in model.model.ffns:
+            joined[id(f)] = joined_projection([f.gate_proj, f.up_proj])
+            quant.release_freed_memory()
         self.gate_up_for_layer = [joined[id(f)] for f in self.ffn_for_layer]
         # RMS norm and silu(gate) * up as one kernel call each when activations are fp32.
         self.fused_elementwise = self.fused_attention and self.dtype == torch.float32
