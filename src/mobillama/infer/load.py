@@ -27,6 +27,7 @@ from mobillama.errors import MobiLlamaError
 from mobillama.infer import quant
 from mobillama.infer.generator import TokenizerLike
 from mobillama.infer.quant_checkpoint import QUANT_FILE, load_quantized, read_quantization
+from mobillama.infer.quant_embedding import check_token_ids
 from mobillama.model import MobiLlama
 from mobillama.tokenizer import load_tokenizer
 from mobillama.vision.checkpoint import VISION_CONFIG_NAME
@@ -201,8 +202,7 @@ class FileRowEmbedding(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
+        check_token_ids(flat, self.num_embeddings)
         if not flat.numel():
             return torch.empty(*ids.shape, self.embedding_dim, dtype=self.weight.dtype)
         unique, inverse = torch.unique(flat, return_inverse=True)

@@ -16,6 +16,13 @@ from mobillama.errors import MobiLlamaError
 from mobillama.infer.quant_layers import Int8Linear, QuantizedLinear
 
 
+def check_token_ids(flat: torch.Tensor, rows: int) -> None:
+    """Raise IndexError for an id outside [0, rows): a row reader indexing by hand (a file, a packed
+    matrix with padding rows) would otherwise read past the table or a padding row silently."""
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= rows):
+        raise IndexError(f"token id out of range for an embedding of {rows} rows")
+
+
 class PackedRows(nn.Module):
     """Rows of a quantized matrix read back from the vnni kernel's packed layout, in the portable form
     (int8 codes, or two 4-bit codes per byte, even column low): the embedding lookups of a tied head that
@@ -31,8 +38,7 @@ class PackedRows(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
-            raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
+        check_token_ids(flat, self.num_embeddings)
         chunks = self.blocks[flat // 16, :, flat % 16, :]  # [n, K / per_chunk, 4]
         if self.bits == 8:
             return torch.bitwise_xor(chunks, 0x80).view(torch.int8).reshape(*ids.shape, -1)
