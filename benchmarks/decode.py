@@ -18,6 +18,10 @@ process: clean peak-RSS figures, no allocator carry-over), batch 1, greedy, the 
   ``llama-perplexity`` does: ``mobillama bench --perplexity-text`` for this project, ``llama-perplexity``
   for llama.cpp (both once, in the first round, after the timing; perplexity does not vary between runs).
 
+Both groups also have rows on the lean runtime (``mobillama bench --lean``: the same kernels and decode
+steps in a process that never imports PyTorch); such a row's perplexity is its default-runtime twin's
+(same checkpoint, same steps), and the kernel images it writes are deleted at the end.
+
 Ratios ("x ref") are the median of per-round ratios of decode (and prefill) tok/s against the reference
 row of the same group: the fastest llama.cpp row of comparable quality in that run. Comparable means:
 where both rows have a perplexity, a llama.cpp row at most 1% worse than this row (so no row is
@@ -68,6 +72,8 @@ VARIANTS_05B = [
     ("mobillama int4 g128, FFN x22", "int4g128", ["--duplicate-ffn"], "4"),
     ("mobillama int4 g128 stock", "int4g128", ["--int4-kernel", "stock"], "4"),
     ("mobillama int4 g32", "int4g32", [], "4"),
+    ("mobillama int8, lean runtime", "int8", ["--lean"], "8"),
+    ("mobillama int4 g32, lean runtime", "int4g32", ["--lean"], "4"),
 ]
 VARIANTS_REAL = [
     ("mobillama bf16", "bf16", [], "8"),
@@ -76,6 +82,9 @@ VARIANTS_REAL = [
     ("mobillama int4 g32 (head quantized)", "int4g32-qhead", [], "4"),
     ("mobillama int4 g32 (float head, default)", "int4g32-keep-head", [], "4"),
     ("mobillama int4 g32 (int8 head)", "int4g32-head8", [], "4"),
+    ("mobillama int8 (float head), lean runtime", "int8-keep-head", ["--lean"], "8"),
+    ("mobillama int4 g32 (float head), lean runtime", "int4g32-keep-head", ["--lean"], "4"),
+    ("mobillama int4 g32 (int8 head), lean runtime", "int4g32-head8", ["--lean"], "4"),
 ]
 QUANTIZE = {
     "int8": ["--bits", "8"],
@@ -99,6 +108,9 @@ class Row:
     klass: str  # precision class, "8" (bf16/int8/Q8_0) or "4"
     measure: Callable[[bool], dict]
     results: list[dict] = field(default_factory=list)
+    # a lean-runtime row: the default-runtime row of the same checkpoint, whose perplexity is this row's
+    # too (the lean runtime computes the same decode steps; `bench --lean` scores no text itself)
+    twin: Row | None = None
 
 
 def quantize_checkpoints(src: str, root: str, names: list[str]) -> dict[str, str]:
@@ -211,6 +223,14 @@ def mobillama_row(
     return Row(label, "mobillama", klass, measure)
 
 
+def link_lean_twins(rows: list[Row], variants: list[tuple]) -> None:
+    """Point each lean-runtime row at the default-runtime row of the same checkpoint (see Row.twin)."""
+    default = {src: row for row, (_, src, extra, _) in zip(rows[-len(variants) :], variants) if not extra}
+    for row, (_, src, extra, _) in zip(rows[-len(variants) :], variants, strict=True):
+        if "--lean" in extra:
+            row.twin = default.get(src)
+
+
 def llama_cpp_row(
     label: str, gguf: Path, klass: str, args: argparse.Namespace, text_file: Path | None
 ) -> Row:
@@ -264,6 +284,7 @@ def group_05b(args: argparse.Namespace, root: str, common: list[str]) -> list[Ro
             )
     for label, source, extra, klass in VARIANTS_05B:
         rows.append(mobillama_row(label, checkpoints[source], extra, klass, common, []))
+    link_lean_twins(rows, VARIANTS_05B)
     if llama_cpp_missing(args) is None:
         for qtype in ("Q4_0", "Q8_0"):
             gguf = Path(root) / f"0.5b-{qtype}.gguf"
@@ -288,9 +309,10 @@ def group_real(args: argparse.Namespace, root: str, common: list[str]) -> list[R
     names = sorted({src for _, src, _, _ in VARIANTS_REAL} - {"bf16"})
     checkpoints = quantize_checkpoints(str(ckpt), os.path.join(root, "real"), names)
     rows = [
-        mobillama_row(label, checkpoints[src], extra, klass, common, ppl)
+        mobillama_row(label, checkpoints[src], extra, klass, common, [] if "--lean" in extra else ppl)
         for label, src, extra, klass in VARIANTS_REAL
     ]
+    link_lean_twins(rows, VARIANTS_REAL)
     if llama_cpp_missing(args) is None:
         f16 = Path(root) / "real-F16.gguf"
         export_gguf(ckpt, f16, gguf_type="f16")
@@ -309,7 +331,8 @@ def _ok(row: Row) -> list[dict]:
 
 
 def _ppl(row: Row) -> float | None:
-    return next((r["perplexity"]["perplexity"] for r in _ok(row) if "perplexity" in r), None)
+    own = next((r["perplexity"]["perplexity"] for r in _ok(row) if "perplexity" in r), None)
+    return own if own is not None or row.twin is None else _ppl(row.twin)
 
 
 def reference(row: Row, rows: list[Row]) -> Row | None:
@@ -364,11 +387,11 @@ def print_table(title: str, rows: list[Row]) -> None:
             rss = f"- / {rss_run:.0f}"
         else:
             rss = f"{rss_run:.0f} / -"
-        ppl = next((r["perplexity"] for r in runs if "perplexity" in r), None)
-        ppl_text = f"{ppl['perplexity']:.3f}" if ppl else "-"
+        ppl = _ppl(row)
+        ppl_text = "-" if ppl is None else f"{ppl:.3f}" + (" (same steps)" if row.twin is not None else "")
         # achieved bandwidth: tok/s x bytes per token, the shared FFN counted per layer and once
         gb_s = "-"
-        if row.tool == "mobillama":
+        if row.tool == "mobillama" and "achieved_gb_s" in runs[0]:
             gb_s = (
                 f"{median([r['achieved_gb_s'] for r in runs]):.1f} / "
                 f"{median([r['achieved_unique_gb_s'] for r in runs]):.1f}"
@@ -444,6 +467,9 @@ def main() -> int:
                 print(f"round {number}: done {row.label}", file=sys.stderr)
     load_after = os.getloadavg()
     workdir.cleanup()
+    for rows in groups.values():  # the lean rows' kernel images of this run's temporary checkpoints
+        for image in {r["image"] for row in rows for r in _ok(row) if "image" in r}:
+            Path(image).unlink(missing_ok=True)
     for title, rows in groups.items():
         print_table(
             f"{title}: batch 1, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, "

@@ -1,6 +1,9 @@
 """MobiLlama: small Llama-style language models whose one feed-forward network is shared by every layer.
 
-``import mobillama`` does not import transformers (~155 MB resident, ~2.5 s): loading a checkpoint
+``import mobillama`` imports neither transformers (~155 MB resident, ~2.5 s) nor torch (~0.22 GB, ~1.5 s):
+every public name below is imported on its first use (PEP 562 module ``__getattr__``), so the command
+line answers ``--help`` at once and the lean runtime (:mod:`mobillama.infer.lean`) runs without torch.
+Loading a checkpoint
 (:func:`load_model`), generating (:mod:`mobillama.infer.generator`) and quantized checkpoints
 (:mod:`mobillama.infer.quant_checkpoint`) only need torch, so CPU decode's peak memory stays close to the weights.
 
@@ -16,31 +19,42 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from mobillama.checkpoint import load_model, save_checkpoint
-from mobillama.config import PRESETS, ModelConfig, get_preset
 from mobillama.errors import MobiLlamaError
-from mobillama.model import KVCache, MobiLlama
 
 if TYPE_CHECKING:
+    from mobillama.checkpoint import load_model, save_checkpoint
+    from mobillama.config import PRESETS, ModelConfig, get_preset
     from mobillama.hf import MobiLlamaConfig, MobiLlamaForCausalLM
+    from mobillama.model import KVCache, MobiLlama
 
 __version__ = "0.1.0"
 
-# Public names that live in mobillama.hf: importing it imports transformers, so it waits for first use.
-_HF_NAMES = frozenset({"MobiLlamaConfig", "MobiLlamaForCausalLM"})
+# Public names -> the module that defines them, imported on first use. mobillama.hf imports transformers
+# and registers the Auto classes; the others import torch.
+_LAZY = {
+    "MobiLlamaConfig": "mobillama.hf",
+    "MobiLlamaForCausalLM": "mobillama.hf",
+    "load_model": "mobillama.checkpoint",
+    "save_checkpoint": "mobillama.checkpoint",
+    "PRESETS": "mobillama.config",
+    "ModelConfig": "mobillama.config",
+    "get_preset": "mobillama.config",
+    "KVCache": "mobillama.model",
+    "MobiLlama": "mobillama.model",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """Import :mod:`mobillama.hf` (and so transformers, and the Auto registration) on first use of its names."""
-    if name in _HF_NAMES:
-        value = getattr(importlib.import_module("mobillama.hf"), name)
+    """Import the module behind ``name`` on its first use (see the module docstring)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # later lookups are plain attribute hits
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _HF_NAMES)
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [

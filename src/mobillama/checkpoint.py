@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from mobillama.config import ModelConfig, get_preset, preset_name
 from mobillama.errors import MobiLlamaError
 from mobillama.model import MobiLlama
+from mobillama.tensorfile import read_header
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -264,31 +265,14 @@ class SafetensorsReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-            with open(self.path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if n <= 0 or 8 + n > size:
-                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise MobiLlamaError(f"{path}: not a readable safetensors file ({e})") from None
-        if not isinstance(header, dict):
-            raise MobiLlamaError(f"{path}: not a readable safetensors file (header is not a mapping)")
+        entries, _ = read_header(path)
         self.entries: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype = _ALL_SAFETENSORS_DTYPES[entry["dtype"]]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise MobiLlamaError(f"{path}: tensor {name!r} has an unreadable header entry") from None
-            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-            if begin < 0 or end - begin != nbytes or 8 + n + end > size:
-                raise MobiLlamaError(f"{path}: tensor {name!r} lies outside the file (truncated?)")
-            self.entries[name] = (8 + n + begin, shape, dtype)
+        for name, e in entries.items():
+            if e.dtype not in _ALL_SAFETENSORS_DTYPES:
+                raise MobiLlamaError(
+                    f"{path}: tensor {name!r} has dtype {e.dtype}, which this reader does not take"
+                )
+            self.entries[name] = (e.offset, e.shape, _ALL_SAFETENSORS_DTYPES[e.dtype])
 
     def shapes_and_dtypes(self) -> dict[str, torch.Tensor]:
         """Every tensor as a meta tensor: shape and dtype, for checks before anything is read."""

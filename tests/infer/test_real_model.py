@@ -142,3 +142,40 @@ def test_a_quantized_tied_head_costs_little_perplexity(head_perplexities):
 def test_int8_with_the_head_quantized_is_within_half_a_percent_of_fp32(head_perplexities):
     p = head_perplexities
     assert abs(p["int8"] / p["fp32"] - 1) < 0.005
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
+def test_lean_runtime_decodes_the_real_model_as_the_default_runtime(real_model, tmp_path, monkeypatch):
+    """SmolLM2 int4 g32 with the int8 head: the lean runtime's steps equal the default runtime's decode
+    steps bit for bit, so their greedy answers agree (the default runtime's prompt fed token by token: its
+    one-call prefill uses PyTorch's attention, which rounds differently, and int8 activation codes can
+    turn such rounding into visibly different logits a few tokens on)."""
+    import numpy as np
+    import torch
+
+    from mobillama.infer import lean
+    from mobillama.infer.decoder import FastDecoder
+    from mobillama.infer.load import load_quantized, serve_embedding_from_file
+    from mobillama.tokenizer import load_tokenizer
+
+    monkeypatch.setenv("MOBILLAMA_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "int4-head8"
+    assert main(["quantize", str(real_model[1]), "--bits", "4", "--head-bits", "8", "--out", str(ckpt)]) == 0
+    ids = load_tokenizer(real_model[1]).encode("The capital of France is", parse_special=False)
+    model = lean.LeanModel.open(ckpt, quiet=True)
+    answer = model.greedy(ids, 12)
+    assert "Paris" in load_tokenizer(real_model[1]).decode(answer)
+    q = load_quantized(str(ckpt), dtype=torch.bfloat16, int8_kernel="auto", int4_kernel="auto")
+    serve_embedding_from_file(q, str(ckpt))
+    dec = FastDecoder(q)
+    dec.start([0], len(ids) + 12)
+    model.start(len(ids) + 12)
+    ours = [model.decode(t) for t in ids]
+    ref = [dec.prefill(torch.tensor([ids[:1]]))[0].numpy()]
+    ref += [dec.decode(torch.tensor([t]), s)[0].numpy() for s, t in enumerate(ids[1:], start=1)]
+    theirs = [int(ref[-1].argmax())]
+    while len(theirs) < 12:
+        theirs.append(int(dec.decode(torch.tensor([theirs[-1]]), len(ids) + len(theirs) - 1).argmax()))
+    assert answer == theirs
+    for a, b in zip(ours, ref, strict=True):
+        np.testing.assert_array_equal(a, b)

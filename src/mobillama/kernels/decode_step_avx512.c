@@ -7,7 +7,8 @@
  * same order and arithmetic (fp32 activations, fp32 residual adds), so its output equals the Python path's
  * exactly; it only removes the trips back to Python. It applies when every projection runs on the vnni
  * matmul kernel with q/k/v and gate/up joined, and the fused attention and norm kernels run (the decoder
- * checks; otherwise it keeps the Python loop). */
+ * checks; otherwise it keeps the Python loop). The lean runtime (infer/lean.py, no PyTorch in the process)
+ * calls the same step, and mb_prefill_layers for a prompt: the same layers over T tokens of one sequence. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,34 +42,56 @@ static int gemv(const mb_qmat *m, const float *x, int64_t B, int64_t K, float *y
     return mb_qgemv(x, B, K, m->w, m->params, m->n, m->group, (int)m->bits, m->ab, y, threads);
 }
 
-/* x [B, hidden] fp32 is updated in place through the L layers. cos/sin [B, D] are this step's rotary rows,
- * valid [B, S] (or NULL) the slots each row may attend to. Returns 0, or -1 when a buffer cannot be
- * allocated (x is then partly updated: the caller raises). */
-int mb_decode_layers(float *x, int64_t B, int64_t hidden, const mb_layer *layers, int64_t L, const float *cos,
-                     const float *sin, int64_t S, int64_t slot, const uint8_t *valid, int kv_bf16, int64_t H,
-                     int64_t Hkv, int64_t D, int64_t inter, float scale, int threads) {
-    const int64_t qkv_n = (H + 2 * Hkv) * D;
-    float *h = (float *)malloc((size_t)(B * hidden) * sizeof(float));
-    float *qkv = (float *)malloc((size_t)(B * qkv_n) * sizeof(float));
-    float *att = (float *)malloc((size_t)(B * H * D) * sizeof(float));
-    float *gu = (float *)malloc((size_t)(B * 2 * inter) * sizeof(float));
-    float *act = (float *)malloc((size_t)(B * inter) * sizeof(float));
-    float *y = (float *)malloc((size_t)(B * hidden) * sizeof(float));
+/* The layers over R rows of x [R, hidden] (fp32, updated in place). Decode (T = 1): R = B rows, one new
+ * token each, all at cache slot `slot`, cos/sin [B, D], valid [B, S] or NULL. Prefill (B = 1): R = T
+ * consecutive tokens of one sequence at slots slot..slot+T-1, cos/sin [T, D]; the projections read each
+ * weight once for all T rows, and attention runs token by token, so token t sees slots 0..slot+t (causal).
+ * Returns 0, or -1 when a buffer cannot be allocated (x is then partly updated: the caller raises). */
+static int run_layers(float *x, int64_t B, int64_t T, int64_t hidden, const mb_layer *layers, int64_t L,
+                      const float *cos, const float *sin, int64_t S, int64_t slot, const uint8_t *valid,
+                      int kv_bf16, int64_t H, int64_t Hkv, int64_t D, int64_t inter, float scale, int threads) {
+    const int64_t qkv_n = (H + 2 * Hkv) * D, R = B * T;
+    float *h = (float *)malloc((size_t)(R * hidden) * sizeof(float));
+    float *qkv = (float *)malloc((size_t)(R * qkv_n) * sizeof(float));
+    float *att = (float *)malloc((size_t)(R * H * D) * sizeof(float));
+    float *gu = (float *)malloc((size_t)(R * 2 * inter) * sizeof(float));
+    float *act = (float *)malloc((size_t)(R * inter) * sizeof(float));
+    float *y = (float *)malloc((size_t)(R * hidden) * sizeof(float));
     int rc = (h && qkv && att && gu && act && y) ? 0 : -1;
     for (int64_t i = 0; i < L && rc == 0; i++) {
         const mb_layer *l = layers + i;
-        mb_rmsnorm(x, B, hidden, l->norm1, (int)l->norm_bf16, l->eps1, h);
-        rc |= gemv(&l->qkv, h, B, hidden, qkv, threads);
-        rc |= mb_attn_decode(qkv, qkv_n, qkv + H * D, qkv + (H + Hkv) * D, qkv_n, cos, sin, l->k_cache,
-                             l->v_cache, kv_bf16, S, slot, valid, B, H, Hkv, D, scale, att, threads);
-        rc |= gemv(&l->o, att, B, H * D, y, threads);
-        for (int64_t j = 0; j < B * hidden; j++) x[j] += y[j];
-        mb_rmsnorm(x, B, hidden, l->norm2, (int)l->norm_bf16, l->eps2, h);
-        rc |= gemv(&l->gate_up, h, B, hidden, gu, threads);
-        mb_silu_mul(gu, gu + inter, 2 * inter, B, inter, act);
-        rc |= gemv(&l->down, act, B, inter, y, threads);
-        for (int64_t j = 0; j < B * hidden; j++) x[j] += y[j];
+        mb_rmsnorm(x, R, hidden, l->norm1, (int)l->norm_bf16, l->eps1, h);
+        rc |= gemv(&l->qkv, h, R, hidden, qkv, threads);
+        for (int64_t t = 0; t < T; t++) {
+            const float *q = qkv + t * qkv_n;
+            rc |= mb_attn_decode(q, qkv_n, q + H * D, q + (H + Hkv) * D, qkv_n, cos + t * D, sin + t * D,
+                                 l->k_cache, l->v_cache, kv_bf16, S, slot + t, valid, B, H, Hkv, D, scale,
+                                 att + t * H * D, threads);
+        }
+        rc |= gemv(&l->o, att, R, H * D, y, threads);
+        for (int64_t j = 0; j < R * hidden; j++) x[j] += y[j];
+        mb_rmsnorm(x, R, hidden, l->norm2, (int)l->norm_bf16, l->eps2, h);
+        rc |= gemv(&l->gate_up, h, R, hidden, gu, threads);
+        mb_silu_mul(gu, gu + inter, 2 * inter, R, inter, act);
+        rc |= gemv(&l->down, act, R, inter, y, threads);
+        for (int64_t j = 0; j < R * hidden; j++) x[j] += y[j];
     }
     free(h); free(qkv); free(att); free(gu); free(act); free(y);
     return rc ? -1 : 0;
+}
+
+/* One decode step: x [B, hidden], one token per row at cache slot `slot` (see run_layers). */
+int mb_decode_layers(float *x, int64_t B, int64_t hidden, const mb_layer *layers, int64_t L, const float *cos,
+                     const float *sin, int64_t S, int64_t slot, const uint8_t *valid, int kv_bf16, int64_t H,
+                     int64_t Hkv, int64_t D, int64_t inter, float scale, int threads) {
+    return run_layers(x, B, 1, hidden, layers, L, cos, sin, S, slot, valid, kv_bf16, H, Hkv, D, inter, scale,
+                      threads);
+}
+
+/* A prompt of T tokens of one sequence into slots first..first+T-1: x [T, hidden] (see run_layers). */
+int mb_prefill_layers(float *x, int64_t T, int64_t hidden, const mb_layer *layers, int64_t L, const float *cos,
+                      const float *sin, int64_t S, int64_t first, int kv_bf16, int64_t H, int64_t Hkv, int64_t D,
+                      int64_t inter, float scale, int threads) {
+    return run_layers(x, 1, T, hidden, layers, L, cos, sin, S, first, NULL, kv_bf16, H, Hkv, D, inter, scale,
+                      threads);
 }

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from mobillama.kernels.bindings import libc
+from mobillama.kernels.clib import libc
 
 BLOCK_ROWS = 16
 HUGE_PAGE = 2 << 20

@@ -1,0 +1,140 @@
+"""The C library of the kernels as ctypes sees it, without PyTorch: loading it (each C function's
+signature) and the structs the one-call decode step reads.
+
+Why apart from :mod:`.bindings`: the lean runtime (:mod:`mobillama.infer.lean`) calls the same library
+from a process that never imports torch (~0.22 GB resident on its own), so this module and :mod:`.build`
+import only the standard library. In a process that has imported torch, the library's OpenMP runtime is
+torch's (already loaded under the same soname); in a lean process it is the system's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import os
+import platform
+
+from mobillama.kernels.build import REQUIRED_CPU_FLAGS, KernelUnavailable, build_library, cpu_flags
+
+
+@functools.lru_cache(maxsize=1)
+def libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (for ``madvise`` and ``malloc_trim``); None where it cannot be found."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+
+
+def unavailable_reason() -> str | None:
+    """None when the kernels can run here, else why not (one line)."""
+    if os.environ.get("MOBILLAMA_KERNELS", "1") == "0":
+        return "disabled by MOBILLAMA_KERNELS=0"
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
+    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    try:
+        load_library()
+    except KernelUnavailable as e:
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+@functools.lru_cache(maxsize=1)
+def load_library() -> ctypes.CDLL:
+    """Compile (once per source version and compiler) and load the shared library."""
+    lib = ctypes.CDLL(str(build_library()))
+    lib.mb_qgemv.restype = ctypes.c_int
+    lib.mb_qgemv.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_rmsnorm.restype = None
+    lib.mb_rmsnorm.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+        ctypes.c_void_p,
+    ]  # fmt: skip
+    lib.mb_silu_mul.restype = None
+    lib.mb_silu_mul.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+    ]  # fmt: skip
+    lib.mb_attn_decode.restype = ctypes.c_int
+    lib.mb_attn_decode.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+        ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_bf16_gemv.restype = None
+    lib.mb_bf16_gemv.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_decode_layers.restype = ctypes.c_int
+    lib.mb_decode_layers.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_prefill_layers.restype = ctypes.c_int
+    lib.mb_prefill_layers.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_attn_train_fwd.restype = ctypes.c_int
+    lib.mb_attn_train_fwd.argtypes = [
+        *(ctypes.c_void_p, _Strides) * 4, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_attn_train_bwd.restype = ctypes.c_int
+    lib.mb_attn_train_bwd.argtypes = [
+        *(ctypes.c_void_p, _Strides) * 5, ctypes.c_void_p, *(ctypes.c_void_p, _Strides) * 3,
+        *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
+    ]  # fmt: skip
+    return lib
+
+
+class _Strides(ctypes.Structure):
+    """Element strides of a [B, H, T, D] tensor along batch, head and token (D has unit stride)."""
+
+    _fields_ = [("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("st", ctypes.c_int64)]
+
+
+class QMatrix(ctypes.Structure):
+    """A packed matrix for the one-call decode step (``mb_qmat`` in decode_step_avx512.c)."""
+
+    _fields_ = [("w", ctypes.c_void_p), ("params", ctypes.c_void_p)] + [
+        (n, ctypes.c_int64) for n in ("n", "group", "bits", "ab")
+    ]
+
+
+class DecodeLayer(ctypes.Structure):
+    """One layer's norms, matrices and cache for the one-call decode step (``mb_layer``)."""
+
+    _fields_ = [
+        ("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("norm_bf16", ctypes.c_int64),
+        ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
+        ("qkv", QMatrix), ("o", QMatrix), ("gate_up", QMatrix), ("down", QMatrix),
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+ACTIVATION_BLOCK = 32
+
+
+@functools.cache
+def activation_block(group: int, bits: int) -> int:
+    """Columns that share one int8 activation scale in :func:`qlinear`: 32 (llama.cpp's block) where the
+    weight group allows it, else the largest of 16 / 8 / 4 that divides the group and the kernel's chunk
+    (4 columns at int8, 8 at int4)."""
+    chunk = 4 if bits == 8 else 8
+    for block in (ACTIVATION_BLOCK, 16, 8, 4):
+        if group % block == 0 and block % chunk == 0:
+            return block
+    raise ValueError(f"int{bits} kernel: group {group} is not a multiple of {chunk}")

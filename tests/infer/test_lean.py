@@ -1,0 +1,183 @@
+"""The lean runtime (no PyTorch in the process): the same numbers as the default runtime's decode step,
+no torch imported, its kernel image cached and checked, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mobillama import kernels
+from mobillama.cli import main
+from mobillama.errors import MobiLlamaError
+from mobillama.infer import lean
+from mobillama.infer.decoder import FastDecoder
+from mobillama.infer.load import load_quantized, serve_embedding_from_file
+from mobillama.infer.quant_checkpoint import quantize_checkpoint
+
+VNNI = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
+pytestmark = VNNI
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]
+
+
+@pytest.fixture(autouse=True)
+def image_cache(tmp_path, monkeypatch) -> Path:
+    """Kernel images in this test's own directory (the child process inherits the variable)."""
+    monkeypatch.setenv("MOBILLAMA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "lean"
+
+
+def torch_decoder(ckpt: Path) -> FastDecoder:
+    model = load_quantized(str(ckpt), dtype=torch.bfloat16, int8_kernel="auto", int4_kernel="auto")
+    serve_embedding_from_file(model, str(ckpt))
+    return FastDecoder(model)
+
+
+def torch_steps(dec: FastDecoder, ids: list[int]) -> list[np.ndarray]:
+    """The default runtime's logits after each of ``ids``, fed one token at a time."""
+    dec.start([0], len(ids) + 4)
+    out = [dec.prefill(torch.tensor([ids[:1]]))[0].numpy()]
+    for slot, token in enumerate(ids[1:], start=1):
+        out.append(dec.decode(torch.tensor([token]), slot)[0].numpy())
+    return out
+
+
+@pytest.mark.parametrize("sharing", ["none", "all"])
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("head", [True, False])
+def test_lean_steps_equal_the_default_runtime_exactly(tied_quantized, sharing, bits, head):
+    ckpt = tied_quantized(sharing, bits, head)
+    model = lean.LeanModel.open(ckpt, quiet=True)
+    assert model.head["kind"] == ("packed" if head else "bf16")
+    model.start(len(PROMPT) + 4)
+    steps = [model.decode(t) for t in PROMPT]
+    for ours, theirs in zip(steps, torch_steps(torch_decoder(ckpt), PROMPT), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    # the prompt in one call: projections over all rows at once, attention token by token: same numbers
+    model.start(len(PROMPT) + 4)
+    np.testing.assert_array_equal(model.prefill(PROMPT), steps[-1])
+
+
+def test_an_untied_checkpoint_with_its_own_quantized_head(tmp_path, tokenizer_dir):
+    from fixtures import save_micro_checkpoint
+
+    src = save_micro_checkpoint(tmp_path / "untied", tokenizer_dir, intermediate_size=192, embed_scale=20)
+    ckpt = tmp_path / "q"
+    quantize_checkpoint(src, ckpt, 4, group_size=32)
+    model = lean.LeanModel.open(ckpt, quiet=True)
+    model.start(len(PROMPT))
+    steps = [model.decode(t) for t in PROMPT]
+    np.testing.assert_array_equal(steps[-1], torch_steps(torch_decoder(ckpt), PROMPT)[-1])
+    assert model.greedy(PROMPT, 5) == model.greedy(PROMPT, 5)  # a second request starts clean
+
+
+def test_the_lean_process_never_imports_torch(tied_quantized):
+    ckpt = tied_quantized("all", 4)
+    cmd = [sys.executable, "-m", "mobillama", "bench", str(ckpt), "--lean", "--json"]
+    proc = subprocess.run(
+        [*cmd, "--prompt-len", "8", "--new-tokens", "4", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env=os.environ,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["torch_imported"] is False and result["runtime"] == "lean"
+    assert result["decode_tok_s"] > 0 and result["peak_rss_bytes"] > 0
+    assert "kernel image" in proc.stderr  # the first use wrote it, and said so
+
+
+def test_the_image_is_written_once_and_follows_the_checkpoint(tied_quantized, tmp_path, image_cache):
+    src = tied_quantized("all", 8)
+    ckpt = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(src), str(ckpt)], check=True)
+    first = lean.ensure_image(ckpt, quiet=True)
+    stamp = first.stat().st_mtime_ns
+    assert lean.ensure_image(ckpt, quiet=True) == first and first.stat().st_mtime_ns == stamp
+    (ckpt / "model.safetensors").touch()  # a changed checkpoint gets a new image
+    second = lean.ensure_image(ckpt, quiet=True)
+    assert second != first and second.is_file()
+    assert sorted(p.name for p in image_cache.iterdir()) == sorted([first.name, second.name])  # no leftovers
+
+
+def test_damaged_or_foreign_images_are_refused(tied_quantized, tmp_path):
+    image = lean.ensure_image(tied_quantized("all", 4), quiet=True)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    with pytest.raises(MobiLlamaError, match="cut.safetensors.*truncated"):
+        lean.LeanModel(cut)
+    from safetensors.numpy import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": np.zeros(4, np.float32)}, str(foreign))
+    with pytest.raises(MobiLlamaError, match="foreign.safetensors: not a kernel image"):
+        lean.LeanModel(foreign)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(MobiLlamaError, match="empty.safetensors: not a readable safetensors file"):
+        lean.LeanModel(empty)
+
+
+def test_bad_requests_are_one_line_errors(tied_quantized):
+    model = lean.LeanModel.open(tied_quantized("all", 4), quiet=True)
+    with pytest.raises(MobiLlamaError, match="token id 100000 is outside the vocabulary"):
+        model.greedy([1, 100000], 2)
+    with pytest.raises(MobiLlamaError, match="token id -1"):
+        model.greedy([-1], 2)
+    with pytest.raises(MobiLlamaError, match="prompt is empty"):
+        model.greedy([], 2)
+    with pytest.raises(MobiLlamaError, match="do not fit the model's context"):
+        model.start(model.max_positions + 1)
+    model.start(3)
+    model.prefill([1, 2])
+    model.decode(3)
+    with pytest.raises(MobiLlamaError, match="exceed this request's 3"):
+        model.decode(4)
+    with pytest.raises(MobiLlamaError, match="threads must be >= 1"):
+        lean.LeanModel(model.path, threads=0)
+
+
+def test_cli_lean_errors(tied_quantized, tied_checkpoints, capsys, monkeypatch):
+    ckpt = str(tied_quantized("all", 4))
+    assert main(["bench", ckpt, "--lean", "--bits", "4", "--batch", "2"]) == 2
+    assert "drop --bits, --batch" in capsys.readouterr().err
+    assert main(["bench", str(tied_checkpoints["all"]), "--lean"]) == 2
+    assert "not a quantized checkpoint directory (no quantization.json)" in capsys.readouterr().err
+    assert main(["bench", ckpt, "--lean", "--prompt-len", "0"]) == 2
+    assert "prompt_len must be a positive integer" in capsys.readouterr().err
+    monkeypatch.setenv("MOBILLAMA_KERNELS", "0")
+    assert main(["bench", ckpt, "--lean"]) == 2
+    assert "the lean runtime needs the project's CPU kernels: disabled by MOBILLAMA_KERNELS=0" in (
+        capsys.readouterr().err
+    )
+
+
+def test_cli_lean_bench_table(tied_quantized, capsys):
+    assert (
+        main(["bench", str(tied_quantized("none", 8)), "--lean", "--prompt-len", "8", "--new-tokens", "4"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "lean runtime" in out and "peak RSS (run / load)" in out and "tok/s" in out
+
+
+def test_a_checkpoint_off_the_kernel_has_no_image(tied_quantized, tmp_path):
+    """An image is only written for a model whose every projection runs on the vnni kernel."""
+    ckpt = tmp_path / "odd"
+    subprocess.run(["cp", "-r", str(tied_quantized("all", 8)), str(ckpt)], check=True)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["head_dim"] = 8  # the fused attention kernel needs a multiple of 16
+    config["num_attention_heads"] *= 2
+    config["num_key_value_heads"] *= 2
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        MobiLlamaError,
+        match="could not write its kernel image: .*needs every projection on the project.s AVX-512 VNNI kernel",
+    ):
+        lean.ensure_image(ckpt, quiet=True)
