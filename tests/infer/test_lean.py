@@ -77,6 +77,16 @@ def test_an_untied_checkpoint_with_its_own_quantized_head(tmp_path, tokenizer_di
     assert model.greedy(PROMPT, 5) == model.greedy(PROMPT, 5)  # a second request starts clean
 
 
+def test_argmax_takes_the_first_of_equal_logits_and_never_a_nan(tied_quantized):
+    from array import array
+
+    model = lean.LeanModel.open(tied_quantized("all", 8), quiet=True)
+    assert model.argmax(array("f", [1.0, 3.0, 3.0, 2.0])) == 1
+    assert model.argmax(array("f", [float("nan"), -5.0, float("nan"), -1.0])) == 3
+    assert model.argmax(array("f", [float("-inf"), float("-inf")])) == 0
+    assert model.argmax(array("f", np.float32([0.5, 7.0]).tobytes())) == int(np.argmax([0.5, 7.0]))
+
+
 def test_the_lean_process_never_imports_torch(tied_quantized):
     ckpt = tied_quantized("all", 4)
     cmd = [sys.executable, "-m", "mobillama", "bench", str(ckpt), "--lean", "--json"]
@@ -88,7 +98,8 @@ def test_the_lean_process_never_imports_torch(tied_quantized):
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
-    assert result["torch_imported"] is False and result["runtime"] == "lean"
+    assert result["torch_imported"] is False and result["numpy_imported"] is False
+    assert result["runtime"] == "lean"
     assert result["decode_tok_s"] > 0 and result["peak_rss_bytes"] > 0
     assert "kernel image" in proc.stderr  # the first use wrote it, and said so
 
@@ -124,12 +135,53 @@ def test_damaged_or_foreign_images_are_refused(tied_quantized, tmp_path):
         lean.LeanModel(empty)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("hidden", 96, "norm holds 256 bytes, its shape needs 384"),
+        ("vocab", 10**6, "head"),
+        ("head_dim", 12, "bad model dimensions"),
+        ("version", 99, "format version 99"),
+    ],
+)
+def test_an_image_whose_metadata_does_not_match_its_tensors_is_refused(
+    tied_quantized, tmp_path, field, value, message
+):
+    """The C code trusts the sizes it is given: a tampered description must never reach it."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    image = lean.ensure_image(tied_quantized("all", 4), quiet=True)
+    with safe_open(str(image), framework="numpy") as f:
+        meta = json.loads(f.metadata()[lean.IMAGE_KEY])
+    meta[field] = value
+    bad = tmp_path / "tampered.safetensors"
+    save_file(load_file(str(image)), str(bad), metadata={lean.IMAGE_KEY: json.dumps(meta)})
+    with pytest.raises(
+        MobiLlamaError, match=f"tampered.safetensors: not a kernel image of this version.*{message}"
+    ):
+        lean.LeanModel(bad)
+
+
+def test_without_the_kernels_the_model_is_refused_before_any_call(tied_quantized, monkeypatch):
+    image = lean.ensure_image(tied_quantized("all", 4), quiet=True)
+    monkeypatch.setenv("MOBILLAMA_KERNELS", "0")
+    with pytest.raises(
+        MobiLlamaError, match="needs the project's CPU kernels: disabled by MOBILLAMA_KERNELS=0"
+    ):
+        lean.LeanModel(image)
+
+
 def test_bad_requests_are_one_line_errors(tied_quantized):
     model = lean.LeanModel.open(tied_quantized("all", 4), quiet=True)
     with pytest.raises(MobiLlamaError, match="token id 100000 is outside the vocabulary"):
         model.greedy([1, 100000], 2)
     with pytest.raises(MobiLlamaError, match="token id -1"):
         model.greedy([-1], 2)
+    with pytest.raises(MobiLlamaError, match="token ids must be integers"):
+        model.greedy(["5"], 2)
+    with pytest.raises(MobiLlamaError, match="max_new_tokens must be a positive integer"):
+        model.greedy([5], 0)
     with pytest.raises(MobiLlamaError, match="prompt is empty"):
         model.greedy([], 2)
     with pytest.raises(MobiLlamaError, match="do not fit the model's context"):

@@ -4,36 +4,41 @@ Why: on a small model PyTorch's own runtime is most of the memory. ``import torc
 resident (its operator registry, Python modules and library pages), more than SmolLM2-135M's int4 weights;
 llama.cpp, a C++ program, needs none of that. On a CPU with AVX-512 VNNI the default runtime already
 runs a quantized model's whole decode step in one call into the project's C kernels
-(``mb_decode_layers``), so Python only feeds token ids in and reads logits out: numpy and ctypes do that
-as well as torch. This module is that loop, nothing more (batch 1, greedy), and what it computes is the
-default runtime's decode step on the same packed bytes.
+(``mb_decode_layers``), so Python only feeds token ids in and reads logits out, which ctypes does as well
+as torch. This module is that loop, nothing more (batch 1, greedy), and what it computes is the default
+runtime's decode step on the same packed bytes. It imports no array library either (numpy alone is 16 MB
+resident): buffers are anonymous memory maps and ``bytearray``s, and the two array operations it needs
+(widening bf16 rows, argmax) are two small C functions beside the kernels.
 
 The weights come from the checkpoint's *kernel image* (:mod:`mobillama.infer.lean_image`), written once
 by a torch child process the first time a checkpoint is opened and cached under
 ``~/.cache/mobillama/lean`` (keyed by the checkpoint files' size, time and the image format). Weights
-are read into anonymous, huge-page-backed buffers as the default runtime keeps them; the embedding table
-and rotary tables stay mapped from the file, so only the rows a request touches become resident.
+are read into anonymous, huge-page-backed buffers as the default runtime keeps them; embedding rows and
+a request's rotary rows are read from the file when needed (plain reads, never mapped: a mapped file's
+rows become resident in whole 2 MB folios).
 
 Prompt tokens go through ``mb_prefill_layers``: the projections read each weight once for the whole
-prompt and attention runs token by token (the default runtime uses PyTorch's attention there, so
-logits agree to rounding, not bit for bit).
+prompt, and each token attends over the slots before it, which equals feeding the prompt one token at a
+time exactly (the default runtime's prefill uses PyTorch's attention there, so its logits agree to
+rounding, not bit for bit).
 """
 
 from __future__ import annotations
 
-import contextlib
+import array
 import ctypes
 import hashlib
 import json
+import mmap
+import operator
 import os
+import random
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from mobillama.errors import MobiLlamaError
 from mobillama.kernels import clib
@@ -42,8 +47,6 @@ from mobillama.tensorfile import TensorEntry, read_header
 IMAGE_VERSION = 1
 IMAGE_KEY = "mobillama_lean"
 HUGE_PAGE = 2 << 20
-MADV_HUGEPAGE = 14
-NUMPY_DTYPES = {"U8": np.uint8, "I16": np.uint16, "U16": np.uint16, "F16": np.float16, "F32": np.float32}
 # files of a checkpoint that decide its image
 SOURCE_FILES = ("config.json", "quantization.json", "model.safetensors")
 
@@ -71,11 +74,15 @@ def image_path(checkpoint: str | Path) -> Path:
     return cache_root() / f"{ckpt.name}-{h.hexdigest()[:16]}.safetensors"
 
 
-def ensure_image(checkpoint: str | Path, *, quiet: bool = False) -> Path:
-    """The kernel image of ``checkpoint``, written first (in a torch child process) if it is missing."""
+def _check_kernels() -> None:
     reason = clib.unavailable_reason()
     if reason is not None:
         raise MobiLlamaError(f"the lean runtime needs the project's CPU kernels: {reason}")
+
+
+def ensure_image(checkpoint: str | Path, *, quiet: bool = False) -> Path:
+    """The kernel image of ``checkpoint``, written first (in a torch child process) if it is missing."""
+    _check_kernels()
     out = image_path(checkpoint)
     if out.is_file():
         return out
@@ -110,37 +117,85 @@ def image_layout(path: str | Path) -> tuple[dict[str, Any], dict[str, TensorEntr
         missing = [n for n in names if n not in entries]
         if missing or not ({"embed.bf16", "embed.f32"} & set(entries)):
             raise ValueError(f"missing tensors {missing or ['embed']}")
+        _check_sizes(meta, entries)
     except (KeyError, TypeError, ValueError) as e:
         raise MobiLlamaError(f"{path}: not a kernel image of this version ({e})") from None
     return meta, entries
 
 
-def _huge_buffer(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 array backed by 2 MB pages where Linux allows it (as the default runtime
-    packs its weights: a whole decode's matmuls ran ~16% faster than on 4 KB pages)."""
-    if nbytes < HUGE_PAGE:
-        return np.empty(nbytes, dtype=np.uint8)
-    base = np.empty(nbytes + HUGE_PAGE, dtype=np.uint8)
-    start = -base.ctypes.data % HUGE_PAGE
-    buffer = base[start : start + nbytes]
-    libc = clib.libc()
-    if libc is not None:
-        with contextlib.suppress(AttributeError):
-            libc.madvise(
-                ctypes.c_void_p(buffer.ctypes.data), ctypes.c_size_t(nbytes // 4096 * 4096), MADV_HUGEPAGE
-            )
-    return buffer
+def _check_sizes(meta: dict[str, Any], entries: dict[str, TensorEntry]) -> None:
+    """Every tensor the C code will read has the bytes its shape implies (the kernels trust them)."""
+    hidden, H, Hkv, D = meta["hidden"], meta["heads"], meta["kv_heads"], meta["head_dim"]
+    inter, vocab, positions = meta["intermediate"], meta["vocab"], meta["max_positions"]
+    if min(hidden, H, Hkv, D, inter, vocab, positions) < 1 or H % Hkv or D % 16:
+        raise ValueError("bad model dimensions")
+
+    def expect(name: str, nbytes: int) -> None:
+        if entries[name].nbytes != nbytes:
+            raise ValueError(f"{name} holds {entries[name].nbytes} bytes, its shape needs {nbytes}")
+
+    def matrix(name: str, spec: dict, n: int, k: int) -> None:
+        group, bits = spec["group"], spec["bits"]
+        if spec["n"] != n or bits not in (4, 8) or k % group or group % spec["ab"] or spec["ab"] % 4:
+            raise ValueError(f"{name}: bad matrix description {spec}")
+        blocks = -(-n // 16)
+        expect(f"{name}.w", blocks * 16 * k * bits // 8)
+        expect(f"{name}.p", blocks * (k // group) * 32 * 2)
+
+    expect("norm", hidden * 4)
+    for i, layer in enumerate(meta["layers"]):
+        expect(f"layer.{i}.norm1", hidden * 4)
+        expect(f"layer.{i}.norm2", hidden * 4)
+        matrix(f"layer.{i}.qkv", layer["qkv"], (H + 2 * Hkv) * D, hidden)
+        matrix(f"layer.{i}.o", layer["o"], hidden, H * D)
+    for j, ffn in meta["ffns"].items():
+        matrix(f"ffn.{j}.gate_up", ffn["gate_up"], 2 * inter, hidden)
+        matrix(f"ffn.{j}.down", ffn["down"], hidden, inter)
+    if meta["head"]["kind"] == "packed":
+        matrix("head", meta["head"], vocab, hidden)
+    else:
+        expect("head.bf16", vocab * hidden * 2)
+    embed = "embed.bf16" if "embed.bf16" in entries else "embed.f32"
+    expect(embed, vocab * hidden * (2 if embed == "embed.bf16" else 4))
+    expect("rope.cos", positions * D * 4)
+    expect("rope.sin", positions * D * 4)
+
+
+class Buffer:
+    """``nbytes`` of memory at a fixed address for the C code: anonymous pages (zeroed by the OS), 2 MB
+    aligned and advised as huge pages when large (as the default runtime packs its weights: a whole
+    decode's matmuls ran ~16% faster than on 4 KB pages)."""
+
+    def __init__(self, nbytes: int, *, huge: bool = False) -> None:
+        pad = HUGE_PAGE if huge and nbytes >= HUGE_PAGE else 0
+        self._map = mmap.mmap(-1, max(1, nbytes + pad))
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self.start = -base % HUGE_PAGE if pad else 0
+        self.address, self.nbytes = base + self.start, nbytes
+        if pad and hasattr(mmap, "MADV_HUGEPAGE"):
+            self._map.madvise(mmap.MADV_HUGEPAGE, self.start, nbytes // mmap.PAGESIZE * mmap.PAGESIZE)
+
+    def view(self) -> memoryview:
+        return memoryview(self._map)[self.start : self.start + self.nbytes]
+
+
+def _floats(data: bytes | bytearray) -> tuple[bytearray, int]:
+    """A writable copy of float32 bytes and its address."""
+    buffer = bytearray(data)
+    return buffer, ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
 class LeanModel:
     """A quantized checkpoint's kernel image, ready to decode (batch 1, greedy).
 
-    ``LeanModel.open(CKPT)`` writes the image if needed and loads it; :meth:`prefill` runs a prompt
-    into the cache and returns the last position's logits, :meth:`decode` one token at the next slot,
-    :meth:`greedy` both until ``max_new_tokens`` or an end token.
+    ``LeanModel.open(CKPT)`` writes the image if needed and loads it; :meth:`prefill` runs a prompt into
+    the cache and returns the last position's logits, :meth:`decode` one token at the next slot,
+    :meth:`greedy` both until ``max_new_tokens`` or a stop id. Logits are ``array.array("f")`` of
+    ``vocab`` floats (``numpy.frombuffer(logits, numpy.float32)`` views them without a copy).
     """
 
     def __init__(self, image: str | Path, threads: int | None = None) -> None:
+        _check_kernels()
         self.path = Path(image)
         self.meta, entries = image_layout(self.path)
         m = self.meta
@@ -151,91 +206,100 @@ class LeanModel:
         if self.threads < 1:
             raise MobiLlamaError(f"threads must be >= 1, got {self.threads}")
         self.lib = clib.load_library()
-        self._keep: list[np.ndarray] = []  # buffers the C structs point into
         with open(self.path, "rb") as f:
             read = {n: self._read(f, e) for n, e in entries.items() if not n.startswith(("embed", "rope"))}
-        # Read row by row with plain reads, never mapped: the kernel maps whole large folios of a mapped
-        # file (up to 2 MB), so a few random embedding rows had made ~30 MB resident.
+        self._buffers = list(read.values())  # the C structs hold their addresses
+        self.weight_bytes = sum(b.nbytes for b in self._buffers)
+        # Embedding and rotary rows: plain reads when needed, never mapped (see the module doc).
         self._file = open(self.path, "rb")  # noqa: SIM115 - open for the model's lifetime
         self.embed_bf16 = "embed.bf16" in entries
         self._embed = entries["embed.bf16" if self.embed_bf16 else "embed.f32"]
         self._rope = (entries["rope.cos"], entries["rope.sin"])
-        self.norm = read["norm"].view(np.float32)
-        self.weight_bytes = sum(a.nbytes for a in read.values())
+        self.norm = read["norm"].address
         self.layers = (clib.DecodeLayer * len(m["layers"]))()
         for i, spec in enumerate(m["layers"]):
             layer = self.layers[i]
-            layer.norm1 = read[f"layer.{i}.norm1"].ctypes.data
-            layer.norm2 = read[f"layer.{i}.norm2"].ctypes.data
+            layer.norm1, layer.norm2 = read[f"layer.{i}.norm1"].address, read[f"layer.{i}.norm2"].address
             layer.norm_bf16, layer.eps1, layer.eps2 = 0, spec["eps1"], spec["eps2"]
-            layer.qkv = self._qmatrix(read, f"layer.{i}.qkv", spec["qkv"])
-            layer.o = self._qmatrix(read, f"layer.{i}.o", spec["o"])
+            layer.qkv = _qmatrix(read, f"layer.{i}.qkv", spec["qkv"])
+            layer.o = _qmatrix(read, f"layer.{i}.o", spec["o"])
             ffn = m["ffns"][str(spec["ffn"])]
-            layer.gate_up = self._qmatrix(read, f"ffn.{spec['ffn']}.gate_up", ffn["gate_up"])
-            layer.down = self._qmatrix(read, f"ffn.{spec['ffn']}.down", ffn["down"])
+            layer.gate_up = _qmatrix(read, f"ffn.{spec['ffn']}.gate_up", ffn["gate_up"])
+            layer.down = _qmatrix(read, f"ffn.{spec['ffn']}.down", ffn["down"])
         self.head = m["head"]
-        self.head_matrix = self._qmatrix(read, "head", self.head) if self.head["kind"] == "packed" else None
-        self.head_bf16 = read["head.bf16"] if self.head["kind"] == "bf16" else None
-        self._keep += list(read.values())
+        self.head_matrix = _qmatrix(read, "head", self.head) if self.head["kind"] == "packed" else None
+        self.head_bf16 = read["head.bf16"].address if self.head["kind"] == "bf16" else None
         self.cache_bf16 = m["cache"] == "bf16"
-        self.cache_len = 0
-        self.position = 0
+        self.cache_len = self.position = self.limit = 0
+        self._h, self._h_at = _floats(bytes(4 * self.hidden))  # the final norm's output
 
     @classmethod
     def open(cls, checkpoint: str | Path, threads: int | None = None, *, quiet: bool = False) -> LeanModel:
         return cls(ensure_image(checkpoint, quiet=quiet), threads)
 
+    def close(self) -> None:
+        """Close the image file (embedding rows are read from it); the model cannot decode after this."""
+        self._file.close()
+
+    def __enter__(self) -> LeanModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ---- loading ---------------------------------------------------------------------------------
-    def _read(self, f, e: TensorEntry) -> np.ndarray:
-        buffer = _huge_buffer(e.nbytes)
+    def _read(self, f, e: TensorEntry) -> Buffer:
+        buffer = Buffer(e.nbytes, huge=True)
         f.seek(e.offset)
-        if f.readinto(memoryview(buffer)) != e.nbytes:
+        if f.readinto(buffer.view()) != e.nbytes:
             raise MobiLlamaError(f"{self.path}: cut short (truncated file?)")
         return buffer
 
-    def _row(self, e: TensorEntry, index: int, count: int = 1) -> np.ndarray:
-        """Rows ``index .. index+count-1`` of the 2-D tensor ``e``, read from the file."""
-        dtype = np.dtype(NUMPY_DTYPES[e.dtype])
-        row_bytes = e.shape[1] * dtype.itemsize
-        data = os.pread(self._file.fileno(), row_bytes * count, e.offset + index * row_bytes)
-        if len(data) != row_bytes * count:
+    def _row_bytes(self, e: TensorEntry, index: int, count: int = 1) -> bytes:
+        """The bytes of rows ``index .. index+count-1`` of the 2-D tensor ``e``, read from the file."""
+        row = e.nbytes // e.shape[0]
+        data = os.pread(self._file.fileno(), row * count, e.offset + index * row)
+        if len(data) != row * count:
             raise MobiLlamaError(f"{self.path}: cut short (truncated file?)")
-        return np.frombuffer(data, dtype=dtype).reshape(count, e.shape[1])
-
-    def _qmatrix(self, read: dict[str, np.ndarray], name: str, spec: dict) -> clib.QMatrix:
-        w, p = read[f"{name}.w"], read[f"{name}.p"]
-        return clib.QMatrix(w.ctypes.data, p.ctypes.data, spec["n"], spec["group"], spec["bits"], spec["ab"])
+        return data
 
     # ---- decoding --------------------------------------------------------------------------------
     def start(self, total_len: int) -> None:
         """A fresh cache for a request of ``total_len`` tokens (prompt plus new ones)."""
-        if not 1 <= total_len <= self.max_positions:
-            raise MobiLlamaError(f"{total_len} tokens do not fit the model's context of {self.max_positions}")
+        if not isinstance(total_len, int) or not 1 <= total_len <= self.max_positions:
+            raise MobiLlamaError(
+                f"{total_len!r} tokens do not fit the model's context of {self.max_positions}"
+            )
         H, Hkv, D = self.heads
         length = min(self.max_positions, -(-total_len // 64) * 64)
         if length != self.cache_len:
-            dtype = np.uint16 if self.cache_bf16 else np.float32
-            self._keys = [np.zeros((Hkv, length, D), dtype) for _ in range(len(self.layers))]
-            self._values = [np.zeros((Hkv, length, D), dtype) for _ in range(len(self.layers))]
-            for layer, k, v in zip(self.layers, self._keys, self._values, strict=True):
-                layer.k_cache, layer.v_cache = k.ctypes.data, v.ctypes.data
+            size = Hkv * length * D * (2 if self.cache_bf16 else 4)
+            self._cache = [(Buffer(size), Buffer(size)) for _ in range(len(self.layers))]
+            for layer, (k, v) in zip(self.layers, self._cache, strict=True):
+                layer.k_cache, layer.v_cache = k.address, v.address
             self.cache_len = length
         # this request's rotary rows (a few KB), read once
-        self.cos, self.sin = (
-            np.ascontiguousarray(self._row(e, 0, total_len), dtype=np.float32) for e in self._rope
+        (self._cos, self._cos_at), (self._sin, self._sin_at) = (
+            _floats(self._row_bytes(e, 0, total_len)) for e in self._rope
         )
-        self.limit = total_len
-        self.position = 0
+        self.limit, self.position = total_len, 0
 
-    def _rows(self, ids: Sequence[int]) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
-            bad = int(ids[(ids < 0) | (ids >= self.vocab)][0])
-            raise MobiLlamaError(f"token id {bad} is outside the vocabulary (0..{self.vocab - 1})")
-        rows = np.concatenate([self._row(self._embed, int(i)) for i in ids])
-        if self.embed_bf16:
-            return (rows.astype(np.uint32) << 16).view(np.float32)
-        return np.array(rows, dtype=np.float32)
+    def _rows(self, ids: Sequence[int]) -> tuple[bytearray, int]:
+        """The embedding rows of ``ids`` as contiguous fp32 [len(ids), hidden] and its address."""
+        try:
+            ids = [operator.index(t) for t in ids]
+        except TypeError:
+            raise MobiLlamaError(f"token ids must be integers, got {list(ids)[:8]!r}") from None
+        for t in ids:
+            if not 0 <= t < self.vocab:
+                raise MobiLlamaError(f"token id {t} is outside the vocabulary (0..{self.vocab - 1})")
+        data = b"".join(self._row_bytes(self._embed, t) for t in ids)
+        if not self.embed_bf16:
+            return _floats(data)
+        out, at = _floats(bytes(2 * len(data)))
+        src = ctypes.create_string_buffer(data, len(data))
+        self.lib.mb_bf16_to_f32(src, len(data) // 2, at)
+        return out, at
 
     def _advance(self, n: int) -> int:
         first = self.position
@@ -244,69 +308,71 @@ class LeanModel:
         self.position += n
         return first
 
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+    def prefill(self, ids: Sequence[int]) -> array.array:
         """Run prompt ``ids`` into the next cache slots; fp32 logits of its last token [vocab]."""
-        x = np.ascontiguousarray(self._rows(ids))
-        first = self._advance(len(x))
+        x, at = self._rows(ids)  # x keeps the rows alive while the C code updates them in place
+        first = self._advance(len(ids))
         H, Hkv, D = self.heads
+        row = 4 * D
         rc = self.lib.mb_prefill_layers(
-            x.ctypes.data, len(x), self.hidden, ctypes.addressof(self.layers), len(self.layers),
-            self.cos[first:].ctypes.data, self.sin[first:].ctypes.data, self.cache_len, first,
+            at, len(ids), self.hidden, ctypes.addressof(self.layers), len(self.layers),
+            self._cos_at + first * row, self._sin_at + first * row, self.cache_len, first,
             self.cache_bf16, H, Hkv, D, self.intermediate, D**-0.5, self.threads,
         )  # fmt: skip
         if rc:
             raise MemoryError("prefill: could not allocate its activation buffers")
-        return self._logits(x[-1:])
+        return self._logits(at + (len(ids) - 1) * 4 * self.hidden)
 
-    def decode(self, token: int) -> np.ndarray:
+    def decode(self, token: int) -> array.array:
         """Feed one token at the next cache slot; fp32 logits [vocab]."""
-        x = np.ascontiguousarray(self._rows([token]))
+        x, at = self._rows([token])  # x keeps the row alive while the C code updates it in place
         slot = self._advance(1)
         H, Hkv, D = self.heads
         rc = self.lib.mb_decode_layers(
-            x.ctypes.data, 1, self.hidden, ctypes.addressof(self.layers), len(self.layers),
-            self.cos[slot].ctypes.data, self.sin[slot].ctypes.data, self.cache_len, slot, None,
+            at, 1, self.hidden, ctypes.addressof(self.layers), len(self.layers),
+            self._cos_at + slot * 4 * D, self._sin_at + slot * 4 * D, self.cache_len, slot, None,
             self.cache_bf16, H, Hkv, D, self.intermediate, D**-0.5, self.threads,
         )  # fmt: skip
         if rc:
             raise MemoryError("decode step: could not allocate its activation buffers")
-        return self._logits(x)
+        return self._logits(at)
 
-    def _logits(self, x: np.ndarray) -> np.ndarray:
-        h = np.empty((1, self.hidden), dtype=np.float32)
-        self.lib.mb_rmsnorm(
-            x.ctypes.data, 1, self.hidden, self.norm.ctypes.data, 0, self.meta["final_eps"], h.ctypes.data
-        )
-        logits = np.empty(self.vocab, dtype=np.float32)
+    def _logits(self, x_at: int) -> array.array:
+        """The final norm and the LM head on the hidden row at address ``x_at``."""
+        self.lib.mb_rmsnorm(x_at, 1, self.hidden, self.norm, 0, self.meta["final_eps"], self._h_at)
+        logits = array.array("f", bytes(4 * self.vocab))
+        out = logits.buffer_info()[0]
         if self.head_matrix is not None:
             m = self.head_matrix
             rc = self.lib.mb_qgemv(
-                h.ctypes.data, 1, self.hidden, m.w, m.params, m.n, m.group, m.bits, m.ab, logits.ctypes.data,
-                self.threads,
-            )  # fmt: skip
+                self._h_at, 1, self.hidden, m.w, m.params, m.n, m.group, m.bits, m.ab, out, self.threads
+            )
             if rc:
                 raise MemoryError("LM head: could not allocate its activation buffers")
         else:
-            self.lib.mb_bf16_gemv(
-                h.ctypes.data,
-                1,
-                self.hidden,
-                self.head_bf16.ctypes.data,
-                self.vocab,
-                logits.ctypes.data,
-                self.threads,
-            )
+            self.lib.mb_bf16_gemv(self._h_at, 1, self.hidden, self.head_bf16, self.vocab, out, self.threads)
         return logits
+
+    def argmax(self, logits: array.array) -> int:
+        """The id of the largest logit (the first on a tie)."""
+        return int(self.lib.mb_argmax(logits.buffer_info()[0], len(logits)))
 
     def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         """The greedy continuation of prompt ``ids``: at most ``max_new_tokens`` ids, ending at a stop id."""
         if not ids:
             raise MobiLlamaError("the prompt is empty: give at least one token")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise MobiLlamaError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         self.start(len(ids) + max_new_tokens)
-        out = [int(np.argmax(self.prefill(ids)))]
+        out = [self.argmax(self.prefill(ids))]
         while len(out) < max_new_tokens and out[-1] not in stop_ids:
-            out.append(int(np.argmax(self.decode(out[-1]))))
+            out.append(self.argmax(self.decode(out[-1])))
         return out
+
+
+def _qmatrix(read: dict[str, Buffer], name: str, spec: dict) -> clib.QMatrix:
+    w, p = read[f"{name}.w"], read[f"{name}.p"]
+    return clib.QMatrix(w.address, p.address, spec["n"], spec["group"], spec["bits"], spec["ab"])
 
 
 # ---- measurement ---------------------------------------------------------------------------------
@@ -348,15 +414,16 @@ def lean_bench(
             f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the context {model.max_positions}"
         )
     load_peak_kb = status_kb("VmHWM")
-    prompt = np.random.default_rng(seed).integers(3, model.vocab, prompt_len).tolist()
+    rng = random.Random(seed)
+    prompt = [rng.randrange(3, model.vocab) for _ in range(prompt_len)]
 
     def one_run(length: int, steps: int) -> tuple[float, float]:
         model.start(length + steps)
         t0 = time.perf_counter()
-        token = int(np.argmax(model.prefill(prompt[:length])))
+        token = model.argmax(model.prefill(prompt[:length]))
         t1 = time.perf_counter()
         for _ in range(steps - 1):
-            token = int(np.argmax(model.decode(token)))
+            token = model.argmax(model.decode(token))
         return t1 - t0, time.perf_counter() - t1
 
     one_run(min(prompt_len, 16), 4)  # warm-up
@@ -382,6 +449,7 @@ def lean_bench(
         "load_peak_rss_bytes": load_peak_kb * 1024,
         "peak_rss_excludes_load": rss_reset,
         "torch_imported": "torch" in sys.modules,
+        "numpy_imported": "numpy" in sys.modules,
     }
 
 
@@ -389,7 +457,11 @@ def format_lean_bench(r: dict[str, Any]) -> str:
     """A small human-readable table of one :func:`lean_bench` result."""
     mb = 1 << 20
     rows = [
-        ("model", f"{r['model']} (lean runtime, vnni kernel; torch imported: {r['torch_imported']})"),
+        (
+            "model",
+            f"{r['model']} (lean runtime, vnni kernel; imported torch: {r['torch_imported']}, "
+            f"numpy: {r['numpy_imported']})",
+        ),
         ("kernel image", r["image"]),
         ("threads / batch", f"{r['threads']} / 1"),
         ("prompt / new tokens", f"{r['prompt_len']} / {r['new_tokens']}"),

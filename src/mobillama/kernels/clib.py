@@ -82,6 +82,10 @@ def load_library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
+    lib.mb_bf16_to_f32.restype = None
+    lib.mb_bf16_to_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.mb_argmax.restype = ctypes.c_int64
+    lib.mb_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64]
     lib.mb_prefill_layers.restype = ctypes.c_int
     lib.mb_prefill_layers.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,

@@ -21,6 +21,9 @@ int mb_attn_decode(const float *q, int64_t q_stride, const float *k, const float
                    const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S,
                    int64_t slot, const uint8_t *valid, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale,
                    float *out, int threads);
+int mb_attn_prefill(const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride,
+                    const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S,
+                    int64_t first, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, float *out, int threads);
 
 /* A packed matrix as mb_qgemv takes it. */
 typedef struct {
@@ -45,7 +48,8 @@ static int gemv(const mb_qmat *m, const float *x, int64_t B, int64_t K, float *y
 /* The layers over R rows of x [R, hidden] (fp32, updated in place). Decode (T = 1): R = B rows, one new
  * token each, all at cache slot `slot`, cos/sin [B, D], valid [B, S] or NULL. Prefill (B = 1): R = T
  * consecutive tokens of one sequence at slots slot..slot+T-1, cos/sin [T, D]; the projections read each
- * weight once for all T rows, and attention runs token by token, so token t sees slots 0..slot+t (causal).
+ * weight once for all T rows, and token t attends over slots 0..slot+t (causal; mb_attn_prefill, equal to
+ * feeding the tokens one at a time).
  * Returns 0, or -1 when a buffer cannot be allocated (x is then partly updated: the caller raises). */
 static int run_layers(float *x, int64_t B, int64_t T, int64_t hidden, const mb_layer *layers, int64_t L,
                       const float *cos, const float *sin, int64_t S, int64_t slot, const uint8_t *valid,
@@ -62,12 +66,12 @@ static int run_layers(float *x, int64_t B, int64_t T, int64_t hidden, const mb_l
         const mb_layer *l = layers + i;
         mb_rmsnorm(x, R, hidden, l->norm1, (int)l->norm_bf16, l->eps1, h);
         rc |= gemv(&l->qkv, h, R, hidden, qkv, threads);
-        for (int64_t t = 0; t < T; t++) {
-            const float *q = qkv + t * qkv_n;
-            rc |= mb_attn_decode(q, qkv_n, q + H * D, q + (H + Hkv) * D, qkv_n, cos + t * D, sin + t * D,
-                                 l->k_cache, l->v_cache, kv_bf16, S, slot + t, valid, B, H, Hkv, D, scale,
-                                 att + t * H * D, threads);
-        }
+        if (T == 1)
+            rc |= mb_attn_decode(qkv, qkv_n, qkv + H * D, qkv + (H + Hkv) * D, qkv_n, cos, sin, l->k_cache,
+                                 l->v_cache, kv_bf16, S, slot, valid, B, H, Hkv, D, scale, att, threads);
+        else
+            rc |= mb_attn_prefill(qkv, qkv_n, qkv + H * D, qkv + (H + Hkv) * D, qkv_n, cos, sin, l->k_cache,
+                                  l->v_cache, kv_bf16, S, slot, T, H, Hkv, D, scale, att, threads);
         rc |= gemv(&l->o, att, R, H * D, y, threads);
         for (int64_t j = 0; j < R * hidden; j++) x[j] += y[j];
         mb_rmsnorm(x, R, hidden, l->norm2, (int)l->norm_bf16, l->eps2, h);
