@@ -143,7 +143,8 @@ def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> di
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     from mobillama.convert.to_llama import llama_config
-    from mobillama.infer.bench import _reset_peak_rss, _status_kb, measure_read_bandwidth
+    from mobillama.infer.bench import measure_read_bandwidth
+    from mobillama.infer.lean import reset_peak_rss, status_kb
     from mobillama.infer.load import load_for_inference
 
     torch.set_num_threads(threads)
@@ -165,7 +166,7 @@ def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> di
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         llama.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
-        _reset_peak_rss()
+        reset_peak_rss()
         t0 = time.perf_counter()
         llama.generate(ids, max_new_tokens=1, min_new_tokens=1, **kwargs)
         ttft = time.perf_counter() - t0
@@ -180,7 +181,7 @@ def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> di
         "prefill_tok_s": prompt_len / ttft,
         "ttft_s": ttft,
         "model_bytes": weight_bytes,
-        "peak_rss_bytes": _status_kb("VmHWM") * 1024,
+        "peak_rss_bytes": status_kb("VmHWM") * 1024,
         "roofline_gb_s": bw,
     }
 

@@ -29,6 +29,7 @@ from mobillama.errors import MobiLlamaError
 from mobillama.eval.perplexity import windowed_perplexity
 from mobillama.infer import quant
 from mobillama.infer.generator import Generator
+from mobillama.infer.lean import reset_peak_rss, status_kb
 from mobillama.infer.load import (
     INFERENCE_DTYPES,
     check_on_the_fly_quantization,
@@ -84,24 +85,6 @@ def duplicate_ffn(model: nn.Module) -> nn.Module:
     model.model.ffns = copies
     model.config = model.model.config = c.replace(ffn_sharing="none")
     return model
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (Linux ≥ 4.0) so the run's peak excludes loading."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def read_perplexity_text(path: str | Path) -> str:
@@ -224,7 +207,7 @@ def run_bench(
         raise MobiLlamaError(
             f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds the context {c.max_position_embeddings}"
         )
-    load_peak_kb = _status_kb("VmHWM")
+    load_peak_kb = status_kb("VmHWM")
     gen = Generator(model, compile=compile)
     rng = torch.Generator().manual_seed(seed)
     prompts = torch.randint(3, c.vocab_size, (batch, prompt_len), generator=rng)
@@ -242,9 +225,9 @@ def run_bench(
 
     one_run(min(prompt_len, 16), 4)  # warm-up (and compilation when asked)
     one_run(prompt_len, 2)
-    rss_reset = _reset_peak_rss()
+    rss_reset = reset_peak_rss()
     prefill_s, decode_s = one_run(prompt_len, new_tokens)
-    peak_kb = _status_kb("VmHWM") if rss_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = status_kb("VmHWM") if rss_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     per_token, unique_per_token = bytes_per_decode_token(
         model, prompt_len + new_tokens // 2, dec.cache_dtype.itemsize
     )
