@@ -26,7 +26,7 @@ import torch
 from safetensors.numpy import save_file
 
 from mobillama.errors import MobiLlamaError
-from mobillama.infer.lean import IMAGE_VERSION, image_layout
+from mobillama.infer.lean import IMAGE_KEY, IMAGE_VERSION, image_layout
 from mobillama.kernels.clib import activation_block
 from mobillama.model import rope_cos_sin
 
@@ -134,7 +134,7 @@ def write_image(checkpoint: str | Path, out: str | Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"mobillama_lean": json.dumps(meta)})
+        save_file(tensors, tmp, metadata={IMAGE_KEY: json.dumps(meta)})
         image_layout(tmp)  # read back: a file the runtime would refuse is never left in place
         os.replace(tmp, out)
     finally:
