@@ -59,9 +59,13 @@ def test_lean_steps_equal_the_default_runtime_exactly(tied_quantized, sharing, b
     steps = [model.decode(t) for t in PROMPT]
     for ours, theirs in zip(steps, torch_steps(torch_decoder(ckpt), PROMPT), strict=True):
         np.testing.assert_array_equal(ours, theirs)
-    # the prompt in one call: projections over all rows at once, attention token by token: same numbers
+    # the prompt in one call: projections over all rows at once, attention token by token: same numbers,
+    # in both runtimes
     model.start(len(PROMPT) + 4)
     np.testing.assert_array_equal(model.prefill(PROMPT), steps[-1])
+    dec = torch_decoder(ckpt)
+    dec.start([0], len(PROMPT) + 4)
+    np.testing.assert_array_equal(dec.prefill(torch.tensor([PROMPT]))[0].numpy(), steps[-1])
 
 
 def test_an_untied_checkpoint_with_its_own_quantized_head(tmp_path, tokenizer_dir):

@@ -38,6 +38,7 @@ _HOME = {
     "attention_train_forward": "bindings",
     "bf16_linear": "bindings",
     "decode_layers": "bindings",
+    "prefill_layers": "bindings",
     "projection_layout": "bindings",
     "qlinear": "bindings",
     "qmatrix": "bindings",

@@ -86,6 +86,31 @@ def decode_layers(
     return x
 
 
+def prefill_layers(
+    x: torch.Tensor,
+    layers: ctypes.Array,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache_len: int,
+    first: int,
+    cache_bf16: bool,
+    heads: tuple[int, int, int],
+    intermediate: int,
+) -> torch.Tensor:
+    """A prompt of one sequence through every layer in one call (``mb_prefill_layers``): ``x`` [T, hidden]
+    fp32 contiguous, the tokens of slots ``first .. first+T-1``, is updated in place and returned; ``cos`` /
+    ``sin`` [T, head_dim] fp32 contiguous. Equal to T calls of :func:`decode_layers`, one token each."""
+    H, Hkv, D = heads
+    T, hidden = x.shape
+    rc = _library().mb_prefill_layers(
+        x.data_ptr(), T, hidden, ctypes.addressof(layers), len(layers), cos.data_ptr(), sin.data_ptr(),
+        cache_len, first, cache_bf16, H, Hkv, D, intermediate, D**-0.5, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("prefill: could not allocate its activation buffers")
+    return x
+
+
 def _fp32_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dtype != torch.float32 or x.stride(-1) != 1:
         raise ValueError(f"{name} must be fp32 with unit column stride")
