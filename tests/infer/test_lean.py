@@ -237,3 +237,37 @@ def test_a_checkpoint_off_the_kernel_has_no_image(tied_quantized, tmp_path):
         match="could not write its kernel image: .*needs every projection on the project.s AVX-512 VNNI kernel",
     ):
         lean.ensure_image(ckpt, quiet=True)
+
+
+@pytest.mark.parametrize("extra", [[], ["--json"], ["--stream", "--stop", "a"]])
+def test_cli_generate_lean_prints_what_the_default_runtime_prints(tied_quantized, capsys, extra):
+    ckpt = str(tied_quantized("all", 4))
+    args = ["generate", ckpt, "--prompt", "hello world", "--max-new-tokens", "12", *extra]
+    assert main(args) == 0
+    default = capsys.readouterr().out
+    assert main([*args, "--lean"]) == 0
+    assert capsys.readouterr().out == default
+
+
+def test_cli_generate_lean_never_imports_torch(tied_quantized):
+    code = (
+        "import sys; from mobillama.cli import main; "
+        f"rc = main(['generate', {str(tied_quantized('all', 8))!r}, '--prompt', 'hi', '--lean', '--max-new-tokens', '4']); "
+        "print('torch' in sys.modules, rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=os.environ)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False 0"
+
+
+def test_cli_generate_lean_refuses_what_it_cannot_do(tied_quantized, capsys):
+    ckpt = str(tied_quantized("all", 4))
+    cases = [
+        (["--temperature", "0.7", "--top-k", "5"], "--lean decodes greedily: drop --temperature, --top-k"),
+        (["--prompt", "second"], "--lean takes one --prompt"),
+        (["--bits", "8"], "--lean runs a quantized checkpoint as stored: drop --bits"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    ]
+    for extra, message in cases:
+        assert main(["generate", ckpt, "--prompt", "hi", "--lean", *extra]) == 2
+        assert message in capsys.readouterr().err

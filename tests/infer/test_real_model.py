@@ -145,7 +145,9 @@ def test_int8_with_the_head_quantized_is_within_half_a_percent_of_fp32(head_perp
 
 
 @pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
-def test_lean_runtime_decodes_the_real_model_as_the_default_runtime(real_model, tmp_path, monkeypatch):
+def test_lean_runtime_decodes_the_real_model_as_the_default_runtime(
+    real_model, tmp_path, monkeypatch, capsys
+):
     """SmolLM2 int4 g32 with the int8 head: the lean runtime's prefill and decode steps equal the default
     runtime's bit for bit, so both give the same greedy answer."""
     import numpy as np
@@ -178,3 +180,7 @@ def test_lean_runtime_decodes_the_real_model_as_the_default_runtime(real_model, 
     ref += [dec.decode(torch.tensor([t]), s)[0].numpy() for s, t in enumerate(ids[1:], start=1)]
     for a, b in zip(ours, ref, strict=True):
         np.testing.assert_array_equal(a, b)
+    capsys.readouterr()
+    args = ["generate", str(ckpt), "--prompt", "The capital of France is", "--max-new-tokens", "8", "--lean"]
+    assert main(args) == 0
+    assert "Paris" in capsys.readouterr().out

@@ -85,6 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_sampling_options(g, temperature=0.0)
     _add_model_options(g)
+    g.add_argument(
+        "--lean",
+        action="store_true",
+        help="greedy decode on the lean runtime (no PyTorch in the process: see 'bench --lean'): one "
+        "prompt, a quantized checkpoint as stored, a CPU with AVX-512 VNNI",
+    )
     g.set_defaults(func=run_generate)
 
     c = subparsers.add_parser(
@@ -262,6 +268,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
     if args.stream and len(args.prompt) > 1:
         raise MobiLlamaError("--stream takes one --prompt")
+    if args.lean:
+        return run_lean_generate(args)
     generator, params = _setup(args)
 
     def stream(_row: int, delta: str) -> None:
@@ -364,15 +372,54 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_lean_bench(args: argparse.Namespace) -> int:
-    """``bench --lean``: nothing here may import torch (the point is a process without it)."""
-    from mobillama.errors import MobiLlamaError
-    from mobillama.infer.lean import format_lean_bench, lean_bench
+# generate options the lean runtime does not take (it decodes greedily), with their neutral values
+_NOT_LEAN_SAMPLING = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
 
-    given = [k for k, default in _NOT_LEAN.items() if getattr(args, k, default) != default]
+
+def _refuse_for_lean(args: argparse.Namespace, options: dict, what: str) -> None:
+    from mobillama.errors import MobiLlamaError
+
+    given = [k for k, default in options.items() if getattr(args, k, default) != default]
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise MobiLlamaError(f"--lean runs a quantized checkpoint as stored, at batch 1: drop {flags}")
+        raise MobiLlamaError(f"--lean {what}: drop {flags}")
+
+
+def run_lean_generate(args: argparse.Namespace) -> int:
+    """``generate --lean``: greedy, one prompt; nothing here imports torch."""
+    from mobillama.errors import MobiLlamaError
+    from mobillama.infer.lean import LeanModel, lean_generate
+    from mobillama.tokenizer import load_tokenizer
+
+    _refuse_for_lean(args, _NOT_LEAN, "runs a quantized checkpoint as stored")
+    _refuse_for_lean(args, _NOT_LEAN_SAMPLING, "decodes greedily")
+    if len(args.prompt) > 1:
+        raise MobiLlamaError("--lean takes one --prompt")
+    model = LeanModel.open(args.checkpoint, args.threads)
+    tokenizer = load_tokenizer(args.checkpoint)
+
+    def stream(delta: str) -> None:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+
+    result = lean_generate(
+        model, tokenizer, args.prompt[0], max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+        on_text=stream if args.stream else None,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps([result], indent=2))
+    elif args.stream:
+        print()
+    else:
+        print(result["text"])
+    return 0
+
+
+def run_lean_bench(args: argparse.Namespace) -> int:
+    """``bench --lean``: nothing here may import torch (the point is a process without it)."""
+    from mobillama.infer.lean import format_lean_bench, lean_bench
+
+    _refuse_for_lean(args, _NOT_LEAN, "runs a quantized checkpoint as stored, at batch 1")
     result = lean_bench(
         args.model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, threads=args.threads
     )

@@ -36,7 +36,7 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +373,63 @@ class LeanModel:
 def _qmatrix(read: dict[str, Buffer], name: str, spec: dict) -> clib.QMatrix:
     w, p = read[f"{name}.w"], read[f"{name}.p"]
     return clib.QMatrix(w.address, p.address, spec["n"], spec["group"], spec["bits"], spec["ab"])
+
+
+def lean_generate(
+    model: LeanModel,
+    tokenizer: Any,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    stop: Sequence[str] = (),
+    on_text: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The greedy completion of ``prompt``, ended as the default runtime's generator ends it: a stop token
+    (the tokenizer's end-of-text / end-of-turn ids; counted, but not in the text), a stop string (cut
+    off), or ``max_new_tokens`` / the context. ``on_text`` receives the text as it becomes final (an
+    incomplete UTF-8 character or a possible stop-string prefix waits). Returns the fields of the default
+    runtime's completion: text, token_ids, finish_reason, prompt_tokens, completion_tokens, stop_token."""
+    from mobillama.infer.stops import find_stop, held_back
+    from mobillama.tokenizer import encode_prompt, stop_ids
+
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise MobiLlamaError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise MobiLlamaError("the prompt is empty: give at least one token")
+    new = min(max_new_tokens, model.max_positions - len(ids))
+    if new < 1:
+        raise MobiLlamaError(
+            f"the prompt's {len(ids)} tokens fill the model's context of {model.max_positions}"
+        )
+    stops = frozenset(stop_ids(tokenizer))
+    model.start(len(ids) + new)
+    logits = model.prefill(ids)
+    out: list[int] = []
+    text, emitted, finish, stop_token = "", 0, None, None
+    for step in range(new):
+        token = model.argmax(logits)
+        if token in stops:
+            finish, stop_token = "stop", token
+        else:
+            out.append(token)
+            text = tokenizer.decode(out)
+            at = find_stop(text, stop)
+            if at >= 0:
+                text, finish = text[:at], "stop"
+        if finish is None and step == new - 1:
+            finish = "length"
+        end = len(text) if finish else len(text) - held_back(text, stop)
+        if on_text is not None and end > emitted:
+            on_text(text[emitted:end])
+        emitted = max(emitted, end)
+        if finish:
+            return {
+                "text": text, "token_ids": out, "finish_reason": finish, "prompt_tokens": len(ids),
+                "completion_tokens": step + 1, "stop_token": stop_token,
+            }  # fmt: skip
+        logits = model.decode(token)
+    raise AssertionError("unreachable: the last step always finishes")
 
 
 # ---- measurement ---------------------------------------------------------------------------------

@@ -5,20 +5,21 @@ the terminal chat (:mod:`mobillama.infer.chat`) and the server (:mod:`mobillama.
 
 - :class:`SamplingParams` (checked once, at construction) and :class:`Completion` (one prompt's result);
 - :func:`sample_next`: repetition penalty, temperature, top-k, top-p, the draw;
-- stop strings: :func:`find_stop` cuts text at the first one, :func:`held_back` says how much of a
-  streamed text's tail must wait because it could still become one; and the chat stop strings
-  (:func:`chat_stop_strings`: ``### Human:`` for the MobiLlama-Chat template only).
+- stop strings (defined in :mod:`mobillama.infer.stops`, torch-free, re-exported here): :func:`find_stop`
+  cuts text at the first one, :func:`held_back` says how much of a streamed text's tail must wait because
+  it could still become one; and the chat stop strings (:func:`chat_stop_strings`: ``### Human:`` for the
+  MobiLlama-Chat template only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mobillama.errors import MobiLlamaError
+from mobillama.infer.stops import cut_at_stop, find_stop, held_back
 from mobillama.tokenizer import DEFAULT_SYSTEM_PROMPT, is_mobillama_template
 
 # The MobiLlama-Chat prompt format is defined once, in mobillama.tokenizer.
@@ -132,34 +133,6 @@ def sample_next(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# --------------------------------------------------------------------------------------------------
-# Stop strings
-# --------------------------------------------------------------------------------------------------
-def find_stop(text: str, stops: Sequence[str]) -> int:
-    """Where the first stop string in ``text`` begins, or -1 when there is none."""
-    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    """``text`` up to the first stop string, and whether one was found."""
-    at = find_stop(text, stops)
-    return (text, False) if at < 0 else (text[:at], True)
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters of a streamed text must wait: an incomplete UTF-8 sequence (decoded
-    as U+FFFD) or a prefix of a stop string, which the next tokens may complete."""
-    hold = 0
-    while hold < len(text) and text[len(text) - 1 - hold] == "\ufffd":
-        hold += 1
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:n]):
-                hold = max(hold, n)
-                break
-    return hold
 
 
 __all__ = [
