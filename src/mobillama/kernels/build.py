@@ -30,9 +30,13 @@ class KernelUnavailable(RuntimeError):
     """Raised when the kernels were asked for explicitly but cannot run on this machine."""
 
 
+def cache_root() -> Path:
+    """The project's cache of built things (``$MOBILLAMA_CACHE``, else ``~/.cache/mobillama``)."""
+    return Path(os.environ.get("MOBILLAMA_CACHE") or Path.home() / ".cache" / "mobillama")
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("MOBILLAMA_CACHE") or Path.home() / ".cache" / "mobillama"
-    return Path(root) / "kernels"
+    return cache_root() / "kernels"
 
 
 @functools.lru_cache(maxsize=1)
