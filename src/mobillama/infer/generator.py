@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import random
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
@@ -20,7 +19,8 @@ import torch
 
 from mobillama.errors import MobiLlamaError
 from mobillama.infer.decoder import FastDecoder
-from mobillama.infer.sampling import Completion, SamplingParams, find_stop, held_back, sample_next
+from mobillama.infer.sampling import Completion, SamplingParams, sample_next
+from mobillama.infer.stops import TextRow
 from mobillama.model import MobiLlama
 from mobillama.tokenizer import encode_prompt, stop_ids
 
@@ -50,17 +50,6 @@ class TokenizerLike(Protocol):
     def apply_chat_template(
         self, messages: list[dict[str, str]], add_generation_prompt: bool = True
     ) -> str: ...
-
-
-@dataclass
-class _Row:
-    prompt_tokens: int
-    ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    generated: int = 0  # tokens produced, the stop token included (ids excludes it)
-    finish_reason: str | None = None
-    stop_token: int | None = None
 
 
 class Generator:
@@ -191,7 +180,7 @@ class Generator:
         stops = frozenset(stop_tokens)
         T, B = max(lengths), len(lengths)
         new_tokens = min(params.max_new_tokens, self.context - T)
-        rows = [_Row(prompt_tokens=n) for n in lengths]
+        rows = [TextRow(prompt_tokens=n) for n in lengths]
         device = self.decoder.device
         generator = torch.Generator(device=device)
         generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
@@ -211,7 +200,10 @@ class Generator:
                 row = rows[b]
                 if row.finish_reason is not None:
                     continue
-                delta = self._advance(row, t, stops, params, last=step == new_tokens - 1)
+                decode = self.tokenizer.decode if self.tokenizer is not None else None
+                delta = row.advance(
+                    t, stops, params.stop, decode, stop_at_eos=params.stop_at_eos, last=step == new_tokens - 1
+                )
                 if delta:
                     yield b, delta
             if all(r.finish_reason is not None for r in rows):
@@ -221,28 +213,6 @@ class Generator:
             Completion(r.text, r.ids, r.finish_reason or "length", r.prompt_tokens, r.generated, r.stop_token)
             for r in rows
         ]
-
-    def _advance(
-        self, row: _Row, token: int, stops: frozenset[int], params: SamplingParams, last: bool
-    ) -> str:
-        """Append one token to a row, decide whether it finished, and return the text now final."""
-        row.generated += 1
-        if params.stop_at_eos and token in stops:
-            row.finish_reason, row.stop_token = "stop", token  # counted, but not part of ids or text
-        else:
-            row.ids.append(token)
-            if self.tokenizer is not None:
-                row.text = self.tokenizer.decode(row.ids)
-                at = find_stop(row.text, params.stop)
-                if at >= 0:
-                    row.text = row.text[:at]
-                    row.finish_reason = "stop"
-        if last and row.finish_reason is None:
-            row.finish_reason = "length"
-        end = len(row.text) if row.finish_reason else len(row.text) - held_back(row.text, params.stop)
-        delta = row.text[row.emitted : end] if end > row.emitted else ""
-        row.emitted = max(row.emitted, end)
-        return delta
 
     # ---- conveniences --------------------------------------------------------------------------
     def generate_ids(

@@ -400,7 +400,7 @@ def lean_generate(
     off), or ``max_new_tokens`` / the context. ``on_text`` receives the text as it becomes final (an
     incomplete UTF-8 character or a possible stop-string prefix waits). Returns the fields of the default
     runtime's completion: text, token_ids, finish_reason, prompt_tokens, completion_tokens, stop_token."""
-    from mobillama.infer.stops import find_stop, held_back
+    from mobillama.infer.stops import TextRow
     from mobillama.tokenizer import encode_prompt, stop_ids
 
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -416,31 +416,19 @@ def lean_generate(
     stops = frozenset(stop_ids(tokenizer))
     model.start(len(ids) + new)
     logits = model.prefill(ids)
-    out: list[int] = []
-    text, emitted, finish, stop_token = "", 0, None, None
+    row = TextRow(prompt_tokens=len(ids))
     for step in range(new):
         token = model.argmax(logits)
-        if token in stops:
-            finish, stop_token = "stop", token
-        else:
-            out.append(token)
-            text = tokenizer.decode(out)
-            at = find_stop(text, stop)
-            if at >= 0:
-                text, finish = text[:at], "stop"
-        if finish is None and step == new - 1:
-            finish = "length"
-        end = len(text) if finish else len(text) - held_back(text, stop)
-        if on_text is not None and end > emitted:
-            on_text(text[emitted:end])
-        emitted = max(emitted, end)
-        if finish:
-            return {
-                "text": text, "token_ids": out, "finish_reason": finish, "prompt_tokens": len(ids),
-                "completion_tokens": step + 1, "stop_token": stop_token,
-            }  # fmt: skip
+        delta = row.advance(token, stops, stop, tokenizer.decode, last=step == new - 1)
+        if on_text is not None and delta:
+            on_text(delta)
+        if row.finish_reason is not None:
+            break
         logits = model.decode(token)
-    raise AssertionError("unreachable: the last step always finishes")
+    return {
+        "text": row.text, "token_ids": row.ids, "finish_reason": row.finish_reason, "prompt_tokens": len(ids),
+        "completion_tokens": row.generated, "stop_token": row.stop_token,
+    }  # fmt: skip
 
 
 # ---- measurement ---------------------------------------------------------------------------------

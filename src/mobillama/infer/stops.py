@@ -1,9 +1,11 @@
-"""Stop strings: where generated text ends. Plain Python (no torch), shared by the PyTorch runtime's
-generator (through :mod:`mobillama.infer.sampling`, which re-exports these) and the lean runtime."""
+"""Where generated text ends: stop strings, and one completion's bookkeeping token by token. Plain Python
+(no torch), shared by the PyTorch runtime's generator (stop strings also through
+:mod:`mobillama.infer.sampling`, which re-exports them) and the lean runtime, so both end text alike."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int:
@@ -29,3 +31,47 @@ def held_back(text: str, stops: Sequence[str]) -> int:
                 hold = max(hold, n)
                 break
     return hold
+
+
+@dataclass
+class TextRow:
+    """One completion as it grows: its ids, text, how much text was handed out, and why it ended."""
+
+    prompt_tokens: int
+    ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    generated: int = 0  # tokens produced, the stop token included (ids excludes it)
+    finish_reason: str | None = None
+    stop_token: int | None = None
+
+    def advance(
+        self,
+        token: int,
+        stop_ids: Collection[int],
+        stops: Sequence[str],
+        decode: Callable[[list[int]], str] | None,
+        *,
+        stop_at_eos: bool = True,
+        last: bool = False,
+    ) -> str:
+        """Append one token, decide whether the row finished, and return the text now final: a stop id
+        ends it (counted, but in neither ids nor text), a stop string cuts it, ``last`` ends it by length;
+        an incomplete UTF-8 character or a possible stop-string prefix waits (:func:`held_back`)."""
+        self.generated += 1
+        if stop_at_eos and token in stop_ids:
+            self.finish_reason, self.stop_token = "stop", token
+        else:
+            self.ids.append(token)
+            if decode is not None:
+                self.text = decode(self.ids)
+                at = find_stop(self.text, stops)
+                if at >= 0:
+                    self.text = self.text[:at]
+                    self.finish_reason = "stop"
+        if last and self.finish_reason is None:
+            self.finish_reason = "length"
+        end = len(self.text) if self.finish_reason else len(self.text) - held_back(self.text, stops)
+        delta = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return delta
