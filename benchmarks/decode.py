@@ -5,13 +5,16 @@ process: clean peak-RSS figures, no allocator carry-over), batch 1, greedy, the 
 
 - ``--shape 0.5b``: the ``mobillama-0.5b`` shape on seeded random weights (speed does not depend on the
   values). This project (``mobillama bench`` on a bf16 checkpoint and its ``mobillama quantize`` int8 /
-  int4 g128 / int4 g32 versions, with the kernel ``auto`` picks and the stock ones; int8/int4 g128 also
-  with the FFN duplicated per layer, to see whether sharing speeds decode); llama.cpp's ``llama-bench`` on
+  int4 g128 / int4 g32 versions, with the kernel ``auto`` picks and the stock ones; int4 g32 also with
+  its scales as half floats, ``--int4-params half``, the layout before 8-bit codes; int8 and both int4
+  also with the FFN duplicated per layer, to see whether sharing speeds decode); llama.cpp's ``llama-bench`` on
   Q4_0 and Q8_0 files written by ``export_gguf`` from the same checkpoint (GGUF has no shared tensors: the
   FFN is stored 22 times); transformers ``LlamaForCausalLM.generate`` in bf16 with PyTorch defaults and
   with oneDNN off (``--no-transformers`` skips them). Random weights have no perplexity.
 - ``--shape real``: SmolLM2-135M-Instruct (``mobillama fetch``, cached). This project in bf16, int8 and
-  int4 (group 32, the default; head float, int8 or int4) from ``mobillama quantize``; llama.cpp on the shipped Q4_1 file and on Q8_0
+  int4 (group 32, the default; head float, int8 or int4) from ``mobillama quantize`` (whose "auto" keeps
+  this Q4_1 import's half-float grid exactly; the "codes" rows force 8-bit codes, the layout the 0.5b
+  rows run, to show its quality); llama.cpp on the shipped Q4_1 file and on Q8_0
   and Q4_0 made by ``llama-quantize`` from this project's F16 export, so both tools quantize the same
   weights. Every row also gets its perplexity on the same real text (Python's ``pydoc_data.topics``, as
   ``benchmarks/real_quality.py``), ``--perplexity-windows`` windows of 512 tokens scored the way
@@ -72,6 +75,8 @@ VARIANTS_05B = [
     ("mobillama int4 g128, FFN x22", "int4g128", ["--duplicate-ffn"], "4"),
     ("mobillama int4 g128 stock", "int4g128", ["--int4-kernel", "stock"], "4"),
     ("mobillama int4 g32", "int4g32", [], "4"),
+    ("mobillama int4 g32, FFN x22", "int4g32", ["--duplicate-ffn"], "4"),
+    ("mobillama int4 g32, half-float params", "int4g32-half", [], "4"),
     ("mobillama int8, lean runtime", "int8", ["--lean"], "8"),
     ("mobillama int4 g32, lean runtime", "int4g32", ["--lean"], "4"),
 ]
@@ -85,11 +90,24 @@ VARIANTS_REAL = [
     ("mobillama int8 (float head), lean runtime", "int8-keep-head", ["--lean"], "8"),
     ("mobillama int4 g32 (float head), lean runtime", "int4g32-keep-head", ["--lean"], "4"),
     ("mobillama int4 g32 (int8 head), lean runtime", "int4g32-head8", ["--lean"], "4"),
+    ("mobillama int4 g32 codes (int8 head)", "int4g32-codes-head8", [], "4"),
+    ("mobillama int4 g32 codes (int8 head), lean runtime", "int4g32-codes-head8", ["--lean"], "4"),
 ]
 QUANTIZE = {
     "int8": ["--bits", "8"],
     "int4g128": ["--bits", "4", "--group-size", "128"],
     "int4g32": ["--bits", "4", "--group-size", "32"],
+    "int4g32-half": ["--bits", "4", "--group-size", "32", "--int4-params", "half"],
+    "int4g32-codes-head8": [
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--head-bits",
+        "8",
+        "--int4-params",
+        "codes",
+    ],
     "int8-qhead": ["--bits", "8", "--quantize-head"],
     "int4g32-qhead": ["--bits", "4", "--group-size", "32", "--quantize-head"],
     "int8-keep-head": ["--bits", "8", "--keep-head"],
@@ -133,7 +151,9 @@ def write_checkpoints(root: str) -> dict[str, str]:
     model = load_for_inference(PRESET, dtype="bf16", seed=0)
     save_checkpoint(model.state_dict(), model.config, os.path.join(root, "bf16"))
     del model
-    return quantize_checkpoints(os.path.join(root, "bf16"), root, ["int8", "int4g128", "int4g32"])
+    return quantize_checkpoints(
+        os.path.join(root, "bf16"), root, ["int8", "int4g128", "int4g32", "int4g32-half"]
+    )
 
 
 def run_peer(mkldnn: bool, threads: int, prompt_len: int, new_tokens: int) -> dict:

@@ -80,22 +80,65 @@ def test_groups_that_32_does_not_divide_use_a_smaller_activation_block(bits, gro
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits", [8, 4])
-def test_params_are_half_floats_that_the_portable_form_holds_exactly(bits):
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 128)])
+def test_params_are_half_floats_that_the_portable_form_holds_exactly(bits, group):
     """The kernel's scales and offsets are half floats (one 64-byte line per 16 rows and group, as
     llama.cpp's blocks store theirs): quantization picks them representable, so the saved checkpoint,
     the reference path and the kernel use the same weights."""
     torch.manual_seed(bits)
-    linear = torch.nn.Linear(128, 48, bias=False)
-    q = Int8Linear.from_linear(linear, "vnni") if bits == 8 else Int4Linear.from_linear(linear, 32, "vnni")
+    linear = torch.nn.Linear(256, 48, bias=False)
+    q = Int8Linear.from_linear(linear, "vnni") if bits == 8 else Int4Linear.from_linear(linear, group, "vnni")
     tensors = [q.scales] if bits == 8 else [q.scales, q.zeros - 8 * q.scales]
     for t in tensors:
         assert torch.equal(t, t.half().float())
     q.pack()
     packed, params = q._vnni
     assert params.dtype == torch.float16
-    groups = 1 if bits == 8 else 128 // 32
+    groups = 1 if bits == 8 else 256 // group
     assert params.numel() == 3 * groups * 2 * 16  # 48 rows = 3 blocks of 16, a scale and an offset each
+
+
+@needs_kernels
+@pytest.mark.parametrize("cols, group, per", [(256, 32, 8), (576, 32, 6), (512, 64, 4)])
+def test_int4_params_are_8_bit_codes_in_super_blocks_where_they_pay(cols, group, per):
+    """Groups of 32 and 64: each scale and offset is an 8-bit code times a bf16 step per row and
+    super-block, exactly in the portable form, so the kernel's compact params (half the bytes of half
+    floats) hold the same weights; the kernel equals the reference on the same activations."""
+    torch.manual_seed(cols)
+    linear = torch.nn.Linear(cols, 40, bias=False)
+    q = Int4Linear.from_linear(linear, group, "vnni")
+    assert kernels.superblock_groups(cols, group) == per
+    for values, top in ((q.scales, 255), (q.zeros - 8 * q.scales, 127)):
+        steps, codes = kernels.packing.read_codes(values, per, top)
+        assert steps.shape == (40, cols // group // per) and torch.equal(steps, steps.bfloat16().float())
+        assert torch.equal(codes, codes.round()) and codes.abs().max() <= top
+        torch.testing.assert_close(steps.repeat_interleave(per, dim=1) * codes, values, rtol=1e-6, atol=0)
+    assert (q.scales > 0).all()
+    w = linear.weight.detach()
+    # one half step of its own group at most (the search may pick a finer scale that clips a little more)
+    assert ((q.dequantize() - w).norm() / w.norm()) < 0.1
+    x = torch.randn(3, cols)
+    expected = q.reference_forward(_fake_quantized_activations(x))
+    q.pack()
+    packed, params = q._vnni
+    assert params.dtype == torch.uint8
+    assert (
+        params.numel()
+        == kernels.params_bytes(40, cols, group, per)
+        == 3 * (cols // group // per) * (64 + 32 * per)
+    )
+    torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compact_params_are_not_read_into_params_that_are_off_their_grid():
+    """Half-float scales of an older checkpoint are not codes times a bf16 step: they stay half floats."""
+    torch.manual_seed(0)
+    scales = (torch.rand(16, 8) * 0.01 + 1e-3).half().float()
+    assert kernels.packing.compact_params(scales, -8 * scales, 8) is None
+    assert (
+        kernels.pack_int4(torch.zeros(16, 256, dtype=torch.uint8), scales, 0 * scales, 32)[1].dtype
+        == torch.float16
+    )
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -379,7 +379,7 @@ def joined_projection(layers: list[nn.Module]):
     first = layers[0]
     if not all(isinstance(m, QuantizedLinear) and m._vnni is not None for m in layers):
         return None
-    key = {(type(m), m.in_features, getattr(m, "group_size", None)) for m in layers}
+    key = {(type(m), m.in_features, getattr(m, "group_size", None), m._vnni[1].dtype) for m in layers}
     if len(key) != 1 or any(m.out_features % kernels.BLOCK_ROWS for m in layers):
         return None
     parts = [m._vnni[0] for m in layers]
@@ -391,16 +391,24 @@ def joined_projection(layers: list[nn.Module]):
         m._vnni = (packed[offsets[0] : offsets[0] + n_w], params[offsets[1] : offsets[1] + n_p])
         offsets = [offsets[0] + n_w, offsets[1] + n_p]
     _, _, group, bits = first.vnni_matrix()  # type: ignore[misc]
-    return JoinedProjection(packed, params, [m.out_features for m in layers], group, bits)
+    return JoinedProjection(packed, params, [m.out_features for m in layers], first.in_features, group, bits)
 
 
 class JoinedProjection:
     """``f(x) -> tuple of outputs`` for projections joined by :func:`joined_projection`; its packed
     matrix is also what the one-call decode step (:func:`mobillama.kernels.decode_layers`) reads."""
 
-    def __init__(self, packed: torch.Tensor, params: torch.Tensor, sizes: list[int], group: int, bits: int):
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        params: torch.Tensor,
+        sizes: list[int],
+        in_features: int,
+        group: int,
+        bits: int,
+    ):
         self.packed, self.params, self.sizes, self.group, self.bits = packed, params, sizes, group, bits
-        self.out_features = sum(sizes)
+        self.in_features, self.out_features = in_features, sum(sizes)
 
     def vnni_matrix(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """(packed weight, params, group, bits), as :meth:`QuantizedLinear.vnni_matrix`."""
@@ -414,7 +422,7 @@ class JoinedProjection:
 def _qmatrix(m) -> kernels.QMatrix:
     """The packed matrix of a vnni-packed layer or joined projection, as the one-call step reads it."""
     packed, params, group, bits = m.vnni_matrix()
-    return kernels.qmatrix(packed, params, m.out_features, group, bits)
+    return kernels.qmatrix(packed, params, m.out_features, m.in_features, group, bits)
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:

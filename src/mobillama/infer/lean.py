@@ -44,7 +44,7 @@ from mobillama.errors import MobiLlamaError
 from mobillama.kernels import clib
 from mobillama.tensorfile import TensorEntry, read_header
 
-IMAGE_VERSION = 1
+IMAGE_VERSION = 2  # 2: compact int4 params (a matrix's "per")
 IMAGE_KEY = "mobillama_lean"
 HUGE_PAGE = 2 << 20
 # files of a checkpoint that decide its image
@@ -144,12 +144,14 @@ def _check_sizes(meta: dict[str, Any], entries: dict[str, TensorEntry]) -> None:
             raise ValueError(f"{name} holds {entries[name].nbytes} bytes, its shape needs {nbytes}")
 
     def matrix(name: str, spec: dict, n: int, k: int) -> None:
-        group, bits = spec["group"], spec["bits"]
+        group, bits, per = spec["group"], spec["bits"], spec["per"]
         if spec["n"] != n or bits not in (4, 8) or k % group or group % spec["ab"] or spec["ab"] % 4:
+            raise ValueError(f"{name}: bad matrix description {spec}")
+        if per and (bits != 4 or per != clib.superblock_groups(k, group)):
             raise ValueError(f"{name}: bad matrix description {spec}")
         blocks = -(-n // 16)
         expect(f"{name}.w", blocks * 16 * k * bits // 8)
-        expect(f"{name}.p", blocks * (k // group) * 32 * 2)
+        expect(f"{name}.p", clib.params_bytes(n, k, group, per))
 
     expect("norm", hidden * 4)
     for i, layer in enumerate(meta["layers"]):
@@ -354,9 +356,8 @@ class LeanModel:
         logits = array.array("f", bytes(4 * self.vocab))
         out = logits.buffer_info()[0]
         if self.head_matrix is not None:
-            m = self.head_matrix
-            rc = self.lib.mb_qgemv(
-                self._h_at, 1, self.hidden, m.w, m.params, m.n, m.group, m.bits, m.ab, out, self.threads
+            rc = self.lib.mb_qmat_gemv(
+                ctypes.byref(self.head_matrix), self._h_at, 1, self.hidden, out, self.threads
             )
             if rc:
                 raise MemoryError("LM head: could not allocate its activation buffers")
@@ -383,7 +384,7 @@ class LeanModel:
 
 def _qmatrix(read: dict[str, Buffer], name: str, spec: dict) -> clib.QMatrix:
     w, p = read[f"{name}.w"], read[f"{name}.p"]
-    return clib.QMatrix(w.address, p.address, spec["n"], spec["group"], spec["bits"], spec["ab"])
+    return clib.QMatrix(w.address, p.address, spec["n"], spec["group"], spec["per"], spec["bits"], spec["ab"])
 
 
 def lean_generate(

@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 
 from mobillama.errors import MobiLlamaError
 from mobillama.infer.lean import IMAGE_KEY, IMAGE_VERSION, image_layout
+from mobillama.kernels.bindings import params_per
 from mobillama.kernels.clib import activation_block
 from mobillama.model import rope_cos_sin
 
@@ -41,6 +42,7 @@ def _matrix(tensors: dict[str, np.ndarray], name: str, m) -> dict:
     return {
         "n": int(m.out_features),
         "group": int(group),
+        "per": params_per(params, m.in_features, group),
         "bits": int(bits),
         "ab": activation_block(group, bits),
     }

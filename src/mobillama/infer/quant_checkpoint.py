@@ -89,19 +89,28 @@ def quantize_checkpoint(
     overwrite: bool = False,
     quantize_head: bool | None = None,
     head_bits: int | None = None,
+    int4_params: str = "auto",
 ) -> dict[str, Any]:
     """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
 
     The directory is a normal checkpoint (config.json, model.safetensors, tokenizer files) plus
     ``quantization.json``; the safetensors file holds the packed weights and their scales, a shared
-    FFN once. ``quantize_head``, ``head_bits``: see :func:`~mobillama.infer.quant.quantize_model` (default: an untied head
+    FFN once. ``quantize_head``, ``head_bits``, ``int4_params``: see :func:`~mobillama.infer.quant.quantize_model` (default: an untied head
     quantized, a tied one, the embedding table, kept in float).
     Returns a summary (bytes before/after, module counts).
     """
     check_bits(bits, group_size)
     model = load_model(checkpoint, dtype=torch.float32)
     before = weight_bytes(model)
-    quantize_model(model, bits, group_size, pack=False, quantize_head=quantize_head, head_bits=head_bits)
+    quantize_model(
+        model,
+        bits,
+        group_size,
+        pack=False,
+        quantize_head=quantize_head,
+        head_bits=head_bits,
+        int4_params=int4_params,
+    )
     info = {"format": "mobillama-weight-only", "method": "weight-only", **model.quantization}  # type: ignore[attr-defined]
     # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
     # stored in bf16, the compute dtype the quantized kernels use.
@@ -129,6 +138,7 @@ def quantize_checkpoint(
         "quantized_layers": quantized_module_count(model),
         "quantize_head": info["quantize_head"],
         "head_bits": info["head_bits"],
+        "int4_params_layers": info.get("int4_params_layers"),
         "bytes_before": before,
         "bytes_after": sum(v.numel() * v.element_size() for v in state.values()),
     }

@@ -33,10 +33,15 @@ from torch import nn
 
 from mobillama import kernels
 from mobillama.errors import MobiLlamaError
+from mobillama.kernels.packing import OFFSET_CODES, SCALE_CODES
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 INT8_KERNELS = ("auto", "vnni", "dynamic", "weight_only", "reference")
 INT4_KERNELS = ("auto", "vnni", "stock", "reference")
+# How int4 scales and offsets are held: "codes", 8-bit codes times a bf16 step per super-block of 256
+# columns (groups of 32 and 64; 4.625 bits a weight at group 32), "half", half floats (5 bits at group 32,
+# llama.cpp's Q4_1 grid), "auto", codes except for weights already on a half-float grid (a Q4_1 import).
+INT4_PARAMS = ("auto", "codes", "half")
 
 
 # The smallest normal half float: scales below it would lose precision in the kernel's half-float params.
@@ -65,6 +70,76 @@ def _use_vnni(kernel: str) -> bool:
             raise MobiLlamaError(f"the vnni kernel cannot run here: {reason}")
         return True
     return kernel == "auto" and kernels.available()
+
+
+def _bf16_ceil(t: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 value >= t (t > 0), in fp32."""
+    bits = t.float().contiguous().view(torch.int32)
+    up = ((bits & 0xFFFF) != 0).to(torch.int32)
+    return ((bits & ~0xFFFF) + (up << 16)).view(torch.float32)
+
+
+def _on_code_grid(values: torch.Tensor, per: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` [N, G] rounded onto ``step * code`` (the kernel's compact params): one bf16 step per row
+    and run of ``per`` groups, the run's largest magnitude over ``top``; integer codes in [1, 255] for
+    scales (``top`` 255, the step rounded up so the largest group keeps its range) or [-127, 127] for
+    offsets. Returns (values on the grid, the step of each value's run, broadcast to [N, G])."""
+    N, G = values.shape
+    v = values.float().reshape(N, G // per, per)
+    vmax = v.abs().amax(dim=-1, keepdim=True)
+    if top == SCALE_CODES:
+        step = _bf16_ceil(vmax / top)
+        codes = (v / step).round().clamp(1, top)
+    else:
+        step = (vmax / top).to(torch.bfloat16).float()
+        codes = (v / torch.where(step > 0, step, 1.0)).round().clamp(-top, top)
+    largest = v.abs().argmax(dim=-1, keepdim=True)  # exactly +-top, whatever the rounding of the step
+    codes.scatter_(-1, largest, top * torch.sign(v.gather(-1, largest)))
+    return (codes * step).reshape(N, G), step.expand(N, G // per, per).reshape(N, G)
+
+
+ROWS_PER_SEARCH = 4096
+
+
+def _on_grid(wg: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> bool:
+    """Whether the groups ``wg`` [N, G, group] are exactly ``q * scale + offset`` with 4-bit q (to fp32
+    rounding): weights dequantized from a file that stored them so (llama.cpp's Q4_1 at group 32)."""
+    q = ((wg - offsets[..., None]) / scales[..., None]).round().clamp(0, 15)
+    error = (q * scales[..., None] + offsets[..., None] - wg).abs().amax()
+    return bool(error <= 1e-5 * wg.abs().amax().clamp(min=1e-30))
+
+
+def _compact_scales_and_offsets(
+    wg: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, per: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and offsets of the groups ``wg`` [N, G, group] on the compact params' grid: per group, the
+    codes next to the rounded ones (+-1 each) whose re-coded weights have the least squared error.
+
+    Rounding the min-max scale and offset alone cost SmolLM2-135M (shipped in Q4_1) 0.7% perplexity over
+    half-float params; the search brings it to 0.3%, the shipped file's own perplexity."""
+    if len(wg) > ROWS_PER_SEARCH:  # bounds the search's temporaries (a vocab-sized head: ~0.3 GB each)
+        parts = [
+            _compact_scales_and_offsets(*(t[i : i + ROWS_PER_SEARCH] for t in (wg, scales, offsets)), per)
+            for i in range(0, len(wg), ROWS_PER_SEARCH)
+        ]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    s_grid, s_step = _on_code_grid(scales, per, SCALE_CODES)
+    m_grid, m_step = _on_code_grid(offsets, per, OFFSET_CODES)
+    best_err = torch.full(scales.shape, float("inf"))
+    best_s, best_m = s_grid, m_grid
+    for ds in (-1, 0, 1):
+        s = ((s_grid / s_step).round() + ds).clamp(1, SCALE_CODES) * s_step
+        for dm in (-1, 0, 1):
+            m = ((m_grid / torch.where(m_step > 0, m_step, 1.0)).round() + dm).clamp(
+                -OFFSET_CODES, OFFSET_CODES
+            )
+            m = m * m_step
+            q = ((wg - m[..., None]) / s[..., None]).round().clamp(0, 15)
+            err = ((q * s[..., None] + m[..., None] - wg) ** 2).sum(dim=-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
+    return best_s, best_m
 
 
 class QuantizedLinear(nn.Module):
@@ -217,15 +292,30 @@ class Int4Linear(QuantizedLinear):
         self._scales_and_zeros: dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int, kernel: str = "auto") -> Int4Linear:
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int, kernel: str = "auto", params: str = "auto"
+    ) -> Int4Linear:
+        """Quantize ``linear`` per group of ``group_size`` columns (min-max, asymmetric). ``params``: how
+        the kernel will hold each group's scale and offset (see :data:`INT4_PARAMS`)."""
+        if params not in INT4_PARAMS:
+            raise MobiLlamaError(f"int4 params must be one of {INT4_PARAMS}, got {params!r}")
         w = linear.weight.detach().float()
         N, K = w.shape
         module = cls(K, N, group_size, kernel, device=w.device)
         wg = w.reshape(N, K // group_size, group_size)
         hi, lo = wg.amax(dim=-1), wg.amin(dim=-1)
-        # w = q * scale + offset with q in 0..15; both half-exact (the kernel's params), zero = offset + 8 scale
-        scales = _half_exact(((hi - lo) / 15).clamp(min=MIN_SCALE))
-        offsets = _half_exact(lo)
+        # w = q * scale + offset with q in 0..15, zero = offset + 8 scale; the scale and offset on the grid
+        # of the kernel's params: 8-bit codes in super-blocks, or half floats
+        scales = ((hi - lo) / 15).clamp(min=MIN_SCALE)
+        per = kernels.superblock_groups(K, group_size) if params != "half" else 0
+        half_scales, half_offsets = _half_exact(scales), _half_exact(lo)
+        if per and params == "auto" and _on_grid(wg, half_scales, half_offsets):
+            per = 0  # weights that came from a half-float grid (a Q4_1 file): kept exactly
+        if per:
+            scales, offsets = _compact_scales_and_offsets(wg, scales, lo, per)
+        else:
+            scales, offsets = half_scales, half_offsets
+        module.params_layout = "codes" if per else "half"
         zeros = offsets + scales * 8
         q = ((wg - offsets[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(N, K)
         module.weight = q[:, 0::2] | (q[:, 1::2] << 4)

@@ -8,7 +8,7 @@ import ctypes
 
 import torch
 
-from mobillama.kernels.clib import QMatrix, _Strides, activation_block
+from mobillama.kernels.clib import QMatrix, _Strides, activation_block, superblock_groups
 from mobillama.kernels.clib import load_library as _library
 
 
@@ -32,8 +32,8 @@ def qlinear(
     x2, y = _matmul_buffers(x, out_features)
     M, K = x2.shape
     if _library().mb_qgemv(
-        x2.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), out_features, group, bits,
-        activation_block(group, bits), y.data_ptr(), torch.get_num_threads(),
+        x2.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), out_features, group,
+        params_per(params, K, group), bits, activation_block(group, bits), y.data_ptr(), torch.get_num_threads(),
     ):  # fmt: skip
         raise MemoryError(f"int{bits} kernel: could not allocate {M} x {K} activation buffers")
     return y.view(*x.shape[:-1], out_features)
@@ -51,11 +51,20 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], N)
 
 
-def qmatrix(packed: torch.Tensor, params: torch.Tensor, out_features: int, group: int, bits: int) -> QMatrix:
+def params_per(params: torch.Tensor, in_features: int, group: int) -> int:
+    """The kernel's ``per`` for packed params: groups per super-block of compact int4 params (bytes, as
+    :func:`pack_int4` writes them where the scales allow), 0 for half-float params."""
+    return superblock_groups(in_features, group) if params.dtype == torch.uint8 else 0
+
+
+def qmatrix(
+    packed: torch.Tensor, params: torch.Tensor, out_features: int, in_features: int, group: int, bits: int
+) -> QMatrix:
     """The :class:`QMatrix` of weights packed by :func:`pack_int8` / :func:`pack_int4` (the tensors must
     outlive it: it holds their addresses only)."""
+    per = params_per(params, in_features, group)
     return QMatrix(
-        packed.data_ptr(), params.data_ptr(), out_features, group, bits, activation_block(group, bits)
+        packed.data_ptr(), params.data_ptr(), out_features, group, per, bits, activation_block(group, bits)
     )
 
 

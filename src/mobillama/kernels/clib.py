@@ -54,7 +54,12 @@ def load_library() -> ctypes.CDLL:
     lib.mb_qgemv.restype = ctypes.c_int
     lib.mb_qgemv.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_int,
+    ]  # fmt: skip
+    lib.mb_qmat_gemv.restype = ctypes.c_int
+    lib.mb_qmat_gemv.argtypes = [
+        ctypes.POINTER(QMatrix), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     lib.mb_rmsnorm.restype = None
     lib.mb_rmsnorm.argtypes = [
@@ -114,7 +119,7 @@ class QMatrix(ctypes.Structure):
     """A packed matrix for the one-call decode step (``mb_qmat`` in decode_step_avx512.c)."""
 
     _fields_ = [("w", ctypes.c_void_p), ("params", ctypes.c_void_p)] + [
-        (n, ctypes.c_int64) for n in ("n", "group", "bits", "ab")
+        (n, ctypes.c_int64) for n in ("n", "group", "per", "bits", "ab")
     ]
 
 
@@ -130,6 +135,29 @@ class DecodeLayer(ctypes.Structure):
 
 
 ACTIVATION_BLOCK = 32
+SUPERBLOCK_COLUMNS = 256  # the compact int4 params' super-block, at most (llama.cpp's K-quants use 256 too)
+
+
+@functools.cache
+def superblock_groups(in_features: int, group: int) -> int:
+    """Groups per super-block of compact int4 params (8-bit codes of the scales and offsets times one bf16
+    step per row and super-block) for this shape, or 0 where that layout does not pay.
+
+    Half-float params cost int4 g32 one bit a weight (5 in all); the codes cost half that, plus the steps
+    (4.625 bits at 8 groups of 32), so a token streams 7.5% fewer bytes. A super-block of fewer than 4
+    groups (groups of 128 and up) would save too little to be worth a second layout."""
+    groups = in_features // group
+    for per in range(min(SUPERBLOCK_COLUMNS // group, groups), 3, -1):
+        if groups % per == 0:
+            return per
+    return 0
+
+
+def params_bytes(rows: int, in_features: int, group: int, per: int) -> int:
+    """Bytes of a packed matrix's params: per block of 16 rows, a 64-byte line of half floats per group, or
+    for compact params (``per`` > 0) 64 bytes of steps and 32 of codes per group, per super-block."""
+    groups, blocks = in_features // group, -(-rows // 16)
+    return blocks * (groups // per * (64 + 32 * per) if per else groups * 64)
 
 
 @functools.cache

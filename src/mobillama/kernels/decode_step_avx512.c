@@ -13,8 +13,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *params, int64_t N,
-             int64_t group, int bits, int64_t ab, float *y, int threads);
+int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const void *params, int64_t N,
+             int64_t group, int64_t per, int bits, int64_t ab, float *y, int threads);
 void mb_rmsnorm(const float *x, int64_t M, int64_t D, const void *w, int w_bf16, float eps, float *out);
 void mb_silu_mul(const float *gate, const float *up, int64_t stride, int64_t M, int64_t N, float *out);
 int mb_attn_decode(const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride,
@@ -28,8 +28,8 @@ int mb_attn_prefill(const float *q, int64_t q_stride, const float *k, const floa
 /* A packed matrix as mb_qgemv takes it. */
 typedef struct {
     const uint8_t *w;
-    const uint16_t *params; /* half floats */
-    int64_t n, group, bits, ab;
+    const void *params; /* half floats, or compact int4 params when per > 0 (see gemv_avx512.c) */
+    int64_t n, group, per, bits, ab;
 } mb_qmat;
 
 /* One layer's weights and cache; the field order is mirrored by the ctypes Structure in bindings.py. */
@@ -42,7 +42,12 @@ typedef struct {
 } mb_layer;
 
 static int gemv(const mb_qmat *m, const float *x, int64_t B, int64_t K, float *y, int threads) {
-    return mb_qgemv(x, B, K, m->w, m->params, m->n, m->group, (int)m->bits, m->ab, y, threads);
+    return mb_qgemv(x, B, K, m->w, m->params, m->n, m->group, m->per, (int)m->bits, m->ab, y, threads);
+}
+
+/* y [B, N] = x [B, K] @ W^T for a packed matrix as the decode step holds it (the lean runtime's LM head). */
+int mb_qmat_gemv(const mb_qmat *m, const float *x, int64_t B, int64_t K, float *y, int threads) {
+    return gemv(m, x, B, K, y, threads);
 }
 
 /* The layers over R rows of x [R, hidden] (fp32, updated in place). Decode (T = 1): R = B rows, one new

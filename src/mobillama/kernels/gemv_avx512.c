@@ -15,6 +15,10 @@
  * Params: per block and group, 16 scales then 16 offsets as IEEE half floats (one 64-byte line), as
  * llama.cpp's Q4_1/Q8_0 blocks store theirs: fp32 params cost int4 g32 two bits a weight (6 in all, not 5),
  * enough that a shared FFN at group 32 no longer stayed in cache. They widen exactly with `vcvtph2ps`.
+ * Compact int4 params (`per` > 0, super-blocks of `per` groups, as llama.cpp's K-quants): per block and
+ * super-block, 16 bf16 scale steps and 16 bf16 offset steps (64 bytes), then per group 16 unsigned 8-bit
+ * scale codes and 16 signed 8-bit offset codes (32 bytes): s = step_s * code_s, m = step_m * code_m. Half
+ * the bytes of half-float params: int4 g32 at 4.625 bits a weight instead of 5 (Q4_0 has 4.5).
  *
  * Activations are quantized to int8 in blocks of `ab` columns along K (32 where the group allows it), one
  * symmetric scale per block, as llama.cpp quantizes activations for its Q4/Q8 dot products. One scale per
@@ -113,38 +117,46 @@ static inline __m512 block_int8(const uint8_t *w, const uint16_t *params, const 
 /* int4: the high nibble is used in place, as 16 * q (mask 0xF0, no shift): one vector op fewer per chunk,
  * which matters because the loop is bound by vector ops when the shared FFN is read from cache. A block's
  * sum is then (16 * lo + hi16) / 16: the division is one multiply per group (not folded into the stored
- * scales, which would push small half-float scales into subnormals). */
+ * scales, which would push small half-float scales into subnormals).
+ * One group g of 16 rows: sum over its activation blocks b of xs[b] * (the int32 dot product of b). */
+static inline __m512 group_int4(const uint8_t *w, const int8_t *xq, const float *xs, int64_t g, int64_t group,
+                                int64_t ab) {
+    const int64_t per_group = group / ab, chunks = ab / 8;
+    const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
+    __m512 gacc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < per_group; b++) {
+        const int64_t k0 = g * group + b * ab;
+        const uint8_t *wb = w + k0 / 8 * 64;
+        const int8_t *xb = xq + k0;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t c = 0;
+        for (; c + 2 <= chunks; c += 2) {
+            _mm_prefetch((const char *)(wb + c * 64 + INT4_PREFETCH_BYTES), _MM_HINT_T0);
+            _mm_prefetch((const char *)(wb + c * 64 + INT4_PREFETCH_BYTES + 64), _MM_HINT_T0);
+            __m512i r0 = _mm512_loadu_si512(wb + c * 64), r1 = _mm512_loadu_si512(wb + (c + 1) * 64);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(r0, low), bcast4(xb + 8 * c));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(r0, high), bcast4(xb + 8 * c + 4));
+            a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(r1, low), bcast4(xb + 8 * c + 8));
+            a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(r1, high), bcast4(xb + 8 * c + 12));
+        }
+        for (; c < chunks; c++) {
+            __m512i r0 = _mm512_loadu_si512(wb + c * 64);
+            a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(r0, low), bcast4(xb + 8 * c));
+            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(r0, high), bcast4(xb + 8 * c + 4));
+        }
+        const __m512i lo = _mm512_add_epi32(a0, a2), hi16 = _mm512_add_epi32(a1, a3);
+        const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(lo, 4), hi16); /* 16 x the block's sum */
+        gacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[g * per_group + b] * (1.0f / 16.0f)), gacc);
+    }
+    return gacc;
+}
+
+/* One block of 16 rows of an int4 matrix with half-float params. */
 static inline __m512 block_int4(const uint8_t *w, const uint16_t *params, const int8_t *xq, const float *xs,
                                 const float *xsum, int64_t K, int64_t group, int64_t ab) {
-    const int64_t groups = K / group, per_group = group / ab, chunks = ab / 8;
-    const __m512i low = _mm512_set1_epi8(0x0F), high = _mm512_set1_epi8((char)0xF0);
     __m512 acc = _mm512_setzero_ps(), off = acc;
-    for (int64_t g = 0; g < groups; g++) {
-        __m512 gacc = _mm512_setzero_ps();
-        for (int64_t b = 0; b < per_group; b++) {
-            const int64_t k0 = g * group + b * ab;
-            const uint8_t *wb = w + k0 / 8 * 64;
-            const int8_t *xb = xq + k0;
-            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-            int64_t c = 0;
-            for (; c + 2 <= chunks; c += 2) {
-                _mm_prefetch((const char *)(wb + c * 64 + INT4_PREFETCH_BYTES), _MM_HINT_T0);
-                _mm_prefetch((const char *)(wb + c * 64 + INT4_PREFETCH_BYTES + 64), _MM_HINT_T0);
-                __m512i r0 = _mm512_loadu_si512(wb + c * 64), r1 = _mm512_loadu_si512(wb + (c + 1) * 64);
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(r0, low), bcast4(xb + 8 * c));
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(r0, high), bcast4(xb + 8 * c + 4));
-                a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(r1, low), bcast4(xb + 8 * c + 8));
-                a3 = _mm512_dpbusd_epi32(a3, _mm512_and_si512(r1, high), bcast4(xb + 8 * c + 12));
-            }
-            for (; c < chunks; c++) {
-                __m512i r0 = _mm512_loadu_si512(wb + c * 64);
-                a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(r0, low), bcast4(xb + 8 * c));
-                a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(r0, high), bcast4(xb + 8 * c + 4));
-            }
-            const __m512i lo = _mm512_add_epi32(a0, a2), hi16 = _mm512_add_epi32(a1, a3);
-            const __m512i a = _mm512_add_epi32(_mm512_slli_epi32(lo, 4), hi16); /* 16 x the block's sum */
-            gacc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(xs[g * per_group + b] * (1.0f / 16.0f)), gacc);
-        }
+    for (int64_t g = 0; g < K / group; g++) {
+        const __m512 gacc = group_int4(w, xq, xs, g, group, ab);
         const uint16_t *p = params + g * 32;
         /* two independent chains (codes, offsets): at group 32 one chain of two FMAs per group was the
          * longest dependency in the loop */
@@ -154,13 +166,43 @@ static inline __m512 block_int4(const uint8_t *w, const uint16_t *params, const 
     return _mm512_add_ps(acc, off);
 }
 
+/* 16 bf16 values widened exactly (a 16-bit shift). */
+static inline __m512 bf16x16(const uint8_t *p) {
+    const __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+/* One block of 16 rows of an int4 matrix with compact params: per super-block, the groups' sums times
+ * their 8-bit codes, then once times the super-block's steps. */
+static inline __m512 block_int4_compact(const uint8_t *w, const uint8_t *params, const int8_t *xq, const float *xs,
+                                        const float *xsum, int64_t K, int64_t group, int64_t ab, int64_t per) {
+    __m512 acc = _mm512_setzero_ps(), off = acc;
+    for (int64_t sb = 0; sb < K / group / per; sb++) {
+        const uint8_t *p = params + sb * (64 + 32 * per);
+        __m512 sacc = _mm512_setzero_ps(), soff = sacc;
+        for (int64_t j = 0; j < per; j++) {
+            const int64_t g = sb * per + j;
+            const __m512 gacc = group_int4(w, xq, xs, g, group, ab);
+            const __m128i codes_s = _mm_loadu_si128((const __m128i *)(p + 64 + 32 * j));
+            const __m128i codes_m = _mm_loadu_si128((const __m128i *)(p + 64 + 32 * j + 16));
+            sacc = _mm512_fmadd_ps(gacc, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(codes_s)), sacc);
+            soff = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes_m)), _mm512_set1_ps(xsum[g]), soff);
+        }
+        acc = _mm512_fmadd_ps(sacc, bf16x16(p), acc);
+        off = _mm512_fmadd_ps(soff, bf16x16(p + 32), off);
+    }
+    return _mm512_add_ps(acc, off);
+}
+
 /* y [M, N] = x [M, K] @ W^T. bits is 8 or 4; W has ceil(N / 16) blocks (padding rows are zero); ab, the
- * activation block, divides group and is a multiple of 4 (int8) or 8 (int4).
+ * activation block, divides group and is a multiple of 4 (int8) or 8 (int4); per is 0 (half-float params)
+ * or, for int4, the groups per super-block of compact params.
  * Returns 0, or -1 when a temporary buffer cannot be allocated. */
-int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *params, int64_t N,
-             int64_t group, int bits, int64_t ab, float *y, int threads) {
+int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const void *params, int64_t N,
+             int64_t group, int64_t per, int bits, int64_t ab, float *y, int threads) {
     const int64_t groups = K / group, blocks = (N + 15) / 16;
-    const int64_t block_bytes = bits == 8 ? K * 16 : K * 8, block_params = groups * 32;
+    const int64_t block_bytes = bits == 8 ? K * 16 : K * 8;
+    const int64_t block_params = per ? groups / per * (64 + 32 * per) : groups * 64; /* bytes */
     int8_t *xq = (int8_t *)malloc((size_t)(M * K));
     float *xs = (float *)malloc((size_t)(M * (K / ab)) * sizeof(float));
     float *xsum = (float *)malloc((size_t)(M * groups) * sizeof(float));
@@ -172,18 +214,25 @@ int mb_qgemv(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint1
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *wb = w + b * block_bytes;
-        const uint16_t *pb = params + b * block_params;
+        const uint8_t *pb = (const uint8_t *)params + b * block_params;
+        const uint16_t *hb = (const uint16_t *)pb;
         const int64_t rows = N - b * 16 < 16 ? N - b * 16 : 16;
         const __mmask16 mask = (__mmask16)((1u << rows) - 1u);
         for (int64_t m = 0; m < M; m++) {
             const int8_t *xm = xq + m * K;
             const float *sm = xs + m * (K / ab), *um = xsum + m * groups;
-            /* ab is a constant (32) in the common case, so the compiler unrolls the block loops */
-            const __m512 acc = bits == 8 ? (ab == 32 ? block_int8(wb, pb, xm, sm, um, K, group, 32)
-                                                     : block_int8(wb, pb, xm, sm, um, K, group, ab))
-                                         : (ab == 32 ? (group == 32 ? block_int4(wb, pb, xm, sm, um, K, 32, 32)
-                                                                    : block_int4(wb, pb, xm, sm, um, K, group, 32))
-                                                     : block_int4(wb, pb, xm, sm, um, K, group, ab));
+            /* the common shapes get constants (ab 32, group 32, 8 groups a super-block), so the compiler
+             * unrolls the block loops */
+            __m512 acc;
+            if (bits == 8)
+                acc = ab == 32 ? block_int8(wb, hb, xm, sm, um, K, group, 32) : block_int8(wb, hb, xm, sm, um, K, group, ab);
+            else if (per)
+                acc = ab == 32 && group == 32 && per == 8 ? block_int4_compact(wb, pb, xm, sm, um, K, 32, 32, 8)
+                                                          : block_int4_compact(wb, pb, xm, sm, um, K, group, ab, per);
+            else
+                acc = ab == 32 ? (group == 32 ? block_int4(wb, hb, xm, sm, um, K, 32, 32)
+                                              : block_int4(wb, hb, xm, sm, um, K, group, 32))
+                               : block_int4(wb, hb, xm, sm, um, K, group, ab);
             _mm512_mask_storeu_ps(y + m * N + b * 16, mask, acc);
         }
     }
