@@ -14,7 +14,8 @@ process: clean peak-RSS figures, no allocator carry-over), batch 1, greedy, the 
 - ``--shape real``: SmolLM2-135M-Instruct (``mobillama fetch``, cached). This project in bf16, int8 and
   int4 (group 32, the default; head float, int8 or int4) from ``mobillama quantize`` (whose "auto" keeps
   this Q4_1 import's half-float grid exactly; the "codes" rows force 8-bit codes, the layout the 0.5b
-  rows run, to show its quality); llama.cpp on the shipped Q4_1 file and on Q8_0
+  rows run, to show its quality; "int8 head per 32" has a scale per 32 columns, llama.cpp's Q8_0 grid,
+  ``--int8-group-size 32``, which reproduces the shipped file's embedding); llama.cpp on the shipped Q4_1 file and on Q8_0
   and Q4_0 made by ``llama-quantize`` from this project's F16 export, so both tools quantize the same
   weights. Every row also gets its perplexity on the same real text (Python's ``pydoc_data.topics``, as
   ``benchmarks/real_quality.py``), ``--perplexity-windows`` windows of 512 tokens scored the way
@@ -90,21 +91,26 @@ VARIANTS_REAL = [
     ("mobillama int8 (float head), lean runtime", "int8-keep-head", ["--lean"], "8"),
     ("mobillama int4 g32 (float head), lean runtime", "int4g32-keep-head", ["--lean"], "4"),
     ("mobillama int4 g32 (int8 head), lean runtime", "int4g32-head8", ["--lean"], "4"),
-    ("mobillama int4 g32 codes (int8 head)", "int4g32-codes-head8", [], "4"),
-    ("mobillama int4 g32 codes (int8 head), lean runtime", "int4g32-codes-head8", ["--lean"], "4"),
+    ("mobillama int4 g32 (int8 head per 32)", "int4g32-head8g32", [], "4"),
+    ("mobillama int4 g32 (int8 head per 32), lean runtime", "int4g32-head8g32", ["--lean"], "4"),
+    ("mobillama int4 g32 codes (int8 head per 32)", "int4g32-codes-head8g32", [], "4"),
+    ("mobillama int4 g32 codes (int8 head per 32), lean runtime", "int4g32-codes-head8g32", ["--lean"], "4"),
 ]
 QUANTIZE = {
     "int8": ["--bits", "8"],
     "int4g128": ["--bits", "4", "--group-size", "128"],
     "int4g32": ["--bits", "4", "--group-size", "32"],
     "int4g32-half": ["--bits", "4", "--group-size", "32", "--int4-params", "half"],
-    "int4g32-codes-head8": [
+    "int4g32-head8g32": ["--bits", "4", "--group-size", "32", "--head-bits", "8", "--int8-group-size", "32"],
+    "int4g32-codes-head8g32": [
         "--bits",
         "4",
         "--group-size",
         "32",
         "--head-bits",
         "8",
+        "--int8-group-size",
+        "32",
         "--int4-params",
         "codes",
     ],

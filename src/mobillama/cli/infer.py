@@ -224,6 +224,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "half floats), 'half' = half floats (5 bits at group 32, llama.cpp's Q4_1 grid), 'auto' (default) = "
         "codes, except layers already on a half-float grid (a model imported from a Q4_1 GGUF) stay exact",
     )
+    q.add_argument(
+        "--int8-group-size",
+        type=int,
+        choices=[32, 64, 128, 256],
+        help="int8 layers (--bits 8, or --head-bits 8) with one scale per group of this many input columns "
+        "instead of one per output channel: 32 is llama.cpp's Q8_0 grid (1 more byte per 32 weights in the "
+        "kernel; without AVX-512 VNNI such layers dequantize on every call)",
+    )
     q.set_defaults(func=run_quantize)
 
 
@@ -452,10 +460,12 @@ def run_quantize(args: argparse.Namespace) -> int:
         quantize_head=True if args.quantize_head else False if args.keep_head else None,
         head_bits=args.head_bits,
         int4_params=args.int4_params or "auto",
+        int8_group_size=args.int8_group_size,
     )
     print(
         f"wrote {summary['out']}: int{summary['bits']}"
         + (f" group {summary['group_size']}" if summary["bits"] == 4 else "")
+        + (f", int8 scales per {summary['int8_group_size']} columns" if summary["int8_group_size"] else "")
         + f", {summary['quantized_layers']} quantized layers, "
         f"{summary['bytes_before'] / 1e6:.1f} MB -> {summary['bytes_after'] / 1e6:.1f} MB"
         + (

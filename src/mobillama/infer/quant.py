@@ -67,6 +67,18 @@ def check_bits(bits: Any, group_size: Any) -> None:
             raise MobiLlamaError(f"int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size!r}")
 
 
+INT8_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def check_int8_group(group: Any, bits: int, head_bits: Any) -> None:
+    if group is None:
+        return
+    if group not in INT8_GROUP_SIZES or isinstance(group, bool):
+        raise MobiLlamaError(f"int8 group size must be one of {INT8_GROUP_SIZES}, got {group!r}")
+    if 8 not in (bits, head_bits):
+        raise MobiLlamaError("an int8 group size needs int8 layers (bits 8, or head bits 8)")
+
+
 def check_head_bits(bits: int, head_bits: Any) -> None:
     if head_bits is None or head_bits == bits:
         return
@@ -99,6 +111,7 @@ def quantize_model(
     quantize_head: bool | None = None,
     head_bits: int | None = None,
     int4_params: str = "auto",
+    int8_group_size: int | None = None,
 ) -> nn.Module:
     """Replace every Linear by its quantized version, in place; returns the model.
 
@@ -120,12 +133,19 @@ def quantize_model(
     ``int4_params``: how the kernel holds int4 scales and offsets, ``INT4_PARAMS`` (the default "auto":
     8-bit codes in super-blocks, 7.5% fewer bytes a token at group 32, except for weights already on a
     half-float grid, such as a Q4_1 import, which keep it exactly).
+
+    ``int8_group_size``: int8 layers (the body at ``bits=8``, an int8 head) get one scale per group of this
+    many input columns instead of one per output channel: 32 is llama.cpp's Q8_0 grid (its int8 head
+    under int4 layers reproduces the shipped SmolLM2 file's Q8_0 embedding). One more byte per 32
+    weights in the kernel; without the vnni kernel such layers dequantize on each call (PyTorch's int8
+    kernels take one scale per channel).
     """
     check_bits(bits, group_size)
     check_head_bits(bits, head_bits)
     check_kernels(int8_kernel, int4_kernel)
     if int4_params not in INT4_PARAMS:
         raise MobiLlamaError(f"int4 params must be one of {INT4_PARAMS}, got {int4_params!r}")
+    check_int8_group(int8_group_size, bits, head_bits)
     if bits == 4 and group_size is None:
         group_size = default_group_size(model)
     done: dict[int, nn.Module] = {}
@@ -144,7 +164,11 @@ def quantize_model(
         linear = model.get_submodule(name)
         if id(linear) not in done:
             if (head_bits if name == "lm_head" else bits) == 8:
-                done[id(linear)] = Int8Linear.from_linear(linear, int8_kernel)
+                if int8_group_size and linear.in_features % int8_group_size:
+                    raise MobiLlamaError(
+                        f"int8 group size {int8_group_size} does not divide {name}'s input size {linear.in_features}"
+                    )
+                done[id(linear)] = Int8Linear.from_linear(linear, int8_kernel, int8_group_size)
             else:
                 if linear.in_features % group_size:
                     raise MobiLlamaError(
@@ -161,6 +185,7 @@ def quantize_model(
         "quantize_head": "lm_head" in names,
         "head_bits": head_bits if "lm_head" in names else None,
         "int4_params": int4_params if 4 in (bits, head_bits) else None,
+        "int8_group_size": int8_group_size,
     }
     layouts = [getattr(m, "params_layout", None) for m in done.values() if isinstance(m, Int4Linear)]
     if layouts:  # what "auto" chose, layer by layer (a Q4_1 import keeps half floats)
@@ -188,7 +213,8 @@ def pack_for_inference(model: nn.Module) -> nn.Module:
     if slow:
         print(
             f"warning: {slow} quantized layer(s) have no CPU kernel for their shape and dequantize their "
-            "weights on every call (slow); another --group-size or --int4-kernel may avoid it",
+            "weights on every call (slow); another --group-size, --int4-kernel or (for int8 scales per group, "
+            "which PyTorch's int8 kernels lack) a CPU with AVX-512 VNNI may avoid it",
             file=sys.stderr,
         )
     return model
@@ -268,6 +294,7 @@ __all__ = [
     "QuantizedLinear",
     "check_bits",
     "check_head_bits",
+    "check_int8_group",
     "check_kernels",
     "default_group_size",
     "dequantizing_layers",

@@ -34,6 +34,7 @@ from mobillama.infer.quant import (
     QuantizedLinear,
     check_bits,
     check_head_bits,
+    check_int8_group,
     check_kernels,
     pack_for_inference,
     quantize_model,
@@ -74,8 +75,11 @@ def read_quantization(path: str | Path) -> dict[str, Any]:
     head_bits = info.setdefault("head_bits", None)
     if head_bits is not None and not head:
         raise MobiLlamaError(f"{file}: 'head_bits' is {head_bits!r} but 'quantize_head' is {head!r}")
+    # Written since int8 layers can have a scale per group; older files have one per channel.
+    info.setdefault("int8_group_size", None)
     try:
         check_head_bits(info["bits"], head_bits)
+        check_int8_group(info["int8_group_size"], info["bits"], head_bits)
     except MobiLlamaError as e:
         raise MobiLlamaError(f"{file}: {e}") from None
     return info
@@ -90,12 +94,13 @@ def quantize_checkpoint(
     quantize_head: bool | None = None,
     head_bits: int | None = None,
     int4_params: str = "auto",
+    int8_group_size: int | None = None,
 ) -> dict[str, Any]:
     """Quantize a checkpoint directory and write a quantized checkpoint directory (atomically).
 
     The directory is a normal checkpoint (config.json, model.safetensors, tokenizer files) plus
     ``quantization.json``; the safetensors file holds the packed weights and their scales, a shared
-    FFN once. ``quantize_head``, ``head_bits``, ``int4_params``: see :func:`~mobillama.infer.quant.quantize_model` (default: an untied head
+    FFN once. ``quantize_head``, ``head_bits``, ``int4_params``, ``int8_group_size``: see :func:`~mobillama.infer.quant.quantize_model` (default: an untied head
     quantized, a tied one, the embedding table, kept in float).
     Returns a summary (bytes before/after, module counts).
     """
@@ -110,6 +115,7 @@ def quantize_checkpoint(
         quantize_head=quantize_head,
         head_bits=head_bits,
         int4_params=int4_params,
+        int8_group_size=int8_group_size,
     )
     info = {"format": "mobillama-weight-only", "method": "weight-only", **model.quantization}  # type: ignore[attr-defined]
     # Quantized layers keep fp32 scales/zeros; everything left in floating point (embeddings, norms) is
@@ -139,6 +145,7 @@ def quantize_checkpoint(
         "quantize_head": info["quantize_head"],
         "head_bits": info["head_bits"],
         "int4_params_layers": info.get("int4_params_layers"),
+        "int8_group_size": info["int8_group_size"],
         "bytes_before": before,
         "bytes_after": sum(v.numel() * v.element_size() for v in state.values()),
     }
@@ -171,7 +178,9 @@ def load_quantized(
         linear = model.get_submodule(name)
         with torch.device("meta"):
             q = (
-                Int8Linear(linear.in_features, linear.out_features, int8_kernel)
+                Int8Linear(
+                    linear.in_features, linear.out_features, int8_kernel, group_size=info["int8_group_size"]
+                )
                 if (info["head_bits"] if name == "lm_head" else info["bits"]) == 8
                 else Int4Linear(linear.in_features, linear.out_features, info["group_size"], int4_kernel)
             )
@@ -183,7 +192,7 @@ def load_quantized(
                 config.vocab_size,
                 config.hidden_size,
                 head_bits,
-                info["group_size"] if head_bits == 4 else None,
+                info["group_size"] if head_bits == 4 else info["int8_group_size"],
                 dtype,
             )
     expected = model.state_dict()

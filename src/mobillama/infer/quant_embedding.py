@@ -73,9 +73,10 @@ class QuantizedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.dtype = bits, group_size, dtype
         V, K = num_embeddings, embedding_dim
-        if bits == 8:
+        if bits == 8:  # a scale per row, or per group of group_size columns
+            scales = (V,) if group_size is None else (V, K // group_size)
             self.register_buffer("weight", torch.empty(V, K, dtype=torch.int8, device=device))
-            self.register_buffer("scales", torch.empty(V, dtype=torch.float32, device=device))
+            self.register_buffer("scales", torch.empty(scales, dtype=torch.float32, device=device))
         else:
             groups = K // group_size  # type: ignore[operator]
             self.register_buffer("weight", torch.empty(V, K // 2, dtype=torch.uint8, device=device))
@@ -112,14 +113,16 @@ class QuantizedEmbedding(nn.Module):
     def row_bytes(self) -> int:
         """Bytes one lookup reads per token: the quantized row and its scales (and zeros)."""
         if self.bits == 8:
-            return self.embedding_dim + self.scales.element_size()
+            return self.embedding_dim + self.scales[0].numel() * self.scales.element_size()
         groups = self.embedding_dim // self.group_size  # type: ignore[operator]
         return self.embedding_dim // 2 + 2 * groups * self.scales.element_size()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         q = self.rows(ids) if self.rows is not None else self.weight[ids]
         if self.bits == 8:
-            return (q.float() * self.scales[ids][..., None]).to(self.dtype)
+            scales = self.scales[ids].reshape(*ids.shape, -1, 1)  # [..., groups, 1], one group per channel
+            q = q.float().reshape(*ids.shape, scales.shape[-2], -1)
+            return (q * scales).reshape(*ids.shape, self.embedding_dim).to(self.dtype)
         q = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(*ids.shape, -1, self.group_size).float()
         w = (q - 8) * self.scales[ids][..., None] + self.zeros[ids][..., None]
         return w.reshape(*ids.shape, self.embedding_dim).to(self.dtype)
@@ -134,7 +137,7 @@ class QuantizedEmbedding(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        group = f", group_size={self.group_size}" if self.group_size else ""
         source = {None: "", PackedRows: ", rows from the packed head"}.get(
             type(self.rows), ", rows from file"
         )

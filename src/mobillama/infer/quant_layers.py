@@ -155,7 +155,7 @@ class QuantizedLinear(nn.Module):
         if self._vnni is None:
             return None
         bits = 8 if isinstance(self, Int8Linear) else 4
-        return (*self._vnni, self.in_features if bits == 8 else self.group_size, bits)  # type: ignore[attr-defined]
+        return (*self._vnni, self.group_size or self.in_features, bits)  # type: ignore[attr-defined]
 
     def _vnni_forward(self, x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
         packed, params = self._vnni  # type: ignore[misc]
@@ -183,41 +183,63 @@ class QuantizedLinear(nn.Module):
 
 
 class Int8Linear(QuantizedLinear):
-    """y = x @ (q * s)^T with q int8 per output channel."""
+    """y = x @ (q * s)^T with q int8 and one scale per output channel, or per group of ``group_size``
+    input columns (llama.cpp's Q8_0 grid at 32: scales [N, K / group])."""
 
-    def __init__(self, in_features: int, out_features: int, kernel: str = "auto", device=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel: str = "auto",
+        device=None,
+        group_size: int | None = None,
+    ) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        if group_size is not None and (group_size % 4 or in_features % group_size):
+            raise MobiLlamaError(f"int8 group size {group_size} does not divide in_features {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.register_buffer(
             "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
         )
-        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        shape = (out_features,) if group_size is None else (out_features, in_features // group_size)
+        self.register_buffer("scales", torch.empty(shape, dtype=torch.float32, device=device))
         self.kernel = kernel
         self.packed = False
         self._dynamic = None  # fbgemm packed params (weight repacked once, portable weight freed)
         self._scales_cache: dict[torch.dtype, torch.Tensor] = {}
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> Int8Linear:
+    def from_linear(
+        cls, linear: nn.Linear, kernel: str = "auto", group_size: int | None = None
+    ) -> Int8Linear:
         w = linear.weight.detach().float()
-        scales = _half_exact((w.abs().amax(dim=1) / 127.0).clamp(min=MIN_SCALE))
-        q = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
-        module = cls(linear.in_features, linear.out_features, kernel, device=w.device)
-        module.weight, module.scales = q, scales
+        module = cls(linear.in_features, linear.out_features, kernel, device=w.device, group_size=group_size)
+        N, K = w.shape
+        wg = w.reshape(N, -1, group_size or K)
+        scales = _half_exact((wg.abs().amax(dim=-1) / 127.0).clamp(min=MIN_SCALE))
+        q = (wg / scales[..., None]).round().clamp(-128, 127).to(torch.int8).reshape(N, K)
+        module.weight, module.scales = q, scales if group_size else scales[:, 0]
         return module
 
+    def _group_scales(self) -> torch.Tensor:
+        """The scales as [N, groups] (one group per row when per channel)."""
+        return self.scales.reshape(self.out_features, -1)
+
     def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scales[:, None]
+        q = self.weight.float().reshape(self.out_features, self._group_scales().shape[1], -1)
+        return (q * self._group_scales()[..., None]).reshape(self.out_features, self.in_features)
 
     def pack(self) -> None:
         """Repack for the vnni or fbgemm's dynamic kernel when chosen; the weight-only one needs none."""
         if self.weight.device.type != "cpu" or self.packed:
             return
         if _use_vnni(self.kernel) and self.in_features % 4 == 0 and kernels.params_fit(128.0 * self.scales):
-            self._vnni = kernels.pack_int8(self.weight, self.scales)
+            self._vnni = kernels.pack_int8(self.weight, self._group_scales())
             self.weight = torch.empty(0, dtype=torch.int8)
             self.packed = True
             return
+        if self.group_size is not None:
+            return  # PyTorch's int8 kernels take one scale per channel: per group, the reference path
         # fbgemm's dynamic int8 only when asked for: it quantizes a whole call's activations with ONE
         # scale, which on a real model's outlier-heavy activations over a long prompt costs ~3x perplexity
         # (SmolLM2-135M: 18.4 -> 57). Weight-only int8 (bf16 activations) keeps it within 0.3%.
@@ -242,13 +264,14 @@ class Int8Linear(QuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._vnni is not None and x.device.type == "cpu":
-            return self._vnni_forward(x, self.in_features, 8)
+            return self._vnni_forward(x, self.group_size or self.in_features, 8)
         if self._dynamic is not None:
             # reduce_range: 7-bit activations, as fbgemm's own dynamic quantization uses (no overflow).
             return torch.ops.quantized.linear_dynamic(x.float(), self._dynamic, True).to(x.dtype)
         if (
             x.device.type == "cpu"
             and self.kernel != "reference"
+            and self.group_size is None
             and x.dtype in (torch.bfloat16, torch.float32)
         ):
             shape = x.shape
@@ -264,10 +287,11 @@ class Int8Linear(QuantizedLinear):
             return "vnni"
         if self._dynamic is not None:
             return "dynamic"
-        return "reference" if self.kernel == "reference" else "weight_only"
+        return "reference" if self.kernel == "reference" or self.group_size is not None else "weight_only"
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits=8, kernel={self.kernel}"
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"in={self.in_features}, out={self.out_features}, bits=8{group}, kernel={self.kernel}"
 
 
 class Int4Linear(QuantizedLinear):

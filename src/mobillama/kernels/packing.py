@@ -60,14 +60,15 @@ def _params(scales: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int8(weight: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 [N, K] and per-row scales [N] (w = q * s) -> the kernel's weight bytes and params."""
+    """int8 [N, K] and scales per row [N] or per group [N, K / group] (w = q * s) -> the kernel's weight
+    bytes and params."""
     N, K = weight.shape
     if K % 4:
         raise ValueError(f"int8 kernel needs in_features divisible by 4, got {K}")
     rows = _pad_rows(weight).view(torch.uint8).reshape(-1, BLOCK_ROWS, K // 4, 4).permute(0, 2, 1, 3)
     packed = weight_buffer(rows.numel()).view(rows.shape)
     torch.bitwise_xor(rows, 0x80, out=packed)  # int8 -> q + 128 as uint8, written once in kernel order
-    s = scales.float()[:, None]
+    s = scales.float().reshape(N, -1)
     return packed.reshape(-1), _params(s, -128.0 * s)
 
 
