@@ -167,6 +167,31 @@ def test_an_image_whose_metadata_does_not_match_its_tensors_is_refused(
         lean.LeanModel(bad)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"group": 0}, "qkv: bad matrix description"),
+        ({"per": 3}, "qkv: bad matrix description"),
+        ({"bits": 8, "per": 6}, "qkv: bad matrix description"),
+        ({"per": 0}, "ffn.0.down.p holds"),  # codes described as half floats: the sizes disagree
+    ],
+)
+def test_an_image_whose_matrix_description_is_tampered_is_refused(tied_quantized, tmp_path, change, message):
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    image = lean.ensure_image(tied_quantized("all", 4), quiet=True)
+    with safe_open(str(image), framework="numpy") as f:
+        meta = json.loads(f.metadata()[lean.IMAGE_KEY])
+    assert meta["ffns"]["0"]["down"]["per"] == 6  # intermediate 192: six groups of 32 take 8-bit codes
+    target = meta["ffns"]["0"]["down"] if "per" in change and change["per"] == 0 else meta["layers"][0]["qkv"]
+    target.update(change)
+    bad = tmp_path / "tampered.safetensors"
+    save_file(load_file(str(image)), str(bad), metadata={lean.IMAGE_KEY: json.dumps(meta)})
+    with pytest.raises(MobiLlamaError, match=f"not a kernel image of this version.*{message}"):
+        lean.LeanModel(bad)
+
+
 def test_without_the_kernels_the_model_is_refused_before_any_call(tied_quantized, monkeypatch):
     image = lean.ensure_image(tied_quantized("all", 4), quiet=True)
     monkeypatch.setenv("MOBILLAMA_KERNELS", "0")

@@ -127,7 +127,7 @@ def image_layout(path: str | Path) -> tuple[dict[str, Any], dict[str, TensorEntr
         if missing or not ({"embed.bf16", "embed.f32"} & set(entries)):
             raise ValueError(f"missing tensors {missing or ['embed']}")
         _check_sizes(meta, entries)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise MobiLlamaError(f"{path}: not a kernel image of this version ({e})") from None
     return meta, entries
 
@@ -145,9 +145,9 @@ def _check_sizes(meta: dict[str, Any], entries: dict[str, TensorEntry]) -> None:
 
     def matrix(name: str, spec: dict, n: int, k: int) -> None:
         group, bits, per = spec["group"], spec["bits"], spec["per"]
-        if spec["n"] != n or bits not in (4, 8) or k % group or group % spec["ab"] or spec["ab"] % 4:
-            raise ValueError(f"{name}: bad matrix description {spec}")
-        if per and (bits != 4 or per != clib.superblock_groups(k, group)):
+        ok = min(group, spec["ab"]) > 0 and spec["n"] == n and bits in (4, 8)
+        ok = ok and not k % group and not group % spec["ab"] and not spec["ab"] % 4
+        if not (ok and per in (0, clib.superblock_groups(k, group) if bits == 4 else 0)):
             raise ValueError(f"{name}: bad matrix description {spec}")
         blocks = -(-n // 16)
         expect(f"{name}.w", blocks * 16 * k * bits // 8)
