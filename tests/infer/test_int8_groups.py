@@ -120,6 +120,13 @@ def test_bad_int8_group_sizes_are_one_line_errors(tied_checkpoints, byte_model, 
         quantize_model(byte_model(), 4, 32, int8_group_size=32)
     with pytest.raises(MobiLlamaError, match="does not divide"):
         quantize_model(byte_model(), 8, int8_group_size=256)  # micro's hidden size is 64
+    # a checkpoint job checks its arguments before it reads the model
+    for kwargs, message in (
+        ({"int8_group_size": 48}, "int8 group size"),
+        ({"int4_params": "x"}, "int4 params"),
+    ):
+        with pytest.raises(MobiLlamaError, match=message):
+            quantize_checkpoint(tmp_path / "not-read", tmp_path / "o", 8, **kwargs)
     args = ["quantize", str(tied_checkpoints["all"]), "--bits", "4", "--int8-group-size", "32"]
     assert main([*args, "--out", str(tmp_path / "x")]) == 2
     assert "needs int8 layers" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -31,6 +31,7 @@ from mobillama.infer.quant_layers import (
     Int4Linear,
     Int8Linear,
     QuantizedLinear,
+    check_int4_params,
 )
 
 
@@ -143,8 +144,7 @@ def quantize_model(
     check_bits(bits, group_size)
     check_head_bits(bits, head_bits)
     check_kernels(int8_kernel, int4_kernel)
-    if int4_params not in INT4_PARAMS:
-        raise MobiLlamaError(f"int4 params must be one of {INT4_PARAMS}, got {int4_params!r}")
+    check_int4_params(int4_params)
     check_int8_group(int8_group_size, bits, head_bits)
     if bits == 4 and group_size is None:
         group_size = default_group_size(model)
@@ -287,6 +287,7 @@ def weight_bytes(model: nn.Module) -> int:
 __all__ = [
     "INT4_GROUP_SIZES",
     "INT4_KERNELS",
+    "INT4_PARAMS",
     "INT8_KERNELS",
     "Int4Linear",
     "Int8Linear",
@@ -294,6 +295,7 @@ __all__ = [
     "QuantizedLinear",
     "check_bits",
     "check_head_bits",
+    "check_int4_params",
     "check_int8_group",
     "check_kernels",
     "default_group_size",

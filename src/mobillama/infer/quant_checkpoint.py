@@ -34,6 +34,7 @@ from mobillama.infer.quant import (
     QuantizedLinear,
     check_bits,
     check_head_bits,
+    check_int4_params,
     check_int8_group,
     check_kernels,
     pack_for_inference,
@@ -104,7 +105,10 @@ def quantize_checkpoint(
     quantized, a tied one, the embedding table, kept in float).
     Returns a summary (bytes before/after, module counts).
     """
-    check_bits(bits, group_size)
+    check_bits(bits, group_size)  # every argument checked before the model is read
+    check_head_bits(bits, head_bits)
+    check_int4_params(int4_params)
+    check_int8_group(int8_group_size, bits, head_bits)
     model = load_model(checkpoint, dtype=torch.float32)
     before = weight_bytes(model)
     quantize_model(

@@ -44,6 +44,11 @@ INT4_KERNELS = ("auto", "vnni", "stock", "reference")
 INT4_PARAMS = ("auto", "codes", "half")
 
 
+def check_int4_params(params: object) -> None:
+    if params not in INT4_PARAMS:
+        raise MobiLlamaError(f"int4 params must be one of {INT4_PARAMS}, got {params!r}")
+
+
 # The smallest normal half float: scales below it would lose precision in the kernel's half-float params.
 MIN_SCALE = 2.0**-14
 
@@ -321,8 +326,7 @@ class Int4Linear(QuantizedLinear):
     ) -> Int4Linear:
         """Quantize ``linear`` per group of ``group_size`` columns (min-max, asymmetric). ``params``: how
         the kernel will hold each group's scale and offset (see :data:`INT4_PARAMS`)."""
-        if params not in INT4_PARAMS:
-            raise MobiLlamaError(f"int4 params must be one of {INT4_PARAMS}, got {params!r}")
+        check_int4_params(params)
         w = linear.weight.detach().float()
         N, K = w.shape
         module = cls(K, N, group_size, kernel, device=w.device)
