@@ -34,8 +34,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--int8-kernel",
         default="auto",
         choices=["auto", "vnni", "dynamic", "weight_only", "reference"],
-        help="int8 matmul kernel on CPU: the project's AVX-512 VNNI kernel (int8 activations, one scale per block of 32; "
-        "auto picks it where the CPU has it, else weight-only), weight-only int8 with bf16 activations, "
+        help="int8 matmul kernel on CPU: the project's kernel (int8 activations, one scale per block of 32; its "
+        "AVX-512 VNNI build, or its AVX2 build on CPUs without AVX-512, same results; auto picks it where either "
+        "runs, else weight-only), weight-only int8 with bf16 activations, "
         "fbgemm dynamic int8 (one activation scale per call: fast, but ~3x perplexity on a real model "
         "over long prompts), or the dequantizing reference",
     )
@@ -43,8 +44,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
         "--int4-kernel",
         default="auto",
         choices=["auto", "vnni", "stock", "reference"],
-        help="int4 matmul kernel on CPU: the project's AVX-512 VNNI kernel (int8 activations, one scale per block of 32; "
-        "auto picks it where the CPU has it), PyTorch's stock int4 kernel (bf16 activations), or the "
+        help="int4 matmul kernel on CPU: the project's kernel (int8 activations, one scale per block of 32; its "
+        "AVX-512 VNNI build, or its AVX2 build on CPUs without AVX-512; auto picks it where either runs), "
+        "PyTorch's stock int4 kernel (bf16 activations), or the "
         "dequantizing reference",
     )
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")

@@ -36,7 +36,7 @@ from torch import nn
 
 from mobillama import kernels
 from mobillama.infer import quant
-from mobillama.infer.quant_layers import QuantizedLinear
+from mobillama.infer.quant_layers import PROJECT_KERNELS, QuantizedLinear
 from mobillama.model import MobiLlama, rope_cos_sin, rotate_half
 
 
@@ -161,9 +161,9 @@ class FastDecoder:
             qkv, gate_up = self.qkv_for_layer[i], self.gate_up_for_layer[i]
             o, down = layer.self_attn.o_proj, self.ffn_for_layer[i].down_proj
             norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            on_vnni = [isinstance(m, QuantizedLinear) and m.vnni_matrix() for m in (o, down)]
+            on_vnni = [isinstance(m, QuantizedLinear) and m.kernel_in_use == "vnni" for m in (o, down)]
             if (
-                qkv is None or gate_up is None or not all(on_vnni)
+                qkv is None or gate_up is None or not all(on_vnni) or {qkv.isa, gate_up.isa} != {"vnni"}
                 or qkv.out_features != (H + 2 * Hkv) * D or gate_up.sizes != [inter, inter]
                 or o.in_features != H * D or down.in_features != inter
                 or {w.dtype for w in norms} not in ({torch.float32}, {torch.bfloat16})
@@ -379,7 +379,7 @@ def joined_projection(layers: list[nn.Module]):
     first = layers[0]
     if not all(isinstance(m, QuantizedLinear) and m._vnni is not None for m in layers):
         return None
-    key = {(type(m), m.in_features, getattr(m, "group_size", None), m._vnni[1].dtype) for m in layers}
+    key = {(type(m), m.in_features, getattr(m, "group_size", None), m._vnni[1].dtype, m._isa) for m in layers}
     if len(key) != 1 or any(m.out_features % kernels.BLOCK_ROWS for m in layers):
         return None
     parts = [m._vnni[0] for m in layers]
@@ -391,7 +391,9 @@ def joined_projection(layers: list[nn.Module]):
         m._vnni = (packed[offsets[0] : offsets[0] + n_w], params[offsets[1] : offsets[1] + n_p])
         offsets = [offsets[0] + n_w, offsets[1] + n_p]
     _, _, group, bits = first.vnni_matrix()  # type: ignore[misc]
-    return JoinedProjection(packed, params, [m.out_features for m in layers], first.in_features, group, bits)
+    return JoinedProjection(
+        packed, params, [m.out_features for m in layers], first.in_features, group, bits, first._isa
+    )
 
 
 class JoinedProjection:
@@ -406,8 +408,10 @@ class JoinedProjection:
         in_features: int,
         group: int,
         bits: int,
+        isa: str = "vnni",
     ):
         self.packed, self.params, self.sizes, self.group, self.bits = packed, params, sizes, group, bits
+        self.isa = isa  # the kernel build that runs it (see QuantizedLinear.kernel_in_use)
         self.in_features, self.out_features = in_features, sum(sizes)
 
     def vnni_matrix(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -415,7 +419,7 @@ class JoinedProjection:
         return self.packed, self.params, self.group, self.bits
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        y = kernels.qlinear(x, self.packed, self.params, self.out_features, self.group, self.bits)
+        y = kernels.qlinear(x, self.packed, self.params, self.out_features, self.group, self.bits, self.isa)
         return y.to(x.dtype).split(self.sizes, dim=-1)
 
 
@@ -428,7 +432,7 @@ def _qmatrix(m) -> kernels.QMatrix:
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:
     """The activation dtype: the embedding's (quantized layers keep integer weights), except fp32 when
     the project's int8/int4 kernels run the matmuls (they take and return fp32; no casts per call)."""
-    if any(isinstance(m, QuantizedLinear) and m.kernel_in_use == "vnni" for m in model.modules()):
+    if any(isinstance(m, QuantizedLinear) and m.kernel_in_use in PROJECT_KERNELS for m in model.modules()):
         return torch.float32
     return quant.embedding_dtype(model)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mobillama.errors import MobiLlamaError
-from mobillama.infer.quant_layers import Int8Linear, QuantizedLinear
+from mobillama.infer.quant_layers import PROJECT_KERNELS, Int8Linear, QuantizedLinear
 
 
 def check_token_ids(flat: torch.Tensor, rows: int) -> None:
@@ -97,7 +97,7 @@ class QuantizedEmbedding(nn.Module):
     def read_rows_from_kernel(self, head: QuantizedLinear) -> bool:
         """Once ``head`` (the tied head over these tensors) is packed for the vnni kernel, gather rows from
         its packed matrix and drop the portable copy; returns whether it did."""
-        if self.rows is not None or head.kernel_in_use != "vnni" or self.weight is None:
+        if self.rows is not None or head.kernel_in_use not in PROJECT_KERNELS or self.weight is None:
             return False
         packed = head.vnni_matrix()[0]
         self.rows = PackedRows(packed, self.num_embeddings, self.embedding_dim, self.bits)

@@ -67,14 +67,20 @@ def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("fbgemm", "x86"))
 
 
-def _use_vnni(kernel: str) -> bool:
-    """``vnni`` asked for (an error if it cannot run here) or ``auto`` and it can run."""
+# What kernel_in_use says for the project's own matmul kernel: its AVX-512 VNNI build, or the AVX2 build
+# for CPUs without AVX-512 (same packed layout, identical results; see gemv_avx2.c).
+PROJECT_KERNELS = ("vnni", "avx2")
+
+
+def _kernel_isa(kernel: str) -> str | None:
+    """Which build of the project's kernel a layer asking for ``kernel`` runs: ``vnni`` asked for (an error
+    if no build can run here) or ``auto`` where one can; None for the other kernels."""
     if kernel == "vnni":
-        reason = kernels.unavailable_reason()
-        if reason:
-            raise MobiLlamaError(f"the vnni kernel cannot run here: {reason}")
-        return True
-    return kernel == "auto" and kernels.available()
+        isa = kernels.matmul_isa()
+        if isa is None:
+            raise MobiLlamaError(f"the vnni kernel cannot run here: {kernels.matmul_unavailable_reason()}")
+        return isa
+    return kernels.matmul_isa() if kernel == "auto" else None
 
 
 def _bf16_ceil(t: torch.Tensor) -> torch.Tensor:
@@ -154,9 +160,10 @@ class QuantizedLinear(nn.Module):
     out_features: int
     packed: bool
     _vnni: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed weight bytes, params)
+    _isa: str = "vnni"  # the kernel build that runs _vnni: "vnni" or "avx2"
 
     def vnni_matrix(self) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
-        """(packed weight, params, group, bits) where this layer runs on the vnni kernel, else None."""
+        """(packed weight, params, group, bits) where this layer runs on the project's kernel, else None."""
         if self._vnni is None:
             return None
         bits = 8 if isinstance(self, Int8Linear) else 4
@@ -164,7 +171,7 @@ class QuantizedLinear(nn.Module):
 
     def _vnni_forward(self, x: torch.Tensor, group: int, bits: int) -> torch.Tensor:
         packed, params = self._vnni  # type: ignore[misc]
-        return kernels.qlinear(x, packed, params, self.out_features, group, bits).to(x.dtype)
+        return kernels.qlinear(x, packed, params, self.out_features, group, bits, self._isa).to(x.dtype)
 
     @property
     def kernel_in_use(self) -> str:
@@ -238,8 +245,9 @@ class Int8Linear(QuantizedLinear):
         """Repack for the vnni or fbgemm's dynamic kernel when chosen; the weight-only one needs none."""
         if self.weight.device.type != "cpu" or self.packed:
             return
-        if _use_vnni(self.kernel) and self.in_features % 4 == 0 and kernels.params_fit(128.0 * self.scales):
-            self._vnni = kernels.pack_int8(self.weight, self._group_scales())
+        isa = _kernel_isa(self.kernel)
+        if isa and self.in_features % 4 == 0 and kernels.params_fit(128.0 * self.scales):
+            self._vnni, self._isa = kernels.pack_int8(self.weight, self._group_scales()), isa
             self.weight = torch.empty(0, dtype=torch.int8)
             self.packed = True
             return
@@ -289,7 +297,7 @@ class Int8Linear(QuantizedLinear):
     @property
     def kernel_in_use(self) -> str:
         if self._vnni is not None:
-            return "vnni"
+            return self._isa
         if self._dynamic is not None:
             return "dynamic"
         return "reference" if self.kernel == "reference" or self.group_size is not None else "weight_only"
@@ -367,12 +375,14 @@ class Int4Linear(QuantizedLinear):
         """Convert to the chosen CPU kernel's layout and free the portable nibbles."""
         if self.packed or self.weight.device.type != "cpu" or self.kernel == "reference":
             return
+        isa = _kernel_isa(self.kernel)
         if (
-            _use_vnni(self.kernel)
+            isa
             and self.group_size % 8 == 0
             and kernels.params_fit(self.scales, self.zeros - 8.0 * self.scales)
         ):
             self._vnni = kernels.pack_int4(self.unpacked(), self.scales, self.zeros, self.group_size)
+            self._isa = isa
             # the kernel's params carry the scales and zeros: keeping the portable ones too would hold
             # 8 more bytes per group of weights (+33% at group 32). A tied embedding keeps its own references.
             self.weight = torch.empty(0, dtype=torch.uint8)
@@ -413,7 +423,7 @@ class Int4Linear(QuantizedLinear):
     @property
     def kernel_in_use(self) -> str:
         if self._vnni is not None:
-            return "vnni"
+            return self._isa
         return "stock" if self._kernel_weight is not None else "reference"
 
     def extra_repr(self) -> str:

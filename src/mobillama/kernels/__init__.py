@@ -1,5 +1,5 @@
 """The project's own CPU kernels. For decode: int8/int4 x int8 matrix-vector products with AVX-512 VNNI
-(``gemv_avx512.c``), a fused one-token attention step (``attention_avx512.c``), and RMS norm and
+(``gemv_avx512.c``; an AVX2 build of the same products, ``gemv_avx2.c``, for CPUs without AVX-512), a fused one-token attention step (``attention_avx512.c``), and RMS norm and
 SwiGLU's silu-times-up as one call each (``layer_avx512.c``). For training: causal attention forward and
 backward (``attention_train_avx512.c``; the autograd operator is in :mod:`.causal_attention`).
 
@@ -11,6 +11,8 @@ instead of starting a second pool that would spin against it.
 
 :func:`available` says whether they can run here (x86-64 Linux with AVX-512 F/BW/VNNI, a compiler, and
 ``MOBILLAMA_KERNELS`` not set to ``0``); callers fall back to PyTorch's stock kernels when not.
+:func:`matmul_isa` says which build of the matmul runs (``vnni``, or ``avx2`` on CPUs with AVX2 but no
+AVX-512); ``MOBILLAMA_KERNEL_ISA=avx2`` makes a process run as on such a CPU (tests, benchmarks).
 
 The code: :mod:`.build` compiles and caches the library, :mod:`.clib` loads it (ctypes signatures, the
 decode-step structs; no torch), :mod:`.bindings` holds the calls on torch tensors, :mod:`.packing` lays
@@ -33,6 +35,8 @@ _HOME = {
     "params_bytes": "clib",
     "superblock_groups": "clib",
     "available": "clib",
+    "matmul_isa": "clib",
+    "matmul_unavailable_reason": "clib",
     "libc": "clib",
     "unavailable_reason": "clib",
     "attention_decode": "bindings",

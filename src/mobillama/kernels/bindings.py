@@ -24,14 +24,22 @@ def _matmul_buffers(x: torch.Tensor, out_features: int) -> tuple[torch.Tensor, t
 
 
 def qlinear(
-    x: torch.Tensor, packed: torch.Tensor, params: torch.Tensor, out_features: int, group: int, bits: int
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    params: torch.Tensor,
+    out_features: int,
+    group: int,
+    bits: int,
+    isa: str = "vnni",
 ) -> torch.Tensor:
     """y = x @ W^T for weights packed by :func:`pack_int8` / :func:`pack_int4`; fp32 out, x's shape.
+    ``isa``: which build runs it, ``"vnni"`` or ``"avx2"`` (:func:`matmul_isa`; identical results).
 
     Kept lean: at one token a decode step makes ~90 of these calls, so each microsecond here counts."""
     x2, y = _matmul_buffers(x, out_features)
     M, K = x2.shape
-    if _library().mb_qgemv(
+    lib = _library()
+    if (lib.mb_qgemv if isa == "vnni" else lib.mb_qgemv_avx2)(
         x2.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), out_features, group,
         params_per(params, K, group), bits, activation_block(group, bits), y.data_ptr(), torch.get_num_threads(),
     ):  # fmt: skip

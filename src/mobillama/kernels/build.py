@@ -22,8 +22,11 @@ SOURCES = [
         "decode_step_avx512.c",
     )
 ]
+# compiled apart with AVX2 flags only: the int8/int4 matmul for CPUs without AVX-512 VNNI
+AVX2_SOURCES = [Path(__file__).with_name("gemv_avx2.c")]
 HEADERS = [Path(__file__).with_name("simd_math.h")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
 class KernelUnavailable(RuntimeError):
@@ -58,24 +61,31 @@ def _compiler() -> str | None:
     return None
 
 
+def _run(compiler: str, cmd: list[str]) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
+        raise KernelUnavailable(f"building the CPU kernels with {compiler} failed: {first}")
+
+
 def build_library() -> Path:
     """The compiled library for the current sources and compiler, built now if not cached."""
     compiler = _compiler()
     if compiler is None:
         raise KernelUnavailable("no C compiler (cc, gcc or clang) found to build the CPU kernels")
     digest = hashlib.sha256(compiler.encode())
-    for source in [*SOURCES, *HEADERS]:
+    for source in [*SOURCES, *AVX2_SOURCES, *HEADERS]:
         digest.update(source.read_bytes())
     target = cache_dir() / f"mobillama_kernels-{digest.hexdigest()[:16]}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            cmd = [compiler, "-O3", "-std=c11", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-                   "-mfma", "-fopenmp", "-fPIC", "-shared", *map(str, SOURCES), "-o", str(built)]  # fmt: skip
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode != 0:
-                first = (result.stderr.strip().splitlines() or ["(no output)"])[0]
-                raise KernelUnavailable(f"building the CPU kernels with {compiler} failed: {first}")
+            common = ["-O3", "-std=c11", "-fopenmp", "-fPIC"]
+            objects = [str(Path(tmp) / f"{source.stem}.o") for source in AVX2_SOURCES]
+            for source, obj in zip(AVX2_SOURCES, objects, strict=True):
+                _run(compiler, [compiler, *common, "-mavx2", "-mfma", "-mf16c", "-c", str(source), "-o", obj])
+            _run(compiler, [compiler, *common, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
+                            "-shared", *map(str, SOURCES), *objects, "-o", str(built)])  # fmt: skip
             os.replace(built, target)  # atomic: a concurrent build leaves one complete file
     return target

@@ -15,7 +15,13 @@ import functools
 import os
 import platform
 
-from mobillama.kernels.build import REQUIRED_CPU_FLAGS, KernelUnavailable, build_library, cpu_flags
+from mobillama.kernels.build import (
+    AVX2_CPU_FLAGS,
+    REQUIRED_CPU_FLAGS,
+    KernelUnavailable,
+    build_library,
+    cpu_flags,
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -27,13 +33,15 @@ def libc() -> ctypes.CDLL | None:
         return None
 
 
-def unavailable_reason() -> str | None:
-    """None when the kernels can run here, else why not (one line)."""
+ISA_ENV = "MOBILLAMA_KERNEL_ISA"  # "avx2": run as on a CPU without AVX-512 (tests, benchmarks)
+
+
+def _reason(flags: tuple[str, ...]) -> str | None:
     if os.environ.get("MOBILLAMA_KERNELS", "1") == "0":
         return "disabled by MOBILLAMA_KERNELS=0"
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
-    missing = [f for f in REQUIRED_CPU_FLAGS if f not in cpu_flags()]
+    missing = [f for f in flags if f not in cpu_flags()]
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
     try:
@@ -43,8 +51,38 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def unavailable_reason() -> str | None:
+    """None when the AVX-512 kernels (all of them: matmuls, attention, the one-call decode step) can run
+    here, else why not (one line)."""
+    isa = os.environ.get(ISA_ENV, "")
+    if isa not in ("", "avx512", "avx2"):
+        return f"{ISA_ENV} must be avx512 or avx2, not {isa!r}"
+    if isa == "avx2":
+        return f"AVX-512 turned off by {ISA_ENV}=avx2"
+    return _reason(REQUIRED_CPU_FLAGS)
+
+
 def available() -> bool:
     return unavailable_reason() is None
+
+
+def matmul_isa() -> str | None:
+    """Which build of the int8/int4 matmul kernel runs here: ``"vnni"`` (AVX-512 VNNI), ``"avx2"`` (CPUs
+    without AVX-512; the same layout and results, about half the speed per core), or None."""
+    if available():
+        return "vnni"
+    if os.environ.get(ISA_ENV, "") in ("", "avx512", "avx2") and _reason(AVX2_CPU_FLAGS) is None:
+        return "avx2"
+    return None
+
+
+def matmul_unavailable_reason() -> str | None:
+    """None when :func:`matmul_isa` finds a build that runs here, else why not (one line)."""
+    if matmul_isa():
+        return None
+    if os.environ.get(ISA_ENV, "") not in ("", "avx512", "avx2"):
+        return unavailable_reason()  # the bad setting
+    return _reason(AVX2_CPU_FLAGS) or unavailable_reason()
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,6 +95,8 @@ def load_library() -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_int,
     ]  # fmt: skip
+    lib.mb_qgemv_avx2.restype = ctypes.c_int
+    lib.mb_qgemv_avx2.argtypes = lib.mb_qgemv.argtypes
     lib.mb_qmat_gemv.restype = ctypes.c_int
     lib.mb_qmat_gemv.argtypes = [
         ctypes.POINTER(QMatrix), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,

@@ -1,0 +1,176 @@
+"""The AVX2 build of the int8/int4 matmul kernel (CPUs without AVX-512): the same bits as the VNNI build on
+the same packed weights, chosen where AVX-512 is missing, and running a whole model there.
+
+This machine class has AVX-512, so "a CPU without it" is simulated two ways: ``MOBILLAMA_KERNEL_ISA=avx2``
+(every AVX-512 kernel off, as the project runs on such a CPU) and CPU flags without the AVX-512 ones.
+What no test here can show is a run on real AVX2-only silicon; the disassembly check below is the
+guarantee that the AVX2 build holds no AVX-512 instruction."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from mobillama import kernels
+from mobillama.errors import MobiLlamaError
+from mobillama.infer.quant import Int4Linear, Int8Linear
+from mobillama.kernels import clib
+
+needs_avx2 = pytest.mark.skipif(
+    clib._reason(kernels.build.AVX2_CPU_FLAGS) is not None, reason="the AVX2 kernel cannot run here"
+)
+needs_both = pytest.mark.skipif(not kernels.available(), reason="no AVX-512 VNNI build to compare with")
+
+
+def _gemv(name: str, x: torch.Tensor, packed, params, n: int, group: int, bits: int) -> torch.Tensor:
+    M, K = x.shape
+    y = torch.full((M, n), float("nan"))
+    per = kernels.params_per(params, K, group)
+    fn = getattr(kernels._library(), name)
+    assert fn(x.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), n, group, per, bits,
+              kernels.activation_block(group, bits), y.data_ptr(), 2) == 0  # fmt: skip
+    return y
+
+
+CASES = [  # bits, in, out, group (None: int8 per channel), int4 params, batch
+    (4, 512, 40, 32, "codes", 1),
+    (4, 576, 33, 32, "codes", 2),  # 6 groups a super-block, rows not a multiple of 16
+    (4, 512, 17, 64, "codes", 3),
+    (4, 512, 40, 32, "half", 2),
+    (4, 1024, 48, 128, "auto", 1),
+    (4, 96, 20, 32, "half", 1),
+    (4, 64, 16, 16, "half", 2),  # activation block 16
+    (8, 512, 40, 32, None, 2),
+    (8, 300, 24, None, None, 1),  # per channel, 300 = 9 blocks of 32 + 12: activation block 4
+]
+
+
+def _layer(bits, cols, rows, group, params, seed=0):
+    torch.manual_seed(seed + cols + rows)
+    linear = torch.nn.Linear(cols, rows, bias=False)
+    if bits == 4:
+        return Int4Linear.from_linear(linear, group, "vnni", params=params)
+    q = Int8Linear.from_linear(linear, "vnni", group_size=group)
+    q.weight[0, :8] = -128  # the one code whose magnitude int8 cannot hold: |w| is read as unsigned
+    return q
+
+
+@needs_both
+@pytest.mark.parametrize("bits, cols, rows, group, params, batch", CASES)
+def test_avx2_build_returns_the_vnni_builds_bits(bits, cols, rows, group, params, batch):
+    """Same integer sums, same float operations in the same order: identical outputs, not just close."""
+    q = _layer(bits, cols, rows, group, params)
+    q.pack()
+    packed, params_t = q._vnni
+    x = torch.randn(batch, cols) * 2
+    x[:, 3] = 40.0  # an outlier channel
+    x[-1, :32] = 0.0  # an all-zero activation block
+    g = group or cols
+    a = _gemv("mb_qgemv", x, packed, params_t, rows, g, bits)
+    b = _gemv("mb_qgemv_avx2", x, packed, params_t, rows, g, bits)
+    assert torch.isfinite(a).all()
+    assert torch.equal(a, b)
+
+
+@needs_avx2
+@pytest.mark.parametrize("bits, cols, rows, group, params, batch", CASES)
+def test_avx2_layers_equal_the_dequantized_reference(monkeypatch, bits, cols, rows, group, params, batch):
+    """On a CPU without AVX-512, `auto` packs for the AVX2 build and says so; its outputs are the
+    dequantized weights times int8 activations per block (the reference on the same activations)."""
+    from tests.kernels.test_kernels import _fake_quantized_activations
+
+    monkeypatch.setenv(clib.ISA_ENV, "avx2")
+    assert not kernels.available() and kernels.matmul_isa() == "avx2"
+    q = _layer(bits, cols, rows, group, params, seed=1)
+    q.kernel = "auto"
+    x = torch.randn(batch, 2, cols)
+    block = kernels.activation_block(group or cols, bits)
+    expected = q.reference_forward(_fake_quantized_activations(x, block))
+    q.pack()
+    assert q.kernel_in_use == "avx2"
+    torch.testing.assert_close(q(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cpu_without_avx512_gets_the_avx2_build(monkeypatch):
+    """CPU flags of an AVX2 machine (no AVX-512): the AVX-512 kernels say why not, the matmul runs the
+    AVX2 build; without AVX2 either, no build and a one-line reason."""
+    flags = {f for f in clib.cpu_flags() if not f.startswith("avx512")}
+    if not {"avx2", "fma", "f16c"} <= flags:
+        pytest.skip("this CPU lacks AVX2")
+    monkeypatch.setattr(clib, "cpu_flags", lambda: flags)
+    assert "lacks avx512f" in kernels.unavailable_reason()
+    assert kernels.matmul_isa() == "avx2" and kernels.matmul_unavailable_reason() is None
+    monkeypatch.setattr(clib, "cpu_flags", lambda: flags - {"avx2"})
+    assert kernels.matmul_isa() is None
+    assert kernels.matmul_unavailable_reason() == "this CPU lacks avx2"
+    q = Int8Linear.from_linear(torch.nn.Linear(64, 16, bias=False), "vnni")
+    with pytest.raises(MobiLlamaError, match="vnni kernel cannot run here: this CPU lacks avx2"):
+        q.pack()
+
+
+def test_a_bad_isa_setting_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv(clib.ISA_ENV, "sse")
+    reason = kernels.unavailable_reason()
+    assert reason == "MOBILLAMA_KERNEL_ISA must be avx512 or avx2, not 'sse'"
+    assert kernels.matmul_isa() is None and kernels.matmul_unavailable_reason() == reason
+    with pytest.raises(MobiLlamaError, match="MOBILLAMA_KERNEL_ISA must be"):
+        Int4Linear.from_linear(torch.nn.Linear(64, 16, bias=False), 32, "vnni").pack()
+
+
+@needs_avx2
+def test_the_avx2_build_holds_no_avx512_instruction():
+    """Compiled apart without AVX-512 flags: no zmm register, no mask register, no ymm16-31 (EVEX)."""
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    text = subprocess.run(
+        ["objdump", "-d", "--no-show-raw-insn", str(kernels.build.build_library())],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    functions = re.split(r"\n(?=[0-9a-f]+ <)", text)
+    avx2 = [f for f in functions if re.match(r"[0-9a-f]+ <mb_qgemv_avx2", f)]
+    assert len(avx2) >= 2  # the function and its OpenMP body
+    body = "\n".join(avx2)
+    assert "ymm" in body  # it is vectorised
+    assert not re.search(r"zmm|%k[1-7]|ymm(1[6-9]|2[0-9]|3[01])", body)
+
+
+@needs_avx2
+def test_a_model_decodes_on_the_avx2_build_as_on_the_vnni_one(monkeypatch, realistic_model):
+    """A whole int4 g32 model with an int8 tied head, greedy: the AVX2 run (no AVX-512 kernel at all: the
+    Python decode loop, PyTorch's attention) generates the default run's tokens from close logits."""
+    from mobillama.config import ModelConfig
+    from mobillama.infer.generator import Generator
+    from mobillama.infer.quant import kernels_in_use, quantize_model
+    from mobillama.infer.sampling import SamplingParams
+
+    config = ModelConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )  # fmt: skip
+    prompt = [1, 17, 42, 99, 5]
+
+    def run(isa: str):
+        monkeypatch.setenv(clib.ISA_ENV, isa)
+        model = realistic_model(config, seed=4)
+        quantize_model(model, 4, 32, head_bits=8)
+        gen = Generator(model)
+        tokens = gen.generate_ids([prompt], SamplingParams(max_new_tokens=12, stop_at_eos=False))[0].token_ids
+        gen.decoder.start([0], len(prompt))
+        logits = gen.decoder.prefill(torch.tensor([prompt]))
+        return kernels_in_use(model), gen.decoder, tokens, logits
+
+    used, decoder, tokens, logits = run("avx2")
+    assert used == "avx2" and not decoder.fused_attention and decoder._one_call_layers() is None
+    assert len(tokens) == 12
+    if not kernels.available():
+        return
+    used_default, decoder_default, tokens_default, logits_default = run("avx512")
+    assert used_default == "vnni" and decoder_default._one_call_layers() is not None
+    assert tokens == tokens_default
+    torch.testing.assert_close(
+        logits, logits_default, rtol=1e-3, atol=2e-3 * logits_default.abs().max().item()
+    )
