@@ -138,38 +138,78 @@ def test_the_avx2_build_holds_no_avx512_instruction():
     assert not re.search(r"zmm|%k[1-7]|ymm(1[6-9]|2[0-9]|3[01])", body)
 
 
+CONFIG = dict(
+    vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+)  # fmt: skip
+PROMPT = [1, 17, 42, 99, 5]
+
+
+def _quantized_model(monkeypatch, realistic_model, isa: str):
+    from mobillama.config import ModelConfig
+    from mobillama.infer.quant import quantize_model
+
+    monkeypatch.setenv(clib.ISA_ENV, isa)
+    model = realistic_model(ModelConfig(**CONFIG), seed=4)
+    return quantize_model(model, 4, 32, head_bits=8)
+
+
+def _step_logits(decoder, prompts: list[list[int]], steps: int, one_call: bool) -> torch.Tensor:
+    """Prefill left-padded prompts, then ``steps`` greedy decode steps; the logits of every step."""
+    if not one_call:
+        decoder.one_call_layers, decoder._layer_array, decoder.cache = None, None, None
+    T = max(map(len, prompts))
+    decoder.start([T - len(p) for p in prompts], T + steps)
+    ids = torch.tensor([[0] * (T - len(p)) + p for p in prompts])
+    logits = [decoder.prefill(ids)]
+    for slot in range(T, T + steps):
+        assert (decoder._layer_array is not None) == one_call
+        logits.append(decoder.decode(logits[-1].argmax(-1), slot))
+    return torch.stack(logits)
+
+
+@needs_avx2
+@pytest.mark.parametrize("cache", [torch.bfloat16, torch.float32])
+def test_the_avx2_decode_step_equals_the_python_loop(monkeypatch, realistic_model, cache):
+    """Without AVX-512 a decode step still goes through all layers in one C call, on the AVX2 kernels (norm,
+    silu * up, rotary + cache + attention): its logits match PyTorch's operators around the same matmuls,
+    for a left-padded batch of two, over a bf16 and an fp32 cache."""
+    from mobillama.infer.decoder import FastDecoder
+
+    model = _quantized_model(monkeypatch, realistic_model, "avx2")
+    decoder = FastDecoder(model, cache_dtype=cache)
+    assert decoder.step_isa == "avx2" and decoder.cache_dtype == cache and not decoder.fused_attention
+    prompts = [PROMPT, PROMPT[2:]]
+    fast = _step_logits(decoder, prompts, 6, one_call=True)
+    loop = _step_logits(FastDecoder(model, cache_dtype=cache), prompts, 6, one_call=False)
+    torch.testing.assert_close(fast, loop, rtol=1e-4, atol=1e-4 * loop.abs().max().item())
+
+
 @needs_avx2
 def test_a_model_decodes_on_the_avx2_build_as_on_the_vnni_one(monkeypatch, realistic_model):
-    """A whole int4 g32 model with an int8 tied head, greedy: the AVX2 run (no AVX-512 kernel at all: the
-    Python decode loop, PyTorch's attention) generates the default run's tokens from close logits."""
-    from mobillama.config import ModelConfig
+    """A whole int4 g32 model with an int8 tied head, greedy: the AVX2 run generates the AVX-512 run's
+    tokens from close logits."""
     from mobillama.infer.generator import Generator
-    from mobillama.infer.quant import kernels_in_use, quantize_model
+    from mobillama.infer.quant import kernels_in_use
     from mobillama.infer.sampling import SamplingParams
 
-    config = ModelConfig(
-        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-    )  # fmt: skip
-    prompt = [1, 17, 42, 99, 5]
-
     def run(isa: str):
-        monkeypatch.setenv(clib.ISA_ENV, isa)
-        model = realistic_model(config, seed=4)
-        quantize_model(model, 4, 32, head_bits=8)
+        model = _quantized_model(monkeypatch, realistic_model, isa)
         gen = Generator(model)
-        tokens = gen.generate_ids([prompt], SamplingParams(max_new_tokens=12, stop_at_eos=False))[0].token_ids
-        gen.decoder.start([0], len(prompt))
-        logits = gen.decoder.prefill(torch.tensor([prompt]))
-        return kernels_in_use(model), gen.decoder, tokens, logits
+        tokens = gen.generate_ids([PROMPT], SamplingParams(max_new_tokens=12, stop_at_eos=False))[0].token_ids
+        return (
+            kernels_in_use(model),
+            gen.decoder.step_isa,
+            tokens,
+            _step_logits(gen.decoder, [PROMPT], 4, True),
+        )
 
-    used, decoder, tokens, logits = run("avx2")
-    assert used == "avx2" and not decoder.fused_attention and decoder._one_call_layers() is None
-    assert len(tokens) == 12
+    used, step, tokens, logits = run("avx2")
+    assert (used, step, len(tokens)) == ("avx2", "avx2", 12)
     if not kernels.available():
         return
-    used_default, decoder_default, tokens_default, logits_default = run("avx512")
-    assert used_default == "vnni" and decoder_default._one_call_layers() is not None
+    used_default, step_default, tokens_default, logits_default = run("avx512")
+    assert (used_default, step_default) == ("vnni", "vnni")
     assert tokens == tokens_default
     torch.testing.assert_close(
         logits, logits_default, rtol=1e-3, atol=2e-3 * logits_default.abs().max().item()

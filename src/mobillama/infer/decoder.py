@@ -102,8 +102,20 @@ class FastDecoder:
         low_precision = (
             quant.embedding_dtype(model) != torch.float32 or quant.quantized_module_count(model) > 0
         )
+        # Without AVX-512 the one-call decode step can still run on the AVX2 kernels (decided below, once
+        # the layers are joined); its attention reads a bf16 cache as the AVX-512 one does.
+        avx2_step = (
+            not self.fused_attention
+            and self.device.type == "cpu"
+            and cache_dtype in (None, torch.float32, torch.bfloat16)
+            and self.config.head_dim % 8 == 0
+            and not compile
+            and kernels.matmul_isa() == "avx2"
+        )
         if cache_dtype is None and self.device.type == "cpu":
-            cache_dtype = torch.bfloat16 if self.fused_attention and low_precision else torch.float32
+            cache_dtype = (
+                torch.bfloat16 if (self.fused_attention or avx2_step) and low_precision else torch.float32
+            )
         self.cache_dtype = cache_dtype or self.dtype
         self.cache: StaticKVCache | None = None
         self.compiled = compile
@@ -145,7 +157,13 @@ class FastDecoder:
             and head.weight.is_contiguous()
         )
         # Where every piece of a layer runs on the project's kernels, a decode step goes through all layers
-        # in one C call (same kernels, same order, same numbers; no trips back to Python between them).
+        # in one C call (same kernels, same order, same numbers; no trips back to Python between them): the
+        # AVX-512 ones, or the AVX2 ones on a CPU without AVX-512 (decode only; a prompt takes the loop).
+        self.step_isa = (
+            "vnni" if self.fused_attention and self.fused_elementwise
+            else "avx2" if avx2_step and self.dtype == torch.float32
+            else None
+        )  # fmt: skip
         self.one_call_layers = self._one_call_layers()
         self._layer_array = None  # the layers with this request's cache addresses, built by start()
 
@@ -153,7 +171,8 @@ class FastDecoder:
         """The layers as :class:`~mobillama.kernels.DecodeLayer` structs (caches filled in by
         :meth:`start`), or None where some piece of a layer would not run on the project's kernels."""
         c = self.config
-        if not (self.fused_attention and self.fused_elementwise):
+        isa = self.step_isa
+        if isa is None:
             return None
         H, Hkv, D, inter = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size
         out = []
@@ -161,9 +180,9 @@ class FastDecoder:
             qkv, gate_up = self.qkv_for_layer[i], self.gate_up_for_layer[i]
             o, down = layer.self_attn.o_proj, self.ffn_for_layer[i].down_proj
             norms = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            on_vnni = [isinstance(m, QuantizedLinear) and m.kernel_in_use == "vnni" for m in (o, down)]
+            on_kernel = [isinstance(m, QuantizedLinear) and m.kernel_in_use == isa for m in (o, down)]
             if (
-                qkv is None or gate_up is None or not all(on_vnni) or {qkv.isa, gate_up.isa} != {"vnni"}
+                qkv is None or gate_up is None or not all(on_kernel) or {qkv.isa, gate_up.isa} != {isa}
                 or qkv.out_features != (H + 2 * Hkv) * D or gate_up.sizes != [inter, inter]
                 or o.in_features != H * D or down.in_features != inter
                 or {w.dtype for w in norms} not in ({torch.float32}, {torch.bfloat16})
@@ -314,7 +333,7 @@ class FastDecoder:
     def prefill_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         """:meth:`prefill` from input embeddings [B, T, H] (a MobiLlama-V prompt: text and image tokens)."""
         B, T, _ = embeds.shape
-        if self._layer_array is not None and B == 1 and not self.padded:
+        if self._layer_array is not None and self.step_isa == "vnni" and B == 1 and not self.padded:
             return self._logits(self._one_call_prefill(embeds))
         input_pos = torch.arange(T, device=self.device)
         mask = None
@@ -361,7 +380,7 @@ class FastDecoder:
             x.reshape(B, c.hidden_size).contiguous(), self._layer_array, self.cos_table[pos],
             self.sin_table[pos], self.cache.max_len, slot, self.key_valid_u8 if self.padded else None,
             self.cache_dtype == torch.bfloat16, (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
-            c.intermediate_size,
+            c.intermediate_size, self.step_isa,
         )  # fmt: skip
         return h.view(B, 1, c.hidden_size)
 

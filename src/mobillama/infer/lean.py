@@ -76,11 +76,11 @@ def image_path(checkpoint: str | Path) -> Path:
 def image_sources() -> list[Path]:
     """The code that decides an image's bytes: the C kernels (the layout they read) and the Python that
     packs and writes (read as text here, never imported: they import torch)."""
-    from mobillama.kernels.build import HEADERS, SOURCES
+    from mobillama.kernels.build import AVX2_SOURCES, HEADERS, SOURCES
 
     package = Path(__file__).resolve().parent.parent
     python = ["kernels/packing.py", "infer/quant_layers.py", "infer/decoder.py", "infer/lean_image.py"]
-    return [*SOURCES, *HEADERS, *(package / name for name in python)]
+    return [*SOURCES, *AVX2_SOURCES, *HEADERS, *(package / name for name in python)]
 
 
 def _check_kernels() -> None:

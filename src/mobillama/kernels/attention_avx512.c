@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention_rows.h"
 #include "simd_math.h"
 
 /* 16 cached values from fp32 or bf16 storage, as fp32. */
@@ -25,29 +26,6 @@ static inline __m512 load_kv(const void *base, int64_t i, int bf16) {
     if (!bf16) return _mm512_loadu_ps((const float *)base + i);
     const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline uint16_t to_bf16(float f) { /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static void store_row(void *cache, int64_t at, const float *x, int64_t D, int bf16) {
-    if (!bf16) {
-        memcpy((float *)cache + at, x, (size_t)D * sizeof(float));
-        return;
-    }
-    for (int64_t d = 0; d < D; d++) ((uint16_t *)cache)[at + d] = to_bf16(x[d]);
-}
-
-static void rope(const float *x, const float *cos, const float *sin, int64_t D, float *out) {
-    const int64_t half = D / 2;
-    for (int64_t d = 0; d < half; d++) {
-        out[d] = x[d] * cos[d] - x[d + half] * sin[d];
-        out[d + half] = x[d + half] * cos[d + half] + x[d] * sin[d + half];
-    }
 }
 
 /* Attention of one query head over L cached rows of K and V ([L, D] each, contiguous). Rows are read in
@@ -124,16 +102,7 @@ int mb_attn_decode(const float *q, int64_t q_stride, const float *k, const float
         free(qr); free(kr); free(scores);
         return -1;
     }
-    for (int64_t b = 0; b < B; b++) {
-        const float *c = cos + b * D, *s = sin + b * D;
-        for (int64_t h = 0; h < H; h++) rope(q + b * q_stride + h * D, c, s, D, qr + (b * H + h) * D);
-        for (int64_t h = 0; h < Hkv; h++) {
-            const int64_t at = ((b * Hkv + h) * S + slot) * D;
-            rope(k + b * kv_stride + h * D, c, s, D, kr);
-            store_row(kcache, at, kr, D, kv_bf16);
-            store_row(vcache, at, v + b * kv_stride + h * D, D, kv_bf16);
-        }
-    }
+    rope_and_cache(q, q_stride, k, v, kv_stride, cos, sin, kcache, vcache, kv_bf16, S, slot, B, H, Hkv, D, qr, kr);
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {

@@ -87,13 +87,16 @@ def decode_layers(
     cache_bf16: bool,
     heads: tuple[int, int, int],
     intermediate: int,
+    isa: str = "vnni",
 ) -> torch.Tensor:
-    """One decode step through every layer in one call (see decode_step_avx512.c): ``x`` [B, hidden] fp32
+    """One decode step through every layer in one call (see decode_step.c): ``x`` [B, hidden] fp32
     contiguous is updated in place and returned. ``layers``: an array of :class:`DecodeLayer`; ``cos`` /
-    ``sin`` [B, head_dim] fp32 contiguous; ``valid`` [B, cache_len] uint8 or None; ``heads`` = (H, Hkv, D)."""
+    ``sin`` [B, head_dim] fp32 contiguous; ``valid`` [B, cache_len] uint8 or None; ``heads`` = (H, Hkv, D);
+    ``isa``: the kernels' build, ``"vnni"`` (AVX-512) or ``"avx2"`` (:func:`matmul_isa`)."""
     H, Hkv, D = heads
     B, hidden = x.shape
-    rc = _library().mb_decode_layers(
+    lib = _library()
+    rc = (lib.mb_decode_layers if isa == "vnni" else lib.mb_decode_layers_avx2)(
         x.data_ptr(), B, hidden, ctypes.addressof(layers), len(layers), cos.data_ptr(), sin.data_ptr(),
         cache_len, slot, None if valid is None else valid.data_ptr(), cache_bf16, H, Hkv, D, intermediate,
         D**-0.5, torch.get_num_threads(),

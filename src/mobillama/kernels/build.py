@@ -19,12 +19,12 @@ SOURCES = [
         "attention_avx512.c",
         "attention_train_avx512.c",
         "layer_avx512.c",
-        "decode_step_avx512.c",
     )
 ]
-# compiled apart with AVX2 flags only: the int8/int4 matmul for CPUs without AVX-512 VNNI
-AVX2_SOURCES = [Path(__file__).with_name("gemv_avx2.c")]
-HEADERS = [Path(__file__).with_name("simd_math.h")]
+# Compiled apart with AVX2 flags only: the kernels for CPUs without AVX-512, and the one-call decode step
+# that chains either build's kernels (scalar glue, so it must not hold AVX-512 code of its own).
+AVX2_SOURCES = [Path(__file__).with_name(n) for n in ("gemv_avx2.c", "layer_avx2.c", "decode_step.c")]
+HEADERS = [Path(__file__).with_name(n) for n in ("simd_math.h", "attention_rows.h")]
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 AVX2_CPU_FLAGS = ("avx2", "fma", "f16c")
 

@@ -127,6 +127,8 @@ def load_library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
+    lib.mb_decode_layers_avx2.restype = ctypes.c_int
+    lib.mb_decode_layers_avx2.argtypes = lib.mb_decode_layers.argtypes
     lib.mb_bf16_to_f32.restype = None
     lib.mb_bf16_to_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.mb_argmax.restype = ctypes.c_int64
@@ -156,7 +158,7 @@ class _Strides(ctypes.Structure):
 
 
 class QMatrix(ctypes.Structure):
-    """A packed matrix for the one-call decode step (``mb_qmat`` in decode_step_avx512.c)."""
+    """A packed matrix for the one-call decode step (``mb_qmat`` in decode_step.c)."""
 
     _fields_ = [("w", ctypes.c_void_p), ("params", ctypes.c_void_p)] + [
         (n, ctypes.c_int64) for n in ("n", "group", "per", "bits", "ab")

@@ -8,7 +8,9 @@
  * exactly; it only removes the trips back to Python. It applies when every projection runs on the vnni
  * matmul kernel with q/k/v and gate/up joined, and the fused attention and norm kernels run (the decoder
  * checks; otherwise it keeps the Python loop). The lean runtime (infer/lean.py, no PyTorch in the process)
- * calls the same step, and mb_prefill_layers for a prompt: the same layers over T tokens of one sequence. */
+ * calls the same step, and mb_prefill_layers for a prompt: the same layers over T tokens of one sequence.
+ * mb_decode_layers_avx2 is the same step on the AVX2 kernels (gemv_avx2.c, layer_avx2.c) for CPUs without
+ * AVX-512. This file is compiled with the AVX2 flags (no AVX-512), so it runs on both. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +26,29 @@ int mb_attn_decode(const float *q, int64_t q_stride, const float *k, const float
 int mb_attn_prefill(const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride,
                     const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S,
                     int64_t first, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, float *out, int threads);
+
+int mb_qgemv_avx2(const float *x, int64_t M, int64_t K, const uint8_t *w, const void *params, int64_t N,
+                  int64_t group, int64_t per, int bits, int64_t ab, float *y, int threads);
+void mb_rmsnorm_avx2(const float *x, int64_t M, int64_t D, const void *w, int w_bf16, float eps, float *out);
+void mb_silu_mul_avx2(const float *gate, const float *up, int64_t stride, int64_t M, int64_t N, float *out);
+int mb_attn_decode_avx2(const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride,
+                        const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S,
+                        int64_t slot, const uint8_t *valid, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale,
+                        float *out, int threads);
+
+/* The kernels of one build, as the step calls them. */
+typedef struct {
+    int (*qgemv)(const float *, int64_t, int64_t, const uint8_t *, const void *, int64_t, int64_t, int64_t, int,
+                 int64_t, float *, int);
+    void (*rmsnorm)(const float *, int64_t, int64_t, const void *, int, float, float *);
+    void (*silu_mul)(const float *, const float *, int64_t, int64_t, int64_t, float *);
+    int (*attn_decode)(const float *, int64_t, const float *, const float *, int64_t, const float *, const float *,
+                       void *, void *, int, int64_t, int64_t, const uint8_t *, int64_t, int64_t, int64_t, int64_t,
+                       float, float *, int);
+} mb_kernels;
+
+static const mb_kernels AVX512 = {mb_qgemv, mb_rmsnorm, mb_silu_mul, mb_attn_decode};
+static const mb_kernels AVX2 = {mb_qgemv_avx2, mb_rmsnorm_avx2, mb_silu_mul_avx2, mb_attn_decode_avx2};
 
 /* A packed matrix as mb_qgemv takes it. */
 typedef struct {
@@ -41,13 +66,13 @@ typedef struct {
     void *k_cache, *v_cache;
 } mb_layer;
 
-static int gemv(const mb_qmat *m, const float *x, int64_t B, int64_t K, float *y, int threads) {
-    return mb_qgemv(x, B, K, m->w, m->params, m->n, m->group, m->per, (int)m->bits, m->ab, y, threads);
+static int gemv(const mb_kernels *k, const mb_qmat *m, const float *x, int64_t B, int64_t K, float *y, int threads) {
+    return k->qgemv(x, B, K, m->w, m->params, m->n, m->group, m->per, (int)m->bits, m->ab, y, threads);
 }
 
 /* y [B, N] = x [B, K] @ W^T for a packed matrix as the decode step holds it (the lean runtime's LM head). */
 int mb_qmat_gemv(const mb_qmat *m, const float *x, int64_t B, int64_t K, float *y, int threads) {
-    return gemv(m, x, B, K, y, threads);
+    return gemv(&AVX512, m, x, B, K, y, threads);
 }
 
 /* The layers over R rows of x [R, hidden] (fp32, updated in place). Decode (T = 1): R = B rows, one new
@@ -55,8 +80,9 @@ int mb_qmat_gemv(const mb_qmat *m, const float *x, int64_t B, int64_t K, float *
  * consecutive tokens of one sequence at slots slot..slot+T-1, cos/sin [T, D]; the projections read each
  * weight once for all T rows, and token t attends over slots 0..slot+t (causal; mb_attn_prefill, equal to
  * feeding the tokens one at a time).
+ * Prefill (T > 1) takes the AVX-512 kernels (its attention has no AVX2 build).
  * Returns 0, or -1 when a buffer cannot be allocated (x is then partly updated: the caller raises). */
-static int run_layers(float *x, int64_t B, int64_t T, int64_t hidden, const mb_layer *layers, int64_t L,
+static int run_layers(const mb_kernels *k, float *x, int64_t B, int64_t T, int64_t hidden, const mb_layer *layers, int64_t L,
                       const float *cos, const float *sin, int64_t S, int64_t slot, const uint8_t *valid,
                       int kv_bf16, int64_t H, int64_t Hkv, int64_t D, int64_t inter, float scale, int threads) {
     const int64_t qkv_n = (H + 2 * Hkv) * D, R = B * T;
@@ -69,20 +95,20 @@ static int run_layers(float *x, int64_t B, int64_t T, int64_t hidden, const mb_l
     int rc = (h && qkv && att && gu && act && y) ? 0 : -1;
     for (int64_t i = 0; i < L && rc == 0; i++) {
         const mb_layer *l = layers + i;
-        mb_rmsnorm(x, R, hidden, l->norm1, (int)l->norm_bf16, l->eps1, h);
-        rc |= gemv(&l->qkv, h, R, hidden, qkv, threads);
+        k->rmsnorm(x, R, hidden, l->norm1, (int)l->norm_bf16, l->eps1, h);
+        rc |= gemv(k, &l->qkv, h, R, hidden, qkv, threads);
         if (T == 1)
-            rc |= mb_attn_decode(qkv, qkv_n, qkv + H * D, qkv + (H + Hkv) * D, qkv_n, cos, sin, l->k_cache,
+            rc |= k->attn_decode(qkv, qkv_n, qkv + H * D, qkv + (H + Hkv) * D, qkv_n, cos, sin, l->k_cache,
                                  l->v_cache, kv_bf16, S, slot, valid, B, H, Hkv, D, scale, att, threads);
         else
             rc |= mb_attn_prefill(qkv, qkv_n, qkv + H * D, qkv + (H + Hkv) * D, qkv_n, cos, sin, l->k_cache,
                                   l->v_cache, kv_bf16, S, slot, T, H, Hkv, D, scale, att, threads);
-        rc |= gemv(&l->o, att, R, H * D, y, threads);
+        rc |= gemv(k, &l->o, att, R, H * D, y, threads);
         for (int64_t j = 0; j < R * hidden; j++) x[j] += y[j];
-        mb_rmsnorm(x, R, hidden, l->norm2, (int)l->norm_bf16, l->eps2, h);
-        rc |= gemv(&l->gate_up, h, R, hidden, gu, threads);
-        mb_silu_mul(gu, gu + inter, 2 * inter, R, inter, act);
-        rc |= gemv(&l->down, act, R, inter, y, threads);
+        k->rmsnorm(x, R, hidden, l->norm2, (int)l->norm_bf16, l->eps2, h);
+        rc |= gemv(k, &l->gate_up, h, R, hidden, gu, threads);
+        k->silu_mul(gu, gu + inter, 2 * inter, R, inter, act);
+        rc |= gemv(k, &l->down, act, R, inter, y, threads);
         for (int64_t j = 0; j < R * hidden; j++) x[j] += y[j];
     }
     free(h); free(qkv); free(att); free(gu); free(act); free(y);
@@ -93,7 +119,15 @@ static int run_layers(float *x, int64_t B, int64_t T, int64_t hidden, const mb_l
 int mb_decode_layers(float *x, int64_t B, int64_t hidden, const mb_layer *layers, int64_t L, const float *cos,
                      const float *sin, int64_t S, int64_t slot, const uint8_t *valid, int kv_bf16, int64_t H,
                      int64_t Hkv, int64_t D, int64_t inter, float scale, int threads) {
-    return run_layers(x, B, 1, hidden, layers, L, cos, sin, S, slot, valid, kv_bf16, H, Hkv, D, inter, scale,
+    return run_layers(&AVX512, x, B, 1, hidden, layers, L, cos, sin, S, slot, valid, kv_bf16, H, Hkv, D, inter,
+                      scale, threads);
+}
+
+/* mb_decode_layers on the AVX2 kernels. */
+int mb_decode_layers_avx2(float *x, int64_t B, int64_t hidden, const mb_layer *layers, int64_t L, const float *cos,
+                          const float *sin, int64_t S, int64_t slot, const uint8_t *valid, int kv_bf16, int64_t H,
+                          int64_t Hkv, int64_t D, int64_t inter, float scale, int threads) {
+    return run_layers(&AVX2, x, B, 1, hidden, layers, L, cos, sin, S, slot, valid, kv_bf16, H, Hkv, D, inter, scale,
                       threads);
 }
 
@@ -101,6 +135,6 @@ int mb_decode_layers(float *x, int64_t B, int64_t hidden, const mb_layer *layers
 int mb_prefill_layers(float *x, int64_t T, int64_t hidden, const mb_layer *layers, int64_t L, const float *cos,
                       const float *sin, int64_t S, int64_t first, int kv_bf16, int64_t H, int64_t Hkv, int64_t D,
                       int64_t inter, float scale, int threads) {
-    return run_layers(x, 1, T, hidden, layers, L, cos, sin, S, first, NULL, kv_bf16, H, Hkv, D, inter, scale,
-                      threads);
+    return run_layers(&AVX512, x, 1, T, hidden, layers, L, cos, sin, S, first, NULL, kv_bf16, H, Hkv, D, inter,
+                      scale, threads);
 }
