@@ -40,9 +40,13 @@ this project the decode run's own peak ("run", the kernel's peak mark reset afte
 whole process's ("max", loading included); llama-bench reports no separate steady state, so its row has
 the whole process's peak only (the tool's own ``ru_maxrss``).
 
+``--isa avx2`` runs everything as on a CPU with AVX2 but no AVX-512 (most laptops): this project's AVX2
+kernels and decode step, PyTorch limited to AVX2, against llama.cpp's AVX2 build
+(``LLAMA_CPP_ISA=avx2 bash scripts/build_llama_cpp.sh``); the lean rows are left out (AVX-512 only).
+
 The machine is shared: only ratios measured in one run mean anything. The load average is printed.
 
-    python benchmarks/decode.py [--shape 0.5b|real|both] [--rounds 3] [--threads 2] [--prompt-len 128]
+    python benchmarks/decode.py [--shape 0.5b|real|both] [--rounds 3] [--isa native|avx2] [--threads 2] [--prompt-len 128]
         [--new-tokens 128] [--perplexity-windows 4] [--no-llama-cpp] [--no-transformers] [--json OUT]
 """
 
@@ -230,6 +234,19 @@ def subprocess_json(args: list[str]) -> dict:
             else f"exit {proc.returncode}"
         }
     return json.loads(proc.stdout)
+
+
+def use_avx2_only() -> None:
+    """This process and its subprocesses as on a CPU with AVX2 but no AVX-512: the project's kernels,
+    PyTorch's and oneDNN's, and llama.cpp's AVX2 build (unless MOBILLAMA_LLAMA_CPP names another)."""
+    from mobillama.eval import llama_cpp
+
+    os.environ.update(MOBILLAMA_KERNEL_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+    cache = Path(os.environ.get("MOBILLAMA_CACHE", "~/.cache/mobillama")).expanduser()
+    avx2_bin = cache / "llama.cpp" / f"{llama_cpp.LLAMA_CPP_PYTHON_VERSION}-avx2" / "bin"
+    os.environ.setdefault("MOBILLAMA_LLAMA_CPP", str(avx2_bin))
+    for variants in (VARIANTS_05B, VARIANTS_REAL):  # the lean runtime needs AVX-512
+        variants[:] = [v for v in variants if "--lean" not in v[2]]
 
 
 def median(values: list[float]) -> float:
@@ -460,12 +477,22 @@ def main() -> int:
         help="run every row this many times, one after another per round, and report medians "
         "(ratios are taken within a round); the machine's speed drifts, so 3 or more is advisable",
     )
+    p.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: run as on a CPU without AVX-512 - this project's AVX2 kernels (MOBILLAMA_KERNEL_ISA=avx2; "
+        "PyTorch and oneDNN limited to AVX2 too; no lean rows, the lean runtime needs AVX-512) against "
+        "llama.cpp's AVX2 build (LLAMA_CPP_ISA=avx2 bash scripts/build_llama_cpp.sh)",
+    )
     p.add_argument("--json", help="also write all results to this JSON file")
     p.add_argument("--peer", choices=["default", "tuned"], help=argparse.SUPPRESS)  # internal: one peer run
     args = p.parse_args()
     if args.peer:
         print(json.dumps(run_peer(args.peer == "default", args.threads, args.prompt_len, args.new_tokens)))
         return 0
+    if args.isa == "avx2":
+        use_avx2_only()
     common = [
         "--threads",
         str(args.threads),
@@ -500,6 +527,7 @@ def main() -> int:
     for title, rows in groups.items():
         print_table(
             f"{title}: batch 1, {args.threads} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+            f"{'AVX2 only (no AVX-512), ' if args.isa == 'avx2' else ''}"
             f"greedy; median of {args.rounds} round(s), every row once per round",
             rows,
         )
