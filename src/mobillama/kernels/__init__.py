@@ -1,7 +1,9 @@
 """The project's own CPU kernels. For decode: int8/int4 x int8 matrix-vector products with AVX-512 VNNI
-(``gemv_avx512.c``; an AVX2 build of the same products, ``gemv_avx2.c``, for CPUs without AVX-512), a fused one-token attention step (``attention_avx512.c``), and RMS norm and
-SwiGLU's silu-times-up as one call each (``layer_avx512.c``). For training: causal attention forward and
-backward (``attention_train_avx512.c``; the autograd operator is in :mod:`.causal_attention`).
+(``gemv_avx512.c``), a fused one-token attention step (``attention_avx512.c``), RMS norm and SwiGLU's
+silu-times-up as one call each (``layer_avx512.c``), an AVX2 build of all of these for CPUs without
+AVX-512 (``gemv_avx2.c``, ``layer_avx2.c``), and a whole decode step over either build (``decode_step.c``).
+For training: causal attention forward and backward (``attention_train_avx512.c``; the autograd operator
+is in :mod:`.causal_attention`).
 
 Why they exist: see the head of each C file. The C files are compiled on first use with the system C compiler
 (``cc``; gcc and clang both work) into ``~/.cache/mobillama/kernels`` and loaded with ``ctypes``: no torch
