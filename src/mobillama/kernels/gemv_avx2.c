@@ -89,88 +89,110 @@ static inline __m256 bf16x8(const uint8_t *p) {
 static inline __m256 u8x8(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
 static inline __m256 s8x8(const uint8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
 
-/* Group g of 8 rows (the half at byte `half` of each chunk) of an int4 matrix: sum over its activation
- * blocks b of xs[b] * (the block's integer dot product), as gemv_avx512.c's group_int4. */
-static inline __m256 group_int4(const uint8_t *w, int64_t half, const int8_t *xq, const float *xs, int64_t g,
-                                int64_t group, int64_t ab) {
+/* A block's 16 rows as two vectors of 8: rows 0-7 come from the first 32 bytes of every 64-byte chunk,
+ * rows 8-15 from the last 32. Both halves go through one pass, sharing the activation broadcasts. */
+typedef struct {
+    __m256 lo, hi;
+} rows16;
+
+static inline rows16 fma16(rows16 a, rows16 b, rows16 c) {
+    return (rows16){_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+}
+static inline rows16 add16(rows16 a, rows16 b) { return (rows16){_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+static inline rows16 splat16(float v) { return (rows16){_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+static inline rows16 half16(const uint16_t *p) { return (rows16){half8(p), half8(p + 8)}; }
+static inline rows16 zero16(void) { return (rows16){_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+
+/* The block's int32 dot products for one activation block, widened and scaled by its activation scale. */
+static inline rows16 scaled16(__m256i lo, __m256i hi, float scale, rows16 acc) {
+    const __m256 s = _mm256_set1_ps(scale);
+    return (rows16){_mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), s, acc.lo), _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), s, acc.hi)};
+}
+
+/* Group g of an int4 block: sum over its activation blocks b of xs[b] * (the block's integer dot
+ * product), as gemv_avx512.c's group_int4. */
+static inline rows16 group_int4(const uint8_t *w, const int8_t *xq, const float *xs, int64_t g, int64_t group,
+                                int64_t ab) {
     const int64_t per_group = group / ab, chunks = ab / 8;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    __m256 gacc = _mm256_setzero_ps();
+    rows16 gacc = zero16();
     for (int64_t b = 0; b < per_group; b++) {
         const int64_t k0 = g * group + b * ab;
-        const uint8_t *wb = w + k0 / 8 * 64 + half;
+        const uint8_t *wb = w + k0 / 8 * 64;
         const int8_t *xb = xq + k0;
-        __m256i p = _mm256_setzero_si256();
+        __m256i p0 = _mm256_setzero_si256(), p1 = p0;
         for (int64_t c = 0; c < chunks; c++) {
-            const __m256i r = _mm256_loadu_si256((const __m256i *)(wb + c * 64));
-            const __m256i lo = _mm256_and_si256(r, low), hi = _mm256_and_si256(_mm256_srli_epi16(r, 4), low);
-            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(lo, bcast4(xb + 8 * c)));
-            p = _mm256_add_epi16(p, _mm256_maddubs_epi16(hi, bcast4(xb + 8 * c + 4)));
+            const __m256i xl = bcast4(xb + 8 * c), xh = bcast4(xb + 8 * c + 4);
+            const __m256i r0 = _mm256_loadu_si256((const __m256i *)(wb + c * 64));
+            const __m256i r1 = _mm256_loadu_si256((const __m256i *)(wb + c * 64 + 32));
+            p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(_mm256_and_si256(r0, low), xl));
+            p0 = _mm256_add_epi16(p0, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r0, 4), low), xh));
+            p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(_mm256_and_si256(r1, low), xl));
+            p1 = _mm256_add_epi16(p1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(r1, 4), low), xh));
         }
         /* 16 x the sum times xs / 16 in the AVX-512 kernel: the same product, rounded once */
-        gacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), _mm256_set1_ps(xs[g * per_group + b]), gacc);
+        gacc = scaled16(_mm256_madd_epi16(p0, ones), _mm256_madd_epi16(p1, ones), xs[g * per_group + b], gacc);
     }
     return gacc;
 }
 
-/* 8 rows of an int4 matrix with half-float params (16 scales then 16 offsets per block and group). */
-static __m256 rows_int4(const uint8_t *w, const uint16_t *params, int64_t half, const int8_t *xq, const float *xs,
-                        const float *xsum, int64_t K, int64_t group, int64_t ab) {
-    __m256 acc = _mm256_setzero_ps(), off = acc;
+/* An int4 block with half-float params (16 scales then 16 offsets per block and group). */
+static inline rows16 block_int4(const uint8_t *w, const uint16_t *params, const int8_t *xq, const float *xs,
+                                const float *xsum, int64_t K, int64_t group, int64_t ab) {
+    rows16 acc = zero16(), off = acc;
     for (int64_t g = 0; g < K / group; g++) {
-        const __m256 gacc = group_int4(w, half, xq, xs, g, group, ab);
-        const uint16_t *p = params + g * 32 + half / 4;
-        acc = _mm256_fmadd_ps(gacc, half8(p), acc);
-        off = _mm256_fmadd_ps(half8(p + 16), _mm256_set1_ps(xsum[g]), off);
+        const uint16_t *p = params + g * 32;
+        acc = fma16(group_int4(w, xq, xs, g, group, ab), half16(p), acc);
+        off = fma16(half16(p + 16), splat16(xsum[g]), off);
     }
-    return _mm256_add_ps(acc, off);
+    return add16(acc, off);
 }
 
-/* 8 rows of an int4 matrix with compact params (8-bit codes times bf16 steps per super-block). */
-static __m256 rows_int4_compact(const uint8_t *w, const uint8_t *params, int64_t half, const int8_t *xq,
-                                const float *xs, const float *xsum, int64_t K, int64_t group, int64_t ab,
-                                int64_t per) {
-    const int64_t h = half / 4; /* the half's first row within the block of 16 */
-    __m256 acc = _mm256_setzero_ps(), off = acc;
+/* An int4 block with compact params (8-bit codes times bf16 steps per super-block). */
+static inline rows16 block_int4_compact(const uint8_t *w, const uint8_t *params, const int8_t *xq, const float *xs,
+                                        const float *xsum, int64_t K, int64_t group, int64_t ab, int64_t per) {
+    rows16 acc = zero16(), off = acc;
     for (int64_t sb = 0; sb < K / group / per; sb++) {
         const uint8_t *p = params + sb * (64 + 32 * per);
-        __m256 sacc = _mm256_setzero_ps(), soff = sacc;
+        rows16 sacc = zero16(), soff = sacc;
         for (int64_t j = 0; j < per; j++) {
             const int64_t g = sb * per + j;
-            const __m256 gacc = group_int4(w, half, xq, xs, g, group, ab);
-            sacc = _mm256_fmadd_ps(gacc, u8x8(p + 64 + 32 * j + h), sacc);
-            soff = _mm256_fmadd_ps(s8x8(p + 64 + 32 * j + 16 + h), _mm256_set1_ps(xsum[g]), soff);
+            const uint8_t *codes = p + 64 + 32 * j;
+            sacc = fma16(group_int4(w, xq, xs, g, group, ab), (rows16){u8x8(codes), u8x8(codes + 8)}, sacc);
+            soff = fma16((rows16){s8x8(codes + 16), s8x8(codes + 24)}, splat16(xsum[g]), soff);
         }
-        acc = _mm256_fmadd_ps(sacc, bf16x8(p + 2 * h), acc);
-        off = _mm256_fmadd_ps(soff, bf16x8(p + 32 + 2 * h), off);
+        acc = fma16(sacc, (rows16){bf16x8(p), bf16x8(p + 16)}, acc);
+        off = fma16(soff, (rows16){bf16x8(p + 32), bf16x8(p + 48)}, off);
     }
-    return _mm256_add_ps(acc, off);
+    return add16(acc, off);
 }
 
-/* 8 rows of an int8 matrix (stored codes q = w + 128; see the head of this file). */
-static __m256 rows_int8(const uint8_t *w, const uint16_t *params, int64_t half, const int8_t *xq, const float *xs,
-                        const float *xsum, const int32_t *isum, int64_t K, int64_t group, int64_t ab) {
+/* An int8 block (stored codes q = w + 128; see the head of this file). */
+static inline rows16 block_int8(const uint8_t *w, const uint16_t *params, const int8_t *xq, const float *xs,
+                                const float *xsum, const int32_t *isum, int64_t K, int64_t group, int64_t ab) {
     const int64_t groups = K / group, per_group = group / ab, chunks = ab / 4;
     const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
-    __m256 acc = _mm256_setzero_ps();
+    rows16 acc = zero16();
     for (int64_t g = 0; g < groups; g++) {
-        __m256 gacc = _mm256_setzero_ps();
+        rows16 gacc = zero16();
         for (int64_t b = 0; b < per_group; b++) {
             const int64_t k0 = g * group + b * ab;
-            const uint8_t *wb = w + k0 / 4 * 64 + half;
+            const uint8_t *wb = w + k0 / 4 * 64;
             const int8_t *xb = xq + k0;
-            __m256i a = _mm256_setzero_si256();
+            __m256i a0 = _mm256_setzero_si256(), a1 = a0;
             for (int64_t c = 0; c < chunks; c++) {
-                const __m256i wq = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + c * 64)), flip);
-                const __m256i prod = _mm256_maddubs_epi16(_mm256_abs_epi8(wq), _mm256_sign_epi8(bcast4(xb + 4 * c), wq));
-                a = _mm256_add_epi32(a, _mm256_madd_epi16(prod, ones));
+                const __m256i x = bcast4(xb + 4 * c);
+                const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + c * 64)), flip);
+                const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wb + c * 64 + 32)), flip);
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(x, w0)), ones));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(x, w1)), ones));
             }
-            a = _mm256_add_epi32(a, _mm256_set1_epi32(128 * isum[g * per_group + b]));
-            gacc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_set1_ps(xs[g * per_group + b]), gacc);
+            const __m256i corr = _mm256_set1_epi32(128 * isum[g * per_group + b]);
+            gacc = scaled16(_mm256_add_epi32(a0, corr), _mm256_add_epi32(a1, corr), xs[g * per_group + b], gacc);
         }
-        const uint16_t *p = params + g * 32 + half / 4;
-        acc = _mm256_fmadd_ps(gacc, half8(p), acc);
-        acc = _mm256_fmadd_ps(half8(p + 16), _mm256_set1_ps(xsum[g]), acc);
+        const uint16_t *p = params + g * 32;
+        acc = fma16(gacc, half16(p), acc);
+        acc = fma16(half16(p + 16), splat16(xsum[g]), acc);
     }
     return acc;
 }
@@ -199,16 +221,19 @@ int mb_qgemv_avx2(const float *x, int64_t M, int64_t K, const uint8_t *w, const 
             const int8_t *xm = xq + m * K;
             const float *sm = xs + m * (K / ab), *um = xsum + m * groups;
             float out[16];
-            for (int64_t half = 0; half < 64; half += 32) {
-                __m256 acc;
-                if (bits == 8)
-                    acc = rows_int8(wb, (const uint16_t *)pb, half, xm, sm, um, isum + m * (K / ab), K, group, ab);
-                else if (per)
-                    acc = rows_int4_compact(wb, pb, half, xm, sm, um, K, group, ab, per);
-                else
-                    acc = rows_int4(wb, (const uint16_t *)pb, half, xm, sm, um, K, group, ab);
-                _mm256_storeu_ps(out + half / 4, acc);
-            }
+            /* the common shapes get constants (activation block and group 32, 8 groups a super-block), so
+             * the compiler unrolls the block loops */
+            rows16 acc;
+            if (bits == 8)
+                acc = block_int8(wb, (const uint16_t *)pb, xm, sm, um, isum + m * (K / ab), K, group, ab);
+            else if (per)
+                acc = ab == 32 && group == 32 && per == 8 ? block_int4_compact(wb, pb, xm, sm, um, K, 32, 32, 8)
+                                                          : block_int4_compact(wb, pb, xm, sm, um, K, group, ab, per);
+            else
+                acc = ab == 32 && group == 32 ? block_int4(wb, (const uint16_t *)pb, xm, sm, um, K, 32, 32)
+                                              : block_int4(wb, (const uint16_t *)pb, xm, sm, um, K, group, ab);
+            _mm256_storeu_ps(out, acc.lo);
+            _mm256_storeu_ps(out + 8, acc.hi);
             memcpy(y + m * N + b * 16, out, (size_t)rows * sizeof(float));
         }
     }
