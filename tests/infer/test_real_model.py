@@ -184,3 +184,39 @@ def test_lean_runtime_decodes_the_real_model_as_the_default_runtime(
     args = ["generate", str(ckpt), "--prompt", "The capital of France is", "--max-new-tokens", "8", "--lean"]
     assert main(args) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+def test_the_avx2_build_answers_and_scores_the_real_model_as_the_default(
+    real_model, real_text, tmp_path, monkeypatch, capsys
+):
+    """SmolLM2 in llama.cpp's layout (int4 g32, int8 head per 32) run as on a CPU without AVX-512: the
+    chat answers, and perplexity within 0.5% of the default run's (the matmuls are bit-equal; the rest,
+    PyTorch's attention and norms around them, rounds differently)."""
+    from mobillama.eval.perplexity import windowed_perplexity
+    from mobillama.infer.load import load_for_inference
+    from mobillama.infer.quant import kernels_in_use
+    from mobillama.kernels import clib
+    from mobillama.tokenizer import load_tokenizer
+
+    if clib._reason(kernels.build.AVX2_CPU_FLAGS) is not None:
+        pytest.skip("the AVX2 kernels cannot run here")
+    ckpt = tmp_path / "int4-head8g32"
+    args = ["quantize", str(real_model[1]), "--bits", "4", "--head-bits", "8", "--int8-group-size", "32"]
+    assert main([*args, "--out", str(ckpt)]) == 0
+    ids = load_tokenizer(real_model[1]).encode(real_text[:20_000], parse_special=False)
+
+    def ppl() -> tuple[str, float]:
+        model = load_for_inference(ckpt).eval()
+        return kernels_in_use(model), windowed_perplexity(model, ids, max_windows=2)["perplexity"]
+
+    monkeypatch.setenv(clib.ISA_ENV, "avx2")
+    used, avx2 = ppl()
+    assert used == "avx2"
+    capsys.readouterr()
+    out = _chat(monkeypatch, capsys, ckpt, QUESTIONS)
+    assert "Tokyo" in out and "7" in out, out
+    if kernels.matmul_isa() == "avx2" and clib._reason(kernels.build.REQUIRED_CPU_FLAGS) is None:
+        monkeypatch.setenv(clib.ISA_ENV, "avx512")
+        used_default, default = ppl()
+        assert used_default == "vnni"
+        assert abs(avx2 / default - 1) < 0.005, (avx2, default)
