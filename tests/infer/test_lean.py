@@ -20,15 +20,27 @@ from mobillama.infer import lean
 from mobillama.infer.decoder import FastDecoder
 from mobillama.infer.load import load_quantized, serve_embedding_from_file
 from mobillama.infer.quant_checkpoint import quantize_checkpoint
+from mobillama.kernels import clib
 
-VNNI = pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
-pytestmark = VNNI
+pytestmark = pytest.mark.skipif(
+    kernels.matmul_isa() is None, reason=f"no CPU kernels: {kernels.matmul_unavailable_reason()}"
+)
+# The same tests on either build: the AVX-512 one (where this CPU has it) and the AVX2 one.
+ISAS = [
+    pytest.param("avx512", marks=pytest.mark.skipif(not kernels.available(), reason="no AVX-512 VNNI here")),
+    "avx2",
+]
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64]
 
 
 @pytest.fixture(autouse=True)
 def image_cache(tmp_path, monkeypatch) -> Path:
-    """Kernel images in this test's own directory (the child process inherits the variable)."""
+    """Kernel images in this test's own directory (the child process inherits the variable); the built
+    kernel library stays shared (linked in), so no child process compiles it again."""
+    shared = kernels.build.cache_dir()
+    shared.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels").symlink_to(shared, target_is_directory=True)
     monkeypatch.setenv("MOBILLAMA_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache" / "lean"
 
@@ -48,12 +60,17 @@ def torch_steps(dec: FastDecoder, ids: list[int]) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("sharing", ["none", "all"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("head", [True, False])
-def test_lean_steps_equal_the_default_runtime_exactly(tied_quantized, sharing, bits, head):
+def test_lean_steps_equal_the_default_runtime_exactly(tied_quantized, monkeypatch, isa, sharing, bits, head):
+    """On each build of the kernels (a CPU without AVX-512 runs the AVX2 one), the lean runtime computes
+    the default runtime's numbers bit for bit: decode steps, and a prompt in one call."""
+    monkeypatch.setenv(clib.ISA_ENV, isa)
     ckpt = tied_quantized(sharing, bits, head)
     model = lean.LeanModel.open(ckpt, quiet=True)
+    assert model.isa == ("vnni" if isa == "avx512" else "avx2")
     assert model.head["kind"] == ("packed" if head else "bf16")
     model.start(len(PROMPT) + 4)
     steps = [model.decode(t) for t in PROMPT]
@@ -91,19 +108,20 @@ def test_argmax_takes_the_first_of_equal_logits_and_never_a_nan(tied_quantized):
     assert model.argmax(array("f", np.float32([0.5, 7.0]).tobytes())) == int(np.argmax([0.5, 7.0]))
 
 
-def test_the_lean_process_never_imports_torch(tied_quantized):
+@pytest.mark.parametrize("isa", ISAS)
+def test_the_lean_process_never_imports_torch(tied_quantized, isa):
     ckpt = tied_quantized("all", 4)
     cmd = [sys.executable, "-m", "mobillama", "bench", str(ckpt), "--lean", "--json"]
     proc = subprocess.run(
         [*cmd, "--prompt-len", "8", "--new-tokens", "4", "--threads", "1"],
         capture_output=True,
         text=True,
-        env=os.environ,
+        env={**os.environ, clib.ISA_ENV: isa},
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["torch_imported"] is False and result["numpy_imported"] is False
-    assert result["runtime"] == "lean"
+    assert result["runtime"] == "lean" and result["kernel_used"] == ("vnni" if isa == "avx512" else "avx2")
     assert result["decode_tok_s"] > 0 and result["peak_rss_bytes"] > 0
     assert "kernel image" in proc.stderr  # the first use wrote it, and said so
 
@@ -259,7 +277,7 @@ def test_a_checkpoint_off_the_kernel_has_no_image(tied_quantized, tmp_path):
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         MobiLlamaError,
-        match="could not write its kernel image: .*needs every projection on the project.s AVX-512 VNNI kernel",
+        match="could not write its kernel image: .*needs every projection on the project.s int8/int4 kernel",
     ):
         lean.ensure_image(ckpt, quiet=True)
 

@@ -144,25 +144,41 @@ def test_int8_with_the_head_quantized_is_within_half_a_percent_of_fp32(head_perp
     assert abs(p["int8"] / p["fp32"] - 1) < 0.005
 
 
-@pytest.mark.skipif(not kernels.available(), reason=f"no CPU kernels: {kernels.unavailable_reason()}")
+@pytest.mark.parametrize(
+    "isa",
+    [
+        pytest.param("avx512", marks=pytest.mark.skipif(not kernels.available(), reason="no AVX-512 VNNI")),
+        pytest.param(
+            "avx2", marks=pytest.mark.skipif(kernels.matmul_isa() is None, reason="no AVX2 kernels")
+        ),
+    ],
+)
 def test_lean_runtime_decodes_the_real_model_as_the_default_runtime(
-    real_model, tmp_path, monkeypatch, capsys
+    real_model, tmp_path, monkeypatch, capsys, isa
 ):
-    """SmolLM2 int4 g32 with the int8 head: the lean runtime's prefill and decode steps equal the default
-    runtime's bit for bit, so both give the same greedy answer."""
+    """SmolLM2 int4 g32 with the int8 head, on each build of the kernels (AVX2: a CPU without AVX-512):
+    the lean runtime's prefill and decode steps equal the default runtime's bit for bit, so both give the
+    same greedy answer."""
     import numpy as np
     import torch
 
     from mobillama.infer import lean
     from mobillama.infer.decoder import FastDecoder
     from mobillama.infer.load import load_quantized, serve_embedding_from_file
+    from mobillama.kernels import clib
     from mobillama.tokenizer import load_tokenizer
 
+    monkeypatch.setenv(clib.ISA_ENV, isa)
+    shared = kernels.build.cache_dir()  # the built library stays shared: no child process compiles it
+    shared.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels").symlink_to(shared, target_is_directory=True)
     monkeypatch.setenv("MOBILLAMA_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "int4-head8"
     assert main(["quantize", str(real_model[1]), "--bits", "4", "--head-bits", "8", "--out", str(ckpt)]) == 0
     ids = load_tokenizer(real_model[1]).encode("The capital of France is", parse_special=False)
     model = lean.LeanModel.open(ckpt, quiet=True)
+    assert model.isa == ("vnni" if isa == "avx512" else "avx2")
     answer = model.greedy(ids, 12)
     assert "Paris" in load_tokenizer(real_model[1]).decode(answer)
     q = load_quantized(str(ckpt), dtype=torch.bfloat16, int8_kernel="auto", int4_kernel="auto")

@@ -131,9 +131,17 @@ def test_the_avx2_build_holds_no_avx512_instruction():
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     functions = re.split(r"\n(?=[0-9a-f]+ <)", text)
-    avx2 = [f for f in functions if re.match(r"[0-9a-f]+ <mb_qgemv_avx2", f)]
-    assert len(avx2) >= 2  # the function and its OpenMP body
-    body = "\n".join(avx2)
+    # everything a CPU without AVX-512 calls: the AVX2 kernels, the one-call step (either build's driver),
+    # and the lean runtime's helpers
+    names = r"mb_\w+_avx2|mb_decode_layers|mb_prefill_layers|mb_qmat_gemv|mb_argmax|mb_bf16_to_f32|run_layers"
+    avx2 = {}  # function (or its OpenMP body) -> its disassembly
+    for f in functions:
+        m = re.match(rf"[0-9a-f]+ <(({names})(\._omp_fn\.\d+)?)>:", f)
+        if m:
+            avx2[m.group(1)] = f
+    assert {"mb_qgemv_avx2", "mb_qgemv_avx2._omp_fn.0", "mb_attn_prefill_avx2", "mb_bf16_gemv_avx2",
+            "mb_prefill_layers_avx2", "run_layers", "mb_argmax"} <= set(avx2)  # fmt: skip
+    body = "\n".join(avx2.values())
     assert "ymm" in body  # it is vectorised
     assert not re.search(r"zmm|%k[1-7]|ymm(1[6-9]|2[0-9]|3[01])", body)
 
@@ -214,3 +222,60 @@ def test_a_model_decodes_on_the_avx2_build_as_on_the_vnni_one(monkeypatch, reali
     torch.testing.assert_close(
         logits, logits_default, rtol=1e-3, atol=2e-3 * logits_default.abs().max().item()
     )
+
+
+@needs_avx2
+@pytest.mark.parametrize("cache", [torch.bfloat16, torch.float32])
+def test_an_avx2_prompt_in_one_call_equals_its_tokens_one_at_a_time(monkeypatch, realistic_model, cache):
+    """Without AVX-512 a prompt also goes through all layers in one C call (mb_prefill_layers_avx2): each
+    projection reads its weights once for every token, each token attends over the slots before it; the
+    last logits equal feeding the prompt one token at a time bit for bit, and PyTorch's loop to rounding."""
+    from mobillama.infer.decoder import FastDecoder
+
+    model = _quantized_model(monkeypatch, realistic_model, "avx2")
+    decoder = FastDecoder(model, cache_dtype=cache)
+    assert decoder.step_isa == "avx2"
+    decoder.start([0], len(PROMPT) + 2)
+    at_once = decoder.prefill(torch.tensor([PROMPT]))
+    decoder.start([0], len(PROMPT) + 2)
+    one_by_one = decoder.prefill(torch.tensor([PROMPT[:1]]))
+    for slot, token in enumerate(PROMPT[1:], start=1):
+        one_by_one = decoder.decode(torch.tensor([token]), slot)
+    assert torch.equal(at_once, one_by_one)
+    loop = _step_logits(FastDecoder(model, cache_dtype=cache), [PROMPT], 0, one_call=False)[0]
+    torch.testing.assert_close(at_once, loop, rtol=1e-4, atol=1e-4 * loop.abs().max().item())
+
+
+@needs_avx2
+@pytest.mark.parametrize("rows, cols, batch", [(300, 576, 1), (40, 100, 3)])  # 100: a tail of 4 columns
+def test_the_avx2_bf16_head_is_the_fp32_product_of_the_stored_weights(rows, cols, batch):
+    torch.manual_seed(rows)
+    w = torch.randn(rows, cols).to(torch.bfloat16)
+    x = torch.randn(batch, cols)
+    expected = x.double() @ w.double().T
+    got = kernels.bf16_linear(x, w, "avx2")
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    if kernels.available():
+        torch.testing.assert_close(got, kernels.bf16_linear(x, w, "vnni"), rtol=1e-5, atol=1e-5)
+
+
+@needs_avx2
+def test_a_float_tied_head_runs_on_the_avx2_kernel(monkeypatch, realistic_model):
+    """A bf16 table tied as the LM head of an int4 model (the default quantization) is read by the AVX2
+    kernel without AVX-512 (fp32 activations, not rounded to bf16 as PyTorch's product rounds them): logits
+    within that rounding, the same greedy token."""
+    from mobillama.config import ModelConfig
+    from mobillama.infer.decoder import FastDecoder
+    from mobillama.infer.quant import quantize_model
+
+    monkeypatch.setenv(clib.ISA_ENV, "avx2")
+    model = quantize_model(realistic_model(ModelConfig(**CONFIG), seed=4).to(torch.bfloat16), 4, 32)
+    fast = FastDecoder(model)
+    assert fast.bf16_head_kernel == "avx2" and fast.head_dtype == torch.bfloat16
+    plain = FastDecoder(model)
+    plain.bf16_head_kernel = None
+    for d in (fast, plain):
+        d.start([0], len(PROMPT) + 1)
+    a, b = (d.prefill(torch.tensor([PROMPT])) for d in (fast, plain))
+    assert ((a - b).norm() / b.norm()).item() < 0.01
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

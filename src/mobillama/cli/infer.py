@@ -91,7 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--lean",
         action="store_true",
         help="greedy decode on the lean runtime (no PyTorch in the process: see 'bench --lean'): one "
-        "prompt, a quantized checkpoint as stored, a CPU with AVX-512 VNNI",
+        "prompt, a quantized checkpoint as stored, a CPU with AVX-512 VNNI or AVX2",
     )
     g.set_defaults(func=run_generate)
 
@@ -172,7 +172,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="run on the lean runtime: the same C kernels in a process that never imports PyTorch "
         "(~0.2 GB less resident memory). Takes a quantized checkpoint as stored (from 'mobillama "
-        "quantize'), batch 1, on a CPU with AVX-512 VNNI; its first use writes the checkpoint's kernel "
+        "quantize'), batch 1, on a CPU with AVX-512 VNNI or AVX2; its first use writes the checkpoint's kernel "
         "image (once, cached under ~/.cache/mobillama/lean)",
     )
     _add_model_options(b)
@@ -232,7 +232,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=[32, 64, 128, 256],
         help="int8 layers (--bits 8, or --head-bits 8) with one scale per group of this many input columns "
         "instead of one per output channel: 32 is llama.cpp's Q8_0 grid (1 more byte per 32 weights in the "
-        "kernel; without AVX-512 VNNI such layers dequantize on every call)",
+        "kernel; on a CPU with neither AVX-512 VNNI nor AVX2 such layers dequantize on every call)",
     )
     q.set_defaults(func=run_quantize)
 

@@ -146,19 +146,20 @@ class FastDecoder:
         self.head_dtype = head_dtype if head_dtype != self.dtype else None
         # ... and such a bf16 head on the project's kernel: fp32 activations times the widened table
         # (PyTorch's bf16 matrix-vector product was the largest single cost of a SmolLM2 int4 token).
+        # None where it cannot run, else the build: "vnni" (AVX-512) or "avx2".
         self.bf16_head_kernel = (
             self.head_dtype == torch.bfloat16
             and self.dtype == torch.float32
             and self.device.type == "cpu"
             and not compile
-            and kernels.available()
             and isinstance(head, torch.nn.Linear)
             and head.bias is None
             and head.weight.is_contiguous()
-        )
+            and kernels.matmul_isa()
+        ) or None
         # Where every piece of a layer runs on the project's kernels, a decode step goes through all layers
         # in one C call (same kernels, same order, same numbers; no trips back to Python between them): the
-        # AVX-512 ones, or the AVX2 ones on a CPU without AVX-512 (decode only; a prompt takes the loop).
+        # AVX-512 ones, or the AVX2 ones on a CPU without AVX-512; a prompt of one sequence too.
         self.step_isa = (
             "vnni" if self.fused_attention and self.fused_elementwise
             else "avx2" if avx2_step and self.dtype == torch.float32
@@ -310,11 +311,16 @@ class FastDecoder:
         return self.ffn_for_layer[i].down_proj(act)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = self._norm(self.model.model.norm, x[:, -1:].contiguous())
+        h = x[:, -1:].contiguous()
+        norm = self.model.model.norm
+        if self.step_isa is not None and not self.fused_elementwise:  # the AVX2 step: its norm kernel too,
+            h = kernels.rmsnorm(h, norm.weight, norm.eps, self.step_isa)  # as the lean runtime computes it
+        else:
+            h = self._norm(norm, h)
         if self.head_dtype is None:
             return self.model.lm_head(h)[:, -1].float()
         if self.bf16_head_kernel:
-            return kernels.bf16_linear(h[:, -1], self.model.lm_head.weight)
+            return kernels.bf16_linear(h[:, -1], self.model.lm_head.weight, self.bf16_head_kernel)
         # Matrix-vector product in the head's own dtype (bf16: PyTorch's kernel, as for a bf16 model).
         off = self.head_dtype == torch.bfloat16 and self.device.type == "cpu" and not self.compiled
         with _mkldnn_disabled() if off else contextlib.nullcontext():
@@ -333,7 +339,7 @@ class FastDecoder:
     def prefill_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         """:meth:`prefill` from input embeddings [B, T, H] (a MobiLlama-V prompt: text and image tokens)."""
         B, T, _ = embeds.shape
-        if self._layer_array is not None and self.step_isa == "vnni" and B == 1 and not self.padded:
+        if self._layer_array is not None and B == 1 and not self.padded:
             return self._logits(self._one_call_prefill(embeds))
         input_pos = torch.arange(T, device=self.device)
         mask = None
@@ -368,7 +374,7 @@ class FastDecoder:
         h = kernels.prefill_layers(
             embeds[0].to(self.dtype, copy=True).contiguous(), self._layer_array, self.cos_table[:T].contiguous(),
             self.sin_table[:T].contiguous(), self.cache.max_len, 0, self.cache_dtype == torch.bfloat16,
-            (c.num_attention_heads, c.num_key_value_heads, c.head_dim), c.intermediate_size,
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim), c.intermediate_size, self.step_isa,
         )  # fmt: skip
         return h.view(1, T, c.hidden_size)
 

@@ -2,9 +2,9 @@
 
 Why: on a small model PyTorch's own runtime is most of the memory. ``import torch`` alone holds ~0.22 GB
 resident (its operator registry, Python modules and library pages), more than SmolLM2-135M's int4 weights;
-llama.cpp, a C++ program, needs none of that. On a CPU with AVX-512 VNNI the default runtime already
-runs a quantized model's whole decode step in one call into the project's C kernels
-(``mb_decode_layers``), so Python only feeds token ids in and reads logits out, which ctypes does as well
+llama.cpp, a C++ program, needs none of that. The default runtime already runs a quantized model's whole
+decode step in one call into the project's C kernels (``mb_decode_layers``; ``mb_decode_layers_avx2`` on
+a CPU without AVX-512), so Python only feeds token ids in and reads logits out, which ctypes does as well
 as torch. This module is that loop, nothing more (batch 1, greedy), and what it computes is the default
 runtime's decode step on the same packed bytes. It imports no array library either (numpy alone is 16 MB
 resident): buffers are anonymous memory maps and ``bytearray``s, and the two array operations it needs
@@ -83,15 +83,18 @@ def image_sources() -> list[Path]:
     return [*SOURCES, *AVX2_SOURCES, *HEADERS, *(package / name for name in python)]
 
 
-def _check_kernels() -> None:
-    reason = clib.unavailable_reason()
-    if reason is not None:
+def _kernel_isa() -> str:
+    """The build of the kernels the lean runtime calls here: ``"vnni"`` (AVX-512) or ``"avx2"``."""
+    isa = clib.matmul_isa()
+    if isa is None:
+        reason = clib.matmul_unavailable_reason()
         raise MobiLlamaError(f"the lean runtime needs the project's CPU kernels: {reason}")
+    return isa
 
 
 def ensure_image(checkpoint: str | Path, *, quiet: bool = False) -> Path:
     """The kernel image of ``checkpoint``, written first (in a torch child process) if it is missing."""
-    _check_kernels()
+    _kernel_isa()
     out = image_path(checkpoint)
     if out.is_file():
         return out
@@ -208,7 +211,8 @@ class LeanModel:
     """
 
     def __init__(self, image: str | Path, threads: int | None = None) -> None:
-        _check_kernels()
+        # The same image runs on either build of the kernels (same packed layout); pick this CPU's.
+        self.isa = _kernel_isa()
         self.path = Path(image)
         self.meta, entries = image_layout(self.path)
         m = self.meta
@@ -218,7 +222,13 @@ class LeanModel:
         self.threads = threads if threads is not None else len(os.sched_getaffinity(0))
         if self.threads < 1:
             raise MobiLlamaError(f"threads must be >= 1, got {self.threads}")
-        self.lib = clib.load_library()
+        lib = self.lib = clib.load_library()
+        avx2 = self.isa == "avx2"
+        self._decode_layers = lib.mb_decode_layers_avx2 if avx2 else lib.mb_decode_layers
+        self._prefill_layers = lib.mb_prefill_layers_avx2 if avx2 else lib.mb_prefill_layers
+        self._rmsnorm = lib.mb_rmsnorm_avx2 if avx2 else lib.mb_rmsnorm
+        self._qmat_gemv = lib.mb_qmat_gemv_avx2 if avx2 else lib.mb_qmat_gemv
+        self._bf16_gemv = lib.mb_bf16_gemv_avx2 if avx2 else lib.mb_bf16_gemv
         with open(self.path, "rb") as f:
             read = {n: self._read(f, e) for n, e in entries.items() if not n.startswith(("embed", "rope"))}
         self._buffers = list(read.values())  # the C structs hold their addresses
@@ -327,7 +337,7 @@ class LeanModel:
         first = self._advance(len(ids))
         H, Hkv, D = self.heads
         row = 4 * D
-        rc = self.lib.mb_prefill_layers(
+        rc = self._prefill_layers(
             at, len(ids), self.hidden, ctypes.addressof(self.layers), len(self.layers),
             self._cos_at + first * row, self._sin_at + first * row, self.cache_len, first,
             self.cache_bf16, H, Hkv, D, self.intermediate, D**-0.5, self.threads,
@@ -341,7 +351,7 @@ class LeanModel:
         x, at = self._rows([token])  # x keeps the row alive while the C code updates it in place
         slot = self._advance(1)
         H, Hkv, D = self.heads
-        rc = self.lib.mb_decode_layers(
+        rc = self._decode_layers(
             at, 1, self.hidden, ctypes.addressof(self.layers), len(self.layers),
             self._cos_at + slot * 4 * D, self._sin_at + slot * 4 * D, self.cache_len, slot, None,
             self.cache_bf16, H, Hkv, D, self.intermediate, D**-0.5, self.threads,
@@ -352,17 +362,17 @@ class LeanModel:
 
     def _logits(self, x_at: int) -> array.array:
         """The final norm and the LM head on the hidden row at address ``x_at``."""
-        self.lib.mb_rmsnorm(x_at, 1, self.hidden, self.norm, 0, self.meta["final_eps"], self._h_at)
+        self._rmsnorm(x_at, 1, self.hidden, self.norm, 0, self.meta["final_eps"], self._h_at)
         logits = array.array("f", bytes(4 * self.vocab))
         out = logits.buffer_info()[0]
         if self.head_matrix is not None:
-            rc = self.lib.mb_qmat_gemv(
+            rc = self._qmat_gemv(
                 ctypes.byref(self.head_matrix), self._h_at, 1, self.hidden, out, self.threads
             )
             if rc:
                 raise MemoryError("LM head: could not allocate its activation buffers")
         else:
-            self.lib.mb_bf16_gemv(self._h_at, 1, self.hidden, self.head_bf16, self.vocab, out, self.threads)
+            self._bf16_gemv(self._h_at, 1, self.hidden, self.head_bf16, self.vocab, out, self.threads)
         return logits
 
     def argmax(self, logits: array.array) -> int:
@@ -493,7 +503,7 @@ def lean_bench(
         "model": str(checkpoint),
         "runtime": "lean",
         "image": str(image),
-        "kernel_used": "vnni",
+        "kernel_used": model.isa,
         "threads": model.threads,
         "batch": 1,
         "prompt_len": prompt_len,
@@ -516,7 +526,7 @@ def format_lean_bench(r: dict[str, Any]) -> str:
     rows = [
         (
             "model",
-            f"{r['model']} (lean runtime, vnni kernel; imported torch: {r['torch_imported']}, "
+            f"{r['model']} (lean runtime, {r['kernel_used']} kernel; imported torch: {r['torch_imported']}, "
             f"numpy: {r['numpy_imported']})",
         ),
         ("kernel image", r["image"]),

@@ -68,9 +68,9 @@ def write_image(checkpoint: str | Path, out: str | Path) -> Path:
     model = load_quantized(str(checkpoint), dtype=torch.bfloat16, int8_kernel="auto", int4_kernel="auto")
     serve_embedding_from_file(model, str(checkpoint))
     dec = FastDecoder(model)
-    if dec.one_call_layers is None or not dec.fused_elementwise:
+    if dec.one_call_layers is None:
         raise MobiLlamaError(
-            f"{checkpoint}: the lean runtime needs every projection on the project's AVX-512 VNNI kernel "
+            f"{checkpoint}: the lean runtime needs every projection on the project's int8/int4 kernel "
             "(this CPU or checkpoint does not allow it); use the default runtime"
         )
     c = model.config

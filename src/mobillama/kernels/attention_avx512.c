@@ -139,16 +139,8 @@ int mb_attn_prefill(const float *q, int64_t q_stride, const float *k, const floa
         free(qr); free(kr);
         return -1;
     }
-    for (int64_t t = 0; t < T; t++) {
-        const float *c = cos + t * D, *s = sin + t * D;
-        for (int64_t h = 0; h < H; h++) rope(q + t * q_stride + h * D, c, s, D, qr + (t * H + h) * D);
-        for (int64_t h = 0; h < Hkv; h++) {
-            const int64_t at = (h * S + first + t) * D;
-            rope(k + t * kv_stride + h * D, c, s, D, kr);
-            store_row(kcache, at, kr, D, kv_bf16);
-            store_row(vcache, at, v + t * kv_stride + h * D, D, kv_bf16);
-        }
-    }
+    rope_and_cache_prompt(q, q_stride, k, v, kv_stride, cos, sin, kcache, vcache, kv_bf16, S, first, T, H, Hkv, D, qr,
+                          kr);
     free(kr);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)

@@ -46,4 +46,22 @@ static inline void rope_and_cache(const float *q, int64_t q_stride, const float 
         }
     }
 }
+
+/* Prefill: the same for T consecutive tokens of one sequence at slots first..first+T-1 (cos, sin [T, D]):
+ * every q roped into qr [T, H, D], every k roped and written with its v, before any token attends. */
+static inline void rope_and_cache_prompt(const float *q, int64_t q_stride, const float *k, const float *v,
+                                         int64_t kv_stride, const float *cos, const float *sin, void *kcache,
+                                         void *vcache, int kv_bf16, int64_t S, int64_t first, int64_t T, int64_t H,
+                                         int64_t Hkv, int64_t D, float *qr, float *kr) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos + t * D, *s = sin + t * D;
+        for (int64_t h = 0; h < H; h++) rope(q + t * q_stride + h * D, c, s, D, qr + (t * H + h) * D);
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t at = (h * S + first + t) * D;
+            rope(k + t * kv_stride + h * D, c, s, D, kr);
+            store_row(kcache, at, kr, D, kv_bf16);
+            store_row(vcache, at, v + t * kv_stride + h * D, D, kv_bf16);
+        }
+    }
+}
 #endif

@@ -47,15 +47,19 @@ def qlinear(
     return y.view(*x.shape[:-1], out_features)
 
 
-def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, isa: str = "vnni") -> torch.Tensor:
     """y = x @ W^T for fp32 rows x [..., K] and a contiguous bf16 weight [N, K]; fp32 out (see
-    ``mb_bf16_gemv``: the weights widened exactly, fp32 arithmetic)."""
+    ``mb_bf16_gemv``: the weights widened exactly, fp32 arithmetic). ``isa``: ``"vnni"`` runs the AVX-512
+    build, ``"avx2"`` the AVX2 one (same products, summed in another order)."""
     if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.dim() != 2:
         raise ValueError("bf16_linear needs a contiguous 2-D bf16 weight")
     N = weight.shape[0]
     x2, y = _matmul_buffers(x, N)
     M, K = x2.shape
-    _library().mb_bf16_gemv(x2.data_ptr(), M, K, weight.data_ptr(), N, y.data_ptr(), torch.get_num_threads())
+    lib = _library()
+    (lib.mb_bf16_gemv if isa == "vnni" else lib.mb_bf16_gemv_avx2)(
+        x2.data_ptr(), M, K, weight.data_ptr(), N, y.data_ptr(), torch.get_num_threads()
+    )
     return y.view(*x.shape[:-1], N)
 
 
@@ -116,13 +120,16 @@ def prefill_layers(
     cache_bf16: bool,
     heads: tuple[int, int, int],
     intermediate: int,
+    isa: str = "vnni",
 ) -> torch.Tensor:
     """A prompt of one sequence through every layer in one call (``mb_prefill_layers``): ``x`` [T, hidden]
     fp32 contiguous, the tokens of slots ``first .. first+T-1``, is updated in place and returned; ``cos`` /
-    ``sin`` [T, head_dim] fp32 contiguous. Equal to T calls of :func:`decode_layers`, one token each."""
+    ``sin`` [T, head_dim] fp32 contiguous. Equal to T calls of :func:`decode_layers` (same ``isa``), one
+    token each."""
     H, Hkv, D = heads
     T, hidden = x.shape
-    rc = _library().mb_prefill_layers(
+    lib = _library()
+    rc = (lib.mb_prefill_layers if isa == "vnni" else lib.mb_prefill_layers_avx2)(
         x.data_ptr(), T, hidden, ctypes.addressof(layers), len(layers), cos.data_ptr(), sin.data_ptr(),
         cache_len, first, cache_bf16, H, Hkv, D, intermediate, D**-0.5, torch.get_num_threads(),
     )  # fmt: skip
@@ -137,15 +144,17 @@ def _fp32_rows(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS norm of fp32 rows (any leading shape, contiguous) with an fp32 or bf16 weight; fp32 out."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, isa: str = "vnni") -> torch.Tensor:
+    """RMS norm of fp32 rows (any leading shape, contiguous) with an fp32 or bf16 weight; fp32 out.
+    ``isa``: the AVX-512 build (``"vnni"``) or the AVX2 one."""
     _fp32_rows(x, "x")
     if not x.is_contiguous() or weight.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError("rmsnorm needs contiguous fp32 rows and an fp32 or bf16 weight")
     weight = weight.contiguous()
     D = x.shape[-1]
     out = torch.empty_like(x)
-    _library().mb_rmsnorm(
+    lib = _library()
+    (lib.mb_rmsnorm if isa == "vnni" else lib.mb_rmsnorm_avx2)(
         x.data_ptr(),
         x.numel() // D,
         D,

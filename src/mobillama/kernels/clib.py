@@ -101,11 +101,15 @@ def load_library() -> ctypes.CDLL:
     lib.mb_qmat_gemv.argtypes = [
         ctypes.POINTER(QMatrix), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
+    lib.mb_qmat_gemv_avx2.restype = ctypes.c_int
+    lib.mb_qmat_gemv_avx2.argtypes = lib.mb_qmat_gemv.argtypes
     lib.mb_rmsnorm.restype = None
     lib.mb_rmsnorm.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
         ctypes.c_void_p,
     ]  # fmt: skip
+    lib.mb_rmsnorm_avx2.restype = None
+    lib.mb_rmsnorm_avx2.argtypes = lib.mb_rmsnorm.argtypes
     lib.mb_silu_mul.restype = None
     lib.mb_silu_mul.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -121,6 +125,8 @@ def load_library() -> ctypes.CDLL:
     lib.mb_bf16_gemv.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
+    lib.mb_bf16_gemv_avx2.restype = None
+    lib.mb_bf16_gemv_avx2.argtypes = lib.mb_bf16_gemv.argtypes
     lib.mb_decode_layers.restype = ctypes.c_int
     lib.mb_decode_layers.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
@@ -139,6 +145,8 @@ def load_library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
+    lib.mb_prefill_layers_avx2.restype = ctypes.c_int
+    lib.mb_prefill_layers_avx2.argtypes = lib.mb_prefill_layers.argtypes
     lib.mb_attn_train_fwd.restype = ctypes.c_int
     lib.mb_attn_train_fwd.argtypes = [
         *(ctypes.c_void_p, _Strides) * 4, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,

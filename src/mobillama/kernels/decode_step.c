@@ -9,7 +9,7 @@
  * matmul kernel with q/k/v and gate/up joined, and the fused attention and norm kernels run (the decoder
  * checks; otherwise it keeps the Python loop). The lean runtime (infer/lean.py, no PyTorch in the process)
  * calls the same step, and mb_prefill_layers for a prompt: the same layers over T tokens of one sequence.
- * mb_decode_layers_avx2 is the same step on the AVX2 kernels (gemv_avx2.c, layer_avx2.c) for CPUs without
+ * mb_decode_layers_avx2 and mb_prefill_layers_avx2 are the same on the AVX2 kernels (gemv_avx2.c, layer_avx2.c) for CPUs without
  * AVX-512. This file is compiled with the AVX2 flags (no AVX-512), so it runs on both. */
 #include <stdint.h>
 #include <stdlib.h>
@@ -35,6 +35,10 @@ int mb_attn_decode_avx2(const float *q, int64_t q_stride, const float *k, const 
                         const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S,
                         int64_t slot, const uint8_t *valid, int64_t B, int64_t H, int64_t Hkv, int64_t D, float scale,
                         float *out, int threads);
+int mb_attn_prefill_avx2(const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride,
+                         const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S,
+                         int64_t first, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, float *out,
+                         int threads);
 
 /* The kernels of one build, as the step calls them. */
 typedef struct {
@@ -45,10 +49,13 @@ typedef struct {
     int (*attn_decode)(const float *, int64_t, const float *, const float *, int64_t, const float *, const float *,
                        void *, void *, int, int64_t, int64_t, const uint8_t *, int64_t, int64_t, int64_t, int64_t,
                        float, float *, int);
+    int (*attn_prefill)(const float *, int64_t, const float *, const float *, int64_t, const float *, const float *,
+                        void *, void *, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float *, int);
 } mb_kernels;
 
-static const mb_kernels AVX512 = {mb_qgemv, mb_rmsnorm, mb_silu_mul, mb_attn_decode};
-static const mb_kernels AVX2 = {mb_qgemv_avx2, mb_rmsnorm_avx2, mb_silu_mul_avx2, mb_attn_decode_avx2};
+static const mb_kernels AVX512 = {mb_qgemv, mb_rmsnorm, mb_silu_mul, mb_attn_decode, mb_attn_prefill};
+static const mb_kernels AVX2 = {mb_qgemv_avx2, mb_rmsnorm_avx2, mb_silu_mul_avx2, mb_attn_decode_avx2,
+                                mb_attn_prefill_avx2};
 
 /* A packed matrix as mb_qgemv takes it. */
 typedef struct {
@@ -75,12 +82,15 @@ int mb_qmat_gemv(const mb_qmat *m, const float *x, int64_t B, int64_t K, float *
     return gemv(&AVX512, m, x, B, K, y, threads);
 }
 
+int mb_qmat_gemv_avx2(const mb_qmat *m, const float *x, int64_t B, int64_t K, float *y, int threads) {
+    return gemv(&AVX2, m, x, B, K, y, threads);
+}
+
 /* The layers over R rows of x [R, hidden] (fp32, updated in place). Decode (T = 1): R = B rows, one new
  * token each, all at cache slot `slot`, cos/sin [B, D], valid [B, S] or NULL. Prefill (B = 1): R = T
  * consecutive tokens of one sequence at slots slot..slot+T-1, cos/sin [T, D]; the projections read each
  * weight once for all T rows, and token t attends over slots 0..slot+t (causal; mb_attn_prefill, equal to
  * feeding the tokens one at a time).
- * Prefill (T > 1) takes the AVX-512 kernels (its attention has no AVX2 build).
  * Returns 0, or -1 when a buffer cannot be allocated (x is then partly updated: the caller raises). */
 static int run_layers(const mb_kernels *k, float *x, int64_t B, int64_t T, int64_t hidden, const mb_layer *layers, int64_t L,
                       const float *cos, const float *sin, int64_t S, int64_t slot, const uint8_t *valid,
@@ -101,8 +111,8 @@ static int run_layers(const mb_kernels *k, float *x, int64_t B, int64_t T, int64
             rc |= k->attn_decode(qkv, qkv_n, qkv + H * D, qkv + (H + Hkv) * D, qkv_n, cos, sin, l->k_cache,
                                  l->v_cache, kv_bf16, S, slot, valid, B, H, Hkv, D, scale, att, threads);
         else
-            rc |= mb_attn_prefill(qkv, qkv_n, qkv + H * D, qkv + (H + Hkv) * D, qkv_n, cos, sin, l->k_cache,
-                                  l->v_cache, kv_bf16, S, slot, T, H, Hkv, D, scale, att, threads);
+            rc |= k->attn_prefill(qkv, qkv_n, qkv + H * D, qkv + (H + Hkv) * D, qkv_n, cos, sin, l->k_cache,
+                                l->v_cache, kv_bf16, S, slot, T, H, Hkv, D, scale, att, threads);
         rc |= gemv(k, &l->o, att, R, H * D, y, threads);
         for (int64_t j = 0; j < R * hidden; j++) x[j] += y[j];
         k->rmsnorm(x, R, hidden, l->norm2, (int)l->norm_bf16, l->eps2, h);
@@ -137,4 +147,29 @@ int mb_prefill_layers(float *x, int64_t T, int64_t hidden, const mb_layer *layer
                       int64_t inter, float scale, int threads) {
     return run_layers(&AVX512, x, 1, T, hidden, layers, L, cos, sin, S, first, NULL, kv_bf16, H, Hkv, D, inter,
                       scale, threads);
+}
+
+/* mb_prefill_layers on the AVX2 kernels. */
+int mb_prefill_layers_avx2(float *x, int64_t T, int64_t hidden, const mb_layer *layers, int64_t L, const float *cos,
+                           const float *sin, int64_t S, int64_t first, int kv_bf16, int64_t H, int64_t Hkv, int64_t D,
+                           int64_t inter, float scale, int threads) {
+    return run_layers(&AVX2, x, 1, T, hidden, layers, L, cos, sin, S, first, NULL, kv_bf16, H, Hkv, D, inter, scale,
+                      threads);
+}
+
+/* For the lean runtime, which has no array library: bf16 values widened to fp32 (exact), and the index of
+ * the largest of n floats (the first one on a tie, as numpy's and PyTorch's argmax; NaN never wins). Here,
+ * compiled without AVX-512, so both builds' runtimes can call them. */
+void mb_bf16_to_f32(const uint16_t *x, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(out + i, &u, 4);
+    }
+}
+
+int64_t mb_argmax(const float *x, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > x[best] || (x[best] != x[best] && x[i] == x[i])) best = i;
+    return best;
 }

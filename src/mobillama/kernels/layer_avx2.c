@@ -182,3 +182,64 @@ int mb_attn_decode_avx2(const float *q, int64_t q_stride, const float *k, const 
     free(qr); free(kr); free(scores);
     return 0;
 }
+
+/* mb_attn_prefill (attention_avx512.c) on AVX2: a prompt of T tokens of one sequence; equals T calls of
+ * mb_attn_decode_avx2 exactly (the same rotary, cache rounding and per-head function). */
+int mb_attn_prefill_avx2(const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride,
+                         const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S,
+                         int64_t first, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, float *out,
+                         int threads) {
+    const int64_t group = H / Hkv, Lmax = (first + T + 7) / 8 * 8;
+    float *qr = (float *)malloc((size_t)(T * H * D) * sizeof(float)), *kr = (float *)malloc((size_t)D * sizeof(float));
+    if (!qr || !kr) {
+        free(qr); free(kr);
+        return -1;
+    }
+    rope_and_cache_prompt(q, q_stride, k, v, kv_stride, cos, sin, kcache, vcache, kv_bf16, S, first, T, H, Hkv, D, qr,
+                          kr);
+    free(kr);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *sc = (float *)malloc((size_t)Lmax * sizeof(float));
+        if (!sc) failed = 1;
+#pragma omp for collapse(2) schedule(dynamic, 4)
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t h = 0; h < H; h++) {
+                if (!sc) continue;
+                const int64_t L = first + t + 1, Lpad = (L + 7) / 8 * 8;
+                const int64_t kv = (h / group) * S * D * (kv_bf16 ? 2 : 4); /* bytes */
+                const void *K = (const char *)kcache + kv, *V = (const char *)vcache + kv;
+                const float *qh = qr + (t * H + h) * D;
+                float *o = out + t * H * D + h * D;
+                if (D == 64 && kv_bf16) head(qh, K, V, 1, NULL, L, Lpad, 64, scale, sc, o);
+                else if (D == 64) head(qh, K, V, 0, NULL, L, Lpad, 64, scale, sc, o);
+                else head(qh, K, V, kv_bf16, NULL, L, Lpad, D, scale, sc, o);
+            }
+        }
+        free(sc);
+    }
+    free(qr);
+    return failed ? -1 : 0;
+}
+
+/* mb_bf16_gemv (gemv_avx512.c) on AVX2: y [M, N] = x [M, K] @ W^T for a bf16 W [N, K] (a float LM head tied to
+ * a bf16 embedding table), each weight widened exactly and multiplied in fp32; rows split across threads. */
+void mb_bf16_gemv_avx2(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *row = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * K;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+            int64_t k = 0;
+            for (; k + 16 <= K; k += 16) {
+                a0 = _mm256_fmadd_ps(weight8(row, 1, k), _mm256_loadu_ps(xm + k), a0);
+                a1 = _mm256_fmadd_ps(weight8(row, 1, k + 8), _mm256_loadu_ps(xm + k + 8), a1);
+            }
+            float total = hsum8(_mm256_add_ps(a0, a1));
+            for (; k < K; k++) total += weight_at(row, 1, k) * xm[k];
+            y[m * N + n] = total;
+        }
+    }
+}

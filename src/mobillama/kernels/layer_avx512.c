@@ -4,7 +4,6 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
 #include "simd_math.h"
 
@@ -44,20 +43,4 @@ void mb_silu_mul(const float *gate, const float *up, int64_t stride, int64_t M, 
             _mm512_mask_storeu_ps(out + m * N + n, k, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, up + m * stride + n)));
         }
     }
-}
-
-/* For the lean runtime, which has no array library: bf16 values widened to fp32 (exact), and the index of
- * the largest of n floats (the first one on a tie, as numpy's and PyTorch's argmax; NaN never wins). */
-void mb_bf16_to_f32(const uint16_t *x, int64_t n, float *out) {
-    for (int64_t i = 0; i < n; i++) {
-        const uint32_t u = (uint32_t)x[i] << 16;
-        memcpy(out + i, &u, 4);
-    }
-}
-
-int64_t mb_argmax(const float *x, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[best] || (x[best] != x[best] && x[i] == x[i])) best = i;
-    return best;
 }
