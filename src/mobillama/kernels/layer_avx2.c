@@ -152,6 +152,15 @@ static inline __attribute__((always_inline)) void head(const float *q, const voi
     }
 }
 
+/* head() for any head size and storage (a constant 64, the common size, specialises the inner loops). */
+static void attend_head(const float *q, const void *K, const void *V, int bf16, const uint8_t *ok, int64_t L,
+                        int64_t D, float scale, float *sc, float *o) {
+    const int64_t Lpad = (L + 7) / 8 * 8;
+    if (D == 64 && bf16) head(q, K, V, 1, ok, L, Lpad, 64, scale, sc, o);
+    else if (D == 64) head(q, K, V, 0, ok, L, Lpad, 64, scale, sc, o);
+    else head(q, K, V, bf16, ok, L, Lpad, D, scale, sc, o);
+}
+
 /* mb_attn_decode (attention_avx512.c) on AVX2; D must be a multiple of 8. */
 int mb_attn_decode_avx2(const float *q, int64_t q_stride, const float *k, const float *v, int64_t kv_stride,
                         const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S,
@@ -174,9 +183,7 @@ int mb_attn_decode_avx2(const float *q, int64_t q_stride, const float *k, const 
             const float *qh = qr + (b * H + h) * D;
             float *o = out + b * H * D + h * D;
             float *sc = scores + (b * H + h) * Lpad;
-            if (D == 64 && kv_bf16) head(qh, K, V, 1, ok, L, Lpad, 64, scale, sc, o);
-            else if (D == 64) head(qh, K, V, 0, ok, L, Lpad, 64, scale, sc, o);
-            else head(qh, K, V, kv_bf16, ok, L, Lpad, D, scale, sc, o);
+            attend_head(qh, K, V, kv_bf16, ok, L, D, scale, sc, o);
         }
     }
     free(qr); free(kr); free(scores);
@@ -189,38 +196,8 @@ int mb_attn_prefill_avx2(const float *q, int64_t q_stride, const float *k, const
                          const float *cos, const float *sin, void *kcache, void *vcache, int kv_bf16, int64_t S,
                          int64_t first, int64_t T, int64_t H, int64_t Hkv, int64_t D, float scale, float *out,
                          int threads) {
-    const int64_t group = H / Hkv, Lmax = (first + T + 7) / 8 * 8;
-    float *qr = (float *)malloc((size_t)(T * H * D) * sizeof(float)), *kr = (float *)malloc((size_t)D * sizeof(float));
-    if (!qr || !kr) {
-        free(qr); free(kr);
-        return -1;
-    }
-    rope_and_cache_prompt(q, q_stride, k, v, kv_stride, cos, sin, kcache, vcache, kv_bf16, S, first, T, H, Hkv, D, qr,
-                          kr);
-    free(kr);
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        float *sc = (float *)malloc((size_t)Lmax * sizeof(float));
-        if (!sc) failed = 1;
-#pragma omp for collapse(2) schedule(dynamic, 4)
-        for (int64_t t = 0; t < T; t++) {
-            for (int64_t h = 0; h < H; h++) {
-                if (!sc) continue;
-                const int64_t L = first + t + 1, Lpad = (L + 7) / 8 * 8;
-                const int64_t kv = (h / group) * S * D * (kv_bf16 ? 2 : 4); /* bytes */
-                const void *K = (const char *)kcache + kv, *V = (const char *)vcache + kv;
-                const float *qh = qr + (t * H + h) * D;
-                float *o = out + t * H * D + h * D;
-                if (D == 64 && kv_bf16) head(qh, K, V, 1, NULL, L, Lpad, 64, scale, sc, o);
-                else if (D == 64) head(qh, K, V, 0, NULL, L, Lpad, 64, scale, sc, o);
-                else head(qh, K, V, kv_bf16, NULL, L, Lpad, D, scale, sc, o);
-            }
-        }
-        free(sc);
-    }
-    free(qr);
-    return failed ? -1 : 0;
+    return attend_prompt(q, q_stride, k, v, kv_stride, cos, sin, kcache, vcache, kv_bf16, S, first, T, H, Hkv, D,
+                         scale, out, threads, 8, attend_head);
 }
 
 /* mb_bf16_gemv (gemv_avx512.c) on AVX2: y [M, N] = x [M, K] @ W^T for a bf16 W [N, K] (a float LM head tied to
