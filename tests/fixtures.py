@@ -244,3 +244,21 @@ def llama3_scaling(original_context: int) -> dict:
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": original_context,
     }
+
+
+def sampling_distribution(logits: torch.Tensor, params) -> torch.Tensor:
+    """The probabilities the default runtime's ``sample_next`` draws from for fp32 logits [vocab] (after its
+    penalty, temperature, top-k and top-p): the argument it hands to ``torch.multinomial``."""
+    from unittest import mock
+
+    from mobillama.infer.sampling import sample_next
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(probs, num_samples, generator=None):
+        seen["probs"] = probs.clone()
+        return torch.zeros(probs.shape[0], num_samples, dtype=torch.long)
+
+    with mock.patch.object(torch, "multinomial", capture):
+        sample_next(logits[None].float(), params)
+    return seen["probs"][0].double()

@@ -108,6 +108,90 @@ def test_argmax_takes_the_first_of_equal_logits_and_never_a_nan(tied_quantized):
     assert model.argmax(array("f", np.float32([0.5, 7.0]).tobytes())) == int(np.argmax([0.5, 7.0]))
 
 
+SAMPLING_CASES = [
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=1.3, top_p=0.8),
+    dict(temperature=0.5, top_k=8, top_p=0.6),
+    dict(temperature=2.0, top_k=1),
+]
+
+
+@pytest.mark.parametrize("case", SAMPLING_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_sampling_draws_from_the_default_runtimes_distribution(tied_quantized, case):
+    """``mb_sample`` over an even grid of draws u: each token's share of the grid equals the probability the
+    default runtime's ``sample_next`` gives it (same temperature, top-k and top-p rules), to the grid step."""
+    from array import array
+
+    from fixtures import sampling_distribution
+    from mobillama.infer.sampling import SamplingParams
+
+    model = lean.LeanModel.open(tied_quantized("all", 8), quiet=True)
+    logits = torch.randn(40, generator=torch.Generator().manual_seed(3)) * 3
+    logits[7] = logits[8] = logits.max() + 0.5  # a tie at the top
+    logits[11] = float("-inf")
+    params = SamplingParams(**case)
+    expected = sampling_distribution(logits, params).numpy()
+    grid = 4000
+    counts = np.zeros(len(logits))
+    for i in range(grid):
+        draw = type("Fixed", (), {"random": staticmethod(lambda i=i: (i + 0.5) / grid)})()
+        counts[model.sample(array("f", logits.numpy().tobytes()), params, draw)] += 1
+    np.testing.assert_allclose(counts / grid, expected, atol=2 / grid)
+    assert counts[11] == 0
+
+
+def test_sampling_edge_cases(tied_quantized):
+    from array import array
+
+    from mobillama.infer.sampling import SamplingParams
+
+    model = lean.LeanModel.open(tied_quantized("all", 8), quiet=True)
+    fixed = type("Fixed", (), {"random": staticmethod(lambda: 0.999)})()
+    nan = float("nan")
+    assert model.sample(array("f", [0.0, nan, 5.0, nan]), SamplingParams(temperature=1.0), fixed) == 2
+    assert model.sample(array("f", [float("-inf")] * 3), SamplingParams(temperature=1.0), fixed) == 0
+    penalty = SamplingParams(repetition_penalty=10.0)  # greedy: the penalty still applies, as in sample_next
+    assert model.sample(array("f", [1.0, 3.0, 2.0]), penalty, fixed, seen={1}) == 2
+    assert model.sample(array("f", [-1.0, -0.5, -2.0]), penalty, fixed, seen={1}) == 0
+    lib, x = model.lib, array("f", [1.0, 2.0])
+    for bad in [(0.0, 0, 1.0, 0.5), (1.0, -1, 1.0, 0.5), (1.0, 0, 0.0, 0.5), (1.0, 0, 1.0, 1.0)]:
+        assert lib.mb_sample(x.buffer_info()[0], 2, *bad) == -1  # temperature, top_k, top_p, u out of range
+
+
+def test_a_sampled_lean_generation_is_reproducible_and_stays_in_the_nucleus(tied_quantized, tokenizer_dir):
+    """Seeded sampling: the same seed gives the same text; every drawn token is one the default runtime
+    could draw at that step (inside its top-k / top-p set, computed on its own logits)."""
+    from fixtures import sampling_distribution
+    from mobillama.infer.sampling import SamplingParams, apply_repetition_penalty
+    from mobillama.tokenizer import encode_prompt, load_tokenizer
+
+    ckpt = tied_quantized("all", 4)
+    tokenizer = load_tokenizer(ckpt)
+    model = lean.LeanModel.open(ckpt, quiet=True)
+    options = dict(max_new_tokens=16, temperature=4.0, top_k=40, top_p=0.95, repetition_penalty=1.3)
+    runs = [lean.lean_generate(model, tokenizer, "hello world", seed=seed, **options) for seed in (5, 5, 6)]
+    assert runs[0] == runs[1]
+    assert runs[0]["token_ids"] != runs[2]["token_ids"]
+    ids = encode_prompt(tokenizer, "hello world")
+    drawn = runs[0]["token_ids"] + ([runs[0]["stop_token"]] if runs[0]["stop_token"] is not None else [])
+    params = SamplingParams(**options)
+    dec = torch_decoder(ckpt)
+    steps = torch_steps(dec, ids + drawn)[len(ids) - 1 :]
+    seen = torch.zeros(len(steps[0]), dtype=torch.bool)
+    seen[ids] = True
+    for token, logits in zip(drawn, steps, strict=False):
+        penalized = apply_repetition_penalty(torch.from_numpy(logits), seen, params.repetition_penalty)
+        assert (
+            sampling_distribution(penalized, SamplingParams(**{**options, "repetition_penalty": 1.0}))[token]
+            > 0
+        )
+        seen[token] = True
+    greedy = lean.lean_generate(model, tokenizer, "hello world", max_new_tokens=16)
+    assert lean.lean_generate(model, tokenizer, "hello world", max_new_tokens=16, temperature=5.0, top_k=1,
+                              seed=1)["token_ids"] == greedy["token_ids"]  # fmt: skip
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_the_lean_process_never_imports_torch(tied_quantized, isa):
     ckpt = tied_quantized("all", 4)
@@ -306,10 +390,12 @@ def test_cli_generate_lean_never_imports_torch(tied_quantized):
 def test_cli_generate_lean_refuses_what_it_cannot_do(tied_quantized, capsys):
     ckpt = str(tied_quantized("all", 4))
     cases = [
-        (["--temperature", "0.7", "--top-k", "5"], "--lean decodes greedily: drop --temperature, --top-k"),
+        (["--temperature", "-1"], "temperature must be >= 0 (0 = greedy), got -1.0"),
+        (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
+        (["--top-k", "-2", "--temperature", "1"], "top_k must be >= 0 (0 = off), got -2"),
         (["--prompt", "second"], "--lean takes one --prompt"),
         (["--bits", "8"], "--lean runs a quantized checkpoint as stored: drop --bits"),
-        (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1, got 0"),
     ]
     for extra, message in cases:
         assert main(["generate", ckpt, "--prompt", "hi", "--lean", *extra]) == 2

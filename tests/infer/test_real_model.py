@@ -200,6 +200,25 @@ def test_lean_runtime_decodes_the_real_model_as_the_default_runtime(
     args = ["generate", str(ckpt), "--prompt", "The capital of France is", "--max-new-tokens", "8", "--lean"]
     assert main(args) == 0
     assert "Paris" in capsys.readouterr().out
+    # Sampled (temperature 0.7, top-p 0.9): a seed reproduces the text, and every drawn token is one the
+    # default runtime could draw at that step, on its own logits.
+    from fixtures import sampling_distribution
+    from mobillama.infer.sampling import SamplingParams
+    from mobillama.tokenizer import encode_prompt
+
+    tokenizer = load_tokenizer(ckpt)
+    options = dict(max_new_tokens=12, temperature=0.7, top_p=0.9)
+    run = lean.lean_generate(model, tokenizer, "The capital of France is", seed=4, **options)
+    assert run == lean.lean_generate(model, tokenizer, "The capital of France is", seed=4, **options)
+    assert main([*args[:-3], "--max-new-tokens", "12", "--temperature", "0.7", "--top-p", "0.9", "--seed", "4",
+                 "--lean"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == run["text"] + "\n"
+    drawn, prompt = run["token_ids"], encode_prompt(tokenizer, "The capital of France is")
+    dec.start([0], len(prompt) + len(drawn))
+    logits = dec.prefill(torch.tensor([prompt]))[0]
+    for slot, token in enumerate(drawn, start=len(prompt)):
+        assert sampling_distribution(logits, SamplingParams(**options))[token] > 0
+        logits = dec.decode(torch.tensor([token]), slot)[0]
 
 
 def test_the_avx2_build_answers_and_scores_the_real_model_as_the_default(

@@ -133,14 +133,14 @@ def test_the_avx2_build_holds_no_avx512_instruction():
     functions = re.split(r"\n(?=[0-9a-f]+ <)", text)
     # everything a CPU without AVX-512 calls: the AVX2 kernels, the one-call step (either build's driver),
     # and the lean runtime's helpers
-    names = r"mb_\w+_avx2|mb_decode_layers|mb_prefill_layers|mb_qmat_gemv|mb_argmax|mb_bf16_to_f32|run_layers"
+    names = r"mb_\w+_avx2|mb_decode_layers|mb_prefill_layers|mb_qmat_gemv|mb_argmax|mb_sample|mb_bf16_to_f32|run_layers"
     avx2 = {}  # function (or its OpenMP body) -> its disassembly
     for f in functions:
         m = re.match(rf"[0-9a-f]+ <(({names})(\._omp_fn\.\d+)?)>:", f)
         if m:
             avx2[m.group(1)] = f
     assert {"mb_qgemv_avx2", "mb_qgemv_avx2._omp_fn.0", "mb_attn_prefill_avx2", "mb_bf16_gemv_avx2",
-            "mb_prefill_layers_avx2", "run_layers", "mb_argmax"} <= set(avx2)  # fmt: skip
+            "mb_prefill_layers_avx2", "run_layers", "mb_argmax", "mb_sample"} <= set(avx2)  # fmt: skip
     body = "\n".join(avx2.values())
     assert "ymm" in body  # it is vectorised
     assert not re.search(r"zmm|%k[1-7]|ymm(1[6-9]|2[0-9]|3[01])", body)

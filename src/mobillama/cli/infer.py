@@ -90,8 +90,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--lean",
         action="store_true",
-        help="greedy decode on the lean runtime (no PyTorch in the process: see 'bench --lean'): one "
-        "prompt, a quantized checkpoint as stored, a CPU with AVX-512 VNNI or AVX2",
+        help="decode on the lean runtime (no PyTorch in the process: see 'bench --lean'): one prompt, a "
+        "quantized checkpoint as stored, a CPU with AVX-512 VNNI or AVX2; greedy, or sampled with the options "
+        "above (a --seed reproduces a lean run, not the default runtime's draw)",
     )
     g.set_defaults(func=run_generate)
 
@@ -390,10 +391,6 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# generate options the lean runtime does not take (it decodes greedily), with their neutral values
-_NOT_LEAN_SAMPLING = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
-
-
 def _refuse_for_lean(args: argparse.Namespace, options: dict, what: str) -> None:
     from mobillama.errors import MobiLlamaError
 
@@ -404,15 +401,19 @@ def _refuse_for_lean(args: argparse.Namespace, options: dict, what: str) -> None
 
 
 def run_lean_generate(args: argparse.Namespace) -> int:
-    """``generate --lean``: greedy, one prompt; nothing here imports torch."""
+    """``generate --lean``: one prompt, greedy or sampled; nothing here imports torch."""
     from mobillama.errors import MobiLlamaError
     from mobillama.infer.lean import LeanModel, lean_generate
+    from mobillama.infer.sampling import SamplingParams
     from mobillama.tokenizer import load_tokenizer
 
     _refuse_for_lean(args, _NOT_LEAN, "runs a quantized checkpoint as stored")
-    _refuse_for_lean(args, _NOT_LEAN_SAMPLING, "decodes greedily")
     if len(args.prompt) > 1:
         raise MobiLlamaError("--lean takes one --prompt")
+    SamplingParams(  # checked before the model is opened (its first use writes the kernel image)
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed,
+    )  # fmt: skip
     model = LeanModel.open(args.checkpoint, args.threads)
     tokenizer = load_tokenizer(args.checkpoint)
 
@@ -422,7 +423,8 @@ def run_lean_generate(args: argparse.Namespace) -> int:
 
     result = lean_generate(
         model, tokenizer, args.prompt[0], max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
-        on_text=stream if args.stream else None,
+        on_text=stream if args.stream else None, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
     )  # fmt: skip
     if args.json:
         print(json.dumps([result], indent=2))

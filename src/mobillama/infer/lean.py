@@ -1,14 +1,14 @@
-"""The lean runtime: greedy decode of a quantized checkpoint in a process that never imports PyTorch.
+"""The lean runtime: decode of a quantized checkpoint in a process that never imports PyTorch.
 
 Why: on a small model PyTorch's own runtime is most of the memory. ``import torch`` alone holds ~0.22 GB
 resident (its operator registry, Python modules and library pages), more than SmolLM2-135M's int4 weights;
 llama.cpp, a C++ program, needs none of that. The default runtime already runs a quantized model's whole
 decode step in one call into the project's C kernels (``mb_decode_layers``; ``mb_decode_layers_avx2`` on
 a CPU without AVX-512), so Python only feeds token ids in and reads logits out, which ctypes does as well
-as torch. This module is that loop, nothing more (batch 1, greedy), and what it computes is the default
-runtime's decode step on the same packed bytes. It imports no array library either (numpy alone is 16 MB
-resident): buffers are anonymous memory maps and ``bytearray``s, and the two array operations it needs
-(widening bf16 rows, argmax) are two small C functions beside the kernels.
+as torch. This module is that loop, nothing more (batch 1, greedy or sampled), and what it computes is
+the default runtime's decode step on the same packed bytes. It imports no array library either (numpy
+alone is 16 MB resident): buffers are anonymous memory maps and ``bytearray``s, and the array operations it
+needs (widening bf16 rows, argmax, drawing a token) are small C functions beside the kernels.
 
 The weights come from the checkpoint's *kernel image* (:mod:`mobillama.infer.lean_image`), written once
 by a torch child process the first time a checkpoint is opened and cached under
@@ -19,8 +19,11 @@ rows become resident in whole 2 MB folios).
 
 Prompt tokens go through ``mb_prefill_layers``: the projections read each weight once for the whole
 prompt, and each token attends over the slots before it, which equals feeding the prompt one token at a
-time exactly (the default runtime's prefill uses PyTorch's attention there, so its logits agree to
-rounding, not bit for bit).
+time exactly; the default runtime makes the same call for a prompt of one unpadded sequence.
+
+Sampling takes the default runtime's parameters (:class:`~mobillama.infer.sampling.SamplingParams`: the
+repetition penalty, temperature, top-k, top-p, seed) and its rules, with Python's ``random`` (seeded) as
+the source of the draw, so a seed reproduces a lean run, not a PyTorch one.
 """
 
 from __future__ import annotations
@@ -379,6 +382,27 @@ class LeanModel:
         """The id of the largest logit (the first on a tie)."""
         return int(self.lib.mb_argmax(logits.buffer_info()[0], len(logits)))
 
+    def sample(
+        self, logits: array.array, params: Any, draw: random.Random, seen: set[int] = frozenset()
+    ) -> int:
+        """The next token from ``logits`` under ``params`` (a ``SamplingParams``): the repetition penalty on
+        the ``seen`` ids, then the argmax (temperature 0) or a draw (``mb_sample``) with ``draw``'s next
+        number. ``logits`` is changed in place."""
+        if params.repetition_penalty != 1.0:
+            penalty = params.repetition_penalty
+            for t in seen:
+                value = logits[t]
+                logits[t] = value / penalty if value > 0 else value * penalty
+        if params.greedy:
+            return self.argmax(logits)
+        at, n = logits.buffer_info()
+        token = self.lib.mb_sample(at, n, params.temperature, params.top_k, params.top_p, draw.random())
+        if token == -2:
+            raise MemoryError("sampling: could not allocate its candidate buffer")
+        if token < 0:
+            raise MobiLlamaError(f"sampling: bad parameters {params!r}")
+        return int(token)
+
     def greedy(self, ids: Sequence[int], max_new_tokens: int, stop_ids: Sequence[int] = ()) -> list[int]:
         """The greedy continuation of prompt ``ids``: at most ``max_new_tokens`` ids, ending at a stop id."""
         if not ids:
@@ -405,17 +429,29 @@ def lean_generate(
     max_new_tokens: int = 128,
     stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
 ) -> dict[str, Any]:
-    """The greedy completion of ``prompt``, ended as the default runtime's generator ends it: a stop token
-    (the tokenizer's end-of-text / end-of-turn ids; counted, but not in the text), a stop string (cut
-    off), or ``max_new_tokens`` / the context. ``on_text`` receives the text as it becomes final (an
-    incomplete UTF-8 character or a possible stop-string prefix waits). Returns the fields of the default
-    runtime's completion: text, token_ids, finish_reason, prompt_tokens, completion_tokens, stop_token."""
+    """The completion of ``prompt``, greedy (``temperature`` 0) or sampled as the default runtime samples
+    (the same parameters, checked the same way; ``seed`` makes a draw reproducible), ended as the default
+    runtime's generator ends it: a stop token (the tokenizer's end-of-text / end-of-turn ids; counted, but
+    not in the text), a stop string (cut off), or ``max_new_tokens`` / the context. ``on_text`` receives the
+    text as it becomes final (an incomplete UTF-8 character or a possible stop-string prefix waits).
+    Returns the fields of the default runtime's completion: text, token_ids, finish_reason, prompt_tokens,
+    completion_tokens, stop_token."""
+    from mobillama.infer.sampling import SamplingParams
     from mobillama.infer.stops import TextRow
     from mobillama.tokenizer import encode_prompt, stop_ids
 
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise MobiLlamaError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, stop=tuple(stop), seed=seed,
+    )  # fmt: skip
     ids = encode_prompt(tokenizer, prompt)
     if not ids:
         raise MobiLlamaError("the prompt is empty: give at least one token")
@@ -425,12 +461,15 @@ def lean_generate(
             f"the prompt's {len(ids)} tokens fill the model's context of {model.max_positions}"
         )
     stops = frozenset(stop_ids(tokenizer))
+    draw = random.Random(seed)
+    seen = set(ids)  # the repetition penalty counts the prompt's tokens and every new one
     model.start(len(ids) + new)
     logits = model.prefill(ids)
     row = TextRow(prompt_tokens=len(ids))
     for step in range(new):
-        token = model.argmax(logits)
-        delta = row.advance(token, stops, stop, tokenizer.decode, last=step == new - 1)
+        token = model.sample(logits, params, draw, seen)
+        seen.add(token)
+        delta = row.advance(token, stops, params.stop, tokenizer.decode, last=step == new - 1)
         if on_text is not None and delta:
             on_text(delta)
         if row.finish_reason is not None:

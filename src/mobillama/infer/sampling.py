@@ -14,13 +14,14 @@ the terminal chat (:mod:`mobillama.infer.chat`) and the server (:mod:`mobillama.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mobillama.errors import MobiLlamaError
 from mobillama.infer.stops import cut_at_stop, find_stop, held_back
 from mobillama.tokenizer import DEFAULT_SYSTEM_PROMPT, is_mobillama_template
+
+if TYPE_CHECKING:  # torch is imported where tokens are sampled: the lean runtime checks SamplingParams
+    import torch  # in a process without it
 
 # The MobiLlama-Chat prompt format is defined once, in mobillama.tokenizer.
 MOBILLAMA_CHAT_SYSTEM = DEFAULT_SYSTEM_PROMPT
@@ -105,6 +106,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL-style penalty (as in transformers): seen tokens' positive logits / p, negative ones * p."""
     if penalty == 1.0:
         return logits
+    import torch
+
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
 
@@ -116,6 +119,8 @@ def sample_next(
     seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one token per row from fp32 logits [B, vocab]: penalty, temperature, top-k, top-p, draw."""
+    import torch
+
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:

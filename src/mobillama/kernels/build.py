@@ -86,6 +86,6 @@ def build_library() -> Path:
             for source, obj in zip(AVX2_SOURCES, objects, strict=True):
                 _run(compiler, [compiler, *common, "-mavx2", "-mfma", "-mf16c", "-c", str(source), "-o", obj])
             _run(compiler, [compiler, *common, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma",
-                            "-shared", *map(str, SOURCES), *objects, "-o", str(built)])  # fmt: skip
+                            "-shared", *map(str, SOURCES), *objects, "-o", str(built), "-lm"])  # fmt: skip
             os.replace(built, target)  # atomic: a concurrent build leaves one complete file
     return target

@@ -139,6 +139,10 @@ def load_library() -> ctypes.CDLL:
     lib.mb_bf16_to_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.mb_argmax.restype = ctypes.c_int64
     lib.mb_argmax.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.mb_sample.restype = ctypes.c_int64
+    lib.mb_sample.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+    ]  # fmt: skip
     lib.mb_prefill_layers.restype = ctypes.c_int
     lib.mb_prefill_layers.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,

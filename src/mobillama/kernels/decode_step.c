@@ -11,6 +11,7 @@
  * calls the same step, and mb_prefill_layers for a prompt: the same layers over T tokens of one sequence.
  * mb_decode_layers_avx2 and mb_prefill_layers_avx2 are the same on the AVX2 kernels (gemv_avx2.c, layer_avx2.c) for CPUs without
  * AVX-512. This file is compiled with the AVX2 flags (no AVX-512), so it runs on both. */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,9 +158,9 @@ int mb_prefill_layers_avx2(float *x, int64_t T, int64_t hidden, const mb_layer *
                       threads);
 }
 
-/* For the lean runtime, which has no array library: bf16 values widened to fp32 (exact), and the index of
- * the largest of n floats (the first one on a tie, as numpy's and PyTorch's argmax; NaN never wins). Here,
- * compiled without AVX-512, so both builds' runtimes can call them. */
+/* For the lean runtime, which has no array library: bf16 values widened to fp32 (exact), the index of the
+ * largest of n floats (the first one on a tie, as numpy's and PyTorch's argmax; NaN never wins), and a
+ * sampled token (mb_sample, below). Here, compiled without AVX-512, so both builds' runtimes can call them. */
 void mb_bf16_to_f32(const uint16_t *x, int64_t n, float *out) {
     for (int64_t i = 0; i < n; i++) {
         const uint32_t u = (uint32_t)x[i] << 16;
@@ -172,4 +173,120 @@ int64_t mb_argmax(const float *x, int64_t n) {
     for (int64_t i = 1; i < n; i++)
         if (x[i] > x[best] || (x[best] != x[best] && x[i] == x[i])) best = i;
     return best;
+}
+
+/* The k-th largest of a[0..n-1] (k in 1..n), reordering a: quickselect, so top-k costs O(n) and not a sort
+ * of the vocabulary. */
+static float kth_largest(float *a, int64_t n, int64_t k) {
+    int64_t lo = 0, hi = n - 1;
+    const int64_t want = k - 1;
+    while (lo < hi) {
+        const float pivot = a[lo + (hi - lo) / 2];
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] > pivot) i++;
+            while (a[j] < pivot) j--;
+            if (i <= j) {
+                const float t = a[i];
+                a[i] = a[j], a[j] = t, i++, j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return a[want];
+}
+
+typedef struct {
+    float p;
+    int32_t id;
+} candidate;
+
+/* Probabilities p in (0, 1] by binary exponent: bucket 0 holds [0.5, 1], bucket b [2^-(b+1), 2^-b); the
+ * last one everything smaller, zero included. */
+#define SAMPLE_BUCKETS 160
+static inline int bucket(float p) {
+    if (!(p > 0.0f)) return SAMPLE_BUCKETS - 1;
+    uint32_t u;
+    memcpy(&u, &p, 4);
+    const int b = 126 - (int)(u >> 23); /* p = 1.f * 2^(E - 127), E the exponent field (p > 0: no sign bit) */
+    return b < 0 ? 0 : b < SAMPLE_BUCKETS - 1 ? b : SAMPLE_BUCKETS - 1;
+}
+
+static inline void swap_candidates(candidate *c, int64_t i, int64_t j) {
+    const candidate t = c[i];
+    c[i] = c[j], c[j] = t;
+}
+
+static int by_probability(const void *a, const void *b) { /* descending; equal ones by id */
+    const candidate *x = (const candidate *)a, *y = (const candidate *)b;
+    if (x->p != y->p) return x->p < y->p ? 1 : -1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+/* One token id drawn from logits x [n] as the default runtime's sample_next draws it, for the lean runtime
+ * (no torch there; it applies any repetition penalty first): division by the temperature (> 0), top-k
+ * (0 = off; ties with the k-th are kept), top-p (1 = off; a token is dropped when the more probable ones
+ * already hold top_p), then the id at which the kept probabilities' running sum passes u times their
+ * total (u uniform in [0, 1): the caller's seeded generator). x is overwritten.
+ * Only the nucleus's last few tokens need an order: the tokens are bucketed by the binary exponent of
+ * their probability, the buckets above the one where top_p is reached are all in, and only that bucket is
+ * sorted (not the vocabulary). Returns the id, -1 for a bad argument, -2 when out of memory. */
+int64_t mb_sample(float *x, int64_t n, float temperature, int64_t top_k, float top_p, double u) {
+    if (n < 1 || n > INT32_MAX || !(temperature > 0.0f) || top_k < 0 || !(top_p > 0.0f && top_p <= 1.0f) ||
+        !(u >= 0.0 && u < 1.0))
+        return -1;
+    float best = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        x[i] /= temperature;
+        if (x[i] > best) best = x[i];
+    }
+    if (!(best > -INFINITY)) return mb_argmax(x, n); /* nothing finite to draw from */
+    candidate *c = (candidate *)malloc((size_t)n * sizeof(candidate));
+    if (!c) return -2;
+    float kth = -INFINITY;
+    if (top_k > 0 && top_k < n) {
+        float *values = (float *)c; /* the candidates' buffer, for now: n floats fit in it */
+        for (int64_t i = 0; i < n; i++) values[i] = x[i] == x[i] ? x[i] : -INFINITY;
+        kth = kth_largest(values, n, top_k);
+    }
+    int64_t kept = 0;
+    double total = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        if (!(x[i] >= kth) || x[i] == -INFINITY) continue; /* also drops NaN */
+        const float p = expf(x[i] - best);
+        c[kept].p = p, c[kept].id = (int32_t)i, kept++;
+        total += p;
+    }
+    if (top_p < 1.0f) { /* the nucleus: bucket the kept tokens by the binary exponent of p (<= 1) */
+        double mass[SAMPLE_BUCKETS] = {0.0}, above = 0.0;
+        for (int64_t j = 0; j < kept; j++) mass[bucket(c[j].p)] += c[j].p;
+        int B = 0; /* every token of the buckets before B is in; the first tokens of bucket B complete it */
+        while (B < SAMPLE_BUCKETS - 1 && above + mass[B] < top_p * total) above += mass[B++];
+        int64_t m = 0, r;
+        for (int64_t j = 0; j < kept; j++) /* buckets before B first, then bucket B (the rest is out) */
+            if (bucket(c[j].p) < B) swap_candidates(c, m++, j);
+        r = m;
+        for (int64_t j = m; j < kept; j++)
+            if (bucket(c[j].p) == B) swap_candidates(c, r++, j);
+        qsort(c + m, (size_t)(r - m), sizeof(candidate), by_probability);
+        double before = 0.0;
+        for (int64_t j = 0; j < m; j++) before += c[j].p;
+        kept = m;
+        while (kept < r && !(before >= top_p * total)) before += c[kept++].p;
+        total = before;
+    }
+    const double target = u * total;
+    double sum = 0.0;
+    int64_t pick = c[kept - 1].id;
+    for (int64_t j = 0; j < kept; j++) {
+        sum += c[j].p;
+        if (sum > target) {
+            pick = c[j].id;
+            break;
+        }
+    }
+    free(c);
+    return pick;
 }
