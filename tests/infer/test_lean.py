@@ -187,6 +187,9 @@ def test_a_sampled_lean_generation_is_reproducible_and_stays_in_the_nucleus(tied
             > 0
         )
         seen[token] = True
+    assert lean.lean_generate(model, tokenizer, "hello world", SamplingParams(**options, seed=5)) == runs[0]
+    with pytest.raises(TypeError, match="give params or options, not both"):
+        lean.lean_generate(model, tokenizer, "hello world", SamplingParams(), seed=5)
     greedy = lean.lean_generate(model, tokenizer, "hello world", max_new_tokens=16)
     assert lean.lean_generate(model, tokenizer, "hello world", max_new_tokens=16, temperature=5.0, top_k=1,
                               seed=1)["token_ids"] == greedy["token_ids"]  # fmt: skip

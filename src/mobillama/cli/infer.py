@@ -410,7 +410,7 @@ def run_lean_generate(args: argparse.Namespace) -> int:
     _refuse_for_lean(args, _NOT_LEAN, "runs a quantized checkpoint as stored")
     if len(args.prompt) > 1:
         raise MobiLlamaError("--lean takes one --prompt")
-    SamplingParams(  # checked before the model is opened (its first use writes the kernel image)
+    params = SamplingParams(  # checked before the model is opened (its first use writes the kernel image)
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed,
     )  # fmt: skip
@@ -421,11 +421,7 @@ def run_lean_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    result = lean_generate(
-        model, tokenizer, args.prompt[0], max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
-        on_text=stream if args.stream else None, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-    )  # fmt: skip
+    result = lean_generate(model, tokenizer, args.prompt[0], params, on_text=stream if args.stream else None)
     if args.json:
         print(json.dumps([result], indent=2))
     elif args.stream:

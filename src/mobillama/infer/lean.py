@@ -41,11 +41,14 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mobillama.errors import MobiLlamaError
 from mobillama.kernels import clib
 from mobillama.tensorfile import TensorEntry, read_header
+
+if TYPE_CHECKING:
+    from mobillama.infer.sampling import SamplingParams
 
 IMAGE_VERSION = 2  # 2: compact int4 params (a matrix's "per")
 IMAGE_KEY = "mobillama_lean"
@@ -383,9 +386,9 @@ class LeanModel:
         return int(self.lib.mb_argmax(logits.buffer_info()[0], len(logits)))
 
     def sample(
-        self, logits: array.array, params: Any, draw: random.Random, seen: set[int] = frozenset()
+        self, logits: array.array, params: SamplingParams, draw: random.Random, seen: set[int] = frozenset()
     ) -> int:
-        """The next token from ``logits`` under ``params`` (a ``SamplingParams``): the repetition penalty on
+        """The next token from ``logits`` under ``params``: the repetition penalty on
         the ``seen`` ids, then the argmax (temperature 0) or a draw (``mb_sample``) with ``draw``'s next
         number. ``logits`` is changed in place."""
         if params.repetition_penalty != 1.0:
@@ -425,43 +428,37 @@ def lean_generate(
     model: LeanModel,
     tokenizer: Any,
     prompt: str,
+    params: SamplingParams | None = None,
     *,
-    max_new_tokens: int = 128,
-    stop: Sequence[str] = (),
     on_text: Callable[[str], None] | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """The completion of ``prompt``, greedy (``temperature`` 0) or sampled as the default runtime samples
-    (the same parameters, checked the same way; ``seed`` makes a draw reproducible), ended as the default
-    runtime's generator ends it: a stop token (the tokenizer's end-of-text / end-of-turn ids; counted, but
-    not in the text), a stop string (cut off), or ``max_new_tokens`` / the context. ``on_text`` receives the
-    text as it becomes final (an incomplete UTF-8 character or a possible stop-string prefix waits).
-    Returns the fields of the default runtime's completion: text, token_ids, finish_reason, prompt_tokens,
-    completion_tokens, stop_token."""
+    """The completion of ``prompt`` under ``params`` (or ``SamplingParams(**options)``: max_new_tokens,
+    temperature, top_k, top_p, repetition_penalty, stop, seed): greedy at temperature 0, else sampled as the
+    default runtime samples (``seed`` makes a draw reproducible), ended as the default runtime's generator
+    ends it: a stop token (the tokenizer's end-of-text / end-of-turn ids; counted, but not in the text), a
+    stop string (cut off), or ``max_new_tokens`` / the context. ``on_text`` receives the text as it becomes
+    final (an incomplete UTF-8 character or a possible stop-string prefix waits). Returns the fields of the
+    default runtime's completion: text, token_ids, finish_reason, prompt_tokens, completion_tokens,
+    stop_token."""
     from mobillama.infer.sampling import SamplingParams
     from mobillama.infer.stops import TextRow
     from mobillama.tokenizer import encode_prompt, stop_ids
 
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise MobiLlamaError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, stop=tuple(stop), seed=seed,
-    )  # fmt: skip
+    if params is None:
+        params = SamplingParams(**options)
+    elif options:
+        raise TypeError(f"lean_generate: give params or options, not both ({', '.join(options)})")
     ids = encode_prompt(tokenizer, prompt)
     if not ids:
         raise MobiLlamaError("the prompt is empty: give at least one token")
-    new = min(max_new_tokens, model.max_positions - len(ids))
+    new = min(params.max_new_tokens, model.max_positions - len(ids))
     if new < 1:
         raise MobiLlamaError(
             f"the prompt's {len(ids)} tokens fill the model's context of {model.max_positions}"
         )
     stops = frozenset(stop_ids(tokenizer))
-    draw = random.Random(seed)
+    draw = random.Random(params.seed)
     seen = set(ids)  # the repetition penalty counts the prompt's tokens and every new one
     model.start(len(ids) + new)
     logits = model.prefill(ids)

@@ -9,8 +9,9 @@
  * matmul kernel with q/k/v and gate/up joined, and the fused attention and norm kernels run (the decoder
  * checks; otherwise it keeps the Python loop). The lean runtime (infer/lean.py, no PyTorch in the process)
  * calls the same step, and mb_prefill_layers for a prompt: the same layers over T tokens of one sequence.
- * mb_decode_layers_avx2 and mb_prefill_layers_avx2 are the same on the AVX2 kernels (gemv_avx2.c, layer_avx2.c) for CPUs without
- * AVX-512. This file is compiled with the AVX2 flags (no AVX-512), so it runs on both. */
+ * mb_decode_layers_avx2 and mb_prefill_layers_avx2 are the same on the AVX2 kernels (gemv_avx2.c,
+ * layer_avx2.c) for CPUs without AVX-512. This file is compiled with the AVX2 flags (no AVX-512), so it runs
+ * on both. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
