@@ -228,13 +228,12 @@ class LeanModel:
         self.threads = threads if threads is not None else len(os.sched_getaffinity(0))
         if self.threads < 1:
             raise MobiLlamaError(f"threads must be >= 1, got {self.threads}")
-        lib = self.lib = clib.load_library()
-        avx2 = self.isa == "avx2"
-        self._decode_layers = lib.mb_decode_layers_avx2 if avx2 else lib.mb_decode_layers
-        self._prefill_layers = lib.mb_prefill_layers_avx2 if avx2 else lib.mb_prefill_layers
-        self._rmsnorm = lib.mb_rmsnorm_avx2 if avx2 else lib.mb_rmsnorm
-        self._qmat_gemv = lib.mb_qmat_gemv_avx2 if avx2 else lib.mb_qmat_gemv
-        self._bf16_gemv = lib.mb_bf16_gemv_avx2 if avx2 else lib.mb_bf16_gemv
+        self.lib = clib.load_library()
+        self._decode_layers = clib.kernel("mb_decode_layers", self.isa)
+        self._prefill_layers = clib.kernel("mb_prefill_layers", self.isa)
+        self._rmsnorm = clib.kernel("mb_rmsnorm", self.isa)
+        self._qmat_gemv = clib.kernel("mb_qmat_gemv", self.isa)
+        self._bf16_gemv = clib.kernel("mb_bf16_gemv", self.isa)
         with open(self.path, "rb") as f:
             read = {n: self._read(f, e) for n, e in entries.items() if not n.startswith(("embed", "rope"))}
         self._buffers = list(read.values())  # the C structs hold their addresses

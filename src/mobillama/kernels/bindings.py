@@ -9,6 +9,7 @@ import ctypes
 import torch
 
 from mobillama.kernels.clib import QMatrix, _Strides, activation_block, superblock_groups
+from mobillama.kernels.clib import kernel as _kernel
 from mobillama.kernels.clib import load_library as _library
 
 
@@ -38,8 +39,7 @@ def qlinear(
     Kept lean: at one token a decode step makes ~90 of these calls, so each microsecond here counts."""
     x2, y = _matmul_buffers(x, out_features)
     M, K = x2.shape
-    lib = _library()
-    if (lib.mb_qgemv if isa == "vnni" else lib.mb_qgemv_avx2)(
+    if _kernel("mb_qgemv", isa)(
         x2.data_ptr(), M, K, packed.data_ptr(), params.data_ptr(), out_features, group,
         params_per(params, K, group), bits, activation_block(group, bits), y.data_ptr(), torch.get_num_threads(),
     ):  # fmt: skip
@@ -56,8 +56,7 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, isa: str = "vnni") -> tor
     N = weight.shape[0]
     x2, y = _matmul_buffers(x, N)
     M, K = x2.shape
-    lib = _library()
-    (lib.mb_bf16_gemv if isa == "vnni" else lib.mb_bf16_gemv_avx2)(
+    _kernel("mb_bf16_gemv", isa)(
         x2.data_ptr(), M, K, weight.data_ptr(), N, y.data_ptr(), torch.get_num_threads()
     )
     return y.view(*x.shape[:-1], N)
@@ -99,8 +98,7 @@ def decode_layers(
     ``isa``: the kernels' build, ``"vnni"`` (AVX-512) or ``"avx2"`` (:func:`matmul_isa`)."""
     H, Hkv, D = heads
     B, hidden = x.shape
-    lib = _library()
-    rc = (lib.mb_decode_layers if isa == "vnni" else lib.mb_decode_layers_avx2)(
+    rc = _kernel("mb_decode_layers", isa)(
         x.data_ptr(), B, hidden, ctypes.addressof(layers), len(layers), cos.data_ptr(), sin.data_ptr(),
         cache_len, slot, None if valid is None else valid.data_ptr(), cache_bf16, H, Hkv, D, intermediate,
         D**-0.5, torch.get_num_threads(),
@@ -128,8 +126,7 @@ def prefill_layers(
     token each."""
     H, Hkv, D = heads
     T, hidden = x.shape
-    lib = _library()
-    rc = (lib.mb_prefill_layers if isa == "vnni" else lib.mb_prefill_layers_avx2)(
+    rc = _kernel("mb_prefill_layers", isa)(
         x.data_ptr(), T, hidden, ctypes.addressof(layers), len(layers), cos.data_ptr(), sin.data_ptr(),
         cache_len, first, cache_bf16, H, Hkv, D, intermediate, D**-0.5, torch.get_num_threads(),
     )  # fmt: skip
@@ -153,8 +150,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, isa: str = "vnni"
     weight = weight.contiguous()
     D = x.shape[-1]
     out = torch.empty_like(x)
-    lib = _library()
-    (lib.mb_rmsnorm if isa == "vnni" else lib.mb_rmsnorm_avx2)(
+    _kernel("mb_rmsnorm", isa)(
         x.data_ptr(),
         x.numel() // D,
         D,

@@ -85,6 +85,12 @@ def matmul_unavailable_reason() -> str | None:
     return _reason(AVX2_CPU_FLAGS) or unavailable_reason()
 
 
+def kernel(name: str, isa: str) -> ctypes._CFuncPtr:
+    """The library's function ``name`` in the build ``isa``: ``"vnni"`` (AVX-512; ``name`` itself) or
+    ``"avx2"`` (``name + "_avx2"``, same arguments)."""
+    return getattr(load_library(), name if isa == "vnni" else name + "_avx2")
+
+
 @functools.lru_cache(maxsize=1)
 def load_library() -> ctypes.CDLL:
     """Compile (once per source version and compiler) and load the shared library."""
@@ -95,21 +101,15 @@ def load_library() -> ctypes.CDLL:
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_int,
     ]  # fmt: skip
-    lib.mb_qgemv_avx2.restype = ctypes.c_int
-    lib.mb_qgemv_avx2.argtypes = lib.mb_qgemv.argtypes
     lib.mb_qmat_gemv.restype = ctypes.c_int
     lib.mb_qmat_gemv.argtypes = [
         ctypes.POINTER(QMatrix), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
-    lib.mb_qmat_gemv_avx2.restype = ctypes.c_int
-    lib.mb_qmat_gemv_avx2.argtypes = lib.mb_qmat_gemv.argtypes
     lib.mb_rmsnorm.restype = None
     lib.mb_rmsnorm.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
         ctypes.c_void_p,
     ]  # fmt: skip
-    lib.mb_rmsnorm_avx2.restype = None
-    lib.mb_rmsnorm_avx2.argtypes = lib.mb_rmsnorm.argtypes
     lib.mb_silu_mul.restype = None
     lib.mb_silu_mul.argtypes = [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
@@ -125,16 +125,12 @@ def load_library() -> ctypes.CDLL:
     lib.mb_bf16_gemv.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
-    lib.mb_bf16_gemv_avx2.restype = None
-    lib.mb_bf16_gemv_avx2.argtypes = lib.mb_bf16_gemv.argtypes
     lib.mb_decode_layers.restype = ctypes.c_int
     lib.mb_decode_layers.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
-    lib.mb_decode_layers_avx2.restype = ctypes.c_int
-    lib.mb_decode_layers_avx2.argtypes = lib.mb_decode_layers.argtypes
     lib.mb_bf16_to_f32.restype = None
     lib.mb_bf16_to_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.mb_argmax.restype = ctypes.c_int64
@@ -149,8 +145,6 @@ def load_library() -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
-    lib.mb_prefill_layers_avx2.restype = ctypes.c_int
-    lib.mb_prefill_layers_avx2.argtypes = lib.mb_prefill_layers.argtypes
     lib.mb_attn_train_fwd.restype = ctypes.c_int
     lib.mb_attn_train_fwd.argtypes = [
         *(ctypes.c_void_p, _Strides) * 4, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
@@ -160,6 +154,17 @@ def load_library() -> ctypes.CDLL:
         *(ctypes.c_void_p, _Strides) * 5, ctypes.c_void_p, *(ctypes.c_void_p, _Strides) * 3,
         *[ctypes.c_int64] * 4, ctypes.c_float, ctypes.c_int,
     ]  # fmt: skip
+    # the AVX2 builds take their AVX-512 twin's arguments
+    for name in (
+        "mb_qgemv",
+        "mb_qmat_gemv",
+        "mb_rmsnorm",
+        "mb_bf16_gemv",
+        "mb_decode_layers",
+        "mb_prefill_layers",
+    ):
+        twin = getattr(lib, name + "_avx2")
+        twin.restype, twin.argtypes = getattr(lib, name).restype, getattr(lib, name).argtypes
     return lib
 
 
